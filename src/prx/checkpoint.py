@@ -1,0 +1,127 @@
+"""Checkpoints written with ``torch.distributed.checkpoint`` (one process now, sharded under
+FSDP2 later), made atomic: a checkpoint is written to a hidden temporary directory and renamed
+into place only when complete, then ``checkpoints/latest`` (a symlink) is switched to it. A crash
+at any moment leaves the previous checkpoint intact and reachable.
+
+Layout::
+
+    RUN/config.yaml                   resolved config of the run
+    RUN/checkpoints/step_00001000/    .metadata + *.distcp (DCP), config.yaml, meta.json
+    RUN/checkpoints/latest -> step_00001000
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import torch.distributed.checkpoint as dcp
+
+from prx.config import Config, config_from_dict, read_yaml
+from prx.errors import CheckpointError, PrxError
+
+LATEST = "latest"
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / ".metadata").is_file() and (path / "meta.json").is_file() and (path / "config.yaml").is_file()
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    dirs = [p for p in root.glob("step_*") if p.is_dir() and _is_complete(p)]
+    return sorted(dirs, key=lambda p: int(p.name.split("_")[1]))
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from a checkpoint, a ``checkpoints/`` directory or a run directory."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint '{path}' does not exist: pass a run directory or a checkpoint directory")
+    if _is_complete(path):
+        return path.resolve()
+    for root in (path / "checkpoints", path):
+        latest = root / LATEST
+        if latest.exists() and _is_complete(latest):
+            return latest.resolve()
+        steps = _step_dirs(root) if root.is_dir() else []
+        if steps:
+            return steps[-1].resolve()
+    raise CheckpointError(
+        f"no complete checkpoint under '{path}': pass a run directory with checkpoints/ or a checkpoint "
+        f"directory (it holds .metadata, meta.json and config.yaml)"
+    )
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    try:
+        find_checkpoint(Path(run_dir) / "checkpoints")
+        return True
+    except CheckpointError:
+        return False
+
+
+def checkpoint_config(path: str | Path) -> Config:
+    path = find_checkpoint(path)
+    try:
+        return config_from_dict(read_yaml(path / "config.yaml"))
+    except PrxError as e:
+        raise CheckpointError(f"checkpoint '{path}' has a config this prx cannot read ({e})") from None
+
+
+def checkpoint_meta(path: str | Path) -> dict:
+    return json.loads((find_checkpoint(path) / "meta.json").read_text())
+
+
+def save_checkpoint(run_dir: str | Path, step: int, state: dict, config: Config, keep: int = 2) -> Path:
+    """Write ``state`` (nested dicts of tensors and picklable values) as checkpoint ``step``."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:08d}"
+    final, tmp = root / name, root / f".tmp_{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=tmp)
+    config.save(tmp / "config.yaml")
+    (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time()}))
+    if final.exists():  # the same step written again (e.g. after a resume): replace it
+        trash = root / f".old_{name}"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(final, trash)
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    link_tmp = root / f".{LATEST}.tmp"
+    if link_tmp.is_symlink() or link_tmp.exists():
+        link_tmp.unlink()
+    os.symlink(name, link_tmp)
+    os.replace(link_tmp, root / LATEST)
+    for old in _step_dirs(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path, state: dict) -> Path:
+    """Fill ``state`` in place from a checkpoint (only the keys present in ``state`` are read)."""
+    path = find_checkpoint(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=path)
+    except Exception as e:  # DCP wraps the real cause (size mismatch, missing key) in its own errors
+        detail = " ".join(str(e).split())
+        for marker in ("Size mismatch", "Missing key", "missing key", "Unexpected key"):
+            if marker in detail:
+                detail = detail[detail.index(marker):]
+                break
+        raise CheckpointError(
+            f"checkpoint '{path}' does not fit this model ({detail[:200]}): it was written with a different "
+            f"model config; sample it with its own config or start a new run with --out"
+        ) from None
+    return path

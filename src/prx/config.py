@@ -1,0 +1,473 @@
+"""Typed run configuration.
+
+Every section is a dataclass; a YAML file mirrors them one to one. Values are resolved in
+this order: dataclass defaults (the recipe's), then a model preset, then the YAML file, then
+dotted command-line overrides (``train.batch_size=32``). Anything unknown, mistyped or
+impossible raises :class:`ConfigError` with the key and how to fix it, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prx.errors import ConfigError
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """The PRX transformer. ``preset`` fills every field not set explicitly."""
+
+    preset: str | None = None
+    patch_size: int = 32
+    bottleneck_dim: int = 256  # linear bottleneck of the patch embedding: 3·p² → this → hidden
+    hidden_dim: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    mlp_ratio: float = 3.5  # GeGLU hidden size = mlp_ratio · hidden_dim
+    rope_theta: float = 10000.0
+    text_dim: int | None = None  # set from the text encoder when the model is built
+
+
+# Named model sizes. `seed` is the speedrun seed config; `prx-small` the reference code's
+# PRX-small; `demo`/`tiny` run on a laptop CPU.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "seed": dict(patch_size=32, bottleneck_dim=256, hidden_dim=1024, num_layers=24, num_heads=16, mlp_ratio=3.5),
+    "prx-small": dict(patch_size=32, bottleneck_dim=256, hidden_dim=1792, num_layers=16, num_heads=28, mlp_ratio=3.5),
+    "prx-base": dict(patch_size=32, bottleneck_dim=256, hidden_dim=3584, num_layers=24, num_heads=28, mlp_ratio=3.5),
+    "demo": dict(patch_size=8, bottleneck_dim=64, hidden_dim=256, num_layers=6, num_heads=4, mlp_ratio=3.0),
+    "tiny": dict(patch_size=8, bottleneck_dim=32, hidden_dim=64, num_layers=4, num_heads=2, mlp_ratio=2.0),
+}
+
+
+@dataclass
+class ShapesConfig:
+    """The procedural shapes world (see prx.data.shapes)."""
+
+    # relative frequency of scenes with 1, 2, 3 objects
+    object_count_weights: list[float] = field(default_factory=lambda: [0.6, 0.3, 0.1])
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "shapes"
+    resolution: int = 512
+    caption_dropout: float = 0.1  # probability of replacing the caption by "" (enables CFG)
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+
+
+@dataclass
+class TextConfig:
+    # "minilm" (bundled, offline), a Hugging Face hub id, or a local directory
+    encoder: str = "minilm"
+    max_length: int = 64
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    cache_size: int = 100_000  # encodings of repeated captions are reused
+
+
+@dataclass
+class ObjectiveConfig:
+    """x-prediction flow matching; x_t = (1-t)·x0 + t·noise, t=1 is pure noise."""
+
+    t_mean: float = 0.0  # logit-normal location
+    t_std: float = 1.0  # logit-normal scale
+    shift: float = 3.0  # t' = s·t / (1 + (s-1)·t); 1 disables
+    uniform_fraction: float = 0.1  # this share of t is drawn from U[t_min, 1), unshifted
+    t_min: float = 1e-3
+    t_clamp: float = 0.05  # velocity denominator max(t, t_clamp)
+    noise_scale: float = 1.0
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 1000  # linear warm-up, then constant
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.999
+    update_every: int = 10
+    # decay_n = min(decay, (1+n)/(10+n)) over the n-th update: short runs need it
+    warmup: bool = False
+
+
+@dataclass
+class SamplingConfig:
+    sampler: str = "euler"  # euler | heun
+    steps: int = 50
+    guidance_scale: float = 3.5  # classifier-free guidance with the empty caption; 1 disables
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only for t in [lo, hi]
+    shift: float | None = None  # time shift of the sampling schedule; None = objective.shift
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100_000
+    batch_size: int = 1024
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    num_threads: int = 0  # CPU threads for torch; 0 = torch's default
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    time_limit_minutes: float = 0.0  # stop (with a checkpoint) after this long; 0 = no limit
+    max_bad_steps: int = 20  # non-finite losses tolerated (skipped) before the run stops
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    sample_every: int = 1000  # sample grid of the fixed prompts (EMA weights); 0 disables
+    sample_steps: int = 25
+    sample_prompts: list[str] = field(
+        default_factory=lambda: [
+            "a red circle in the top left",
+            "a blue square in the bottom right",
+            "a green triangle in the center",
+            "a yellow circle in the top right",
+            "a purple square in the bottom left",
+            "an orange triangle in the top left",
+            "a blue circle to the left of a red square",
+            "a green square above an orange circle",
+        ]
+    )
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    name: str = "run"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+    @property
+    def sampling_shift(self) -> float:
+        return self.objective.shift if self.sampling.shift is None else self.sampling.shift
+
+
+# --------------------------------------------------------------------------------------------
+# Building a typed config from plain dicts, with errors that name the key
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"a list of {_type_name(inner)}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false", type(None): "null"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (with the few safe conversions YAML needs)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        raise ConfigError(f"{key} must be null, got {value!r}")
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r} (write it as [a, b, ...])")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    raise TypeError(f"unsupported annotation {tp} for {key}")
+
+
+def _unknown_key(key: str, prefix: str, known: list[str]) -> ConfigError:
+    full = f"{prefix}{key}"
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean '{prefix}{close[0]}'?" if close else f"known keys here: {', '.join(known)}"
+    return ConfigError(f"unknown config key '{full}': {hint}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise _unknown_key(str(unknown[0]), prefix, list(fields))
+    if cls is ModelConfig and data.get("preset") is not None:
+        preset = data["preset"]
+        if preset not in MODEL_PRESETS:
+            close = difflib.get_close_matches(str(preset), list(MODEL_PRESETS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"unknown model preset '{preset}'{hint}: choose one of {', '.join(MODEL_PRESETS)}"
+            )
+        data = {**MODEL_PRESETS[preset], **data}
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value if value is not None else {}, f"{key}.")
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value (e.g. train.batch_size=32)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key; write section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def overrides_to_dict(overrides: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}' conflicts with an earlier override of '{part}'")
+        node[path[-1]] = value
+    return out
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist: pass an existing YAML file, or one of {', '.join(builtin_configs())}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}: fix the syntax there") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections (model:, data:, train:, ...)")
+    return data
+
+
+BUILTIN_CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def builtin_configs() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str | None) -> Path:
+    """A YAML path, or the name of a config shipped with prx (``demo``, ``speedrun``, ...)."""
+    if name_or_path is None:
+        return BUILTIN_CONFIG_DIR / "demo.yaml"
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if path.suffix == "" and (BUILTIN_CONFIG_DIR / f"{name_or_path}.yaml").is_file():
+        return BUILTIN_CONFIG_DIR / f"{name_or_path}.yaml"
+    raise ConfigError(
+        f"config '{name_or_path}' not found: pass a YAML file path or a built-in name ({', '.join(builtin_configs())})"
+    )
+
+
+def load_config(name_or_path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (a path or a built-in name; None = the CPU demo) plus dotted overrides."""
+    path = resolve_config_path(None if name_or_path is None else str(name_or_path))
+    data = read_yaml(path)
+    data.setdefault("name", path.stem)
+    data = _merge(data, overrides_to_dict(overrides or []))
+    return config_from_dict(data)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: impossible values fail here, before any work
+# --------------------------------------------------------------------------------------------
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    m, d, o, opt = cfg.model, cfg.data, cfg.objective, cfg.optimizer
+    for name in ("patch_size", "bottleneck_dim", "hidden_dim", "num_layers", "num_heads"):
+        _check(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
+    _check(m.mlp_ratio > 0, f"model.mlp_ratio must be positive, got {m.mlp_ratio}")
+    _check(
+        m.hidden_dim % m.num_heads == 0,
+        f"model.hidden_dim={m.hidden_dim} is not divisible by model.num_heads={m.num_heads}: pick a head count that divides it",
+    )
+    head_dim = m.hidden_dim // m.num_heads
+    _check(
+        head_dim % 4 == 0,
+        f"head dim model.hidden_dim/model.num_heads = {head_dim} must be a multiple of 4 for 2D RoPE: change num_heads",
+    )
+    patch_dim = 3 * m.patch_size**2
+    _check(
+        m.bottleneck_dim <= patch_dim,
+        f"model.bottleneck_dim={m.bottleneck_dim} is larger than the patch dimension 3·{m.patch_size}² = {patch_dim}: "
+        f"use a bottleneck ≤ {patch_dim}",
+    )
+    _check(d.resolution > 0, f"data.resolution must be positive, got {d.resolution}")
+    _check(
+        d.resolution % m.patch_size == 0,
+        f"model.patch_size={m.patch_size} does not divide data.resolution={d.resolution}: "
+        f"use a resolution that is a multiple of {m.patch_size}",
+    )
+    _check(0.0 <= d.caption_dropout < 1.0, f"data.caption_dropout must be in [0, 1), got {d.caption_dropout}")
+    _check(d.dataset == "shapes", f"data.dataset='{d.dataset}' is not supported yet: use 'shapes'")
+    w = d.shapes.object_count_weights
+    _check(
+        1 <= len(w) <= 3 and all(x >= 0 for x in w) and sum(w) > 0,
+        "data.shapes.object_count_weights must be 1 to 3 non-negative weights (for 1, 2, 3 objects) with a positive sum",
+    )
+    _check(cfg.text.max_length > 0, f"text.max_length must be positive, got {cfg.text.max_length}")
+    _check(
+        cfg.text.dtype in ("float32", "bfloat16", "float16"),
+        f"text.dtype must be float32, bfloat16 or float16, got '{cfg.text.dtype}'",
+    )
+    _check(o.t_std > 0, f"objective.t_std must be positive, got {o.t_std}")
+    _check(o.shift > 0, f"objective.shift must be positive, got {o.shift}")
+    _check(0.0 <= o.uniform_fraction <= 1.0, f"objective.uniform_fraction must be in [0, 1], got {o.uniform_fraction}")
+    _check(0.0 <= o.t_min < 1.0, f"objective.t_min must be in [0, 1), got {o.t_min}")
+    _check(0.0 < o.t_clamp < 1.0, f"objective.t_clamp must be in (0, 1), got {o.t_clamp}")
+    _check(o.noise_scale > 0, f"objective.noise_scale must be positive, got {o.noise_scale}")
+    _check(opt.name in ("adamw",), f"optimizer.name='{opt.name}' is not supported: use 'adamw'")
+    _check(opt.lr > 0, f"optimizer.lr must be positive, got {opt.lr}: a learning rate like 1e-4")
+    _check(
+        len(opt.betas) == 2 and all(0.0 <= b < 1.0 for b in opt.betas),
+        f"optimizer.betas must be two numbers in [0, 1), got {opt.betas}",
+    )
+    _check(opt.eps > 0, f"optimizer.eps must be positive, got {opt.eps}")
+    _check(opt.weight_decay >= 0, f"optimizer.weight_decay must be ≥ 0, got {opt.weight_decay}")
+    _check(opt.warmup_steps >= 0, f"optimizer.warmup_steps must be ≥ 0, got {opt.warmup_steps}")
+    _check(opt.grad_clip >= 0, f"optimizer.grad_clip must be ≥ 0 (0 disables), got {opt.grad_clip}")
+    _check(0.0 <= cfg.ema.decay < 1.0, f"ema.decay must be in [0, 1), got {cfg.ema.decay}")
+    _check(cfg.ema.update_every >= 1, f"ema.update_every must be ≥ 1, got {cfg.ema.update_every}")
+    s = cfg.sampling
+    _check(s.sampler in ("euler", "heun"), f"sampling.sampler must be 'euler' or 'heun', got '{s.sampler}'")
+    _check(s.steps >= 1, f"sampling.steps must be ≥ 1, got {s.steps}")
+    _check(s.guidance_scale >= 0, f"sampling.guidance_scale must be ≥ 0, got {s.guidance_scale}")
+    gi = s.guidance_interval
+    _check(
+        len(gi) == 2 and 0.0 <= gi[0] <= gi[1] <= 1.0,
+        f"sampling.guidance_interval must be [lo, hi] with 0 ≤ lo ≤ hi ≤ 1, got {gi}",
+    )
+    _check(s.shift is None or s.shift > 0, f"sampling.shift must be positive or null, got {s.shift}")
+    t = cfg.train
+    _check(t.steps >= 1, f"train.steps must be ≥ 1, got {t.steps}")
+    _check(t.batch_size >= 1, f"train.batch_size must be ≥ 1, got {t.batch_size}")
+    _check(t.precision in ("auto", "bf16", "fp32"), f"train.precision must be auto, bf16 or fp32, got '{t.precision}'")
+    _check(
+        t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+        f"train.device must be auto, cpu, cuda or cuda:N, got '{t.device}'",
+    )
+    _check(t.num_threads >= 0, f"train.num_threads must be ≥ 0, got {t.num_threads}")
+    _check(t.checkpoint_every >= 1, f"train.checkpoint_every must be ≥ 1, got {t.checkpoint_every}")
+    _check(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be ≥ 1, got {t.keep_checkpoints}")
+    _check(t.time_limit_minutes >= 0, f"train.time_limit_minutes must be ≥ 0, got {t.time_limit_minutes}")
+    _check(t.max_bad_steps >= 0, f"train.max_bad_steps must be ≥ 0, got {t.max_bad_steps}")
+    lg = cfg.logging
+    _check(lg.log_every >= 1, f"logging.log_every must be ≥ 1, got {lg.log_every}")
+    _check(lg.sample_every >= 0, f"logging.sample_every must be ≥ 0 (0 disables), got {lg.sample_every}")
+    _check(lg.sample_steps >= 1, f"logging.sample_steps must be ≥ 1, got {lg.sample_steps}")

@@ -1,0 +1,1 @@
+"""Datasets: the procedural shapes world (more sources come with the data pipeline)."""

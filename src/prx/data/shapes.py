@@ -1,0 +1,439 @@
+"""The shapes world: a procedural, seeded, captioned dataset and an exact judge.
+
+Scenes hold 1 to 3 saturated objects (6 colours × 3 shapes) at 5 positions on a light neutral
+background. Captions vary in phrasing; two-object scenes are sometimes described by a relation
+("a red circle to the left of a blue square"). A fixed set of colour–shape–position combinations
+is never rendered in training (the held-out split), to measure compositional generalisation.
+
+The judge reads pixels only: saturated pixels are classified by hue (mixing a colour with the
+neutral background keeps its hue), connected blobs are compared with ideal circle / square /
+triangle masks fitted to their bounding box, and a blob's position comes from its centroid.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "orange": (250, 130, 0),
+    "yellow": (240, 215, 0),
+    "green": (25, 170, 55),
+    "blue": (30, 85, 225),
+    "purple": (150, 45, 210),
+}
+SHAPES = ("circle", "square", "triangle")
+POSITIONS = ("top left", "top right", "bottom left", "bottom right", "center")
+POSITION_CENTERS = {
+    "top left": (0.22, 0.22),
+    "top right": (0.78, 0.22),
+    "bottom left": (0.22, 0.78),
+    "bottom right": (0.78, 0.78),
+    "center": (0.5, 0.5),
+}
+SIZE_RANGE = (0.20, 0.26)  # object side / image side
+JITTER = 0.02  # centre jitter, in image fractions
+SUPERSAMPLE = 4  # rendered at 4× and box-downsampled: clean antialiased edges at any resolution
+
+# Never rendered in training. Every colour, shape and position still appears in training,
+# and with each other in other combinations.
+HELD_OUT: frozenset[tuple[str, str, str]] = frozenset(
+    {
+        ("red", "square", "bottom right"),
+        ("orange", "triangle", "top left"),
+        ("yellow", "circle", "top right"),
+        ("green", "square", "center"),
+        ("blue", "triangle", "bottom left"),
+        ("purple", "circle", "bottom right"),
+        ("red", "triangle", "top right"),
+        ("orange", "circle", "center"),
+        ("green", "circle", "top left"),
+        ("purple", "square", "bottom left"),
+    }
+)
+ALL_COMBOS = [(c, s, p) for c in COLORS for s in SHAPES for p in POSITIONS]
+HELD_IN = [combo for combo in ALL_COMBOS if combo not in HELD_OUT]
+
+
+# --------------------------------------------------------------------------------------------
+# Scenes and captions
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    color: str
+    shape: str
+    position: str
+
+
+@dataclass(frozen=True)
+class Relation:
+    """objects[first] is `kind` ("left of" | "right of" | "above" | "below") objects[second]."""
+
+    kind: str
+    first: int
+    second: int
+
+
+@dataclass(frozen=True)
+class SceneSpec:
+    """What a prompt asks for: the judge checks an image against this."""
+
+    objects: tuple[ShapeObject, ...]
+    relation: Relation | None = None  # when set, positions are implied by the relation only
+
+    @property
+    def combos(self) -> list[tuple[str, str, str]]:
+        return [(o.color, o.shape, o.position) for o in self.objects]
+
+
+@dataclass
+class Scene:
+    spec: SceneSpec
+    caption: str
+    background: int  # grey level of the neutral background
+    boxes: list[tuple[float, float, float]] = field(default_factory=list)  # (cx, cy, size) per object
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _noun(o: ShapeObject) -> str:
+    return f"{_article(o.color)} {o.color} {o.shape}"
+
+
+SINGLE_TEMPLATES = (
+    "{noun} in the {pos}",
+    "{noun} at the {pos}",
+    "{noun}, {pos}",
+    "{noun} in the {pos} of the image",
+    "a picture of {noun} in the {pos}",
+    "there is {noun} in the {pos}",
+    "in the {pos}, {noun}",
+    "{noun} placed in the {pos}",
+)
+RELATION_WORDS = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
+
+
+def canonical_caption(spec: SceneSpec) -> str:
+    """The plain phrasing used for evaluation prompts."""
+    if spec.relation is not None:
+        r = spec.relation
+        return f"{_noun(spec.objects[r.first])} {RELATION_WORDS[r.kind]} {_noun(spec.objects[r.second])}"
+    parts = [f"{_noun(o)} in the {o.position}" for o in spec.objects]
+    if len(parts) == 1:
+        return parts[0]
+    return ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def varied_caption(spec: SceneSpec, rng: np.random.Generator) -> str:
+    if spec.relation is not None or len(spec.objects) > 1:
+        caption = canonical_caption(spec)
+        if rng.random() < 0.3:
+            caption = f"{len(spec.objects) if rng.random() < 0.5 else ['one', 'two', 'three'][len(spec.objects) - 1]} shapes: {caption}"
+        return caption
+    o = spec.objects[0]
+    template = SINGLE_TEMPLATES[rng.integers(len(SINGLE_TEMPLATES))]
+    return template.format(noun=_noun(o), pos=o.position)
+
+
+def relation_between(a: str, b: str) -> str | None:
+    """The relation of position a to position b when it is unambiguous (same row or column)."""
+    (ax, ay), (bx, by) = POSITION_CENTERS[a], POSITION_CENTERS[b]
+    if ay == by and ax != bx:
+        return "left of" if ax < bx else "right of"
+    if ax == bx and ay != by:
+        return "above" if ay < by else "below"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, shape: str, color, cx: float, cy: float, size: float, scale: float):
+    half = size * scale / 2
+    x, y = cx * scale, cy * scale
+    if shape == "circle":
+        draw.ellipse([x - half, y - half, x + half, y + half], fill=color)
+    elif shape == "square":
+        draw.rectangle([x - half, y - half, x + half, y + half], fill=color)
+    elif shape == "triangle":  # upright: apex at the top, flat base at the bottom
+        draw.polygon([(x, y - half), (x + half, y + half), (x - half, y + half)], fill=color)
+    else:
+        raise ValueError(f"unknown shape '{shape}'")
+
+
+def render(scene: Scene, resolution: int) -> np.ndarray:
+    """uint8 (resolution, resolution, 3)."""
+    big = resolution * SUPERSAMPLE
+    image = Image.new("RGB", (big, big), (scene.background,) * 3)
+    draw = ImageDraw.Draw(image)
+    for obj, (cx, cy, size) in zip(scene.spec.objects, scene.boxes):
+        _draw_object(draw, obj.shape, COLORS[obj.color], cx, cy, size, big)
+    return np.asarray(image.reduce(SUPERSAMPLE))
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (..., H, W, 3) → float in [-1, 1], (..., 3, H, W)."""
+    t = torch.from_numpy(np.ascontiguousarray(images)).float().div(127.5).sub(1.0)
+    return t.movedim(-1, -3)
+
+
+class ShapesWorld:
+    """Deterministic stream of captioned scenes: scene ``i`` depends only on (seed, i).
+
+    ``split="train"`` never renders a held-out colour–shape–position combination.
+    """
+
+    def __init__(self, resolution: int = 64, seed: int = 0, split: str = "train",
+                 object_count_weights: tuple[float, ...] | list[float] = (0.6, 0.3, 0.1)):
+        if split not in ("train", "all"):
+            raise ValueError("split must be 'train' or 'all'")
+        self.resolution = resolution
+        self.seed = seed
+        self.split = split
+        weights = np.asarray(object_count_weights, dtype=np.float64)
+        self.count_probs = weights / weights.sum()
+
+    def _random_object(self, rng: np.random.Generator, position: str) -> ShapeObject:
+        while True:
+            obj = ShapeObject(
+                color=list(COLORS)[rng.integers(len(COLORS))], shape=SHAPES[rng.integers(len(SHAPES))], position=position
+            )
+            if self.split == "all" or (obj.color, obj.shape, obj.position) not in HELD_OUT:
+                return obj
+
+    def scene(self, index: int) -> Scene:
+        rng = np.random.default_rng([self.seed, index])
+        count = 1 + rng.choice(len(self.count_probs), p=self.count_probs)
+        positions = [POSITIONS[i] for i in rng.permutation(len(POSITIONS))[:count]]
+        objects = tuple(self._random_object(rng, p) for p in positions)
+        relation = None
+        if count == 2 and rng.random() < 0.5:
+            kind = relation_between(positions[0], positions[1])
+            if kind is not None:
+                relation = Relation(kind, 0, 1)
+        spec = SceneSpec(objects, relation)
+        return make_scene(spec, rng, caption=varied_caption(spec, rng))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        scene = self.scene(index)
+        return to_tensor(render(scene, self.resolution)), scene.caption
+
+    def batch(self, indices) -> tuple[torch.Tensor, list[str]]:
+        scenes = [self.scene(int(i)) for i in indices]
+        images = np.stack([render(s, self.resolution) for s in scenes])
+        return to_tensor(images), [s.caption for s in scenes]
+
+
+def make_scene(spec: SceneSpec, rng: np.random.Generator, caption: str | None = None) -> Scene:
+    """Place the spec's objects with random size and jitter on a random light-grey background."""
+    boxes = []
+    for obj in spec.objects:
+        cx, cy = POSITION_CENTERS[obj.position]
+        boxes.append(
+            (cx + rng.uniform(-JITTER, JITTER), cy + rng.uniform(-JITTER, JITTER), rng.uniform(*SIZE_RANGE))
+        )
+    background = int(rng.integers(225, 246))
+    return Scene(spec, caption if caption is not None else canonical_caption(spec), background, boxes)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation prompt sets
+# --------------------------------------------------------------------------------------------
+
+
+def single_specs(combos) -> list[SceneSpec]:
+    return [SceneSpec((ShapeObject(c, s, p),)) for c, s, p in combos]
+
+
+def multi_specs(count: int, n: int, seed: int = 1234) -> list[SceneSpec]:
+    """n held-in scenes with `count` objects; two-object scenes alternate positional and relational captions."""
+    rng = np.random.default_rng([seed, count])
+    world = ShapesWorld(split="train")
+    specs = []
+    while len(specs) < n:
+        positions = [POSITIONS[i] for i in rng.permutation(len(POSITIONS))[:count]]
+        objects = tuple(world._random_object(rng, p) for p in positions)
+        relation = None
+        if count == 2 and len(specs) % 2 == 1:
+            kind = relation_between(positions[0], positions[1])
+            if kind is None:
+                continue
+            relation = Relation(kind, 0, 1)
+        specs.append(SceneSpec(objects, relation))
+    return specs
+
+
+def eval_prompt_sets(repeats_held_in: int = 2, repeats_held_out: int = 6, n_two: int = 64, n_three: int = 32):
+    """name → list of specs. Repeats are sampled with different seeds."""
+    return {
+        "single_held_in": single_specs(HELD_IN) * repeats_held_in,
+        "single_held_out": single_specs(sorted(HELD_OUT)) * repeats_held_out,
+        "two_objects": multi_specs(2, n_two),
+        "three_objects": multi_specs(3, n_three),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The judge
+# --------------------------------------------------------------------------------------------
+
+_PALETTE_HUES = {name: colorsys.rgb_to_hsv(*(v / 255 for v in rgb))[0] * 360 for name, rgb in COLORS.items()}
+CHROMA_THRESHOLD = 70  # a pixel is "object" if max(RGB) − min(RGB) exceeds this (the background is neutral)
+MIN_IOU = 0.6  # a blob that fits no ideal shape this well is not a recognisable shape
+ASPECT_LIMITS = (0.6, 1.0 / 0.6)
+CENTER_RADIUS = 0.14  # centroid within this of the middle (both axes) → "center"
+RELATION_MARGIN = 0.15
+
+
+@dataclass
+class Blob:
+    color: str
+    shape: str | None  # None: matches no shape
+    position: str
+    cx: float
+    cy: float
+    area: int
+    iou: float
+
+
+def hue_degrees(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel hue in degrees and chroma (max − min) for uint8 RGB."""
+    rgb = image.astype(np.float32)
+    mx, mn = rgb.max(-1), rgb.min(-1)
+    chroma = mx - mn
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    safe = np.where(chroma > 0, chroma, 1)
+    hue = np.where(mx == r, ((g - b) / safe) % 6, np.where(mx == g, (b - r) / safe + 2, (r - g) / safe + 4)) * 60
+    return hue, chroma
+
+
+def _classify_hue(hue: np.ndarray) -> np.ndarray:
+    names = list(_PALETTE_HUES)
+    centers = np.array([_PALETTE_HUES[n] for n in names])
+    dist = np.abs(hue[..., None] - centers)
+    dist = np.minimum(dist, 360 - dist)
+    return dist.argmin(-1)
+
+
+def _shape_ious(mask: np.ndarray) -> dict[str, float]:
+    """IoU of a blob mask (cropped to its bounding box) with ideal shapes fitted to that box."""
+    h, w = mask.shape
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
+    cx, cy = w / 2, h / 2
+    templates = {
+        "circle": ((xs - cx) / (w / 2)) ** 2 + ((ys - cy) / (h / 2)) ** 2 <= 1.0,
+        "square": np.ones_like(mask, dtype=bool),
+        "triangle": np.abs(xs - cx) <= (w / 2) * (ys / h),
+    }
+    area = mask.sum()
+    out = {}
+    for name, tpl in templates.items():
+        inter = np.logical_and(mask, tpl).sum()
+        out[name] = float(inter / (area + tpl.sum() - inter))
+    return out
+
+
+def position_of(cx: float, cy: float) -> str:
+    if abs(cx - 0.5) < CENTER_RADIUS and abs(cy - 0.5) < CENTER_RADIUS:
+        return "center"
+    return ("top" if cy < 0.5 else "bottom") + " " + ("left" if cx < 0.5 else "right")
+
+
+def detect(image: np.ndarray) -> list[Blob]:
+    """The objects in a uint8 (H, W, 3) image, largest first."""
+    height, width = image.shape[:2]
+    hue, chroma = hue_degrees(image)
+    labels_by_color = _classify_hue(hue)
+    saturated = chroma > CHROMA_THRESHOLD
+    # The smallest real object is a triangle of side 0.2: half of (0.2·res)²; ignore specks under a quarter of it.
+    min_area = 0.25 * 0.5 * (SIZE_RANGE[0] ** 2) * height * width
+    blobs = []
+    for ci, color in enumerate(_PALETTE_HUES):
+        components, n = ndimage.label(saturated & (labels_by_color == ci))  # 4-connectivity
+        for k, box in enumerate(ndimage.find_objects(components), start=1):
+            mask = components[box] == k
+            area = int(mask.sum())
+            if area < min_area:
+                continue
+            ys, xs = np.nonzero(mask)
+            cy = (ys.mean() + box[0].start + 0.5) / height
+            cx = (xs.mean() + box[1].start + 0.5) / width
+            bh, bw = mask.shape
+            ious = _shape_ious(mask)
+            shape, iou = max(ious.items(), key=lambda kv: kv[1])
+            aspect = bw / bh
+            if iou < MIN_IOU or not (ASPECT_LIMITS[0] <= aspect <= ASPECT_LIMITS[1]):
+                shape = None
+            blobs.append(Blob(color, shape, position_of(cx, cy), cx, cy, area, iou))
+    return sorted(blobs, key=lambda b: -b.area)
+
+
+def _relation_holds(kind: str, a: Blob, b: Blob) -> bool:
+    if kind == "left of":
+        return a.cx + RELATION_MARGIN < b.cx
+    if kind == "right of":
+        return a.cx > b.cx + RELATION_MARGIN
+    if kind == "above":
+        return a.cy + RELATION_MARGIN < b.cy
+    if kind == "below":
+        return a.cy > b.cy + RELATION_MARGIN
+    raise ValueError(kind)
+
+
+@dataclass
+class Verdict:
+    color: float  # share of prompt objects whose colour is present
+    shape: float  # ... present with that colour and shape
+    position: float  # ... present with that colour at the right place (or the relation holds)
+    count: bool  # as many objects as asked
+    correct: bool  # one-to-one match of every object on all attributes, and the right count
+    blobs: list[Blob]
+
+
+def judge(image: np.ndarray, spec: SceneSpec) -> Verdict:
+    """Does a uint8 (H, W, 3) image show exactly what ``spec`` asks for?"""
+    blobs = detect(image)
+    objs = spec.objects
+    color_ok = shape_ok = position_ok = 0
+    for i, o in enumerate(objs):
+        same_color = [b for b in blobs if b.color == o.color]
+        color_ok += bool(same_color)
+        shape_ok += any(b.shape == o.shape for b in same_color)
+        if spec.relation is None:
+            position_ok += any(b.position == o.position for b in same_color)
+        else:  # the relation decides position for both of its objects
+            r = spec.relation
+            a_spec, b_spec = objs[r.first], objs[r.second]
+            position_ok += any(
+                _relation_holds(r.kind, a, b)
+                for a in blobs if a.color == a_spec.color
+                for b in blobs if b.color == b_spec.color and b is not a
+            )
+    count = len(blobs) == len(objs)
+    correct = False
+    if count:
+        for perm in itertools.permutations(blobs, len(objs)):
+            if not all(b.color == o.color and b.shape == o.shape for b, o in zip(perm, objs)):
+                continue
+            if spec.relation is None:
+                ok = all(b.position == o.position for b, o in zip(perm, objs))
+            else:
+                ok = _relation_holds(spec.relation.kind, perm[spec.relation.first], perm[spec.relation.second])
+            if ok:
+                correct = True
+                break
+    n = len(objs)
+    return Verdict(color_ok / n, shape_ok / n, position_ok / n, count, correct, blobs)

