@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from prx.config import Config, config_from_dict, read_yaml
 from prx.errors import CheckpointError, PrxError
@@ -114,7 +115,7 @@ def load_checkpoint(path: str | Path, state: dict) -> Path:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, checkpoint_id=path)
-    except Exception as e:  # DCP wraps the real cause (size mismatch, missing key) in its own errors
+    except (Exception, CheckpointException) as e:  # DCP wraps the cause (size mismatch, missing key); a BaseException
         detail = " ".join(str(e).split())
         for marker in ("Size mismatch", "Missing key", "missing key", "Unexpected key"):
             if marker in detail:

@@ -35,6 +35,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         else:
             raise PrxError(f"unexpected argument '{item}': give one CONFIG, then key=value overrides")
     config = load_config(config_arg, overrides)
+    if args.dry_run:
+        from prx.plan import describe_plan
+
+        print(describe_plan(config))
+        return 0
     run_dir = Path(args.out) if args.out else Path("runs") / config.name
     trainer = Trainer(config, run_dir, resume=True if args.resume else None)
     trainer.run()
@@ -75,7 +80,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     pipe = Pipeline.from_checkpoint(args.checkpoint, weights=args.weights, device=args.device)
     started = time.perf_counter()
     images = pipe.generate(prompts, steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler,
-                           seed=args.seed, batch_size=args.batch_size).numpy()
+                           seed=args.seed, batch_size=args.batch_size, guidance=args.guidance,
+                           self_guidance_scale=args.self_guidance_scale).numpy()
     seconds = time.perf_counter() - started
     for i, image in enumerate(images):
         save_png(image, out / f"{i:04d}.png")
@@ -96,7 +102,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     pipe = Pipeline.from_checkpoint(ckpt, weights=args.weights, device=args.device)
     print(f"evaluating {ckpt} (step {step}, {args.weights} weights) …", flush=True)
     results = evaluate(pipe, out, steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler,
-                       seed=args.seed)
+                       seed=args.seed, guidance=args.guidance, self_guidance_scale=args.self_guidance_scale)
     results["checkpoint"] = str(ckpt)
     results["step"] = step
     results["weights"] = args.weights
@@ -110,8 +116,13 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a checkpoint directory, or a run directory (its checkpoints/latest is used)")
     p.add_argument("--steps", type=int, default=None, metavar="N", help="sampling steps (default: the run's sampling.steps)")
+    p.add_argument("--guidance", choices=["cfg", "self", "both"], default=None,
+                   help="cfg: classifier-free guidance (empty-caption negative); self: TREAD self-guidance "
+                        "(routed vs dense pass, same prompt); both (default: the run's sampling.guidance)")
     p.add_argument("--guidance-scale", type=float, default=None, metavar="W",
                    help="classifier-free guidance scale, 1 = off (default: the run's sampling.guidance_scale)")
+    p.add_argument("--self-guidance-scale", type=float, default=None, metavar="W",
+                   help="self-guidance scale: routed + W·(dense − routed), 1 = off (default: the run's)")
     p.add_argument("--sampler", choices=["euler", "heun"], default=None, help="ODE sampler (default: the run's)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="image i starts from the noise of seed S+i (default 0)")
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA weights (default) or raw weights")
@@ -131,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="run directory (default runs/<config name>); re-running resumes it")
     p.add_argument("--resume", action="store_true",
                    help="require resuming from DIR/checkpoints/latest (error if there is none)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved plan (stages, batches, losses, parameters per optimizer, FLOPs) and exit")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate images from prompts with a checkpoint",

@@ -92,13 +92,21 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adamw"
+    name: str = "muon"  # muon (Muon for 2D block matrices + Adam for the rest) | adamw
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.0
     warmup_steps: int = 1000  # linear warm-up, then constant
+    # warm-up / stable / decay: the last `decay_fraction` of train.steps decays linearly to lr·min_lr_ratio
+    decay_fraction: float = 0.0
+    min_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 disables
+    muon_lr: float | None = None  # None = lr (Muon's update RMS is matched to Adam's)
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5
+    muon_rms_scale: bool = True  # scale updates by 0.2·√max(m, n) to match Adam's RMS
 
 
 @dataclass
@@ -110,10 +118,57 @@ class EMAConfig:
 
 
 @dataclass
+class TreadConfig:
+    """TREAD token routing (training only): route_ratio of the image tokens skip blocks start..end."""
+
+    route_ratio: float = 0.5  # 0 disables
+    start_block: int = 2  # 0-based; negative counts from the end
+    end_block: int = -2  # inclusive: -2 is the penultimate block
+
+
+@dataclass
+class REPAConfig:
+    """Representation alignment of a block's output with a frozen vision teacher."""
+
+    teacher: str = "dinov3"  # dinov3 | dinov2 | a hub id | a local directory
+    weight: float = 0.5  # 0 disables
+    block: int = 8  # the output of the 8th block (counted from 1, as in the REPA paper)
+    projector_dim: int = 2048
+
+
+@dataclass
+class PerceptualConfig:
+    """LPIPS-VGG and DINOv2 losses on the predicted x0 against x0."""
+
+    lpips_weight: float = 0.1  # 0 disables
+    dino_weight: float = 0.01  # 0 disables
+    t_threshold: float = 1.0  # apply where t < t_threshold; 1 = at all noise levels (the recipe)
+    dino_model: str = "dinov2"  # dinov2 | a hub id | a local directory
+    dino_resolution: int = 224
+    lpips_resize: float = 0.5
+    lpips_vgg_weights: str | None = None  # torchvision vgg16-397923af.pth; None = $TORCH_HOME/hub/checkpoints/
+    lpips_heads: str | None = None  # lpips' vgg.pth; None = the installed lpips package's, else prx's copy
+
+
+@dataclass
+class StageConfig:
+    """One resolution stage of a run; which of the configured losses and routing are on."""
+
+    resolution: int = 512
+    steps: int = 1000
+    batch_size: int = 64
+    tread: bool = True
+    repa: bool = True
+    perceptual: bool = True
+
+
+@dataclass
 class SamplingConfig:
     sampler: str = "euler"  # euler | heun
     steps: int = 50
-    guidance_scale: float = 3.5  # classifier-free guidance with the empty caption; 1 disables
+    guidance: str = "cfg"  # cfg (empty-caption negative) | self (TREAD self-guidance) | both
+    guidance_scale: float = 3.5  # classifier-free guidance scale; 1 disables
+    self_guidance_scale: float = 3.5  # out = routed + w·(dense − routed); 1 disables
     guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only for t in [lo, hi]
     shift: float | None = None  # time shift of the sampling schedule; None = objective.shift
     seed: int = 0
@@ -123,6 +178,9 @@ class SamplingConfig:
 class TrainConfig:
     steps: int = 100_000
     batch_size: int = 1024
+    micro_batch_size: int = 0  # per forward/backward; gradients accumulate to batch_size. 0 = batch_size
+    # Resolution stages; when set they replace data.resolution, train.steps and train.batch_size.
+    stages: list[StageConfig] = field(default_factory=list)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
@@ -160,6 +218,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     text: TextConfig = field(default_factory=TextConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    tread: TreadConfig = field(default_factory=TreadConfig)
+    repa: REPAConfig = field(default_factory=REPAConfig)
+    perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -179,6 +240,26 @@ class Config:
     @property
     def sampling_shift(self) -> float:
         return self.objective.shift if self.sampling.shift is None else self.sampling.shift
+
+    @property
+    def stages(self) -> list[StageConfig]:
+        """The run's stages: ``train.stages``, or one stage from the flat keys."""
+        if self.train.stages:
+            return self.train.stages
+        return [StageConfig(resolution=self.data.resolution, steps=self.train.steps, batch_size=self.train.batch_size)]
+
+    @property
+    def total_steps(self) -> int:
+        return sum(stage.steps for stage in self.stages)
+
+    def stage_at(self, step: int) -> tuple[int, StageConfig]:
+        """(index, stage) that optimizer step ``step`` (0-based) belongs to."""
+        end = 0
+        for i, stage in enumerate(self.stages):
+            end += stage.steps
+            if step < end:
+                return i, stage
+        return len(self.stages) - 1, self.stages[-1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,6 +300,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             value = list(value)
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r} (write it as [a, b, ...])")
+        if dataclasses.is_dataclass(inner):
+            return [v if isinstance(v, inner) else _build(inner, v, f"{key}[{i}].") for i, v in enumerate(value)]
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
@@ -388,8 +471,7 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def validate(cfg: Config) -> None:
-    m, d, o, opt = cfg.model, cfg.data, cfg.objective, cfg.optimizer
+def validate_model(m: ModelConfig) -> None:
     for name in ("patch_size", "bottleneck_dim", "hidden_dim", "num_layers", "num_heads"):
         _check(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
     _check(m.mlp_ratio > 0, f"model.mlp_ratio must be positive, got {m.mlp_ratio}")
@@ -408,12 +490,40 @@ def validate(cfg: Config) -> None:
         f"model.bottleneck_dim={m.bottleneck_dim} is larger than the patch dimension 3·{m.patch_size}² = {patch_dim}: "
         f"use a bottleneck ≤ {patch_dim}",
     )
+    _check(m.text_dim is None or m.text_dim > 0, f"model.text_dim must be positive or null, got {m.text_dim}")
+
+
+def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    """A model config from a plain dict (the seed's ``{"patch_size": 32, ...}``), presets and checks included.
+
+    Without ``num_heads`` the heads are 64 wide; without ``text_dim`` the model takes the bundled
+    MiniLM encoder's 384-wide tokens (set it for another encoder).
+    """
+    data = dict(data)
+    if "num_heads" not in data and "hidden_dim" in data and data.get("preset") is None:
+        data["num_heads"] = max(1, int(data["hidden_dim"]) // 64)
+    cfg = _build(ModelConfig, data, "model.")
+    if cfg.text_dim is None:
+        cfg.text_dim = 384
+    validate_model(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    m, d, o, opt = cfg.model, cfg.data, cfg.objective, cfg.optimizer
+    validate_model(m)
     _check(d.resolution > 0, f"data.resolution must be positive, got {d.resolution}")
     _check(
         d.resolution % m.patch_size == 0,
         f"model.patch_size={m.patch_size} does not divide data.resolution={d.resolution}: "
         f"use a resolution that is a multiple of {m.patch_size}",
     )
+    for i, st in enumerate(cfg.train.stages):
+        key = f"train.stages[{i}]"
+        _check(st.resolution > 0 and st.resolution % m.patch_size == 0,
+               f"{key}.resolution={st.resolution} is not a positive multiple of model.patch_size={m.patch_size}")
+        _check(st.steps >= 1, f"{key}.steps must be ≥ 1, got {st.steps}")
+        _check(st.batch_size >= 1, f"{key}.batch_size must be ≥ 1, got {st.batch_size}")
     _check(0.0 <= d.caption_dropout < 1.0, f"data.caption_dropout must be in [0, 1), got {d.caption_dropout}")
     _check(d.dataset == "shapes", f"data.dataset='{d.dataset}' is not supported yet: use 'shapes'")
     w = d.shapes.object_count_weights
@@ -432,7 +542,10 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= o.t_min < 1.0, f"objective.t_min must be in [0, 1), got {o.t_min}")
     _check(0.0 < o.t_clamp < 1.0, f"objective.t_clamp must be in (0, 1), got {o.t_clamp}")
     _check(o.noise_scale > 0, f"objective.noise_scale must be positive, got {o.noise_scale}")
-    _check(opt.name in ("adamw",), f"optimizer.name='{opt.name}' is not supported: use 'adamw'")
+    _check(opt.name in ("adamw", "muon"), f"optimizer.name='{opt.name}' is not supported: use 'muon' or 'adamw'")
+    _check(opt.muon_lr is None or opt.muon_lr > 0, f"optimizer.muon_lr must be positive or null, got {opt.muon_lr}")
+    _check(0.0 <= opt.muon_momentum < 1.0, f"optimizer.muon_momentum must be in [0, 1), got {opt.muon_momentum}")
+    _check(opt.muon_ns_steps >= 1, f"optimizer.muon_ns_steps must be ≥ 1, got {opt.muon_ns_steps}")
     _check(opt.lr > 0, f"optimizer.lr must be positive, got {opt.lr}: a learning rate like 1e-4")
     _check(
         len(opt.betas) == 2 and all(0.0 <= b < 1.0 for b in opt.betas),
@@ -441,11 +554,15 @@ def validate(cfg: Config) -> None:
     _check(opt.eps > 0, f"optimizer.eps must be positive, got {opt.eps}")
     _check(opt.weight_decay >= 0, f"optimizer.weight_decay must be ≥ 0, got {opt.weight_decay}")
     _check(opt.warmup_steps >= 0, f"optimizer.warmup_steps must be ≥ 0, got {opt.warmup_steps}")
+    _check(0.0 <= opt.decay_fraction <= 1.0, f"optimizer.decay_fraction must be in [0, 1], got {opt.decay_fraction}")
+    _check(0.0 <= opt.min_lr_ratio <= 1.0, f"optimizer.min_lr_ratio must be in [0, 1], got {opt.min_lr_ratio}")
     _check(opt.grad_clip >= 0, f"optimizer.grad_clip must be ≥ 0 (0 disables), got {opt.grad_clip}")
     _check(0.0 <= cfg.ema.decay < 1.0, f"ema.decay must be in [0, 1), got {cfg.ema.decay}")
     _check(cfg.ema.update_every >= 1, f"ema.update_every must be ≥ 1, got {cfg.ema.update_every}")
     s = cfg.sampling
     _check(s.sampler in ("euler", "heun"), f"sampling.sampler must be 'euler' or 'heun', got '{s.sampler}'")
+    _check(s.guidance in ("cfg", "self", "both"), f"sampling.guidance must be cfg, self or both, got '{s.guidance}'")
+    _check(s.self_guidance_scale >= 0, f"sampling.self_guidance_scale must be ≥ 0, got {s.self_guidance_scale}")
     _check(s.steps >= 1, f"sampling.steps must be ≥ 1, got {s.steps}")
     _check(s.guidance_scale >= 0, f"sampling.guidance_scale must be ≥ 0, got {s.guidance_scale}")
     gi = s.guidance_interval
@@ -454,9 +571,31 @@ def validate(cfg: Config) -> None:
         f"sampling.guidance_interval must be [lo, hi] with 0 ≤ lo ≤ hi ≤ 1, got {gi}",
     )
     _check(s.shift is None or s.shift > 0, f"sampling.shift must be positive or null, got {s.shift}")
+    tr, rp, pc = cfg.tread, cfg.repa, cfg.perceptual
+    _check(0.0 <= tr.route_ratio < 1.0, f"tread.route_ratio must be in [0, 1) (0 disables), got {tr.route_ratio}")
+    n = m.num_layers
+    if tr.route_ratio > 0:
+        ok = -n <= tr.start_block < n and -n <= tr.end_block < n and tr.start_block % n <= tr.end_block % n
+        _check(ok, f"tread.start_block={tr.start_block}..tread.end_block={tr.end_block} is not a block range of a "
+                   f"{n}-block model: use 0 ≤ start ≤ end < {n} (negative values count from the end)")
+    _check(rp.weight >= 0, f"repa.weight must be ≥ 0 (0 disables), got {rp.weight}")
+    _check(rp.weight == 0 or 1 <= rp.block <= n,
+           f"repa.block={rp.block} must be between 1 and model.num_layers={n} (it counts blocks from 1)")
+    _check(rp.projector_dim >= 1, f"repa.projector_dim must be ≥ 1, got {rp.projector_dim}")
+    _check(pc.lpips_weight >= 0 and pc.dino_weight >= 0, "perceptual.lpips_weight and perceptual.dino_weight must be ≥ 0")
+    _check(0.0 < pc.t_threshold <= 1.0, f"perceptual.t_threshold must be in (0, 1], got {pc.t_threshold}")
+    _check(0.0 < pc.lpips_resize <= 1.0, f"perceptual.lpips_resize must be in (0, 1], got {pc.lpips_resize}")
+    _check(pc.dino_resolution > 0, f"perceptual.dino_resolution must be positive, got {pc.dino_resolution}")
+    _check(cfg.sampling.guidance == "cfg" or tr.route_ratio > 0,
+           f"sampling.guidance={cfg.sampling.guidance} needs TREAD routing (tread.route_ratio > 0) for its routed pass")
     t = cfg.train
     _check(t.steps >= 1, f"train.steps must be ≥ 1, got {t.steps}")
     _check(t.batch_size >= 1, f"train.batch_size must be ≥ 1, got {t.batch_size}")
+    _check(t.micro_batch_size >= 0, f"train.micro_batch_size must be ≥ 0 (0 = the whole batch), got {t.micro_batch_size}")
+    for st in cfg.stages:
+        _check(t.micro_batch_size == 0 or st.batch_size % t.micro_batch_size == 0,
+               f"train.micro_batch_size={t.micro_batch_size} does not divide the batch size {st.batch_size}: "
+               f"use a divisor so gradients accumulate over whole micro-batches")
     _check(t.precision in ("auto", "bf16", "fp32"), f"train.precision must be auto, bf16 or fp32, got '{t.precision}'")
     _check(
         t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),

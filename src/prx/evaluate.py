@@ -28,11 +28,13 @@ def evaluate(
     guidance_scale: float | None = None,
     sampler: str | None = None,
     seed: int = 0,
+    guidance: str | None = None,
+    self_guidance_scale: float | None = None,
     sets: dict | None = None,
     batch_size: int = 64,
     progress=None,
 ) -> dict:
-    res = pipe.config.data.resolution
+    res = pipe.config.stages[-1].resolution
     if res < MIN_JUDGE_RESOLUTION:
         raise PrxError(
             f"the shapes judge needs images of at least {MIN_JUDGE_RESOLUTION} px, this model samples {res} px: "
@@ -45,7 +47,8 @@ def evaluate(
         prompts = [canonical_caption(s) for s in specs]
         # Distinct seeds per set and per repeat of a prompt.
         images = pipe.generate(prompts, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-                               seed=seed + 100_000 * offset, batch_size=batch_size).numpy()
+                               seed=seed + 100_000 * offset, batch_size=batch_size, guidance=guidance,
+                               self_guidance_scale=self_guidance_scale).numpy()
         verdicts = [judge(img, spec) for img, spec in zip(images, specs)]
         results["sets"][name] = {
             "n": len(specs),
@@ -66,7 +69,9 @@ def evaluate(
     s = pipe.config.sampling
     results["settings"] = {
         "steps": steps or s.steps,
+        "guidance": guidance or s.guidance,
         "guidance_scale": s.guidance_scale if guidance_scale is None else guidance_scale,
+        "self_guidance_scale": s.self_guidance_scale if self_guidance_scale is None else self_guidance_scale,
         "sampler": sampler or s.sampler,
         "seed": seed,
         "resolution": res,

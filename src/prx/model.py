@@ -31,11 +31,16 @@ class Route:
     end: int
     keep: Tensor  # (B, K) indices into the N image tokens
 
+    def slice(self, rows: slice) -> "Route":
+        """The route of a micro-batch: the same blocks, the rows' own tokens."""
+        return Route(self.start, self.end, self.keep[rows])
+
 
 @dataclass
 class PRXOutput:
     x0: Tensor  # predicted clean image, (B, 3, H, W)
-    hidden: Tensor | None = None  # (B, N or K, hidden) after block `capture_block`; K tokens if routed there
+    hidden: Tensor | None = None  # (B, N or K, hidden) after block `capture_block`
+    hidden_index: Tensor | None = None  # (B, K) image tokens in `hidden` when that block was routed; None = all N
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,8 +167,12 @@ class FinalLayer(nn.Module):
 
 
 class PRX(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig | dict):
         super().__init__()
+        if isinstance(config, dict):  # e.g. {"patch_size": 32, "bottleneck_dim": 256, "num_layers": 24, "hidden_dim": 1024}
+            from prx.config import model_config_from_dict
+
+            config = model_config_from_dict(config)
         if config.text_dim is None:
             raise ValueError("ModelConfig.text_dim must be set (the text encoder's hidden size)")
         self.config = config
@@ -237,7 +246,7 @@ class PRX(nn.Module):
         text_keys = text_mask.bool()[:, None, None, :]
         key_mask = torch.cat([text_keys, text_keys.new_ones(b, 1, 1, x.shape[1])], dim=-1)
 
-        hidden = None
+        hidden = hidden_index = None
         full_x = full_cos = full_sin = full_mask = None
         for i, block in enumerate(self.blocks):
             if route is not None and i == route.start % num_layers:
@@ -249,13 +258,15 @@ class PRX(nn.Module):
             x = block(x, vec, txt, key_mask, cos, sin)
             if i == capture_block:
                 hidden = x
+                hidden_index = route.keep if full_x is not None else None
             if route is not None and i == route.end % num_layers:
                 # Routed tokens re-enter exactly as they left.
                 x = scatter_tokens(full_x, route.keep, x)
                 cos, sin, key_mask = full_cos, full_sin, full_mask
+                full_x = None
 
         out = self.final_layer(x, vec)
-        return PRXOutput(x0=unpatchify(out, p, height, width).float(), hidden=hidden)
+        return PRXOutput(x0=unpatchify(out, p, height, width).float(), hidden=hidden, hidden_index=hidden_index)
 
 
 def build_model(config: ModelConfig) -> PRX:

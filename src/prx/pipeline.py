@@ -8,10 +8,12 @@ import torch
 
 from prx.checkpoint import checkpoint_config, find_checkpoint, load_checkpoint
 from prx.config import Config
+from prx.errors import PrxError
 from prx.model import PRX, build_model
 from prx.runtime import autocast_dtype, resolve_device
-from prx.sampling import cfg_predictor, initial_noise, sample, to_uint8
+from prx.sampling import guided_predictor, initial_noise, sample, to_uint8
 from prx.text import TextEncoder
+from prx.tread import TREADRouter
 
 
 class Pipeline:
@@ -33,7 +35,10 @@ class Pipeline:
         config = checkpoint_config(path)
         dev = resolve_device(device)
         model = build_model(config.model)
-        state = {"ema": {"model": model.state_dict()}} if weights == "ema" else {"model": model.state_dict()}
+        # the trainer saves the denoiser (and the REPA projector) under "model", the EMA under "ema"
+        weights_state = model.state_dict()
+        state = ({"ema": {"model": weights_state}} if weights == "ema"
+                 else {"model": {f"denoiser.{k}": v for k, v in weights_state.items()}})
         load_checkpoint(path, state)
         model.to(dev)
         if text_encoder is None:
@@ -58,21 +63,41 @@ class Pipeline:
         seed: int | None = None,
         resolution: int | None = None,
         batch_size: int = 64,
+        guidance: str | None = None,
+        self_guidance_scale: float | None = None,
     ) -> torch.Tensor:
-        """uint8 images (B, H, W, 3); image i starts from noise seeded with seed + i."""
+        """uint8 images (B, H, W, 3); image i starts from noise seeded with seed + i.
+
+        ``guidance``: 'cfg' (empty-caption negative), 'self' (TREAD self-guidance with the run's
+        routing, a fixed route per image) or 'both'; None = the run's sampling.guidance.
+        """
         s = self.config.sampling
         steps = steps or s.steps
+        guidance = guidance or s.guidance
         guidance_scale = s.guidance_scale if guidance_scale is None else guidance_scale
+        self_scale = s.self_guidance_scale if self_guidance_scale is None else self_guidance_scale
         interval = tuple(guidance_interval or s.guidance_interval)
         sampler = sampler or s.sampler
         seed = s.seed if seed is None else seed
-        res = resolution or self.config.data.resolution
+        res = resolution or self.config.stages[-1].resolution
         noise = initial_noise(len(prompts), res, res, seed, self.config.objective.noise_scale)
+        tokens = (res // self.config.model.patch_size) ** 2
+        router = None
+        if guidance in ("self", "both"):
+            t = self.config.tread
+            if t.route_ratio <= 0:
+                raise PrxError("self-guidance needs the run's TREAD routing, but tread.route_ratio is 0: use --guidance cfg")
+            router = TREADRouter(t.route_ratio, t.start_block, t.end_block)
         out = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             cond = self.text_encoder.encode(chunk).to(self.device)
-            predict = cfg_predictor(self.model, cond, self.empty_caption, guidance_scale, interval, self.autocast)
+            route = None
+            if router is not None:  # a fixed route per image for the whole generation
+                seeds = [seed + 7_777_777 + i for i in range(start, start + len(chunk))]
+                route = router.fixed_route(tokens, self.config.model.num_layers, seeds, self.device)
+            predict = guided_predictor(self.model, cond, self.empty_caption, guidance, guidance_scale, self_scale,
+                                       interval, route, self.autocast)
             x = sample(predict, noise[start : start + batch_size].to(self.device), steps, sampler,
                        self.config.sampling_shift, self.config.objective.t_clamp)
             out.append(to_uint8(x))

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from prx.flow import shift_time, velocity
+from prx.model import Route
 from prx.text import TextBatch
 
 X0Predictor = Callable[[Tensor, Tensor], Tensor]  # (x_t, t scalar tensor) → x0
@@ -31,30 +32,52 @@ def initial_noise(num_images: int, height: int, width: int, seed: int, noise_sca
     return torch.stack(noise) * noise_scale
 
 
-def cfg_predictor(
+def guided_predictor(
     model: torch.nn.Module,
     cond: TextBatch,
-    uncond: TextBatch | None,
-    guidance_scale: float,
+    uncond: TextBatch | None = None,
+    guidance: str = "cfg",
+    guidance_scale: float = 1.0,
+    self_guidance_scale: float = 1.0,
     guidance_interval: tuple[float, float] = (0.0, 1.0),
+    route: Route | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> X0Predictor:
-    """x0 predictions with classifier-free guidance (scale 1 or no negative = plain conditional)."""
-    guided = uncond is not None and guidance_scale != 1.0
-    if guided:
-        both = TextBatch.cat([cond, uncond.expand(cond.embeds.shape[0])])
+    """x0 predictions with classifier-free guidance, TREAD self-guidance, or both.
+
+    cfg:  out = uncond + w·(cond − uncond), the empty caption as negative;
+    self: out = routed + w·(dense − routed), both with the real prompt; ``route`` is the fixed
+          routing of this generation;
+    both: out = dense + (w_cfg − 1)·(dense − uncond) + (w_self − 1)·(dense − routed).
+    Outside ``guidance_interval`` (in t) the plain conditional prediction is used.
+    """
+    if guidance not in ("cfg", "self", "both"):
+        raise ValueError(f"guidance must be 'cfg', 'self' or 'both', got '{guidance}'")
+    use_cfg = guidance in ("cfg", "both") and uncond is not None and guidance_scale != 1.0
+    use_self = guidance in ("self", "both") and self_guidance_scale != 1.0
+    if use_self and route is None:
+        raise ValueError("self-guidance needs a route (the routed pass)")
+    n = cond.embeds.shape[0]
+    both_texts = TextBatch.cat([cond, uncond.expand(n)]) if use_cfg else None
+
+    def run(x: Tensor, t: Tensor, text: TextBatch, r: Route | None = None) -> Tensor:
+        with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            return model(x, t.expand(x.shape[0]).to(x.device), text.embeds, text.mask, route=r).x0.float()
 
     def predict(x: Tensor, t: Tensor) -> Tensor:
-        use_guidance = guided and guidance_interval[0] <= float(t) <= guidance_interval[1]
-        text = both if use_guidance else cond
-        xs = torch.cat([x, x]) if use_guidance else x
-        ts = t.expand(xs.shape[0]).to(x.device)
-        with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            x0 = model(xs, ts, text.embeds, text.mask).x0.float()
-        if not use_guidance:
-            return x0
-        x0_cond, x0_uncond = x0.chunk(2)
-        return x0_uncond + guidance_scale * (x0_cond - x0_uncond)
+        active = guidance_interval[0] <= float(t) <= guidance_interval[1]
+        if active and use_cfg:  # one batched pass for the conditional and unconditional predictions
+            dense, dense_uncond = run(torch.cat([x, x]), t, both_texts).chunk(2)
+        else:
+            dense, dense_uncond = run(x, t, cond), None
+        if not active:
+            return dense
+        out = dense
+        if use_cfg:
+            out = out + (guidance_scale - 1.0) * (dense - dense_uncond)
+        if use_self:
+            out = out + (self_guidance_scale - 1.0) * (dense - run(x, t, cond, route))
+        return out
 
     return predict
 

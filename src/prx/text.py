@@ -58,26 +58,27 @@ def resolve_encoder(name: str) -> str:
     return os.path.expanduser(name)
 
 
-def _load_encoder(path: str, dtype: torch.dtype):
+def _load_encoder(path: str, dtype: torch.dtype, local_files_only: bool):
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    config = AutoConfig.from_pretrained(path)
+    kw = {"local_files_only": local_files_only}
+    config = AutoConfig.from_pretrained(path, **kw)
     model_type = getattr(config, "model_type", "")
+    extra = {}
     if model_type in ("t5", "mt5", "umt5"):
         from transformers import T5EncoderModel as cls
-    elif model_type == "t5gemma":
-        from transformers import T5GemmaEncoderModel
+    elif model_type == "t5gemma":  # released as encoder-decoder; keep the encoder only
+        from transformers import T5GemmaEncoderModel as cls
 
-        model = T5GemmaEncoderModel.from_pretrained(path, is_encoder_decoder=False, dtype=dtype)
-        return AutoTokenizer.from_pretrained(path), model
+        extra = {"is_encoder_decoder": False}
     elif model_type in ("clip", "clip_text_model"):
         from transformers import CLIPTextModel as cls
     else:
         cls = AutoModel
-    return AutoTokenizer.from_pretrained(path), cls.from_pretrained(path, dtype=dtype)
+    return AutoTokenizer.from_pretrained(path, **kw), cls.from_pretrained(path, dtype=dtype, **extra, **kw)
 
 
 class TextEncoder:
@@ -96,8 +97,13 @@ class TextEncoder:
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         path = resolve_encoder(name)
+        try:  # the local directory or Hugging Face cache first: no network needed once downloaded
+            self.tokenizer, self.model = _load_encoder(path, self.dtype, local_files_only=True)
+        except (OSError, ValueError):
+            self.tokenizer = None
         try:
-            self.tokenizer, self.model = _load_encoder(path, self.dtype)
+            if self.tokenizer is None:
+                self.tokenizer, self.model = _load_encoder(path, self.dtype, local_files_only=False)
         except (OSError, ValueError) as e:
             where = "a local directory" if Path(path).exists() else "not a local directory"
             raise PrxError(

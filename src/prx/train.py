@@ -1,10 +1,14 @@
 """The trainer. One training step is :meth:`Trainer.train_step`, readable top to bottom:
 
-    data → caption dropout → text encoding → t, noise, x_t → model predicts x0
-    → flow loss (velocity space) → backward → clip → LR warm-up → optimizer step → EMA
+    data → caption dropout → t, noise → TREAD route → for each micro-batch:
+        text encoding → x_t → model predicts x0 (and the REPA block's hidden state)
+        → flow loss + perceptual losses + REPA → backward
+    → clip → LR schedule → Muon/Adam step → EMA
 
-Everything else here is bookkeeping around it: set-up, resume, logging, sample grids,
-checkpoints, the time limit and clean interruption (Ctrl-C finishes the step, saves, exits).
+Each trick of the recipe is a small module the step calls explicitly (``TREADRouter``,
+``REPAAlignment``, ``PerceptualLoss``); a run is a list of resolution stages that switch them on
+and off. Everything else here is bookkeeping: set-up, resume, logging, sample grids, checkpoints,
+the time limit and clean interruption (Ctrl-C finishes the step, saves, exits).
 """
 
 from __future__ import annotations
@@ -13,24 +17,31 @@ import math
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from tqdm import tqdm
 
 from prx.checkpoint import checkpoint_config, find_checkpoint, has_checkpoint, load_checkpoint, save_checkpoint
-from prx.config import Config
+from prx.config import (Config, PerceptualConfig, REPAConfig, StageConfig, TreadConfig, model_config_from_dict,
+                        validate)
 from prx.data.shapes import ShapesWorld
 from prx.ema import EMA
-from prx.errors import CheckpointError, PrxError, TrainingError
+from prx.errors import CheckpointError, ConfigError, PrxError, TrainingError
 from prx.flow import add_noise, flow_loss, sample_timesteps
 from prx.images import save_grid
 from prx.model import PRX, build_model, count_parameters
+from prx.optim import MultiOptimizer, build_optimizer, param_groups_from_config
+from prx.perceptual import PerceptualLoss
 from prx.pipeline import Pipeline
+from prx.repa import REPAAlignment
 from prx.runtime import autocast_dtype, resolve_device, set_threads
 from prx.text import TextEncoder
+from prx.tread import TREADRouter
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -38,17 +49,14 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + 12_345) % (2**63 - 1)
 
 
-def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
-    """Linear warm-up over ``warmup_steps`` optimizer steps, then constant."""
-    if warmup_steps <= 0:
-        return base_lr
-    return base_lr * min(1.0, (step + 1) / warmup_steps)
-
-
-def build_optimizer(model: PRX, cfg) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
-    )
+def lr_scale(step: int, total_steps: int, cfg) -> float:
+    """Linear warm-up, constant, then (optionally) a linear decay over the last ``decay_fraction``."""
+    scale = 1.0 if cfg.warmup_steps <= 0 else min(1.0, (step + 1) / cfg.warmup_steps)
+    decay_steps = int(round(cfg.decay_fraction * total_steps))
+    if decay_steps > 0 and step >= total_steps - decay_steps:
+        progress = (step - (total_steps - decay_steps) + 1) / decay_steps
+        scale *= 1.0 - (1.0 - cfg.min_lr_ratio) * progress
+    return scale
 
 
 def check_writable(run_dir: Path) -> None:
@@ -64,24 +72,77 @@ def check_writable(run_dir: Path) -> None:
 @dataclass
 class StepResult:
     loss: float
-    grad_norm: float
-    lr: float
+    losses: dict[str, float] = field(default_factory=dict)
+    grad_norm: float = float("nan")
+    lr: float = 0.0
     skipped: bool = False
 
 
+def config_from_components(model, router, repa, perceptual_loss, param_groups, batch_size, steps_512, steps_1024,
+                           batch_size_1024) -> Config:
+    """The config that mirrors a run assembled in Python (the seed's API), for checkpoints and plans."""
+    cfg = Config(name="seed")
+    cfg.model = model.config if isinstance(model, PRX) else model_config_from_dict(model)
+    if batch_size is None or (steps_512 is None and steps_1024 is None):
+        raise ConfigError("Trainer(model=...) needs batch_size and steps_512 and/or steps_1024")
+    stages = []
+    if steps_512:
+        stages.append(StageConfig(resolution=512, steps=steps_512, batch_size=batch_size))
+    if steps_1024:  # the recipe's second stage: half the batch, REPA off
+        stages.append(StageConfig(resolution=1024, steps=steps_1024, batch_size=batch_size_1024 or max(1, batch_size // 2),
+                                  repa=False))
+    cfg.train.stages = stages
+    cfg.train.batch_size, cfg.train.steps, cfg.data.resolution = stages[0].batch_size, sum(s.steps for s in stages), stages[0].resolution
+    cfg.tread = (TreadConfig(router.route_ratio, router.start_block, router.end_block) if router
+                 else TreadConfig(route_ratio=0.0))
+    cfg.sampling.guidance = "self" if router else "cfg"
+    cfg.repa = (REPAConfig(repa.teacher_name, repa.loss_weight, repa.apply_at_block, repa.projector_dim) if repa
+                else REPAConfig(weight=0.0))
+    cfg.perceptual = (PerceptualConfig(perceptual_loss.lpips_weight, perceptual_loss.dino_weight, perceptual_loss.t_threshold,
+                                       perceptual_loss.dino_model_name, perceptual_loss.dino_resolution,
+                                       perceptual_loss.lpips_resize, perceptual_loss.lpips_vgg_weights,
+                                       perceptual_loss.lpips_heads)
+                      if perceptual_loss else PerceptualConfig(lpips_weight=0.0, dino_weight=0.0))
+    if param_groups is not None:
+        kinds = {str(g.get("optimizer", "adam")).lower() for g in param_groups}
+        cfg.optimizer.name = "muon" if "muon" in kinds else "adamw"
+        cfg.optimizer.lr = float(param_groups[0].get("lr", cfg.optimizer.lr))
+    validate(cfg)
+    return cfg
+
+
 class Trainer:
-    """Trains ``config`` into ``run_dir``.
+    """Trains a run into ``run_dir``, from a :class:`Config` or from components (the seed's API)::
+
+        Trainer(model=PRX({...}) or {...}, router=TREADRouter(), repa=REPAAlignment(),
+                perceptual_loss=PerceptualLoss(), param_groups=[...], batch_size=..., steps_512=...,
+                steps_1024=...).run()
 
     ``resume``: None resumes when the run directory has a checkpoint (the same command continues
     a run); True requires one; False refuses to touch a run directory that has one.
     """
 
-    def __init__(self, config: Config, run_dir: str | Path, resume: bool | None = None, log=print):
+    def __init__(self, config: Config | None = None, run_dir: str | Path | None = None, resume: bool | None = None, *,
+                 model: PRX | dict | None = None, router: TREADRouter | None = None, repa: REPAAlignment | None = None,
+                 perceptual_loss: PerceptualLoss | None = None, param_groups: list[dict] | None = None,
+                 batch_size: int | None = None, steps_512: int | None = None, steps_1024: int | None = None,
+                 batch_size_1024: int | None = None, text_encoder: TextEncoder | None = None, log=print):
+        if config is None:
+            if model is None:
+                raise ConfigError("Trainer needs a config or a model")
+            config = config_from_components(model, router, repa, perceptual_loss, param_groups, batch_size,
+                                            steps_512, steps_1024, batch_size_1024)
+        elif model is not None and not isinstance(model, PRX):
+            model = PRX(model_config_from_dict(model))
         self.config = config
-        self.run_dir = Path(run_dir)
+        self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / config.name
         self.resume = resume
         self.log = log
         self.stop_reason: str | None = None
+        self._given = dict(model=model if isinstance(model, PRX) else (PRX(config.model) if model is not None else None),
+                           router=router, repa=repa, perceptual=perceptual_loss, param_groups=param_groups,
+                           text_encoder=text_encoder)
+        self._old_handler = None
 
     # ----------------------------------------------------------------------------------------
     # Set-up
@@ -102,7 +163,8 @@ class Trainer:
         self.resume_from = find_checkpoint(self.run_dir / "checkpoints") if exists else None
         if self.resume_from is not None:
             saved = checkpoint_config(self.resume_from)
-            if saved.model != cfg.model and not (cfg.model.text_dim is None and _same_but_text_dim(saved, cfg)):
+            if replace(saved.model, text_dim=None) != replace(cfg.model, text_dim=None) or (
+                    cfg.model.text_dim is not None and saved.model.text_dim != cfg.model.text_dim):
                 raise CheckpointError(
                     f"'{self.run_dir}' holds a run with a different model config: use --out for a new run, "
                     f"or the run's own config ({self.run_dir / 'config.yaml'})"
@@ -112,22 +174,49 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         self.autocast = autocast_dtype(cfg.train.precision, self.device)
         torch.manual_seed(cfg.train.seed)
+        given = self._given
 
         t = cfg.text
-        self.text_encoder = TextEncoder(t.encoder, t.max_length, t.dtype, self.device, t.cache_size)
+        self.text_encoder = given["text_encoder"] or TextEncoder(t.encoder, t.max_length, t.dtype, self.device, t.cache_size)
         if cfg.model.text_dim is None:
             cfg.model.text_dim = self.text_encoder.dim
-        elif cfg.model.text_dim != self.text_encoder.dim:
+        if cfg.model.text_dim != self.text_encoder.dim:
             raise PrxError(
-                f"model.text_dim={cfg.model.text_dim} but text encoder '{t.encoder}' gives {self.text_encoder.dim}: "
-                f"remove model.text_dim (it is set from the encoder)"
+                f"the model takes {cfg.model.text_dim}-wide text tokens but text encoder '{t.encoder}' gives "
+                f"{self.text_encoder.dim}: set model.text_dim={self.text_encoder.dim} (or leave it unset in a config)"
             )
-        self.model = build_model(cfg.model).to(self.device)
-        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.model = (given["model"] or build_model(cfg.model)).to(self.device)
+
+        # The recipe's tricks, each a small module; teachers load now so a missing one fails before step 0.
+        teacher_dtype = self.autocast or torch.float32
+        self.router = given["router"] or (
+            TREADRouter(cfg.tread.route_ratio, cfg.tread.start_block, cfg.tread.end_block, seed=cfg.train.seed)
+            if cfg.tread.route_ratio > 0 else None)
+        if self.router is not None:
+            self.router.blocks(cfg.model.num_layers)  # a bad block range fails here
+        self.repa = given["repa"] or (
+            REPAAlignment(cfg.repa.teacher, cfg.repa.weight, cfg.repa.block, cfg.repa.projector_dim)
+            if cfg.repa.weight > 0 else None)
+        if self.repa is not None:
+            self.repa.setup(cfg.model.hidden_dim, cfg.model.num_layers, dtype=teacher_dtype).to(self.device)
+        p = cfg.perceptual
+        self.perceptual = given["perceptual"] or (
+            PerceptualLoss(p.lpips_weight, p.dino_weight, True, p.t_threshold, p.dino_model, p.dino_resolution,
+                           p.lpips_resize, p.lpips_vgg_weights, p.lpips_heads)
+            if p.lpips_weight > 0 or p.dino_weight > 0 else None)
+        if self.perceptual is not None:
+            self.perceptual.load(teacher_dtype).to(self.device)
+
+        # Everything the optimizer updates, for checkpoints: the denoiser and the REPA projector.
+        self.trainable = nn.ModuleDict({"denoiser": self.model})
+        if self.repa is not None:
+            self.trainable["repa_projector"] = self.repa.projector
+        groups = given["param_groups"] or param_groups_from_config(self.model, cfg.optimizer)
+        extra = list(self.repa.projector.parameters()) if self.repa is not None else []
+        self.optimizer: MultiOptimizer = build_optimizer(groups, extra)
         self.ema = EMA(self.model, cfg.ema.decay, cfg.ema.update_every, cfg.ema.warmup)
-        self.data = ShapesWorld(
-            cfg.data.resolution, cfg.data.shapes.seed, "train", cfg.data.shapes.object_count_weights
-        )
+        self.worlds = {res: ShapesWorld(res, cfg.data.shapes.seed, "train", cfg.data.shapes.object_count_weights)
+                       for res in {s.resolution for s in cfg.stages}}
         self.step = 0
         self.bad_steps = 0
         if self.resume_from is not None:
@@ -135,67 +224,103 @@ class Trainer:
         cfg.save(self.run_dir / "config.yaml")
 
     # ----------------------------------------------------------------------------------------
+    # Data: step n reads its own slice of the (procedural) stream
+    # ----------------------------------------------------------------------------------------
+
+    def sample_offset(self, step: int) -> int:
+        """Index of the first sample of ``step`` in the data stream (stages have their own batch sizes)."""
+        offset, start = 0, 0
+        for stage in self.config.stages:
+            if step < start + stage.steps:
+                return offset + (step - start) * stage.batch_size
+            offset += stage.steps * stage.batch_size
+            start += stage.steps
+        return offset + (step - start) * self.config.stages[-1].batch_size
+
+    def batch_for(self, step: int, stage: StageConfig) -> tuple[torch.Tensor, list[str]]:
+        first = self.sample_offset(step)
+        return self.worlds[stage.resolution].batch(range(first, first + stage.batch_size))
+
+    # ----------------------------------------------------------------------------------------
     # The training step
     # ----------------------------------------------------------------------------------------
 
     def train_step(self, step: int) -> StepResult:
         cfg, dev = self.config, self.device
-        batch = cfg.train.batch_size
+        _, stage = cfg.stage_at(step)
+        batch = stage.batch_size
+        micro = cfg.train.micro_batch_size or batch
         gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, step))
 
-        # Data: the step's own slice of the (procedural) stream.
-        images, captions = self.data.batch(range(step * batch, (step + 1) * batch))
-        x0 = images.to(dev)
+        images, captions = self.batch_for(step, stage)
 
         # Caption dropout: the empty caption's encoding teaches the unconditional model for CFG.
         drop = torch.rand(batch, generator=gen) < cfg.data.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        text = self.text_encoder.encode(captions).to(dev)
 
-        # Noise: x_t = (1 − t)·x0 + t·ε.
-        t = sample_timesteps(batch, cfg.objective, gen).to(dev)
-        noise = (torch.randn(x0.shape, generator=gen) * cfg.objective.noise_scale).to(dev)
-        x_t = add_noise(x0, noise, t)
+        # Noise for the whole batch (so micro-batching does not change the step): x_t = (1 − t)·x0 + t·ε.
+        t = sample_timesteps(batch, cfg.objective, gen)
+        noise = torch.randn(images.shape, generator=gen) * cfg.objective.noise_scale
 
-        # The model predicts x0; the loss is the MSE of the implied velocities.
-        with torch.autocast(dev.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-            out = self.model(x_t, t, text.embeds, text.mask)
-        loss = flow_loss(out.x0, x0, x_t, t, cfg.objective.t_clamp)
+        # TREAD: which image tokens skip the routed blocks in this step.
+        grid = (stage.resolution // cfg.model.patch_size,) * 2
+        route = (self.router.route(batch, grid[0] * grid[1], cfg.model.num_layers, step, device=dev)
+                 if stage.tread and self.router is not None else None)
+        use_repa = stage.repa and self.repa is not None
+        use_perceptual = stage.perceptual and self.perceptual is not None
 
-        lr = lr_at(step, cfg.optimizer.lr, cfg.optimizer.warmup_steps)
-        if not torch.isfinite(loss):
-            return self._skip(loss, lr)
-        loss.backward()
+        totals: dict[str, float] = defaultdict(float)
+        for start in range(0, batch, micro):
+            part = slice(start, start + micro)
+            x0, t_part = images[part].to(dev), t[part].to(dev)
+            text = self.text_encoder.encode(captions[part]).to(dev)
+            x_t = add_noise(x0, noise[part].to(dev), t_part)
+            with torch.autocast(dev.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+                out = self.model(x_t, t_part, text.embeds, text.mask, route=route.slice(part) if route else None,
+                                 capture_block=self.repa.block_index if use_repa else None)
+                losses = {"flow": flow_loss(out.x0, x0, x_t, t_part, cfg.objective.t_clamp)}
+                if use_perceptual:
+                    losses.update(self.perceptual(out.x0, x0, t_part))
+                if use_repa:
+                    losses["repa"] = self.repa(out.hidden, x0, grid, out.hidden_index)
+            loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                return self._skip(loss, losses)
+            (loss * (x0.shape[0] / batch)).backward()  # gradients of the mean over the whole batch
+            for name, value in losses.items():
+                totals[name] += value.item() * x0.shape[0] / batch
+
         clip = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), clip)
         if not torch.isfinite(grad_norm):
-            return self._skip(grad_norm, lr)
+            return self._skip(grad_norm, {})
 
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        scale = lr_scale(step, cfg.total_steps, cfg.optimizer)
+        self.optimizer.set_lr_scale(scale)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(self.model, step + 1)
-        return StepResult(loss.item(), grad_norm.item(), lr)
+        return StepResult(sum(totals.values()), dict(totals), grad_norm.item(), scale * cfg.optimizer.lr)
 
-    def _skip(self, value: torch.Tensor, lr: float) -> StepResult:
+    def _skip(self, value: torch.Tensor, losses: dict) -> StepResult:
         """A non-finite loss or gradient: drop the update, count it, stop if it keeps happening."""
         self.optimizer.zero_grad(set_to_none=True)
         self.bad_steps += 1
+        which = ", ".join(f"{k}={float(v.detach()):.3g}" for k, v in losses.items()) or f"grad norm {float(value):.3g}"
         if self.bad_steps > self.config.train.max_bad_steps:
             raise TrainingError(
-                f"{self.bad_steps} steps had a non-finite loss or gradient (limit train.max_bad_steps="
+                f"{self.bad_steps} steps had a non-finite loss or gradient (last: {which}; limit train.max_bad_steps="
                 f"{self.config.train.max_bad_steps}): lower optimizer.lr or raise optimizer.warmup_steps, "
                 f"then resume from {self.run_dir / 'checkpoints' / 'latest'}"
             )
-        return StepResult(float(value), float("nan"), lr, skipped=True)
+        return StepResult(float(value.detach()), {}, skipped=True)
 
     # ----------------------------------------------------------------------------------------
     # State
     # ----------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        model_state, optim_state = get_state_dict(self.trainable, self.optimizer.optimizers)
         return {
             "model": model_state,
             "optimizer": optim_state,
@@ -207,7 +332,8 @@ class Trainer:
     def load(self, path: Path) -> None:
         state = self.state_dict()
         load_checkpoint(path, state)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        set_state_dict(self.trainable, self.optimizer.optimizers, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
         self.ema.load_state_dict(state["ema"])
         self.step = int(state["trainer"]["step"])
         self.bad_steps = int(state["trainer"]["bad_steps"])
@@ -224,8 +350,9 @@ class Trainer:
         prompts = self.config.logging.sample_prompts
         if not prompts:
             return None
+        _, stage = self.config.stage_at(max(self.step - 1, 0))
         pipe = Pipeline(self.ema.model, self.text_encoder, self.config, self.device)
-        images = pipe.generate(prompts, steps=self.config.logging.sample_steps).numpy()
+        images = pipe.generate(prompts, steps=self.config.logging.sample_steps, resolution=stage.resolution).numpy()
         out = self.run_dir / "samples" / f"step_{self.step:08d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         save_grid(images, out, prompts, ncol=min(8, len(prompts)))
@@ -243,20 +370,30 @@ class Trainer:
 
         return SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step)
 
+    def _describe_stage(self, index: int, stage: StageConfig) -> str:
+        on = ["flow"]
+        if stage.tread and self.router is not None:
+            on.append(f"TREAD {self.router.route_ratio:g}")
+        if stage.repa and self.repa is not None:
+            on.append(f"REPA {self.repa.loss_weight:g}")
+        if stage.perceptual and self.perceptual is not None:
+            on.append(f"LPIPS {self.perceptual.lpips_weight:g} + DINO {self.perceptual.dino_weight:g}")
+        return (f"stage {index + 1}/{len(self.config.stages)}: {stage.resolution}px, batch {stage.batch_size}, "
+                f"{stage.steps} steps, {', '.join(on)}")
+
     # ----------------------------------------------------------------------------------------
     # The loop
     # ----------------------------------------------------------------------------------------
 
     def run(self) -> Path:
-        """Train to ``train.steps``; returns the newest checkpoint (also ``RUN/checkpoints/latest``)."""
+        """Train to the end of the last stage; returns the newest checkpoint (also ``RUN/checkpoints/latest``)."""
         self.setup()
         cfg = self.config
-        total = cfg.train.steps
+        total = cfg.total_steps
         n_params = count_parameters(self.model)
         where = f"resuming {self.resume_from} at step {self.step}" if self.resume_from else "new run"
         self.log(
-            f"prx: {cfg.name} | {where} | {n_params / 1e6:.2f}M params | {cfg.data.resolution}px, "
-            f"batch {cfg.train.batch_size}, {total} steps | {self.device}"
+            f"prx: {cfg.name} | {where} | {n_params / 1e6:.2f}M params | {total} steps | {self.device}"
             f"{', bf16 autocast' if self.autocast else ', fp32'} | run dir {self.run_dir}"
         )
         self.writer = self._open_writer()
@@ -266,30 +403,40 @@ class Trainer:
         self._install_interrupt_handler()
         start_time = time.monotonic()
         limit = cfg.train.time_limit_minutes * 60
+        stage_index = None
         bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not cfg.logging.progress_bar, mininterval=1.0 if sys.stderr.isatty() else 30.0)
-        window, window_start, window_steps = [], time.monotonic(), 0
+        window, window_start, window_steps = defaultdict(list), time.monotonic(), 0
         try:
             while self.step < total:
+                index, stage = cfg.stage_at(self.step)
+                if index != stage_index:
+                    stage_index = index
+                    bar.write(self._describe_stage(index, stage)) if cfg.logging.progress_bar else self.log(
+                        self._describe_stage(index, stage))
                 result = self.train_step(self.step)
                 self.step += 1
                 bar.update(1)
                 window_steps += 1
                 if not result.skipped:
-                    window.append(result.loss)
+                    window["total"].append(result.loss)
+                    for name, value in result.losses.items():
+                        window[name].append(value)
                 if self.step % cfg.logging.log_every == 0 or self.step == total:
                     elapsed = time.monotonic() - window_start
-                    loss = sum(window) / max(len(window), 1)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{result.lr:.1e}", refresh=False)
+                    means = {k: sum(v) / len(v) for k, v in window.items() if v}
+                    bar.set_postfix(loss=f"{means.get('total', float('nan')):.4f}", lr=f"{result.lr:.1e}", refresh=False)
                     if self.writer is not None:
-                        self.writer.add_scalar("loss/train", loss, self.step)
+                        for name, value in means.items():
+                            self.writer.add_scalar(f"loss/{name}", value, self.step)
                         self.writer.add_scalar("train/grad_norm", result.grad_norm, self.step)
                         self.writer.add_scalar("train/lr", result.lr, self.step)
                         self.writer.add_scalar("train/steps_per_s", window_steps / elapsed, self.step)
-                        self.writer.add_scalar("train/images_per_s", window_steps * cfg.train.batch_size / elapsed, self.step)
+                        self.writer.add_scalar("train/images_per_s", window_steps * stage.batch_size / elapsed, self.step)
                         self.writer.add_scalar("train/bad_steps", self.bad_steps, self.step)
                         self.writer.add_scalar("train/ema_decay", self.ema.current_decay(), self.step)
-                    window, window_start, window_steps = [], time.monotonic(), 0
+                        self.writer.add_scalar("train/stage", index + 1, self.step)
+                    window, window_start, window_steps = defaultdict(list), time.monotonic(), 0
                 if self.step % cfg.train.checkpoint_every == 0 and self.step < total:
                     self.save()
                 if cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0 and self.step < total:
@@ -308,12 +455,13 @@ class Trainer:
         return self._finish(self.stop_reason or "done")
 
     def _finish(self, reason: str) -> Path:
-        path = self.save() if not (self.resume_from and self.step == _checkpoint_step(self.resume_from)) else self.resume_from
+        unchanged = self.resume_from is not None and self.step == _checkpoint_step(self.resume_from)
+        path = self.resume_from if unchanged else self.save()
         if self.writer is not None:
             self.writer.close()
         if self.bad_steps:
             self.log(f"warning: {self.bad_steps} steps were skipped for non-finite loss or gradients")
-        self.log(f"{reason} at step {self.step}/{self.config.train.steps}")
+        self.log(f"{reason} at step {self.step}/{self.config.total_steps}")
         self.log(f"checkpoint: {self.run_dir / 'checkpoints' / 'latest'} -> {path.name}")
         return path
 
@@ -337,10 +485,3 @@ class Trainer:
 
 def _checkpoint_step(path: Path) -> int:
     return int(path.name.split("_")[1])
-
-
-def _same_but_text_dim(saved: Config, cfg: Config) -> bool:
-    """The saved model config equals ours once ours gets the text dim the encoder will give it."""
-    from dataclasses import replace
-
-    return replace(saved.model, text_dim=None) == cfg.model

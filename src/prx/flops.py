@@ -1,0 +1,76 @@
+"""Analytic FLOP counts (2 FLOPs per multiply-add; matmuls and attention, not elementwise ops).
+
+A training step costs 3× the forward pass (forward, and a backward that computes gradients with
+respect to both activations and weights). Tests check these formulas against
+``torch.utils.flop_counter.FlopCounterMode`` on real forward passes.
+"""
+
+from __future__ import annotations
+
+from prx.config import ModelConfig
+
+
+def block_forward_flops(cfg: ModelConfig, image_tokens: int, text_tokens: int) -> int:
+    """One PRX block for one sample: image tokens are queries over [text; image] keys."""
+    d, n, length = cfg.hidden_dim, image_tokens, text_tokens
+    mlp = int(round(d * cfg.mlp_ratio))
+    keys = length + n
+    macs = (
+        d * 6 * d  # adaLN modulation (once per sample)
+        + n * d * 3 * d  # image q, k, v
+        + length * d * 2 * d  # text k, v
+        + 2 * n * keys * d  # attention scores and weighted sum
+        + n * d * d  # attention output projection
+        + n * d * 2 * mlp  # GeGLU gate and up
+        + n * mlp * d  # GeGLU down
+    )
+    return 2 * macs
+
+
+def denoiser_forward_flops(cfg: ModelConfig, height: int, width: int, text_tokens: int, batch: int = 1,
+                           route: tuple[int, int] | None = None, kept_tokens: int | None = None) -> int:
+    """The whole PRX forward pass for ``batch`` images of height × width pixels.
+
+    With ``route=(start, end)`` (0-based, inclusive) the blocks start..end see only
+    ``kept_tokens`` image tokens (TREAD); the others see all of them.
+    """
+    if cfg.text_dim is None:
+        raise ValueError("cfg.text_dim must be set")
+    d, p = cfg.hidden_dim, cfg.patch_size
+    n = (height // p) * (width // p)
+    routed = 0 if route is None else route[1] - route[0] + 1
+    kept = n if kept_tokens is None else kept_tokens
+    patch_dim = 3 * p * p
+    macs = (
+        n * (patch_dim * cfg.bottleneck_dim + cfg.bottleneck_dim * d)  # bottleneck patch embedding
+        + text_tokens * cfg.text_dim * d  # text projection, once
+        + 256 * d + d * d  # timestep MLP
+        + d * 2 * d + n * d * patch_dim  # final adaLN and projection
+    )
+    blocks = (cfg.num_layers - routed) * block_forward_flops(cfg, n, text_tokens) + routed * block_forward_flops(
+        cfg, kept, text_tokens)
+    return batch * (2 * macs + blocks)
+
+
+def training_step_flops(cfg: ModelConfig, height: int, width: int, text_tokens: int, batch: int = 1,
+                        route: tuple[int, int] | None = None, kept_tokens: int | None = None) -> int:
+    return 3 * denoiser_forward_flops(cfg, height, width, text_tokens, batch, route, kept_tokens)
+
+
+def vgg16_lpips_forward_flops(height: int, width: int) -> int:
+    """VGG16 convolutions up to relu5_3 (what LPIPS uses) on one image, plus the 1×1 heads."""
+    from prx.perceptual import LPIPS_CHANNELS, VGG16_LAYOUT
+
+    macs, channels, h, w = 0, 3, height, width
+    for v in VGG16_LAYOUT:
+        if v == "M":
+            h, w = h // 2, w // 2
+        else:
+            macs += h * w * channels * v * 9
+            channels = v
+    heads = sum(c * (height >> i) * (width >> i) for i, c in enumerate(LPIPS_CHANNELS))
+    return 2 * (macs + heads)
+
+
+def mlp_forward_flops(dims: list[int], tokens: int) -> int:
+    return 2 * tokens * sum(a * b for a, b in zip(dims[:-1], dims[1:]))

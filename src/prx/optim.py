@@ -1,0 +1,125 @@
+"""Optimizers: ``torch.optim.Muon`` for the 2D block matrices plus Adam for everything else,
+or plain AdamW.
+
+Param groups are the seed's list of dicts, accepted as written::
+
+    [{"params": model.muon_params, "optimizer": "muon", "lr": 1e-4, "momentum": 0.95,
+      "nesterov": True, "ns_steps": 5, "rms_scale": True},
+     {"params": model.adam_params, "optimizer": "adam", "lr": 1e-4, "betas": (0.9, 0.95), "eps": 1e-8}]
+
+``rms_scale=True`` scales each Muon update to the RMS of an Adam update, 0.2·√max(m, n)
+(``adjust_lr_fn="match_rms_adamw"``), so both groups share one learning rate. Each group keeps
+its configured LR as ``base_lr``; schedules multiply it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from prx.errors import ConfigError
+
+MUON_KEYS = {"lr", "momentum", "nesterov", "ns_steps", "rms_scale", "weight_decay", "eps", "ns_coefficients"}
+ADAM_KEYS = {"lr", "betas", "eps", "weight_decay"}
+
+
+class MultiOptimizer:
+    """Several optimizers stepped as one (torch.optim.Muon only takes 2D parameters)."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def set_lr_scale(self, scale: float) -> None:
+        for group in self.param_groups:
+            group["lr"] = group["base_lr"] * scale
+
+    def describe(self) -> list[tuple[str, int, float]]:
+        """(optimizer name, parameter count, base LR) per group."""
+        return [
+            (type(opt).__name__, sum(p.numel() for p in g["params"]), g["base_lr"])
+            for opt in self.optimizers for g in opt.param_groups
+        ]
+
+
+def _muon(group: dict[str, Any]) -> torch.optim.Optimizer:
+    params = list(group["params"])
+    bad = [tuple(p.shape) for p in params if p.ndim != 2]
+    if bad:
+        raise ConfigError(f"Muon takes 2D matrices only, got parameters of shape {bad[:3]}: put them in the Adam group")
+    kwargs = dict(
+        lr=group.get("lr", 1e-4), weight_decay=group.get("weight_decay", 0.0), momentum=group.get("momentum", 0.95),
+        nesterov=group.get("nesterov", True), ns_steps=group.get("ns_steps", 5), eps=group.get("eps", 1e-7),
+        adjust_lr_fn="match_rms_adamw" if group.get("rms_scale", True) else "original",
+    )
+    if "ns_coefficients" in group:
+        kwargs["ns_coefficients"] = tuple(group["ns_coefficients"])
+    return torch.optim.Muon(params, **kwargs)
+
+
+def _adam(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    torch_groups = [
+        {"params": list(g["params"]), "lr": g.get("lr", 1e-4), "betas": tuple(g.get("betas", (0.9, 0.95))),
+         "eps": g.get("eps", 1e-8), "weight_decay": g.get("weight_decay", 0.0)}
+        for g in groups
+    ]
+    return torch.optim.AdamW(torch_groups)
+
+
+def build_optimizer(param_groups: Iterable[dict[str, Any]], extra_adam_params: list[nn.Parameter] = ()) -> MultiOptimizer:
+    """Build from seed-style param-group dicts. ``extra_adam_params`` (e.g. the REPA projector)
+    join the Adam optimizer with the first Adam group's settings."""
+    muon_groups, adam_groups = [], []
+    for i, group in enumerate(param_groups):
+        kind = str(group.get("optimizer", "adam")).lower()
+        allowed = {"muon": MUON_KEYS, "adam": ADAM_KEYS, "adamw": ADAM_KEYS}.get(kind)
+        if allowed is None:
+            raise ConfigError(f"param group {i}: optimizer '{kind}' is unknown: use 'muon' or 'adam'")
+        unknown = set(group) - allowed - {"params", "optimizer"}
+        if unknown:
+            raise ConfigError(f"param group {i} ({kind}): unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+        if group.get("lr", 1e-4) <= 0:
+            raise ConfigError(f"param group {i} ({kind}): lr must be positive, got {group['lr']}")
+        (muon_groups if kind == "muon" else adam_groups).append(group)
+    if extra_adam_params:
+        template = adam_groups[0] if adam_groups else {"lr": muon_groups[0].get("lr", 1e-4) if muon_groups else 1e-4}
+        adam_groups.append({**{k: v for k, v in template.items() if k != "params"}, "params": list(extra_adam_params)})
+    optimizers = [_muon(g) for g in muon_groups if list(g["params"])]
+    adam_groups = [g for g in adam_groups if list(g["params"])]
+    if adam_groups:
+        optimizers.append(_adam(adam_groups))
+    seen: set[int] = set()
+    for opt in optimizers:
+        for g in opt.param_groups:
+            g["base_lr"] = g["lr"]
+            for p in g["params"]:
+                if id(p) in seen:
+                    raise ConfigError("a parameter appears in two param groups: each must be in exactly one")
+                seen.add(id(p))
+    return MultiOptimizer(optimizers)
+
+
+def param_groups_from_config(model: nn.Module, cfg) -> list[dict[str, Any]]:
+    """The recipe's split (Muon for model.muon_params, Adam for the rest) or one AdamW group."""
+    adam = {"optimizer": "adam", "lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+    if cfg.name == "adamw":
+        return [{**adam, "params": list(model.parameters())}]
+    return [
+        {"params": model.muon_params, "optimizer": "muon", "lr": cfg.muon_lr or cfg.lr, "momentum": cfg.muon_momentum,
+         "nesterov": cfg.muon_nesterov, "ns_steps": cfg.muon_ns_steps, "rms_scale": cfg.muon_rms_scale,
+         "weight_decay": cfg.weight_decay},
+        {**adam, "params": model.adam_params},
+    ]

@@ -1,0 +1,135 @@
+"""``prx train CONFIG --dry-run``: the resolved plan of a run, without loading any weights.
+
+Per stage: resolution, steps, global and micro batch, tokens per image, which losses are on
+with their weights, parameters per optimizer group, and FLOPs per optimizer step. FLOPs count
+the denoiser with its routing (3× forward for forward + backward) and the teachers honestly:
+REPA's DINO forward on clean images, the projector (3×), LPIPS-VGG and the DINOv2 perceptual
+net on both images plus the backward through them into x̂0 (≈ 3× one forward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from types import SimpleNamespace
+
+import torch
+
+from prx.config import Config
+from prx.flops import denoiser_forward_flops, mlp_forward_flops, vgg16_lpips_forward_flops
+from prx.model import build_model
+from prx.teachers import resolve_teacher, vit_forward_flops
+from prx.text import MINILM
+
+# Shapes of the named teachers and encoders, so a plan needs no downloaded weights.
+KNOWN_VISION = {
+    "facebook/dinov3-vitl16-pretrain-lvd1689m": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                                     patch_size=16, num_register_tokens=4),
+    "facebook/dinov2-with-registers-base": dict(hidden_size=768, mlp_ratio=4.0, num_hidden_layers=12, patch_size=14,
+                                                num_register_tokens=4),
+}
+KNOWN_TEXT_DIMS = {MINILM: 384, "google/t5gemma-2b-2b-ul2": 2304}
+
+
+def _hf_config(name: str):
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(name, local_files_only=True)
+    except Exception:
+        return None
+
+
+def vision_config(name: str):
+    ident = resolve_teacher(name)
+    if ident in KNOWN_VISION:
+        return SimpleNamespace(**KNOWN_VISION[ident])
+    return _hf_config(ident)
+
+
+def text_width(name: str) -> int | None:
+    if name in KNOWN_TEXT_DIMS:
+        return KNOWN_TEXT_DIMS[name]
+    cfg = _hf_config(name)
+    if cfg is None:
+        return None
+    if getattr(cfg, "model_type", "") == "t5gemma":
+        return cfg.encoder.hidden_size
+    return getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", None)
+
+
+def _fmt_flops(x: float) -> str:
+    for unit, div in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if x >= div:
+            return f"{x / div:.2f} {unit}"
+    return f"{x:.0f} FLOP"
+
+
+def describe_plan(cfg: Config) -> str:
+    text_dim = cfg.model.text_dim or text_width(cfg.text.encoder) or 384
+    model_cfg = replace(cfg.model, text_dim=text_dim)
+    with torch.device("meta"):
+        model = build_model(model_cfg)
+    muon = sum(p.numel() for p in model.muon_params)
+    adam = sum(p.numel() for p in model.adam_params)
+    repa_on = cfg.repa.weight > 0
+    repa_teacher = vision_config(cfg.repa.teacher) if repa_on else None
+    p = cfg.perceptual
+    dino_teacher = vision_config(p.dino_model) if p.dino_weight > 0 else None
+    projector = 0
+    if repa_on and repa_teacher is not None:
+        d = cfg.repa.projector_dim
+        projector = (model_cfg.hidden_dim + 1) * d + (d + 1) * d + (d + 1) * repa_teacher.hidden_size
+    text_tokens = cfg.text.max_length
+    lines = [
+        f"run '{cfg.name}': {len(cfg.stages)} stage(s), {cfg.total_steps} steps, model {model_cfg.preset or 'custom'} "
+        f"({model_cfg.num_layers} blocks, hidden {model_cfg.hidden_dim}, patch {model_cfg.patch_size}, "
+        f"{(muon + adam) / 1e6:.1f}M params), text '{cfg.text.encoder}' ({text_dim}-wide, ≤{text_tokens} tokens)",
+    ]
+    if cfg.optimizer.name == "muon":
+        lines.append(f"optimizer groups: Muon {muon / 1e6:.1f}M params (2D block matrices, lr {cfg.optimizer.muon_lr or cfg.optimizer.lr:g}); "
+                     f"Adam {(adam + projector) / 1e6:.1f}M params (the rest{' + REPA projector' if projector else ''}, "
+                     f"lr {cfg.optimizer.lr:g})")
+    else:
+        lines.append(f"optimizer groups: AdamW {(muon + adam + projector) / 1e6:.1f}M params (lr {cfg.optimizer.lr:g})")
+    for i, stage in enumerate(cfg.stages):
+        res, batch = stage.resolution, stage.batch_size
+        micro = cfg.train.micro_batch_size or batch
+        grid = res // model_cfg.patch_size
+        n = grid * grid
+        routed = stage.tread and cfg.tread.route_ratio > 0
+        kept = n - int(round(cfg.tread.route_ratio * n)) if routed else n
+        route = None
+        if routed:
+            start, end = cfg.tread.start_block % model_cfg.num_layers, cfg.tread.end_block % model_cfg.num_layers
+            route = (start, end)
+        denoiser = 3 * denoiser_forward_flops(model_cfg, res, res, text_tokens, 1, route, kept)
+        terms = [f"flow (x-prediction, shift {cfg.objective.shift:g})"]
+        per_image = {"denoiser": denoiser}
+        if stage.repa and repa_on:
+            terms.append(f"REPA {cfg.repa.weight:g} ({cfg.repa.teacher}, block {cfg.repa.block}"
+                         f"{', visible tokens only' if routed and route[0] < cfg.repa.block <= route[1] + 1 else ''})")
+            if repa_teacher is not None:
+                per_image["REPA teacher"] = vit_forward_flops(repa_teacher, n)
+                aligned = kept if routed and route[0] < cfg.repa.block <= route[1] + 1 else n
+                d = cfg.repa.projector_dim
+                per_image["REPA projector"] = 3 * mlp_forward_flops([model_cfg.hidden_dim, d, d, repa_teacher.hidden_size], aligned)
+        if stage.perceptual and p.lpips_weight > 0:
+            terms.append(f"LPIPS {p.lpips_weight:g} (×{p.lpips_resize:g})")
+            size = int(round(res * p.lpips_resize))
+            per_image["LPIPS-VGG"] = 3 * vgg16_lpips_forward_flops(size, size)
+        if stage.perceptual and p.dino_weight > 0:
+            terms.append(f"DINO {p.dino_weight:g} ({p.dino_model} @ {p.dino_resolution})")
+            if dino_teacher is not None:
+                per_image["DINO perceptual"] = 3 * vit_forward_flops(dino_teacher, (p.dino_resolution // dino_teacher.patch_size) ** 2)
+        if routed:
+            terms.append(f"TREAD {cfg.tread.route_ratio:g} (blocks {route[0]}..{route[1]}: {kept}/{n} tokens)")
+        total = sum(per_image.values()) * batch
+        lines.append(
+            f"stage {i + 1}: {res}px × {stage.steps} steps | batch {batch} (micro {micro}, "
+            f"{batch // micro} accumulation step{'s' if batch // micro > 1 else ''}) | {n} image tokens + ≤{text_tokens} text"
+        )
+        lines.append(f"  losses: {', '.join(terms)}")
+        breakdown = ", ".join(f"{k} {_fmt_flops(v * batch)}" for k, v in per_image.items())
+        lines.append(f"  FLOPs per step: {_fmt_flops(total)} ({breakdown}); "
+                     f"stage total {_fmt_flops(total * stage.steps)}")
+    return "\n".join(lines)

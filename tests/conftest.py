@@ -1,0 +1,30 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def text_encoder():
+    from prx.text import TextEncoder
+
+    return TextEncoder("minilm", max_length=48)
+
+
+def tiny_config(*overrides: str):
+    from prx.config import load_config
+
+    return load_config("tiny", list(overrides))
+
+
+def tiny_model(text_dim: int = 24, **changes):
+    from dataclasses import replace
+
+    from prx.model import build_model
+
+    cfg = tiny_config().model
+    return build_model(replace(cfg, text_dim=text_dim, **changes))

@@ -1,0 +1,124 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from prx.cli import main
+
+PRX = str(Path(sys.executable).parent / "prx")
+TINY = ["tiny"]
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, fragment):
+    assert code != 0
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", *TINY, "train.steps=4", "--out", str(run)]) == 0
+    return run
+
+
+def test_console_script_help():
+    for args in ([], ["train"], ["sample"], ["eval"]):
+        result = subprocess.run([PRX, *args, "--help"], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and "usage: prx" in result.stdout
+    help_text = subprocess.run([PRX, "sample", "--help"], capture_output=True, text=True).stdout
+    for option in ("--checkpoint", "--prompt", "--prompts", "--out", "--steps", "--guidance-scale", "--seed", "--sampler"):
+        assert option in help_text
+
+
+def test_train_prints_latest_last_and_resumes(trained_run, capsys):
+    code, out, err = run_cli(capsys, "train", *TINY, "train.steps=4", "--out", str(trained_run))
+    assert code == 0
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("checkpoint: ") and str(trained_run / "checkpoints" / "latest") in last
+    assert (trained_run / "config.yaml").is_file()
+
+
+def test_sample_writes_pngs_in_prompt_order(trained_run, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle in the top left\n\na blue square in the center\n")
+    code, out, err = run_cli(capsys, "sample", "--checkpoint", str(trained_run), "--prompts", str(prompts),
+                             "--out", str(tmp_path / "s"), "--steps", "2", "--sampler", "heun", "--seed", "1")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["0000.png", "0001.png"]
+    code, out, err = run_cli(capsys, "sample", "--checkpoint", str(trained_run), "--prompt", "a green triangle",
+                             "--out", str(tmp_path / "one"), "--guidance-scale", "1")
+    assert code == 0 and (tmp_path / "one" / "0000.png").is_file()
+
+
+def test_eval_prints_table_and_writes_json(trained_run, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", str(trained_run), "--steps", "2", "--out", str(tmp_path / "e"))
+    assert code == 0, err
+    results = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert set(results["sets"]) == {"single_held_in", "single_held_out", "two_objects", "three_objects"}
+    for r in results["sets"].values():
+        assert {"n", "color", "shape", "position", "count", "all_correct"} <= set(r)
+    assert "all-correct" in out and "single_held_out" in out
+    assert (tmp_path / "e" / "single_held_in.png").is_file()
+
+
+def test_bad_inputs_are_one_line_errors(trained_run, tmp_path, capsys):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("train: [1, 2\n")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    cases = [
+        (["train", str(tmp_path / "missing.yaml")], "not found"),
+        (["train", str(bad_yaml)], "not valid YAML"),
+        (["train", "model.preset=huge"], "unknown model preset 'huge'"),
+        (["train", "train.bogus=1"], "unknown config key 'train.bogus'"),
+        (["train", *TINY, "--resume", "--out", str(tmp_path / "fresh")], "has no checkpoint"),
+        (["train", *TINY, "model.hidden_dim=32", "--out", str(trained_run)], "different model config"),
+        (["train", *TINY, "--out", str(a_file / "sub")], "cannot write to run directory"),
+        (["sample", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x", "--out", str(tmp_path / "o")], "does not exist"),
+        (["sample", "--checkpoint", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "o")], "no complete checkpoint"),
+        (["sample", "--checkpoint", str(trained_run), "--prompts", str(tmp_path / "none.txt"), "--out", str(tmp_path / "o")], "does not exist"),
+        (["sample", "--checkpoint", str(trained_run), "--prompts", str(empty), "--out", str(tmp_path / "o")], "has no prompts"),
+        (["sample", "--checkpoint", str(trained_run), "--out", str(tmp_path / "o")], "no prompt given"),
+        (["sample", "--checkpoint", str(trained_run), "--prompt", "x", "--out", str(a_file / "o")], "cannot write"),
+    ]
+    for argv, fragment in cases:
+        code, out, err = run_cli(capsys, *argv)
+        assert_one_line_error(code, err, fragment)
+
+
+def test_ctrl_c_saves_and_leaves_a_usable_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([PRX, "train", *TINY, "train.steps=100000", "train.checkpoint_every=100000", "--out", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 90
+    while not (run / "config.yaml").exists() and time.time() < deadline:  # written once set-up is done
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupt" in err
+    assert out.strip().splitlines()[-1].startswith("checkpoint: ")
+    from prx.checkpoint import checkpoint_meta
+
+    step = checkpoint_meta(run)["step"]
+    assert step > 0
+    # and the run continues from there
+    assert main(["train", *TINY, f"train.steps={step + 1}", "--out", str(run)]) == 0
+    assert checkpoint_meta(run)["step"] == step + 1

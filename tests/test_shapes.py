@@ -1,0 +1,95 @@
+import numpy as np
+import pytest
+
+from prx.data.shapes import (
+    COLORS, HELD_IN, HELD_OUT, POSITIONS, SHAPES, SceneSpec, ShapeObject, ShapesWorld, eval_prompt_sets, judge,
+    make_scene, render,
+)
+
+
+def test_deterministic_per_index_and_seed():
+    a, b = ShapesWorld(48, seed=1), ShapesWorld(48, seed=1)
+    for i in (0, 5, 99):
+        assert a.scene(i).caption == b.scene(i).caption
+        assert np.array_equal(render(a.scene(i), 48), render(b.scene(i), 48))
+    other = ShapesWorld(48, seed=2)
+    assert [other.scene(i).caption for i in range(10)] != [a.scene(i).caption for i in range(10)]
+
+
+def test_training_split_never_renders_held_out_but_covers_every_attribute():
+    world = ShapesWorld(48, seed=0, split="train")
+    seen = set()
+    counts = {1: 0, 2: 0, 3: 0}
+    for i in range(3000):
+        spec = world.scene(i).spec
+        counts[len(spec.objects)] += 1
+        seen.update(spec.combos)
+    assert not seen & HELD_OUT
+    assert seen == set(HELD_IN)
+    assert {c for c, _, _ in seen} == set(COLORS) and {s for _, s, _ in seen} == set(SHAPES)
+    assert {p for _, _, p in seen} == set(POSITIONS)
+    assert all(counts[k] > 0 for k in counts)
+    for colour, shape, position in HELD_OUT:  # each held-out combo's pairs still appear in training
+        assert any(c == colour and s == shape for c, s, _ in seen)
+        assert any(c == colour and p == position for c, _, p in seen)
+        assert any(s == shape and p == position for _, s, p in seen)
+
+
+def test_captions_are_varied_and_name_the_objects():
+    world = ShapesWorld(48, seed=0)
+    captions = [world.scene(i).caption for i in range(400)]
+    singles = [c for c, i in zip(captions, range(400)) if len(world.scene(i).spec.objects) == 1]
+    templates = {c.replace(o.color, "C").replace(o.shape, "S").replace(o.position, "P")
+                 for c, o in ((world.scene(i).caption, world.scene(i).spec.objects[0]) for i in range(400)
+                              if len(world.scene(i).spec.objects) == 1)}
+    assert len(templates) >= 6
+    assert any(" left of " in c or " above " in c or " below " in c or " right of " in c for c in captions)
+    assert all(any(col in c for col in COLORS) for c in singles)
+
+
+@pytest.mark.parametrize("resolution", [48, 64, 128])
+def test_judge_accepts_ground_truth(resolution):
+    world = ShapesWorld(resolution, seed=7, split="all", object_count_weights=(1, 1, 1))
+    verdicts = [judge(render(s, resolution), s.spec) for s in (world.scene(i) for i in range(300))]
+    assert np.mean([v.correct for v in verdicts]) >= 0.99
+
+
+def test_judge_rejects_wrong_images():
+    rng = np.random.default_rng(0)
+    spec = SceneSpec((ShapeObject("red", "circle", "top left"),))
+    image = render(make_scene(spec, rng), 64)
+    assert judge(image, spec).correct
+    for wrong in (ShapeObject("blue", "circle", "top left"), ShapeObject("red", "square", "top left"),
+                  ShapeObject("red", "triangle", "top left"), ShapeObject("red", "circle", "bottom right"),
+                  ShapeObject("red", "circle", "center")):
+        assert not judge(image, SceneSpec((wrong,))).correct, wrong
+    blank = np.full((64, 64, 3), 235, dtype=np.uint8)
+    v = judge(blank, spec)
+    assert not v.correct and v.color == 0 and not v.count
+    two = SceneSpec((ShapeObject("red", "circle", "top left"), ShapeObject("blue", "square", "bottom right")))
+    v = judge(image, two)  # one object where two were asked for
+    assert not v.correct and not v.count and v.color == 0.5
+    noise = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    assert not judge(noise, spec).correct
+
+
+def test_relations_are_judged():
+    from prx.data.shapes import Relation
+
+    rng = np.random.default_rng(0)
+    placed = SceneSpec((ShapeObject("red", "circle", "top left"), ShapeObject("blue", "square", "top right")))
+    image = render(make_scene(placed, rng), 64)
+    objects = placed.objects
+    assert judge(image, SceneSpec(objects, Relation("left of", 0, 1))).correct
+    assert judge(image, SceneSpec(objects, Relation("right of", 1, 0))).correct
+    assert not judge(image, SceneSpec(objects, Relation("right of", 0, 1))).correct
+    assert not judge(image, SceneSpec(objects, Relation("above", 0, 1))).correct
+
+
+def test_eval_sets():
+    sets = eval_prompt_sets()
+    assert {s.combos[0] for s in sets["single_held_out"]} == set(HELD_OUT)
+    assert {s.combos[0] for s in sets["single_held_in"]} == set(HELD_IN)
+    assert all(len(s.objects) == 2 for s in sets["two_objects"]) and all(len(s.objects) == 3 for s in sets["three_objects"])
+    assert all(not set(s.combos) & HELD_OUT for s in sets["two_objects"] + sets["three_objects"])
+    assert any(s.relation for s in sets["two_objects"])

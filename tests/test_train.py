@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from conftest import tiny_config
+from prx.errors import CheckpointError, TrainingError
+from prx.train import Trainer, lr_scale
+
+
+def _params(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
+    full = Trainer(tiny_config("train.steps=6"), tmp_path / "full")
+    full.run()
+    part = Trainer(tiny_config("train.steps=3"), tmp_path / "split")
+    part.run()
+    rest = Trainer(tiny_config("train.steps=6"), tmp_path / "split", resume=True)
+    rest.run()
+    assert rest.step == 6
+    for a, b in zip(_params(full.model), _params(rest.model)):
+        assert torch.equal(a, b)
+    for a, b in zip(_params(full.ema.model), _params(rest.ema.model)):
+        assert torch.equal(a, b)
+
+
+def test_training_reduces_the_loss(tmp_path):
+    trainer = Trainer(tiny_config("train.steps=1"), tmp_path / "run")
+    trainer.setup()
+    first = [trainer.train_step(s).loss for s in range(3)]
+    last = [trainer.train_step(s).loss for s in range(3, 40)][-3:]
+    assert sum(last) / 3 < 0.5 * sum(first) / 3
+
+
+def test_non_finite_losses_are_skipped_counted_and_stop_the_run(tmp_path):
+    trainer = Trainer(tiny_config("optimizer.lr=1e30", "optimizer.warmup_steps=0", "optimizer.grad_clip=0",
+                                  "train.max_bad_steps=2", "train.steps=20"), tmp_path / "run")
+    with pytest.raises(TrainingError, match="non-finite.*train.max_bad_steps=2"):
+        trainer.run()
+    assert trainer.bad_steps == 3
+
+
+def test_resume_requires_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="has no checkpoint"):
+        Trainer(tiny_config(), tmp_path / "empty", resume=True).setup()
+
+
+def test_lr_schedule_warmup_stable_decay():
+    from prx.config import OptimizerConfig
+
+    cfg = OptimizerConfig(warmup_steps=4)
+    assert lr_scale(0, 100, cfg) == 0.25 and lr_scale(3, 100, cfg) == 1.0 and lr_scale(99, 100, cfg) == 1.0
+    assert lr_scale(0, 100, OptimizerConfig(warmup_steps=0)) == 1.0
+    wsd = OptimizerConfig(warmup_steps=0, decay_fraction=0.2, min_lr_ratio=0.1)
+    assert lr_scale(79, 100, wsd) == 1.0
+    assert lr_scale(89, 100, wsd) == pytest.approx(1.0 - 0.9 * 10 / 20)
+    assert lr_scale(99, 100, wsd) == pytest.approx(0.1)  # the last step uses the floor
