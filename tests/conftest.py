@@ -28,3 +28,11 @@ def tiny_model(text_dim: int = 24, **changes):
 
     cfg = tiny_config().model
     return build_model(replace(cfg, text_dim=text_dim, **changes))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prx_cache(tmp_path_factory):
+    """Tiny random teachers are written here, not to ~/.cache."""
+    path = tmp_path_factory.mktemp("prx-cache")
+    os.environ["PRX_CACHE"] = str(path)
+    return path

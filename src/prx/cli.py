@@ -49,7 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompts:
         path = Path(args.prompts)
-        if not path.is_file():
+        if not path.exists() or path.is_dir():
             raise PrxError(f"prompts file '{path}' does not exist: give a text file with one prompt per line")
         prompts = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
         if not prompts:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -371,16 +372,6 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in update.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form section.key=value (e.g. train.batch_size=32)")
@@ -395,17 +386,34 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def overrides_to_dict(overrides: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for text in overrides:
-        path, value = parse_override(text)
-        node = out
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{text}' conflicts with an earlier override of '{part}'")
-        node[path[-1]] = value
-    return out
+_INDEXED = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\[(\d+)\]$")
+
+
+def apply_override(data: dict[str, Any], text: str) -> None:
+    """Set ``section.key=value`` (or ``train.stages[1].steps=value``) in a plain config dict."""
+    path, value = parse_override(text)
+    node: Any = data
+    for depth, part in enumerate(path):
+        last = depth == len(path) - 1
+        indexed = _INDEXED.match(part)
+        key = indexed.group(1) if indexed else part
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{text}': '{'.'.join(path[:depth])}' is not a section")
+        if indexed:
+            items = node.get(key)
+            index = int(indexed.group(2))
+            if not isinstance(items, list) or index >= len(items):
+                count = len(items) if isinstance(items, list) else 0
+                raise ConfigError(f"override '{text}': {'.'.join(path[:depth] + [key])} has {count} entries, "
+                                  f"so there is no [{index}]")
+            if last:
+                items[index] = value
+            else:
+                node = items[index]
+        elif last:
+            node[key] = value
+        else:
+            node = node.setdefault(key, {})
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
@@ -457,7 +465,8 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | N
     path = resolve_config_path(None if name_or_path is None else str(name_or_path))
     data = read_yaml(path)
     data.setdefault("name", path.stem)
-    data = _merge(data, overrides_to_dict(overrides or []))
+    for text in overrides or []:
+        apply_override(data, text)
     return config_from_dict(data)
 
 

@@ -97,18 +97,21 @@ def build_optimizer(param_groups: Iterable[dict[str, Any]], extra_adam_params: l
     if extra_adam_params:
         template = adam_groups[0] if adam_groups else {"lr": muon_groups[0].get("lr", 1e-4) if muon_groups else 1e-4}
         adam_groups.append({**{k: v for k, v in template.items() if k != "params"}, "params": list(extra_adam_params)})
-    optimizers = [_muon(g) for g in muon_groups if list(g["params"])]
-    adam_groups = [g for g in adam_groups if list(g["params"])]
+    muon_groups = [{**g, "params": list(g["params"])} for g in muon_groups]
+    adam_groups = [{**g, "params": list(g["params"])} for g in adam_groups]
+    seen: set[int] = set()
+    for g in muon_groups + adam_groups:
+        for p in g["params"]:
+            if id(p) in seen:
+                raise ConfigError("a parameter appears in two param groups: each must be in exactly one")
+            seen.add(id(p))
+    optimizers = [_muon(g) for g in muon_groups if g["params"]]
+    adam_groups = [g for g in adam_groups if g["params"]]
     if adam_groups:
         optimizers.append(_adam(adam_groups))
-    seen: set[int] = set()
     for opt in optimizers:
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]
-            for p in g["params"]:
-                if id(p) in seen:
-                    raise ConfigError("a parameter appears in two param groups: each must be in exactly one")
-                seen.add(id(p))
     return MultiOptimizer(optimizers)
 
 

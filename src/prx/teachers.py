@@ -27,7 +27,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def resolve_teacher(name: str) -> str:
-    """Short name → hub id; a local directory or hub id as given."""
+    """Short name → hub id; ``tiny-random-*`` → its local directory; a local directory or hub id as given."""
+    if name.startswith("tiny-random-"):
+        from prx.tiny_teachers import tiny_teacher_path
+
+        return str(tiny_teacher_path(name))
     return TEACHER_IDS.get(name, os.path.expanduser(name))
 
 
@@ -85,6 +89,7 @@ class VisionTeacher(nn.Module):
         self.num_prefix_tokens = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.train(False)
 
     @classmethod
     def load(cls, name: str, dtype: torch.dtype = torch.float32) -> "VisionTeacher":

@@ -1,0 +1,60 @@
+"""Tiny random teachers for smoke tests and ``configs/speedrun-tiny.yaml``.
+
+The real teachers cannot be downloaded on an offline machine. These stand-ins have the same
+architectures at toy sizes and random weights; they are written to a local directory once
+(``$PRX_CACHE``, default ``~/.cache/prx``) with ``save_pretrained`` / ``torch.save`` and then
+loaded by the very same code paths as real weights. They exercise the plumbing; they teach the
+model nothing.
+
+Names: ``tiny-random-dinov2``, ``tiny-random-dinov3`` (teachers), ``tiny-random-vgg16`` (LPIPS trunk).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+TINY_NAMES = ("tiny-random-dinov2", "tiny-random-dinov3", "tiny-random-vgg16")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PRX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "prx"))) / "tiny-teachers"
+
+
+def _write_atomically(path: Path, write) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def tiny_teacher_path(name: str) -> Path:
+    """Create (once) and return the local path of a tiny random teacher."""
+    if name not in TINY_NAMES:
+        raise ValueError(f"unknown tiny teacher '{name}': one of {', '.join(TINY_NAMES)}")
+    path = cache_dir() / (name + (".pth" if name.endswith("vgg16") else ""))
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    generator = torch.manual_seed(0)
+    if name == "tiny-random-vgg16":
+        from prx.perceptual import vgg16_features
+
+        features = vgg16_features()
+        state = {f"features.{k}": v for k, v in features.state_dict().items()}
+        _write_atomically(path, lambda p: torch.save(state, p))
+        return path
+    import transformers as tf
+
+    if name == "tiny-random-dinov2":
+        model = tf.Dinov2WithRegistersModel(tf.Dinov2WithRegistersConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=14, image_size=224,
+            num_register_tokens=4))
+    else:
+        model = tf.DINOv3ViTModel(tf.DINOv3ViTConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=16,
+            num_register_tokens=4))
+    del generator
+    _write_atomically(path, lambda p: model.save_pretrained(p))
+    return path

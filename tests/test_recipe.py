@@ -1,0 +1,341 @@
+"""The recipe's tricks, each tested against its definition."""
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import tiny_config, tiny_model
+from prx.errors import ConfigError, PrxError
+from prx.model import Route
+from prx.optim import build_optimizer
+from prx.tread import TREADRouter
+
+
+# ------------------------------------------------------------------------------------------ TREAD
+
+def test_router_subsets_are_uniform_deterministic_and_per_sample():
+    router = TREADRouter(route_ratio=0.5, start_block=2, end_block=-2, seed=3)
+    r = router.route(batch=4, num_tokens=16, num_layers=24, step=7)
+    assert (r.start, r.end) == (2, 22) and r.keep.shape == (4, 8)
+    assert all(len(set(row.tolist())) == 8 for row in r.keep)  # a subset, no repeats
+    assert not torch.equal(r.keep[0], r.keep[1])  # each sample its own
+    assert torch.equal(r.keep, router.route(4, 16, 24, step=7).keep)  # same step, same rank → same tokens
+    assert not torch.equal(r.keep, router.route(4, 16, 24, step=8).keep)
+    assert not torch.equal(r.keep, router.route(4, 16, 24, step=7, rank=1).keep)
+    counts = torch.zeros(16)
+    for step in range(400):
+        counts += torch.bincount(router.route(4, 16, 24, step).keep.flatten(), minlength=16)
+    assert counts.min() / counts.max() > 0.85  # every token kept about equally often
+    assert TREADRouter(route_ratio=0.0).route(4, 16, 24, 0) is None  # ratio 0: no routing at all
+
+
+def test_router_block_ranges():
+    assert TREADRouter(0.5, 2, -2).blocks(16) == (2, 14)
+    with pytest.raises(ValueError, match="comes after"):
+        TREADRouter(0.5, 5, 2).blocks(8)
+    with pytest.raises(ValueError, match="outside"):
+        TREADRouter(0.5, 2, 9).blocks(8)
+
+
+def test_routed_tokens_come_back_unchanged_through_the_router():
+    model = tiny_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.2)
+        model.blocks[3].modulation.weight.zero_()  # block 3 = identity: its output is the state after the route
+        model.blocks[3].modulation.bias.zero_()
+    x, t = torch.randn(2, 3, 48, 48), torch.rand(2)
+    txt, mask = torch.randn(2, 5, 24), torch.ones(2, 5, dtype=torch.bool)
+    route = TREADRouter(0.5, start_block=1, end_block=-2).route(2, 9, 4, step=0)
+    before = model(x, t, txt, mask, capture_block=0).hidden
+    after = model(x, t, txt, mask, route=route, capture_block=3).hidden
+    for b in range(2):
+        routed = sorted(set(range(9)) - set(route.keep[b].tolist()))
+        assert torch.equal(after[b, routed], before[b, routed])
+
+
+# ------------------------------------------------------------------------------------------ REPA
+
+class StubTeacher(torch.nn.Module):
+    """Returns fixed features: lets a test change what the teacher says at chosen tokens."""
+
+    def __init__(self, features):
+        super().__init__()
+        self.features, self.hidden_dim, self.patch_size = features, features.shape[-1], 16
+
+    def forward(self, images, grid, mode="bilinear"):
+        return self.features
+
+
+def _repa_with(features, model_dim):
+    from prx.repa import REPAAlignment
+
+    return REPAAlignment("stub", loss_weight=0.5, apply_at_block=2, projector_dim=16).setup(
+        model_dim, 4, teacher=StubTeacher(features))
+
+
+def test_repa_is_minus_weight_when_aligned_up_to_scale():
+    features = torch.randn(2, 9, 8)
+    repa = _repa_with(features, model_dim=8)
+    repa.projector = torch.nn.Linear(8, 8, bias=False)
+    with torch.no_grad():
+        repa.projector.weight.copy_(3.0 * torch.eye(8))  # the student says 3× what the teacher says
+    loss = repa(features.clone(), torch.zeros(2, 3, 48, 48), (3, 3))
+    assert loss.item() == pytest.approx(-0.5, abs=1e-6)
+
+
+def test_repa_aligns_only_visible_tokens():
+    model = tiny_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.2)
+    features = torch.randn(2, 9, 8)
+    repa = _repa_with(features, model_dim=model.config.hidden_dim)
+    x, t = torch.randn(2, 3, 48, 48), torch.rand(2)
+    txt, mask = torch.randn(2, 5, 24), torch.ones(2, 5, dtype=torch.bool)
+    keep = torch.tensor([[0, 2, 4, 6, 8], [1, 2, 3, 5, 7]])
+    out = model(x, t, txt, mask, route=Route(1, 2, keep), capture_block=repa.block_index)
+    assert out.hidden.shape[1] == 5 and torch.equal(out.hidden_index, keep)
+    loss = repa(out.hidden, x, (3, 3), out.hidden_index)
+    # what the teacher says at routed tokens does not matter; at visible tokens it does
+    routed_changed = features.clone()
+    routed_changed[0, [1, 3, 5, 7]] = torch.randn(4, 8)
+    routed_changed[1, [0, 4, 6, 8]] = torch.randn(4, 8)
+    repa.teacher.features = routed_changed
+    assert repa(out.hidden, x, (3, 3), out.hidden_index).item() == pytest.approx(loss.item(), abs=1e-6)
+    visible_changed = features.clone()
+    visible_changed[0, 0] = torch.randn(8)
+    repa.teacher.features = visible_changed
+    assert repa(out.hidden, x, (3, 3), out.hidden_index).item() != pytest.approx(loss.item(), abs=1e-6)
+    # and its gradient reaches the denoiser
+    repa.teacher.features = features
+    repa(out.hidden, x, (3, 3), out.hidden_index).backward()
+    assert model.blocks[1].img_qkv.weight.grad.abs().sum() > 0
+
+
+def test_real_teacher_grid_matches_token_grid():
+    from prx.repa import REPAAlignment
+
+    repa = REPAAlignment("tiny-random-dinov3", apply_at_block=2, projector_dim=16).setup(64, 4)
+    assert repa.teacher.patch_size == 16
+    feats = repa.teacher_features(torch.rand(2, 3, 64, 96) * 2 - 1, (4, 6))
+    assert feats.shape == (2, 24, repa.teacher.hidden_dim)  # CLS and the 4 registers dropped
+    assert not repa.teacher.training and not any(p.requires_grad for p in repa.teacher.parameters())
+
+
+def test_missing_teacher_says_where_it_looked_and_what_to_do(tmp_path, monkeypatch):
+    from prx.teachers import VisionTeacher
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PrxError) as err:
+        VisionTeacher.load("dinov3")
+    message = str(err.value)
+    assert "facebook/dinov3-vitl16-pretrain-lvd1689m" in message and "Hugging Face cache" in message
+    assert "hf download" in message and "gated" in message
+    with pytest.raises(PrxError, match="local directory"):
+        VisionTeacher.load(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------ perceptual
+
+def test_vgg_trunk_has_torchvision_names():
+    from prx.perceptual import vgg16_features
+
+    names = [k for k in vgg16_features().state_dict()]
+    convs = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
+    assert names == [f"{i}.{w}" for i in convs for w in ("weight", "bias")]
+
+
+def test_lpips_zero_for_identical_and_grows_with_distortion():
+    from prx.perceptual import LPIPS
+
+    lpips = LPIPS("tiny-random-vgg16")
+    assert all(h.weight.abs().sum() > 0 for h in lpips.heads)  # the real lpips heads, not zeros
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    assert torch.equal(lpips(x, x), torch.zeros(2))
+    noise = torch.randn(x.shape, generator=g)
+    d = [lpips(x, (x + s * noise).clamp(-1, 1)).mean().item() for s in (0.02, 0.1, 0.4)]
+    assert 0 < d[0] < d[1] < d[2]
+
+
+def test_lpips_missing_vgg_weights_is_a_clear_error(tmp_path):
+    from prx.perceptual import LPIPS
+
+    with pytest.raises(PrxError, match="VGG16 ImageNet weights.*vgg16-397923af.pth"):
+        LPIPS(tmp_path / "nope.pth")
+
+
+def test_perceptual_loss_definitions_and_gradients():
+    from prx.perceptual import PerceptualLoss
+
+    loss = PerceptualLoss(lpips_weight=0.1, dino_weight=0.01, dino_model="tiny-random-dinov2", dino_resolution=56,
+                          lpips_vgg_weights="tiny-random-vgg16").load()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
+    t = torch.tensor([0.2, 0.9])
+    same = loss(x0.clone(), x0, t)
+    assert same["lpips"].item() == 0.0 and same["dino"].item() == pytest.approx(0.0, abs=1e-6)
+    pred = (x0 + 0.3 * torch.randn(x0.shape, generator=g)).requires_grad_()
+    terms = loss(pred, x0, t)
+    assert terms["lpips"] > 0 and terms["dino"] > 0
+    sum(terms.values()).backward()  # gradients flow through the frozen networks into x̂0
+    assert pred.grad is not None and pred.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in loss.lpips.parameters())
+    # a t threshold drops the noisier samples
+    gated = PerceptualLoss(0.1, 0.0, apply_at_all_noise_levels=False, t_threshold=0.5,
+                           lpips_vgg_weights="tiny-random-vgg16").load()
+    only_first = gated(pred, x0, t)["lpips"]
+    assert only_first.item() == pytest.approx(0.1 * gated.lpips(
+        torch.nn.functional.interpolate(pred[:1], size=(32, 32), mode="bilinear", antialias=True),
+        torch.nn.functional.interpolate(x0[:1], size=(32, 32), mode="bilinear", antialias=True)).item(), rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ Muon
+
+def test_muon_update_is_nearly_orthogonal_with_adam_rms():
+    torch.manual_seed(0)
+    m, n = 64, 256
+    weight = torch.nn.Parameter(torch.zeros(m, n))
+    opt = build_optimizer([{"params": [weight], "optimizer": "muon", "lr": 1.0, "momentum": 0.95, "nesterov": True,
+                            "ns_steps": 5, "rms_scale": True}])
+    weight.grad = torch.randn(m, n)
+    opt.step()
+    update = -weight.detach()
+    rms = update.pow(2).mean().sqrt().item()
+    assert rms == pytest.approx(0.2, rel=0.25)  # 0.2·√max(m, n) × an orthogonal matrix's RMS 1/√max(m, n)
+    singular = torch.linalg.svdvals(update / (0.2 * math.sqrt(max(m, n))))
+    assert singular.min() > 0.5 and singular.max() < 1.5  # quintic Newton–Schulz: ≈ U·Vᵀ
+
+
+def test_seed_param_groups_and_their_errors():
+    model = tiny_model()
+    groups = [
+        {"params": model.muon_params, "optimizer": "muon", "lr": 1e-4, "momentum": 0.95, "nesterov": True,
+         "ns_steps": 5, "rms_scale": True},
+        {"params": model.adam_params, "optimizer": "adam", "lr": 1e-4, "betas": (0.9, 0.95), "eps": 1e-8},
+    ]
+    opt = build_optimizer(groups)
+    assert [type(o).__name__ for o in opt.optimizers] == ["Muon", "AdamW"]
+    assert sum(n for _, n, _ in opt.describe()) == sum(p.numel() for p in model.parameters())
+    with pytest.raises(ConfigError, match="unknown keys"):
+        build_optimizer([{**groups[0], "momentun": 0.9}])
+    with pytest.raises(ConfigError, match="2D matrices only"):
+        build_optimizer([{"params": model.adam_params, "optimizer": "muon"}])
+    with pytest.raises(ConfigError, match="two param groups"):
+        build_optimizer([groups[1], {**groups[1]}])
+
+
+# ------------------------------------------------------------------------------------------ stages and the trainer
+
+def test_stage_switch_changes_resolution_batch_and_losses(tmp_path):
+    from prx.config import load_config
+    from prx.train import Trainer
+
+    cfg = load_config("speedrun-tiny", ["logging.sample_every=0", "logging.progress_bar=false"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.setup()
+    seen = {}
+    original = trainer.batch_for
+
+    def spy(step, stage):
+        images, captions = original(step, stage)
+        seen[step] = images.shape
+        return images, captions
+
+    trainer.batch_for = spy
+    first = trainer.train_step(0)
+    last = trainer.train_step(7)
+    assert seen[0] == (4, 3, 64, 64) and seen[7] == (2, 3, 128, 128)
+    assert set(first.losses) == {"flow", "repa", "lpips", "dino"}
+    assert set(last.losses) == {"flow", "lpips", "dino"}  # REPA off in stage 2
+    assert cfg.stage_at(5)[0] == 0 and cfg.stage_at(6)[0] == 1 and cfg.total_steps == 10
+
+
+def test_speedrun_tiny_trains_resumes_and_self_guides(tmp_path):
+    from prx.config import load_config
+    from prx.pipeline import Pipeline
+    from prx.train import Trainer
+
+    overrides = ["logging.sample_every=0", "logging.progress_bar=false"]
+    full = Trainer(load_config("speedrun-tiny", overrides), tmp_path / "full")
+    full.run()
+    half = Trainer(load_config("speedrun-tiny", overrides + ["train.stages[0].steps=6"]), tmp_path / "split")
+    half.config.train.stages[1].steps = 1  # stop one step into stage 2
+    half.run()
+    rest = Trainer(load_config("speedrun-tiny", overrides), tmp_path / "split", resume=True)
+    rest.run()
+    for a, b in zip(full.trainable.parameters(), rest.trainable.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)  # resume in the middle of stage 2 reproduces the run
+    pipe = Pipeline.from_checkpoint(tmp_path / "full", text_encoder=full.text_encoder)
+    images = pipe.generate(["a red circle"], steps=2, guidance="self", self_guidance_scale=2.0)
+    assert images.shape == (1, 128, 128, 3)
+
+
+def test_dry_run_plan(capsys):
+    from prx.cli import main
+
+    assert main(["train", "speedrun", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "stage 1: 512px × 100000 steps | batch 1024 (micro 32" in out
+    assert "stage 2: 1024px × 20000 steps | batch 512" in out
+    assert "REPA 0.5 (dinov3, block 8, visible tokens only)" in out and "LPIPS 0.1" in out and "DINO 0.01" in out
+    assert "Muon 566.2M params" in out and "TREAD 0.5 (blocks 2..22: 128/256 tokens)" in out
+    assert "REPA" not in out.split("stage 2:")[1].split("\n")[1]  # stage 2's losses
+    assert "FLOPs per step" in out
+
+
+# ------------------------------------------------------------------------------------------ the seed's API
+
+SEED_SNIPPET = """
+from prx import PRX, Trainer, TREADRouter, REPAAlignment, PerceptualLoss
+
+model = PRX({"patch_size": 32, "bottleneck_dim": 64, "num_layers": 8, "hidden_dim": 64})
+router = TREADRouter(route_ratio=0.5, start_block=2, end_block=-2)
+repa = REPAAlignment(teacher_name="dinov3", loss_weight=0.5, apply_at_block=8)
+perceptual_loss = PerceptualLoss(lpips_weight=0.1, dino_weight=0.01, apply_at_all_noise_levels=True)
+param_groups = [
+    {"params": model.muon_params, "optimizer": "muon", "lr": 1e-4, "momentum": 0.95, "nesterov": True,
+     "ns_steps": 5, "rms_scale": True},
+    {"params": model.adam_params, "optimizer": "adam", "lr": 1e-4, "betas": (0.9, 0.95), "eps": 1e-8},
+]
+trainer = Trainer(model=model, router=router, repa=repa, perceptual_loss=perceptual_loss,
+                  param_groups=param_groups, batch_size=2, steps_512=2, steps_1024=1)
+trainer.run()
+"""
+
+
+def _fake_hub_cache(hub: "os.PathLike", repo_id: str, source) -> None:
+    """Lay out a local directory as the Hugging Face cache would hold a downloaded repo."""
+    org, name = repo_id.split("/")
+    root = os.path.join(hub, f"models--{org}--{name}")
+    commit = "0" * 40
+    os.makedirs(os.path.join(root, "refs"))
+    with open(os.path.join(root, "refs", "main"), "w") as f:
+        f.write(commit)
+    shutil.copytree(source, os.path.join(root, "snapshots", commit))
+
+
+def test_the_seed_snippet_runs_as_written(tmp_path, prx_cache):
+    from prx.teachers import TEACHER_IDS
+    from prx.tiny_teachers import tiny_teacher_path
+
+    # The teachers are "downloaded": tiny random ones under the real hub ids, VGG16 where torchvision keeps it.
+    hf_home = tmp_path / "hf"
+    _fake_hub_cache(hf_home / "hub", TEACHER_IDS["dinov3"], tiny_teacher_path("tiny-random-dinov3"))
+    _fake_hub_cache(hf_home / "hub", TEACHER_IDS["dinov2"], tiny_teacher_path("tiny-random-dinov2"))
+    torch_home = tmp_path / "torch"
+    (torch_home / "hub" / "checkpoints").mkdir(parents=True)
+    shutil.copy(tiny_teacher_path("tiny-random-vgg16"), torch_home / "hub" / "checkpoints" / "vgg16-397923af.pth")
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "TORCH_HOME": str(torch_home)}
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(SEED_SNIPPET)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stage 2/2: 1024px, batch 1" in result.stdout + result.stderr
+    assert (tmp_path / "runs" / "seed" / "checkpoints" / "latest").exists()
