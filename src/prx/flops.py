@@ -74,3 +74,13 @@ def vgg16_lpips_forward_flops(height: int, width: int) -> int:
 
 def mlp_forward_flops(dims: list[int], tokens: int) -> int:
     return 2 * tokens * sum(a * b for a, b in zip(dims[:-1], dims[1:]))
+
+
+def newton_schulz_flops(shapes: list[tuple[int, int]], steps: int = 5) -> int:
+    """Muon's orthogonalisation per optimizer step: each quintic iteration on an m×n matrix
+    (m ≤ n after the transpose) computes A = X·Xᵀ (2m²n), B = bA + cA² (2m³) and B·X (2m²n)."""
+    total = 0
+    for a, b in shapes:
+        m, n = min(a, b), max(a, b)
+        total += steps * (4 * m * m * n + 2 * m**3)
+    return total

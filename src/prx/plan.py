@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import torch
 
 from prx.config import Config
-from prx.flops import denoiser_forward_flops, mlp_forward_flops, vgg16_lpips_forward_flops
+from prx.flops import denoiser_forward_flops, mlp_forward_flops, newton_schulz_flops, vgg16_lpips_forward_flops
 from prx.model import build_model
 from prx.teachers import resolve_teacher, vit_forward_flops
 from prx.text import MINILM
@@ -24,7 +24,7 @@ from prx.text import MINILM
 KNOWN_VISION = {
     "facebook/dinov3-vitl16-pretrain-lvd1689m": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                                      patch_size=16, num_register_tokens=4),
-    "facebook/dinov2-with-registers-base": dict(hidden_size=768, mlp_ratio=4.0, num_hidden_layers=12, patch_size=14,
+    "facebook/dinov2-with-registers-base": dict(hidden_size=768, mlp_ratio=4, num_hidden_layers=12, patch_size=14,
                                                 num_register_tokens=4),
 }
 KNOWN_TEXT_DIMS = {MINILM: 384, "google/t5gemma-2b-2b-ul2": 2304}
@@ -86,9 +86,10 @@ def describe_plan(cfg: Config) -> str:
         f"{(muon + adam) / 1e6:.1f}M params), text '{cfg.text.encoder}' ({text_dim}-wide, ≤{text_tokens} tokens)",
     ]
     if cfg.optimizer.name == "muon":
+        ns = newton_schulz_flops([tuple(p.shape) for p in model.muon_params], cfg.optimizer.muon_ns_steps)
         lines.append(f"optimizer groups: Muon {muon / 1e6:.1f}M params (2D block matrices, lr {cfg.optimizer.muon_lr or cfg.optimizer.lr:g}); "
                      f"Adam {(adam + projector) / 1e6:.1f}M params (the rest{' + REPA projector' if projector else ''}, "
-                     f"lr {cfg.optimizer.lr:g})")
+                     f"lr {cfg.optimizer.lr:g}); Newton–Schulz {_fmt_flops(ns)} per optimizer step, whatever the batch")
     else:
         lines.append(f"optimizer groups: AdamW {(muon + adam + projector) / 1e6:.1f}M params (lr {cfg.optimizer.lr:g})")
     for i, stage in enumerate(cfg.stages):
