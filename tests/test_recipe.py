@@ -242,14 +242,14 @@ def test_stage_switch_changes_resolution_batch_and_losses(tmp_path):
     trainer = Trainer(cfg, tmp_path / "run")
     trainer.setup()
     seen = {}
-    original = trainer.batch_for
+    original = trainer.data.batch
 
-    def spy(step, stage):
-        images, captions = original(step, stage)
-        seen[step] = images.shape
-        return images, captions
+    def spy(step, stage_index, stage):
+        batch = original(step, stage_index, stage)
+        seen[step] = tuple(batch.images.shape)
+        return batch
 
-    trainer.batch_for = spy
+    trainer.data.batch = spy
     first = trainer.train_step(0)
     last = trainer.train_step(7)
     assert seen[0] == (4, 3, 64, 64) and seen[7] == (2, 3, 128, 128)

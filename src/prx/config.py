@@ -62,10 +62,24 @@ class ShapesConfig:
 
 
 @dataclass
+class CaptionWeight:
+    column: str = "caption"
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
-    dataset: str = "shapes"
+    dataset: str = "shapes"  # shapes (procedural, built in) | shards (prx Parquet shards, see `prx data`)
+    shards: list[str] = field(default_factory=list)  # directories, files or globs of shards
     resolution: int = 512
     caption_dropout: float = 0.1  # probability of replacing the caption by "" (enables CFG)
+    # which caption column each sample uses, drawn by weight; empty = the shards' first column
+    captions: list[CaptionWeight] = field(default_factory=list)
+    embeddings: str = "auto"  # auto: use precomputed embeddings of text.encoder when every shard has them | off
+    num_workers: int = 2  # DataLoader worker processes decoding images
+    shuffle_window: int = 16  # row groups whose samples are shuffled together
+    min_aspect: float = 0.5  # aspect-ratio buckets (width / height) span [min_aspect, max_aspect]
+    max_aspect: float = 2.0
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
 
 
@@ -534,7 +548,15 @@ def validate(cfg: Config) -> None:
         _check(st.steps >= 1, f"{key}.steps must be ≥ 1, got {st.steps}")
         _check(st.batch_size >= 1, f"{key}.batch_size must be ≥ 1, got {st.batch_size}")
     _check(0.0 <= d.caption_dropout < 1.0, f"data.caption_dropout must be in [0, 1), got {d.caption_dropout}")
-    _check(d.dataset == "shapes", f"data.dataset='{d.dataset}' is not supported yet: use 'shapes'")
+    _check(d.dataset in ("shapes", "shards"), f"data.dataset='{d.dataset}' is unknown: use 'shapes' or 'shards'")
+    _check(d.dataset != "shards" or bool(d.shards),
+           "data.dataset=shards needs data.shards: a list of shard directories, files or globs (see `prx data convert`)")
+    _check(all(c.weight >= 0 for c in d.captions) and (not d.captions or sum(c.weight for c in d.captions) > 0),
+           "data.captions weights must be ≥ 0 with a positive sum")
+    _check(d.embeddings in ("auto", "off"), f"data.embeddings must be auto or off, got '{d.embeddings}'")
+    _check(d.num_workers >= 0, f"data.num_workers must be ≥ 0, got {d.num_workers}")
+    _check(d.shuffle_window >= 1, f"data.shuffle_window must be ≥ 1, got {d.shuffle_window}")
+    _check(0 < d.min_aspect <= 1 <= d.max_aspect, "data.min_aspect ≤ 1 ≤ data.max_aspect, both positive")
     w = d.shapes.object_count_weights
     _check(
         1 <= len(w) <= 3 and all(x >= 0 for x in w) and sum(w) > 0,

@@ -36,6 +36,20 @@ class TextBatch:
             torch.nn.functional.pad(self.mask, (0, extra), value=False),
         )
 
+    def __getitem__(self, rows) -> "TextBatch":
+        return TextBatch(self.embeds[rows], self.mask[rows])
+
+    def with_rows_replaced(self, rows: Tensor, other: "TextBatch") -> "TextBatch":
+        """A copy whose ``rows`` (bool, (B,)) hold ``other``'s single caption (e.g. the empty one)."""
+        if not bool(rows.any()):
+            return self
+        length = max(self.embeds.shape[1], other.embeds.shape[1])
+        a, b = self.pad_to(length), other.pad_to(length)
+        embeds, mask = a.embeds.clone(), a.mask.clone()
+        embeds[rows] = b.embeds[0].to(embeds.dtype)
+        mask[rows] = b.mask[0]
+        return TextBatch(embeds, mask)
+
     def expand(self, n: int) -> "TextBatch":
         """A batch of one caption repeated n times."""
         return TextBatch(self.embeds.expand(n, -1, -1), self.mask.expand(n, -1))

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from prx.checkpoint import checkpoint_config, find_checkpoint, has_checkpoint, load_checkpoint, save_checkpoint
 from prx.config import (Config, PerceptualConfig, REPAConfig, StageConfig, TreadConfig, model_config_from_dict,
                         validate)
-from prx.data.shapes import ShapesWorld
+from prx.data.sources import build_source
 from prx.ema import EMA
 from prx.errors import CheckpointError, ConfigError, PrxError, TrainingError
 from prx.flow import add_noise, flow_loss, sample_timesteps
@@ -40,7 +40,7 @@ from prx.perceptual import PerceptualLoss
 from prx.pipeline import Pipeline
 from prx.repa import REPAAlignment
 from prx.runtime import autocast_dtype, resolve_device, set_threads
-from prx.text import TextEncoder
+from prx.text import TextBatch, TextEncoder
 from prx.tread import TREADRouter
 
 
@@ -215,8 +215,7 @@ class Trainer:
         extra = list(self.repa.projector.parameters()) if self.repa is not None else []
         self.optimizer: MultiOptimizer = build_optimizer(groups, extra)
         self.ema = EMA(self.model, cfg.ema.decay, cfg.ema.update_every, cfg.ema.warmup)
-        self.worlds = {res: ShapesWorld(res, cfg.data.shapes.seed, "train", cfg.data.shapes.object_count_weights)
-                       for res in {s.resolution for s in cfg.stages}}
+        self.data = build_source(cfg)
         self.step = 0
         self.bad_steps = 0
         if self.resume_from is not None:
@@ -224,39 +223,26 @@ class Trainer:
         cfg.save(self.run_dir / "config.yaml")
 
     # ----------------------------------------------------------------------------------------
-    # Data: step n reads its own slice of the (procedural) stream
-    # ----------------------------------------------------------------------------------------
-
-    def sample_offset(self, step: int) -> int:
-        """Index of the first sample of ``step`` in the data stream (stages have their own batch sizes)."""
-        offset, start = 0, 0
-        for stage in self.config.stages:
-            if step < start + stage.steps:
-                return offset + (step - start) * stage.batch_size
-            offset += stage.steps * stage.batch_size
-            start += stage.steps
-        return offset + (step - start) * self.config.stages[-1].batch_size
-
-    def batch_for(self, step: int, stage: StageConfig) -> tuple[torch.Tensor, list[str]]:
-        first = self.sample_offset(step)
-        return self.worlds[stage.resolution].batch(range(first, first + stage.batch_size))
-
-    # ----------------------------------------------------------------------------------------
     # The training step
     # ----------------------------------------------------------------------------------------
 
     def train_step(self, step: int) -> StepResult:
         cfg, dev = self.config, self.device
-        _, stage = cfg.stage_at(step)
-        batch = stage.batch_size
-        micro = cfg.train.micro_batch_size or batch
+        stage_index, stage = cfg.stage_at(step)
         gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, step))
 
-        images, captions = self.batch_for(step, stage)
+        data = self.data.batch(step, stage_index, stage)  # this step's batch of this rank
+        images = data.images.float() / 127.5 - 1.0  # uint8 → [-1, 1]
+        batch = images.shape[0]
+        micro = cfg.train.micro_batch_size or batch
 
         # Caption dropout: the empty caption's encoding teaches the unconditional model for CFG.
         drop = torch.rand(batch, generator=gen) < cfg.data.caption_dropout
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        captions = ["" if d else c for c, d in zip(data.captions, drop.tolist())]
+        if data.text is not None:  # precomputed embeddings: dropped rows take the empty caption's
+            empty = self.data.empty_embedding
+            data.text = data.text.with_rows_replaced(drop, TextBatch(torch.from_numpy(empty.copy())[None],
+                                                                       torch.ones(1, empty.shape[0], dtype=torch.bool)))
 
         # Noise for the whole batch (so micro-batching does not change the step): x_t = (1 − t)·x0 + t·ε.
         t = sample_timesteps(batch, cfg.objective, gen)
@@ -273,7 +259,7 @@ class Trainer:
         for start in range(0, batch, micro):
             part = slice(start, start + micro)
             x0, t_part = images[part].to(dev), t[part].to(dev)
-            text = self.text_encoder.encode(captions[part]).to(dev)
+            text = (data.text[part] if data.text is not None else self.text_encoder.encode(captions[part])).to(dev)
             x_t = add_noise(x0, noise[part].to(dev), t_part)
             with torch.autocast(dev.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
                 out = self.model(x_t, t_part, text.embeds, text.mask, route=route.slice(part) if route else None,
@@ -326,6 +312,7 @@ class Trainer:
             "optimizer": optim_state,
             "ema": self.ema.state_dict(),
             "trainer": {"step": self.step, "bad_steps": self.bad_steps},
+            "data": self.data.state_dict(),
             "rng": {"torch": torch.get_rng_state()},
         }
 
@@ -337,6 +324,7 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.step = int(state["trainer"]["step"])
         self.bad_steps = int(state["trainer"]["bad_steps"])
+        self.data.load_state_dict(state["data"])
         torch.set_rng_state(state["rng"]["torch"])
 
     def save(self) -> Path:
@@ -436,6 +424,7 @@ class Trainer:
                         self.writer.add_scalar("train/bad_steps", self.bad_steps, self.step)
                         self.writer.add_scalar("train/ema_decay", self.ema.current_decay(), self.step)
                         self.writer.add_scalar("train/stage", index + 1, self.step)
+                        self.writer.add_scalar("data/skipped_samples", sum(self.data.skipped.values()), self.step)
                     window, window_start, window_steps = defaultdict(list), time.monotonic(), 0
                 if self.step % cfg.train.checkpoint_every == 0 and self.step < total:
                     self.save()
@@ -461,6 +450,9 @@ class Trainer:
             self.writer.close()
         if self.bad_steps:
             self.log(f"warning: {self.bad_steps} steps were skipped for non-finite loss or gradients")
+        if self.data.skipped:
+            self.log(f"warning: {sum(self.data.skipped.values())} samples could not be loaded and were replaced "
+                     f"({', '.join(f'{k}: {v}' for k, v in self.data.skipped.items())})")
         self.log(f"{reason} at step {self.step}/{self.config.total_steps}")
         self.log(f"checkpoint: {self.run_dir / 'checkpoints' / 'latest'} -> {path.name}")
         return path

@@ -437,3 +437,32 @@ def judge(image: np.ndarray, spec: SceneSpec) -> Verdict:
                 break
     n = len(objs)
     return Verdict(color_ok / n, shape_ok / n, position_ok / n, count, correct, blobs)
+
+
+def write_shards(out_dir, count: int, resolution: int = 64, seed: int = 0, split: str = "train",
+                 object_count_weights=(0.6, 0.3, 0.1), per_shard: int = 1000) -> list:
+    """The shapes world as prx shards (PNG images, a ``caption`` column), so the demo, the tests
+    and real data share one loader."""
+    import io
+    from pathlib import Path
+
+    from PIL import Image
+
+    from prx.data.shards import write_shard
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    world = ShapesWorld(resolution, seed, split, object_count_weights)
+    paths = []
+    for shard, start in enumerate(range(0, count, per_shard)):
+        rows = []
+        for i in range(start, min(count, start + per_shard)):
+            scene = world.scene(i)
+            buffer = io.BytesIO()
+            Image.fromarray(render(scene, resolution)).save(buffer, format="PNG")
+            rows.append({"id": f"shapes-{seed}-{i}", "image": buffer.getvalue(), "width": resolution,
+                         "height": resolution, "format": "PNG", "source": f"shapes seed {seed}", "caption": scene.caption})
+        path = out / f"shapes-{shard:05d}.parquet"
+        write_shard(path, rows, ["caption"])
+        paths.append(path)
+    return paths

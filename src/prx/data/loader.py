@@ -1,0 +1,331 @@
+"""The training loader over prx shards.
+
+Planning uses only the index (width and height of every sample), so it is cheap and the same in
+every process:
+
+1. each epoch shuffles the list of row groups of all shards (seed, stage, epoch);
+2. rank r of W takes every W-th row group — disjoint, complete, for any world size;
+3. the rank walks its row groups in windows of ``shuffle_window`` and shuffles samples inside
+   each window (random order without random I/O over the whole dataset);
+4. samples join the queue of their aspect-ratio bucket; a queue that reaches the batch size
+   becomes the next batch, so a batch has one shape; ranks keep the same number of batches per
+   epoch (the shortest plan), leftovers are dropped.
+
+Batch k of the plan is loaded by DataLoader worker k mod (number of workers), and the DataLoader
+returns batches in plan order; the position (stage, epoch, next batch) is exact, is saved in the
+checkpoint, and does not depend on the number of workers. Captions are chosen per sample by
+column weights, from a seed of (seed, epoch, sample), so the choice does not depend on workers
+either. A sample that fails to decode is replaced by another of its batch and counted.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from prx.data.buckets import Bucket, assign_bucket, make_buckets, resize_and_crop_box
+from prx.data.imageio import BadImage, decode
+from prx.data.shards import decode_array, read_shard_info, sidecar_meta, sidecar_path
+from prx.errors import PrxError
+from prx.text import TextBatch
+
+
+@dataclass
+class DataBatch:
+    images: torch.Tensor  # uint8 (B, 3, H, W)
+    captions: list[str]
+    ids: list[str] = field(default_factory=list)
+    text: TextBatch | None = None  # precomputed caption embeddings, when the shards have them
+    position: tuple[int, int] | None = None  # (epoch, batch index) of this batch in the plan
+    skipped: dict[str, int] = field(default_factory=dict)  # reason → samples replaced in this batch
+
+
+def _seed(*parts: int) -> np.random.Generator:
+    return np.random.default_rng([int(p) % (2**63) for p in parts])
+
+
+class ShardIndex:
+    """Where every sample is (shard, row group, row) and which bucket it falls in."""
+
+    def __init__(self, shards: list[Path]):
+        infos = [read_shard_info(p) for p in shards]
+        self.paths = [i.path for i in infos]
+        columns = [set(i.caption_columns) for i in infos]
+        self.caption_columns = sorted(set.intersection(*columns)) if columns else []
+        shard_of, row_of, group_of, widths, heights, group_rows = [], [], [], [], [], []
+        self.groups: list[tuple[int, int]] = []  # (shard, group) in index order
+        group_offset = 0
+        for s, info in enumerate(infos):
+            rows = np.arange(info.num_rows)
+            group = np.searchsorted(info.group_starts, rows, side="right") - 1
+            shard_of.append(np.full(info.num_rows, s, np.int32))
+            row_of.append(rows)
+            group_of.append(group + group_offset)
+            widths.append(info.width)
+            heights.append(info.height)
+            self.groups += [(s, g) for g in range(len(info.group_starts))]
+            group_rows.append(info.group_starts)
+            group_offset += len(info.group_starts)
+        self.shard = np.concatenate(shard_of) if shard_of else np.zeros(0, np.int32)
+        self.row = np.concatenate(row_of) if row_of else np.zeros(0, np.int64)
+        self.group = np.concatenate(group_of) if group_of else np.zeros(0, np.int64)
+        self.width = np.concatenate(widths) if widths else np.zeros(0, np.int32)
+        self.height = np.concatenate(heights) if heights else np.zeros(0, np.int32)
+        self.group_start = {(s, g): int(start) for s, starts in enumerate(group_rows) for g, start in enumerate(starts)}
+        order = np.argsort(self.group, kind="stable")
+        self.samples_of_group = np.split(order, np.cumsum(np.bincount(self.group, minlength=len(self.groups)))[:-1])
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+
+class ShardPlanner:
+    """The deterministic batch plan of one rank for one stage."""
+
+    def __init__(self, index: ShardIndex, resolution: int, patch: int, batch_size: int, rank: int, world: int,
+                 seed: int, stage: int, shuffle_window: int = 16, aspect_range: tuple[float, float] = (0.5, 2.0)):
+        self.index, self.batch_size, self.rank, self.world = index, batch_size, rank, world
+        self.seed, self.stage, self.window = seed, stage, shuffle_window
+        self.buckets = make_buckets(resolution, patch, *aspect_range)
+        log_aspects = np.log([b.aspect for b in self.buckets])
+        sample_aspects = np.log(index.width / np.maximum(index.height, 1))
+        self.bucket_of = np.abs(sample_aspects[:, None] - log_aspects[None]).argmin(1)  # nearest aspect, as assign_bucket
+        self._cache: dict[int, list[tuple[int, np.ndarray]]] = {}
+        if len(index) < batch_size * world:
+            raise PrxError(f"{len(index)} samples cannot fill one batch of {batch_size} on each of {world} rank(s): "
+                           f"add data or lower the batch size")
+
+    def _rank_plan(self, epoch: int, rank: int) -> list[tuple[int, np.ndarray]]:
+        groups = _seed(self.seed, self.stage, epoch, 1).permutation(len(self.index.groups))[rank::self.world]
+        sequence = []
+        for w in range(0, len(groups), self.window):
+            window = np.concatenate([self.index.samples_of_group[g] for g in groups[w:w + self.window]])
+            sequence.append(_seed(self.seed, self.stage, epoch, rank, w, 2).permutation(window))
+        samples = np.concatenate(sequence) if sequence else np.zeros(0, np.int64)
+        buckets = self.bucket_of[samples]
+        batches, emitted = [], []
+        for b in np.unique(buckets):
+            members = samples[buckets == b]
+            positions = np.nonzero(buckets == b)[0]
+            full = len(members) // self.batch_size * self.batch_size
+            for chunk, pos in zip(members[:full].reshape(-1, self.batch_size), positions[:full].reshape(-1, self.batch_size)):
+                batches.append((int(b), chunk))
+                emitted.append(pos[-1])  # a batch is ready when its last sample arrives
+        return [batches[i] for i in np.argsort(emitted, kind="stable")]
+
+    def plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+        if epoch not in self._cache:
+            lengths = [len(self._rank_plan(epoch, r)) for r in range(self.world)] if self.world > 1 else None
+            plan = self._rank_plan(epoch, self.rank)
+            if lengths:
+                plan = plan[: min(lengths)]  # every rank takes the same number of steps
+            self._cache = {epoch: plan}
+        return self._cache[epoch]
+
+
+class _RowGroupCache:
+    """Recently read row groups of a worker, bounded by bytes."""
+
+    def __init__(self, budget_bytes: int = 256 * 2**20):
+        self.budget, self.used = budget_bytes, 0
+        self.items: collections.OrderedDict = collections.OrderedDict()
+        self.files: dict[Path, pq.ParquetFile] = {}
+
+    def get(self, path: Path, group: int, columns: list[str]):
+        key = (path, group, tuple(columns))
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        if path not in self.files:
+            if len(self.files) > 64:
+                self.files.clear()
+            self.files[path] = pq.ParquetFile(path)
+        table = self.files[path].read_row_group(group, columns=columns)
+        self.items[key] = table
+        self.used += table.nbytes
+        while self.used > self.budget and len(self.items) > 1:
+            _, old = self.items.popitem(last=False)
+            self.used -= old.nbytes
+        return table
+
+
+class ShardBatches(IterableDataset):
+    """Yields the plan's batches from ``start`` on; worker w of n takes batches w, w+n, …"""
+
+    def __init__(self, planner: ShardPlanner, start: tuple[int, int], caption_weights: dict[str, float],
+                 embedding_tag: str | None = None, max_epochs: int | None = None):
+        super().__init__()
+        self.planner, self.start, self.embedding_tag, self.max_epochs = planner, start, embedding_tag, max_epochs
+        columns = planner.index.caption_columns
+        weights = {c: w for c, w in caption_weights.items() if c in columns} if caption_weights else {}
+        if caption_weights and not weights:
+            raise PrxError(f"none of the caption columns {list(caption_weights)} is in every shard "
+                           f"(the shards share {columns}): fix data.captions")
+        if not weights:
+            weights = {columns[0]: 1.0} if columns else {}
+        if not weights:
+            raise PrxError("the shards have no caption column in common")
+        self.caption_names = list(weights)
+        self.sidecar_dims: dict[Path, int] = {}
+        total = sum(weights.values())
+        self.caption_probs = np.array([weights[c] / total for c in self.caption_names])
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        cache = _RowGroupCache()
+        epoch, k = self.start
+        counter = 0
+        while self.max_epochs is None or epoch < self.max_epochs:
+            plan = self.planner.plan(epoch)
+            for index in range(k, len(plan)):
+                if counter % workers == worker:
+                    yield self.load(plan[index], epoch, index, cache)
+                counter += 1
+            epoch, k = epoch + 1, 0
+
+    def choose_caption(self, epoch: int, sample: int) -> int:
+        return int(_seed(self.planner.seed, epoch, sample, 3).choice(len(self.caption_names), p=self.caption_probs))
+
+    def load(self, item: tuple[int, np.ndarray], epoch: int, batch_index: int, cache: _RowGroupCache) -> DataBatch:
+        bucket_index, samples = item
+        bucket: Bucket = self.planner.buckets[bucket_index]
+        idx = self.planner.index
+        images, captions, ids, embeds, skipped = [], [], [], [], collections.Counter()
+        columns = ["id", "image"] + self.caption_names
+        for sample in samples:
+            shard, row, group = int(idx.shard[sample]), int(idx.row[sample]), int(idx.group[sample])
+            path = idx.paths[shard]
+            local_group = idx.groups[group][1]
+            r = row - idx.group_start[(shard, local_group)]
+            table = cache.get(path, local_group, columns)
+            choice = self.choose_caption(epoch, int(sample))
+            names = [self.caption_names[choice]] + [n for n in self.caption_names if n != self.caption_names[choice]]
+            caption, used = "", None
+            for name in names:  # the chosen column, or another if it is empty for this sample
+                value = table.column(name)[r].as_py()
+                if isinstance(value, str) and value.strip():
+                    caption, used = value, name
+                    break
+            try:
+                if used is None:
+                    raise BadImage("no caption")
+                image = decode(table.column("image")[r].as_py())
+                size, box = resize_and_crop_box(image.width, image.height, bucket)
+                image = image.resize(size, resample=_RESAMPLE, reducing_gap=None).crop(box)
+            except BadImage as e:
+                skipped[e.reason] += 1
+                continue
+            images.append(np.asarray(image))
+            captions.append(caption)
+            ids.append(table.column("id")[r].as_py())
+            if self.embedding_tag is not None:
+                embeds.append(self._embedding(path, local_group, r, used, cache))
+        if not images:
+            raise PrxError(f"every sample of batch {batch_index} (epoch {epoch}) failed to load "
+                           f"({dict(skipped)}): check the shards with `prx data inspect`")
+        while len(images) < len(samples):  # keep the batch size: repeat good samples in place of bad ones
+            j = len(images) % max(1, len(ids))
+            images.append(images[j])
+            captions.append(captions[j])
+            ids.append(ids[j])
+            if embeds:
+                embeds.append(embeds[j])
+        tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+        text = None
+        if embeds:
+            length = max(e.shape[0] for e in embeds)
+            length = -(-length // 8) * 8
+            e = torch.zeros(len(embeds), length, embeds[0].shape[1], dtype=torch.float16)
+            mask = torch.zeros(len(embeds), length, dtype=torch.bool)
+            for i, arr in enumerate(embeds):
+                e[i, : arr.shape[0]] = torch.from_numpy(arr.copy())
+                mask[i, : arr.shape[0]] = True
+            text = TextBatch(e, mask)
+        return DataBatch(tensor, captions, ids, text, (epoch, batch_index), dict(skipped))
+
+    def _embedding(self, shard: Path, group: int, row: int, column: str, cache: _RowGroupCache) -> np.ndarray:
+        side = sidecar_path(shard, self.embedding_tag)
+        table = cache.get(side, group, [column, f"{column}.len"])
+        if side not in self.sidecar_dims:
+            self.sidecar_dims[side] = sidecar_meta(side)["dim"]
+        dim = self.sidecar_dims[side]
+        return decode_array(table.column(column)[row].as_py(), int(table.column(f"{column}.len")[row].as_py()), dim)
+
+
+try:
+    from PIL import Image
+
+    _RESAMPLE = Image.Resampling.BICUBIC
+except AttributeError:  # pragma: no cover
+    _RESAMPLE = 3
+
+
+class ShardLoader:
+    """The trainer's view: ``next()`` returns the next batch; ``state_dict()`` is the exact position."""
+
+    def __init__(self, shards: list[Path], patch: int, seed: int, caption_weights: dict[str, float],
+                 num_workers: int = 2, rank: int = 0, world: int = 1, shuffle_window: int = 16,
+                 aspect_range: tuple[float, float] = (0.5, 2.0), embedding_tag: str | None = None):
+        self.index = ShardIndex(shards)
+        self.patch, self.seed, self.caption_weights = patch, seed, caption_weights
+        self.num_workers, self.rank, self.world = num_workers, rank, world
+        self.shuffle_window, self.aspect_range = shuffle_window, aspect_range
+        self.embedding_tag = embedding_tag
+        self.empty_embedding = None
+        if embedding_tag is not None:
+            missing = [p for p in self.index.paths if not sidecar_path(p, embedding_tag).exists()]
+            if missing:
+                raise PrxError(f"{len(missing)} shard(s) have no embeddings for '{embedding_tag}' (e.g. "
+                               f"{sidecar_path(missing[0], embedding_tag)}): run `prx data embed` or set data.embeddings=off")
+            self.empty_embedding = sidecar_meta(sidecar_path(self.index.paths[0], embedding_tag))["empty"]
+        self.stage: int | None = None
+        self.position = (0, 0)  # (epoch, next batch)
+        self.skipped: collections.Counter = collections.Counter()
+        self._iterator = None
+
+    def set_stage(self, stage: int, resolution: int, batch_size: int) -> None:
+        """Switch to a stage (a new stage starts at its own epoch 0)."""
+        if stage == self.stage and self._iterator is not None:
+            return
+        if stage != self.stage:
+            if self.stage is not None:
+                self.position = (0, 0)
+            self.stage = stage
+        self.planner = ShardPlanner(self.index, resolution, self.patch, batch_size, self.rank, self.world, self.seed,
+                                    stage, self.shuffle_window, self.aspect_range)
+        self._start()
+
+    def _start(self) -> None:
+        dataset = ShardBatches(self.planner, self.position, self.caption_weights, self.embedding_tag)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                            persistent_workers=False, prefetch_factor=2 if self.num_workers else None)
+        self._iterator = iter(loader)
+
+    def next(self) -> DataBatch:
+        batch = next(self._iterator)
+        epoch, index = batch.position
+        self.position = (epoch, index + 1)
+        self.skipped.update(batch.skipped)
+        return batch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.planner.plan(self.position[0]))
+
+    def state_dict(self) -> dict:
+        return {"stage": -1 if self.stage is None else self.stage, "epoch": self.position[0],
+                "batch": self.position[1], "skipped": dict(self.skipped)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stage = None if state["stage"] < 0 else int(state["stage"])
+        self.position = (int(state["epoch"]), int(state["batch"]))
+        self.skipped = collections.Counter(state.get("skipped", {}))
+        self._iterator = None
