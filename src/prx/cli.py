@@ -112,6 +112,127 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_size(text: str) -> int:
+    units = {"k": 2**10, "m": 2**20, "g": 2**30}
+    text = text.strip().lower().rstrip("b")
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(float(text))
+    except ValueError:
+        raise PrxError(f"--shard-size '{text}' is not a size: write e.g. 256MB or 1GB") from None
+
+
+def _rank(args: argparse.Namespace) -> tuple[int, int]:
+    from prx.data.convert import distributed_rank
+
+    env_rank, env_world = distributed_rank()
+    rank = env_rank if args.rank is None else args.rank
+    world = env_world if args.world_size is None else args.world_size
+    if not 0 <= rank < world:
+        raise PrxError(f"--rank {rank} is not in [0, --world-size {world})")
+    return rank, world
+
+
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    from prx.data.convert import PRESETS, Mapping, convert
+
+    mapping = Mapping()
+    if args.preset:
+        if args.preset not in PRESETS:
+            raise PrxError(f"unknown preset '{args.preset}': one of {', '.join(PRESETS)}")
+        preset = PRESETS[args.preset]
+        mapping = Mapping(preset["image"], dict(preset["captions"]), preset["id"])
+    if args.image_column:
+        mapping.image = args.image_column
+    if args.caption_columns:
+        captions = {}
+        for item in args.caption_columns.split(","):
+            src, _, dst = item.partition("=")
+            captions[src.strip()] = (dst or src).strip()
+        mapping.captions = captions
+    if args.id_column:
+        mapping.id = args.id_column
+    rank, world = _rank(args)
+    manifest = convert(args.kind, args.inputs, args.out, mapping, workers=args.workers,
+                       target_bytes=_parse_size(args.shard_size), verify=not args.no_verify, rank=rank, world_size=world)
+    rejected = manifest["rejected"]
+    print(f"{manifest['samples']} samples in {len(manifest['shards'])} shards ({manifest['bytes'] / 2**20:.1f} MiB), "
+          f"{rejected['count']} rejected {rejected['by_reason'] or ''}; tasks {manifest['tasks_done']}/{manifest['tasks_total']}"
+          f"{'' if manifest['complete'] else ' (incomplete: run again to finish)'}")
+    print(f"manifest: {Path(args.out) / 'manifest.json'}")
+    return 0
+
+
+def cmd_data_embed(args: argparse.Namespace) -> int:
+    from prx.config import load_config
+    from prx.data.embed import embed_shards
+    from prx.runtime import resolve_device
+    from prx.text import TextEncoder
+
+    config = load_config(args.config, []) if args.config else None
+    name = args.encoder or (config.text.encoder if config else "minilm")
+    length = args.max_length or (config.text.max_length if config else 64)
+    device = resolve_device(args.device)
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    encoder = TextEncoder(name, length, dtype, device, cache_size=0)
+    rank, world = _rank(args)
+    stats = embed_shards(args.shards, encoder, args.columns.split(",") if args.columns else None, args.batch_size,
+                         rank, world)
+    print(f"embedded {stats['captions']} captions of {stats['shards'] - stats['skipped_existing']} shard(s) "
+          f"({stats['skipped_existing']} already done) as '{stats['tag']}'")
+    return 0
+
+
+def cmd_data_shapes(args: argparse.Namespace) -> int:
+    from prx.data.shapes import write_shards
+
+    paths = write_shards(args.out, args.count, args.resolution, args.seed, per_shard=args.per_shard)
+    print(f"{args.count} shapes-world samples at {args.resolution} px in {len(paths)} shard(s) under {args.out}")
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    import collections
+
+    import numpy as np
+
+    from prx.data.buckets import make_buckets
+    from prx.data.imageio import BadImage, decode
+    from prx.data.loader import ShardIndex
+    from prx.data.shards import expand_shards
+
+    shards = expand_shards(args.shards)
+    index = ShardIndex(shards)
+    print(f"{len(shards)} shard(s), {len(index)} samples, caption columns in every shard: {index.caption_columns}")
+    sidecars = collections.Counter(p.name.split(".emb-")[1][:-8] for s in shards for p in s.parent.glob(f"{s.stem}.emb-*.parquet"))
+    if sidecars:
+        print("precomputed embeddings: " + ", ".join(f"{tag} ({n}/{len(shards)} shards)" for tag, n in sidecars.items()))
+    buckets = make_buckets(args.resolution, args.patch_size)
+    aspects = np.log(index.width / np.maximum(index.height, 1))
+    which = np.abs(aspects[:, None] - np.log([b.aspect for b in buckets])[None]).argmin(1)
+    counts = np.bincount(which, minlength=len(buckets))
+    print(f"aspect-ratio buckets at {args.resolution} px, patch {args.patch_size}:")
+    for b, n in zip(buckets, counts):
+        print(f"  {b.width:>5}x{b.height:<5} {b.tokens(args.patch_size):>5} tokens  {n:>9} samples")
+    if args.check:
+        import pyarrow.parquet as pq
+
+        reasons = collections.Counter()
+        rng = np.random.default_rng(0)
+        picks = rng.choice(len(index), size=min(args.check, len(index)), replace=False)
+        for i in picks:
+            table = pq.ParquetFile(index.paths[index.shard[i]]).read_row_group(
+                int(index.groups[index.group[i]][1]), columns=["image"])
+            row = int(index.row[i]) - index.group_start[index.groups[index.group[i]]]
+            try:
+                decode(table.column("image")[row].as_py())
+            except BadImage as e:
+                reasons[e.reason] += 1
+        print(f"decoded {len(picks)} random samples: {sum(reasons.values())} failed {dict(reasons) or ''}")
+    return 0
+
+
 def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a checkpoint directory, or a run directory (its checkpoints/latest is used)")
@@ -161,6 +282,73 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_options(p)
     p.add_argument("--out", metavar="DIR", help="where results.json and sample grids go (default RUN/eval/step_N)")
     p.set_defaults(func=cmd_eval)
+
+    data = sub.add_parser("data", help="prepare datasets: convert, embed, shapes, inspect",
+                          description="Prepare prx shards (Parquet: image bytes, size, captions, optional embeddings).")
+    data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND")
+
+    def rank_options(q):
+        q.add_argument("--rank", type=int, default=None, help="this process's rank (default: torchrun's RANK, else 0)")
+        q.add_argument("--world-size", type=int, default=None,
+                       help="number of processes sharing the work (default: torchrun's WORLD_SIZE, else 1)")
+
+    q = data_sub.add_parser("convert", help="image folders, webdataset tars or Hugging Face Parquet → shards",
+                            description="Convert a dataset to prx shards, in parallel and resumably (re-run the "
+                                        "same command after an interruption). Writes OUT/manifest.json with counts, "
+                                        "bytes, an aspect-ratio histogram and the rejected files with reasons.",
+                            epilog="examples:\n"
+                                   "  prx data convert --from folder photos/ --out shards/photos\n"
+                                   "  prx data convert --from webdataset tars/ --caption-columns prompt,enhanced_prompt --out shards/w\n"
+                                   "  prx data convert --from parquet ~/hf/flux_generated/data --preset flux-generated --out shards/fg",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("--from", dest="kind", required=True, choices=["folder", "webdataset", "parquet"],
+                   help="folder: images with .txt/.json captions beside them; webdataset: .tar files; parquet: "
+                        "Hugging Face Parquet files (or directories of them)")
+    q.add_argument("inputs", nargs="+", metavar="INPUT", help="a directory, or files / directories of tars or Parquet")
+    q.add_argument("--out", required=True, metavar="DIR", help="output directory for the shards")
+    q.add_argument("--preset", help="column mapping of a known dataset: flux-generated, flux-reason-6m, midjourney-v6-llava")
+    q.add_argument("--image-column", help="input column (Parquet) holding the image (default image)")
+    q.add_argument("--caption-columns", metavar="A[=B],...",
+                   help="input caption fields, optionally renamed in the shards: e.g. llava=caption,prompt "
+                        "(default caption; for folders and tars, a .txt file or JSON fields)")
+    q.add_argument("--id-column", help="input column with a stable sample id (default: file and row)")
+    q.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="parallel processes")
+    q.add_argument("--shard-size", default="256MB", help="target size of a shard (default 256MB)")
+    q.add_argument("--no-verify", action="store_true", help="read only image headers (faster; corrupt pixel data "
+                                                           "is then caught, and skipped, when training)")
+    rank_options(q)
+    q.set_defaults(func=cmd_data_convert)
+
+    q = data_sub.add_parser("embed", help="precompute caption embeddings beside the shards",
+                            description="Run the text encoder once over the shards' captions and store the token "
+                                        "embeddings in sidecar files; training then skips the encoder for them. "
+                                        "Resumable; shards split across ranks under torchrun.")
+    q.add_argument("shards", nargs="+", metavar="SHARDS", help="shard files, directories or globs")
+    q.add_argument("--config", help="take text.encoder and text.max_length from this config (path or built-in name)")
+    q.add_argument("--encoder", help="text encoder: minilm, a hub id or a local directory")
+    q.add_argument("--max-length", type=int, help="token length (must match the training config's text.max_length)")
+    q.add_argument("--columns", help="caption columns to embed (default: all)")
+    q.add_argument("--batch-size", type=int, default=64)
+    q.add_argument("--device", default="auto")
+    q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="encoder dtype (default bf16 on GPU)")
+    rank_options(q)
+    q.set_defaults(func=cmd_data_embed)
+
+    q = data_sub.add_parser("shapes", help="write the procedural shapes world as shards")
+    q.add_argument("--out", required=True, metavar="DIR")
+    q.add_argument("--count", type=int, default=10_000)
+    q.add_argument("--resolution", type=int, default=64)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--per-shard", type=int, default=1000)
+    q.set_defaults(func=cmd_data_shapes)
+
+    q = data_sub.add_parser("inspect", help="counts, caption columns, buckets and embeddings of shards")
+    q.add_argument("shards", nargs="+", metavar="SHARDS")
+    q.add_argument("--resolution", type=int, default=512, help="stage resolution for the bucket table")
+    q.add_argument("--patch-size", type=int, default=32)
+    q.add_argument("--check", type=int, default=0, metavar="N", help="also decode N random samples")
+    q.set_defaults(func=cmd_data_inspect)
+    data.set_defaults(func=lambda a: data.print_help() or 0)
     return parser
 
 

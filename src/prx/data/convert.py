@@ -374,7 +374,10 @@ def convert(kind: str, inputs: list[str], out_dir: str | Path, mapping: Mapping,
     samples = 0
     args = [(t, str(out), mapping, target_bytes, verify) for t in pending]
     if workers > 1 and len(pending) > 1:
-        with get_context("spawn").Pool(workers) as pool:
+        import multiprocessing
+
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"  # fork: no re-import
+        with get_context(method).Pool(workers) as pool:
             for stats in pool.imap_unordered(_run_task_star, args):
                 samples += stats["samples"]
                 bar.update(1)

@@ -67,11 +67,21 @@ def probe(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int, str]:
     return width, height, image.format
 
 
-def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Fully decode to an upright 8-bit RGB PIL image."""
+def decode(data: bytes, max_pixels: int = MAX_PIXELS, at_least: tuple[int, int] | None = None) -> Image.Image:
+    """Fully decode to an upright 8-bit RGB PIL image.
+
+    ``at_least`` (width, height, upright) lets a JPEG decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT
+    scaling) when the result still covers that size: a 1024² photo for a 512² bucket.
+    """
     image = _open(data, max_pixels)
     if image.width == 0 or image.height == 0:
         raise BadImage("zero size")
+    if at_least is not None and image.format in ("JPEG", "MPO"):
+        try:
+            turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+        except Exception:
+            turned = False
+        image.draft("RGB", (at_least[1], at_least[0]) if turned else at_least)
     try:
         image.load()
     except OSError as e:  # truncated data

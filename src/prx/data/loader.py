@@ -47,6 +47,22 @@ class DataBatch:
     skipped: dict[str, int] = field(default_factory=dict)  # reason → samples replaced in this batch
 
 
+def _release_freed_memory():
+    """glibc's malloc_trim, or a no-op elsewhere.
+
+    A worker's batch buffer is copied to shared memory to reach the main process and then freed;
+    glibc keeps such freed blocks in the worker's heap, which then grew by the data volume every
+    epoch (measured: +72 MiB per epoch per worker). Trimming after each batch keeps workers flat.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return lambda: libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return lambda: None
+
+
 def _seed(*parts: int) -> np.random.Generator:
     return np.random.default_rng([int(p) % (2**63) for p in parts])
 
@@ -181,6 +197,7 @@ class ShardBatches(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         cache = _RowGroupCache()
+        trim = _release_freed_memory() if info else (lambda: None)
         epoch, k = self.start
         counter = 0
         while self.max_epochs is None or epoch < self.max_epochs:
@@ -188,6 +205,7 @@ class ShardBatches(IterableDataset):
             for index in range(k, len(plan)):
                 if counter % workers == worker:
                     yield self.load(plan[index], epoch, index, cache)
+                    trim()
                 counter += 1
             epoch, k = epoch + 1, 0
 
@@ -217,7 +235,8 @@ class ShardBatches(IterableDataset):
             try:
                 if used is None:
                     raise BadImage("no caption")
-                image = decode(table.column("image")[r].as_py())
+                cover, _ = resize_and_crop_box(int(idx.width[sample]), int(idx.height[sample]), bucket)
+                image = decode(table.column("image")[r].as_py(), at_least=cover)  # JPEG: decode at ≥ the needed size
                 size, box = resize_and_crop_box(image.width, image.height, bucket)
                 image = image.resize(size, resample=_RESAMPLE, reducing_gap=None).crop(box)
             except BadImage as e:

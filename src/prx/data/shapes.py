@@ -186,7 +186,7 @@ def render(scene: Scene, resolution: int) -> np.ndarray:
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (..., H, W, 3) → float in [-1, 1], (..., 3, H, W)."""
-    t = torch.from_numpy(np.ascontiguousarray(images)).float().div(127.5).sub(1.0)
+    t = torch.from_numpy(np.array(images, dtype=np.uint8)).float().div(127.5).sub(1.0)
     return t.movedim(-1, -3)
 
 
