@@ -77,17 +77,10 @@ def checkpoint_meta(path: str | Path) -> dict:
     return json.loads((find_checkpoint(path) / "meta.json").read_text())
 
 
-def save_checkpoint(run_dir: str | Path, step: int, state: dict, config: Config, keep: int = 2) -> Path:
-    """Write ``state`` (nested dicts of tensors and picklable values) as checkpoint ``step``."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
+def _finalize(root: Path, tmp: Path, step: int, config: Config, keep: int) -> Path:
+    """Make a fully written checkpoint visible: metadata, rename into place, switch `latest`, prune."""
     name = f"step_{step:08d}"
-    final, tmp = root / name, root / f".tmp_{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(state, checkpoint_id=tmp)
+    final = root / name
     config.save(tmp / "config.yaml")
     (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time()}))
     if final.exists():  # the same step written again (e.g. after a resume): replace it
@@ -106,6 +99,85 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, config: Config,
     for old in _step_dirs(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_checkpoint(run_dir: str | Path, step: int, state: dict, config: Config, keep: int = 2) -> Path:
+    """Write ``state`` (nested dicts of tensors and picklable values) as checkpoint ``step`` (one process)."""
+    return CheckpointWriter(run_dir, keep=keep).save(step, state, config)
+
+
+class CheckpointWriter:
+    """Writes checkpoints from every rank (DCP is collective); rank 0 makes them visible.
+
+    With ``asynchronous`` the state is staged in memory and written in the background while
+    training goes on; the checkpoint becomes visible (renamed, `latest` switched) once every rank
+    has finished writing, which :meth:`poll` checks each step. One save is in flight at a time.
+    """
+
+    def __init__(self, run_dir: str | Path, info=None, keep: int = 2, asynchronous: bool = False):
+        from prx.distributed import DistInfo
+
+        self.root = Path(run_dir) / "checkpoints"
+        self.info = info or DistInfo()
+        self.keep = keep
+        self.asynchronous = asynchronous
+        self.pending = None  # (future, tmp, step, config)
+        self.last: Path | None = None
+        self.group = None
+        if asynchronous and self.info.enabled:
+            import torch.distributed as dist
+
+            # the background writer's collectives must not interleave with training's: a group of its own
+            self.group = dist.new_group(backend="gloo")
+
+    def save(self, step: int, state: dict, config: Config) -> Path | None:
+        from prx.distributed import barrier
+
+        self.wait()
+        tmp = self.root / f".tmp_step_{step:08d}"
+        if self.info.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        barrier(self.info)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            if self.asynchronous:
+                response = dcp.async_save(state, checkpoint_id=tmp, process_group=self.group)
+                self.pending = (getattr(response, "upload_completion", response), tmp, step, config)
+                return None
+            dcp.save(state, checkpoint_id=tmp)
+        return self._finish(tmp, step, config)
+
+    def _finish(self, tmp: Path, step: int, config: Config) -> Path:
+        from prx.distributed import barrier
+
+        barrier(self.info)  # every rank's shards are on disk
+        final = self.root / f"step_{step:08d}"
+        if self.info.is_main:
+            _finalize(self.root, tmp, step, config, self.keep)
+        barrier(self.info)
+        self.last = final
+        return final
+
+    def poll(self) -> Path | None:
+        """Finish a background save if every rank is done writing (call every step on every rank)."""
+        from prx.distributed import all_agree
+
+        if self.pending is None:
+            return None
+        future, tmp, step, config = self.pending
+        if not all_agree(future.done(), self.info):
+            return None
+        return self.wait()
+
+    def wait(self) -> Path | None:
+        if self.pending is None:
+            return None
+        future, tmp, step, config = self.pending
+        self.pending = None
+        future.result()
+        return self._finish(tmp, step, config)
 
 
 def load_checkpoint(path: str | Path, state: dict) -> Path:

@@ -198,7 +198,12 @@ class TrainConfig:
     stages: list[StageConfig] = field(default_factory=list)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU; weights stay fp32) | bf16 | fp32
+    parallel: str = "auto"  # auto (FSDP2 when torchrun starts several processes) | fsdp | ddp | none
+    compile: str = "auto"  # torch.compile each block: auto (on GPU) | on | off
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    async_checkpoint: bool = True  # write checkpoints in the background (visible once complete)
+    timeout_minutes: float = 10.0  # a collective that waits longer (a dead rank) fails the job
     num_threads: int = 0  # CPU threads for torch; 0 = torch's default
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
@@ -633,6 +638,9 @@ def validate(cfg: Config) -> None:
         f"train.device must be auto, cpu, cuda or cuda:N, got '{t.device}'",
     )
     _check(t.num_threads >= 0, f"train.num_threads must be ≥ 0, got {t.num_threads}")
+    _check(t.parallel in ("auto", "fsdp", "ddp", "none"), f"train.parallel must be auto, fsdp, ddp or none, got '{t.parallel}'")
+    _check(t.compile in ("auto", "on", "off"), f"train.compile must be auto, on or off, got '{t.compile}'")
+    _check(t.timeout_minutes > 0, f"train.timeout_minutes must be positive, got {t.timeout_minutes}")
     _check(t.checkpoint_every >= 1, f"train.checkpoint_every must be ≥ 1, got {t.checkpoint_every}")
     _check(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be ≥ 1, got {t.keep_checkpoints}")
     _check(t.time_limit_minutes >= 0, f"train.time_limit_minutes must be ≥ 0, got {t.time_limit_minutes}")

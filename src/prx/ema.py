@@ -7,6 +7,8 @@ import copy
 import torch
 from torch import nn
 
+from prx.distributed import local_tensor
+
 
 class EMA:
     """``ema ← decay·ema + (1 − decay)·weights`` every ``update_every`` optimizer steps.
@@ -32,8 +34,9 @@ class EMA:
         """Call after optimizer step number ``step`` (counting from 1)."""
         if step % self.update_every:
             return
-        ema_params = list(self.model.parameters())
-        params = [p.detach() for p in model.parameters()]
+        # local shards under FSDP2 (both models are sharded alike), whole tensors otherwise
+        ema_params = [local_tensor(p) for p in self.model.parameters()]
+        params = [local_tensor(p.detach()) for p in model.parameters()]
         torch._foreach_lerp_(ema_params, params, 1.0 - self.current_decay())
         for ema_buf, buf in zip(self.model.buffers(), model.buffers()):
             ema_buf.copy_(buf)

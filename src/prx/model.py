@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from prx.config import ModelConfig
@@ -184,6 +185,7 @@ class PRX(nn.Module):
         self.time_in = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.blocks = nn.ModuleList(PRXBlock(dim, config.num_heads, config.mlp_ratio) for _ in range(config.num_layers))
         self.final_layer = FinalLayer(dim, patch_dim)
+        self.activation_checkpointing = False  # recompute block activations in backward (set by the trainer)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -255,7 +257,10 @@ class PRX(nn.Module):
                 cos = gather_tokens(cos.expand(b, 1, -1, -1).transpose(1, 2), route.keep).transpose(1, 2)
                 sin = gather_tokens(sin.expand(b, 1, -1, -1).transpose(1, 2), route.keep).transpose(1, 2)
                 key_mask = torch.cat([text_keys, text_keys.new_ones(b, 1, 1, x.shape[1])], dim=-1)
-            x = block(x, vec, txt, key_mask, cos, sin)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, vec, txt, key_mask, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, vec, txt, key_mask, cos, sin)
             if i == capture_block:
                 hidden = x
                 hidden_index = route.keep if full_x is not None else None

@@ -37,14 +37,20 @@ def tiny_teacher_path(name: str) -> Path:
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    generator = torch.manual_seed(0)
+    with torch.random.fork_rng(devices=[]):  # the same weights every time, and the caller's RNG untouched
+        torch.manual_seed(0)
+        _create(name, path)
+    return path
+
+
+def _create(name: str, path: Path) -> None:
     if name == "tiny-random-vgg16":
         from prx.perceptual import vgg16_features
 
         features = vgg16_features()
         state = {f"features.{k}": v for k, v in features.state_dict().items()}
         _write_atomically(path, lambda p: torch.save(state, p))
-        return path
+        return
     import transformers as tf
 
     if name == "tiny-random-dinov2":
@@ -55,6 +61,4 @@ def tiny_teacher_path(name: str) -> Path:
         model = tf.DINOv3ViTModel(tf.DINOv3ViTConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=16,
             num_register_tokens=4))
-    del generator
     _write_atomically(path, lambda p: model.save_pretrained(p))
-    return path

@@ -13,6 +13,8 @@ the time limit and clean interruption (Ctrl-C finishes the step, saves, exits).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import signal
 import sys
@@ -26,10 +28,12 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from tqdm import tqdm
 
-from prx.checkpoint import checkpoint_config, find_checkpoint, has_checkpoint, load_checkpoint, save_checkpoint
+from prx.checkpoint import CheckpointWriter, checkpoint_config, find_checkpoint, has_checkpoint, load_checkpoint
 from prx.config import (Config, PerceptualConfig, REPAConfig, StageConfig, TreadConfig, model_config_from_dict,
                         validate)
 from prx.data.sources import build_source
+from prx.distributed import (all_agree, apply_ddp, apply_fsdp, compile_blocks, full_value, init_distributed,
+                             mean_across_ranks, resolve_parallel)
 from prx.ema import EMA
 from prx.errors import CheckpointError, ConfigError, PrxError, TrainingError
 from prx.flow import add_noise, flow_loss, sample_timesteps
@@ -47,6 +51,16 @@ from prx.tread import TREADRouter
 def step_seed(seed: int, step: int) -> int:
     """Randomness of step ``step`` depends only on (seed, step): resume replays it exactly."""
     return (seed * 1_000_003 + step * 7_919 + 12_345) % (2**63 - 1)
+
+
+def sample_noise(shape: tuple[int, ...], seed: int, step: int, first: int, device: torch.device) -> torch.Tensor:
+    """Noise of samples first, first+1, … of the step's global batch, each from its own generator:
+    a rank draws only its own samples, and the draws do not depend on the world size."""
+    out = []
+    for i in range(shape[0]):
+        g = torch.Generator(device=device).manual_seed(step_seed(seed, step) ^ ((first + i + 1) * 0x9E3779B97F4A7C15 % 2**62))
+        out.append(torch.randn(shape[1:], generator=g, device=device))
+    return torch.stack(out)
 
 
 def lr_scale(step: int, total_steps: int, cfg) -> float:
@@ -160,6 +174,9 @@ class Trainer:
                 f"'{self.run_dir}' already holds a run: resume it (drop the flag that forbids it) or choose --out"
             )
         check_writable(self.run_dir)
+        set_threads(cfg.train.num_threads)
+        self.dist = init_distributed(resolve_device(cfg.train.device), cfg.train.timeout_minutes)
+        self.device = self.dist.device
         self.resume_from = find_checkpoint(self.run_dir / "checkpoints") if exists else None
         if self.resume_from is not None:
             saved = checkpoint_config(self.resume_from)
@@ -170,8 +187,6 @@ class Trainer:
                     f"or the run's own config ({self.run_dir / 'config.yaml'})"
                 )
 
-        set_threads(cfg.train.num_threads)
-        self.device = resolve_device(cfg.train.device)
         self.autocast = autocast_dtype(cfg.train.precision, self.device)
         torch.manual_seed(cfg.train.seed)
         given = self._given
@@ -186,6 +201,16 @@ class Trainer:
                 f"{self.text_encoder.dim}: set model.text_dim={self.text_encoder.dim} (or leave it unset in a config)"
             )
         self.model = (given["model"] or build_model(cfg.model)).to(self.device)
+        self.model.activation_checkpointing = cfg.train.activation_checkpointing
+        self.ema = EMA(self.model, cfg.ema.decay, cfg.ema.update_every, cfg.ema.warmup)  # a copy, before sharding
+        # Parallelism: FSDP2 shards the model (and the EMA, alike) in place; DDP wraps it for training.
+        self.parallel = resolve_parallel(cfg.train.parallel, self.dist)
+        if self.parallel == "fsdp":
+            apply_fsdp(self.model, self.dist, self.autocast)
+            apply_fsdp(self.ema.model, self.dist, self.autocast)
+        if cfg.train.compile == "on" or (cfg.train.compile == "auto" and self.device.type == "cuda"):
+            compile_blocks(self.model)
+        self.forward_model = apply_ddp(self.model, self.dist) if self.parallel == "ddp" else self.model
 
         # The recipe's tricks, each a small module; teachers load now so a missing one fails before step 0.
         teacher_dtype = self.autocast or torch.float32
@@ -211,74 +236,90 @@ class Trainer:
         self.trainable = nn.ModuleDict({"denoiser": self.model})
         if self.repa is not None:
             self.trainable["repa_projector"] = self.repa.projector
+            # the projector trains too: its gradients are synchronised like the denoiser's
+            if self.parallel == "fsdp":
+                apply_fsdp(self.repa.projector, self.dist, self.autocast)
+            elif self.parallel == "ddp":
+                self.repa.projector = apply_ddp(self.repa.projector, self.dist)
         groups = given["param_groups"] or param_groups_from_config(self.model, cfg.optimizer)
-        extra = list(self.repa.projector.parameters()) if self.repa is not None else []
+        extra = list(self.trainable["repa_projector"].parameters()) if self.repa is not None else []
         self.optimizer: MultiOptimizer = build_optimizer(groups, extra)
-        self.ema = EMA(self.model, cfg.ema.decay, cfg.ema.update_every, cfg.ema.warmup)
-        self.data = build_source(cfg)
+        self.data = build_source(cfg, self.dist.rank, self.dist.world)
+        self.checkpoints = CheckpointWriter(self.run_dir, self.dist, cfg.train.keep_checkpoints,
+                                            cfg.train.async_checkpoint)
         self.step = 0
         self.bad_steps = 0
         if self.resume_from is not None:
             self.load(self.resume_from)
-        cfg.save(self.run_dir / "config.yaml")
+        if self.dist.is_main:
+            cfg.save(self.run_dir / "config.yaml")
 
     # ----------------------------------------------------------------------------------------
     # The training step
     # ----------------------------------------------------------------------------------------
 
     def train_step(self, step: int) -> StepResult:
-        cfg, dev = self.config, self.device
+        cfg, dev, rank, world = self.config, self.device, self.dist.rank, self.dist.world
         stage_index, stage = cfg.stage_at(step)
         gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, step))
+        if stage.batch_size % world:
+            raise TrainingError(f"the batch size {stage.batch_size} does not split over {world} ranks: use a multiple")
+        per_rank = stage.batch_size // world
+        rows = slice(rank * per_rank, (rank + 1) * per_rank)  # this rank's share of the global batch
 
-        data = self.data.batch(step, stage_index, stage)  # this step's batch of this rank
+        data = self.data.batch(step, stage_index, stage)  # this rank's samples of the step
         images = data.images.float() / 127.5 - 1.0  # uint8 → [-1, 1]
-        batch = images.shape[0]
-        micro = cfg.train.micro_batch_size or batch
+        micro = cfg.train.micro_batch_size or per_rank
 
         # Caption dropout: the empty caption's encoding teaches the unconditional model for CFG.
-        drop = torch.rand(batch, generator=gen) < cfg.data.caption_dropout
+        # (Drawn for the whole global batch, then sliced: the same samples whatever the world size.)
+        drop = (torch.rand(stage.batch_size, generator=gen) < cfg.data.caption_dropout)[rows]
         captions = ["" if d else c for c, d in zip(data.captions, drop.tolist())]
         if data.text is not None:  # precomputed embeddings: dropped rows take the empty caption's
             empty = self.data.empty_embedding
             data.text = data.text.with_rows_replaced(drop, TextBatch(torch.from_numpy(empty.copy())[None],
                                                                        torch.ones(1, empty.shape[0], dtype=torch.bool)))
 
-        # Noise for the whole batch (so micro-batching does not change the step): x_t = (1 − t)·x0 + t·ε.
-        t = sample_timesteps(batch, cfg.objective, gen)
-        noise = torch.randn(images.shape, generator=gen) * cfg.objective.noise_scale
+        # Noise: x_t = (1 − t)·x0 + t·ε.
+        t = sample_timesteps(stage.batch_size, cfg.objective, gen)[rows]
+        noise = sample_noise(tuple(images.shape), cfg.train.seed, step, rank * per_rank, dev) * cfg.objective.noise_scale
 
         # TREAD: which image tokens skip the routed blocks in this step.
         grid = (stage.resolution // cfg.model.patch_size,) * 2
-        route = (self.router.route(batch, grid[0] * grid[1], cfg.model.num_layers, step, device=dev)
-                 if stage.tread and self.router is not None else None)
+        route = None
+        if stage.tread and self.router is not None:
+            route = self.router.route(stage.batch_size, grid[0] * grid[1], cfg.model.num_layers, step, device=dev)
+            route = route.slice(rows) if route is not None else None
         use_repa = stage.repa and self.repa is not None
         use_perceptual = stage.perceptual and self.perceptual is not None
 
         totals: dict[str, float] = defaultdict(float)
-        for start in range(0, batch, micro):
+        for start in range(0, per_rank, micro):
             part = slice(start, start + micro)
+            last = start + micro >= per_rank
             x0, t_part = images[part].to(dev), t[part].to(dev)
             text = (data.text[part] if data.text is not None else self.text_encoder.encode(captions[part])).to(dev)
-            x_t = add_noise(x0, noise[part].to(dev), t_part)
-            with torch.autocast(dev.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-                out = self.model(x_t, t_part, text.embeds, text.mask, route=route.slice(part) if route else None,
-                                 capture_block=self.repa.block_index if use_repa else None)
+            x_t = add_noise(x0, noise[part], t_part)
+            with self._gradient_sync(last), torch.autocast(dev.type, dtype=self.autocast or torch.float32,
+                                                           enabled=self.autocast is not None):
+                out = self.forward_model(x_t, t_part, text.embeds, text.mask,
+                                         route=route.slice(part) if route else None,
+                                         capture_block=self.repa.block_index if use_repa else None)
                 losses = {"flow": flow_loss(out.x0, x0, x_t, t_part, cfg.objective.t_clamp)}
                 if use_perceptual:
                     losses.update(self.perceptual(out.x0, x0, t_part))
                 if use_repa:
                     losses["repa"] = self.repa(out.hidden, x0, grid, out.hidden_index)
-            loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                return self._skip(loss, losses)
-            (loss * (x0.shape[0] / batch)).backward()  # gradients of the mean over the whole batch
+                loss = sum(losses.values())
+                if not all_agree(bool(torch.isfinite(loss)), self.dist):  # every rank skips together
+                    return self._skip(loss, losses)
+                (loss * (x0.shape[0] / per_rank)).backward()  # mean over this rank; DDP/FSDP average ranks
             for name, value in losses.items():
-                totals[name] += value.item() * x0.shape[0] / batch
+                totals[name] += value.item() * x0.shape[0] / per_rank
 
         clip = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), clip)
-        if not torch.isfinite(grad_norm):
+        grad_norm = full_value(torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), clip))
+        if not torch.isfinite(grad_norm):  # the norm is global: every rank sees the same value
             return self._skip(grad_norm, {})
 
         scale = lr_scale(step, cfg.total_steps, cfg.optimizer)
@@ -287,6 +328,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(self.model, step + 1)
         return StepResult(sum(totals.values()), dict(totals), grad_norm.item(), scale * cfg.optimizer.lr)
+
+    def _gradient_sync(self, last_micro_batch: bool):
+        """Accumulate without communicating until the last micro-batch of the step."""
+        wrapped = [self.forward_model] + ([self.repa.projector] if self.repa is not None else [])
+        if self.parallel == "fsdp":
+            for module in wrapped:
+                module.set_requires_gradient_sync(last_micro_batch)
+        stack = contextlib.ExitStack()
+        if self.parallel == "ddp" and not last_micro_batch:
+            for module in wrapped:
+                stack.enter_context(module.no_sync())
+        return stack
 
     def _skip(self, value: torch.Tensor, losses: dict) -> StepResult:
         """A non-finite loss or gradient: drop the update, count it, stop if it keeps happening."""
@@ -327,8 +380,9 @@ class Trainer:
         self.data.load_state_dict(state["data"])
         torch.set_rng_state(state["rng"]["torch"])
 
-    def save(self) -> Path:
-        return save_checkpoint(self.run_dir, self.step, self.state_dict(), self.config, self.config.train.keep_checkpoints)
+    def save(self, wait: bool = False) -> Path | None:
+        path = self.checkpoints.save(self.step, self.state_dict(), self.config)
+        return self.checkpoints.wait() if wait and path is None else path
 
     # ----------------------------------------------------------------------------------------
     # Logging
@@ -341,6 +395,8 @@ class Trainer:
         _, stage = self.config.stage_at(max(self.step - 1, 0))
         pipe = Pipeline(self.ema.model, self.text_encoder, self.config, self.device)
         images = pipe.generate(prompts, steps=self.config.logging.sample_steps, resolution=stage.resolution).numpy()
+        if not self.dist.is_main:  # every rank samples (FSDP gathers the weights), rank 0 writes
+            return None
         out = self.run_dir / "samples" / f"step_{self.step:08d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         save_grid(images, out, prompts, ncol=min(8, len(prompts)))
@@ -352,7 +408,7 @@ class Trainer:
         return out
 
     def _open_writer(self):
-        if not self.config.logging.tensorboard:
+        if not self.config.logging.tensorboard or not self.dist.is_main:
             return None
         from torch.utils.tensorboard import SummaryWriter
 
@@ -378,10 +434,13 @@ class Trainer:
         self.setup()
         cfg = self.config
         total = cfg.total_steps
-        n_params = count_parameters(self.model)
+        if not self.dist.is_main:  # one voice: rank 0 prints, logs and writes files
+            self.log = lambda *args, **kwargs: None
+        n_params = sum(p.numel() for p in self.ema.model.parameters()) if self.parallel == "fsdp" else count_parameters(self.model)
         where = f"resuming {self.resume_from} at step {self.step}" if self.resume_from else "new run"
+        ranks = f" × {self.dist.world} ranks ({self.parallel})" if self.dist.enabled else ""
         self.log(
-            f"prx: {cfg.name} | {where} | {n_params / 1e6:.2f}M params | {total} steps | {self.device}"
+            f"prx: {cfg.name} | {where} | {n_params / 1e6:.2f}M params | {total} steps | {self.device}{ranks}"
             f"{', bf16 autocast' if self.autocast else ', fp32'} | run dir {self.run_dir}"
         )
         self.writer = self._open_writer()
@@ -393,15 +452,19 @@ class Trainer:
         limit = cfg.train.time_limit_minutes * 60
         stage_index = None
         bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not cfg.logging.progress_bar, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+                   disable=not (cfg.logging.progress_bar and self.dist.is_main),
+                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        metrics = open(self.run_dir / "metrics.jsonl", "a") if self.dist.is_main else None
         window, window_start, window_steps = defaultdict(list), time.monotonic(), 0
         try:
             while self.step < total:
                 index, stage = cfg.stage_at(self.step)
                 if index != stage_index:
                     stage_index = index
-                    bar.write(self._describe_stage(index, stage)) if cfg.logging.progress_bar else self.log(
-                        self._describe_stage(index, stage))
+                    if cfg.logging.progress_bar and self.dist.is_main:
+                        bar.write(self._describe_stage(index, stage))
+                    else:
+                        self.log(self._describe_stage(index, stage))
                 result = self.train_step(self.step)
                 self.step += 1
                 bar.update(1)
@@ -412,7 +475,11 @@ class Trainer:
                         window[name].append(value)
                 if self.step % cfg.logging.log_every == 0 or self.step == total:
                     elapsed = time.monotonic() - window_start
-                    means = {k: sum(v) / len(v) for k, v in window.items() if v}
+                    means = mean_across_ranks({k: sum(v) / len(v) for k, v in window.items() if v}, self.dist)
+                    if metrics is not None:
+                        metrics.write(json.dumps({"step": self.step, **{f"loss/{k}": v for k, v in means.items()},
+                                                  "lr": result.lr, "grad_norm": result.grad_norm}) + "\n")
+                        metrics.flush()
                     bar.set_postfix(loss=f"{means.get('total', float('nan')):.4f}", lr=f"{result.lr:.1e}", refresh=False)
                     if self.writer is not None:
                         for name, value in means.items():
@@ -426,16 +493,20 @@ class Trainer:
                         self.writer.add_scalar("train/stage", index + 1, self.step)
                         self.writer.add_scalar("data/skipped_samples", sum(self.data.skipped.values()), self.step)
                     window, window_start, window_steps = defaultdict(list), time.monotonic(), 0
+                self.checkpoints.poll()  # a background save that every rank has finished becomes visible
                 if self.step % cfg.train.checkpoint_every == 0 and self.step < total:
                     self.save()
                 if cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0 and self.step < total:
                     self.sample_grid()
                 if limit and time.monotonic() - start_time > limit:
                     self.stop_reason = f"time limit of {cfg.train.time_limit_minutes:g} min reached"
-                if self.stop_reason:
+                if not all_agree(self.stop_reason is None, self.dist):  # ranks stop at the same step
+                    self.stop_reason = self.stop_reason or "stopped with the other ranks"
                     break
         finally:
             bar.close()
+            if metrics is not None:
+                metrics.close()
             self._restore_interrupt_handler()
         if self.stop_reason is None:
             grid = self.sample_grid() if cfg.logging.sample_every else None
@@ -445,7 +516,8 @@ class Trainer:
 
     def _finish(self, reason: str) -> Path:
         unchanged = self.resume_from is not None and self.step == _checkpoint_step(self.resume_from)
-        path = self.resume_from if unchanged else self.save()
+        self.checkpoints.wait()
+        path = self.resume_from if unchanged else self.save(wait=True)
         if self.writer is not None:
             self.writer.close()
         if self.bad_steps:

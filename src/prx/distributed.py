@@ -1,0 +1,126 @@
+"""Scale-out with PyTorch's own engine: ``torchrun`` launches, FSDP2 (``fully_shard`` per block,
+then the root) or DDP parallelises, ``torch.compile`` and activation checkpointing are options.
+
+The same config runs on 1 CPU process, N CPU processes (gloo), 1 GPU and N GPUs on any number of
+nodes: with no torchrun environment everything here is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from prx.errors import ConfigError
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed(device: torch.device, timeout_minutes: float = 10.0) -> DistInfo:
+    """Join the torchrun job if there is one. A rank that dies makes the others fail at their next
+    collective within ``timeout_minutes`` instead of hanging (torchrun then stops the job)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo(device=device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes),
+                                device_id=device if device.type == "cuda" else None)
+    return DistInfo(rank, world, local_rank, device)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def all_agree(flag: bool, info: DistInfo) -> bool:
+    """True only if ``flag`` is true on every rank (e.g. "my loss is finite")."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=info.device if info.device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0.5)
+
+
+def mean_across_ranks(values: dict[str, float], info: DistInfo) -> dict[str, float]:
+    if not info.enabled or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64,
+                     device=info.device if info.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return {k: float(v) / info.world for k, v in zip(keys, t.tolist())}
+
+
+def resolve_parallel(mode: str, info: DistInfo) -> str:
+    if mode == "auto":
+        return "fsdp" if info.enabled else "none"
+    if mode != "none" and not info.enabled:
+        return "none"  # one process: nothing to shard or synchronise
+    return mode
+
+
+def apply_fsdp(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | None) -> nn.Module:
+    """FSDP2: each block its own unit (if the module has blocks), then the root. Parameters stay
+    fp32 (the master weights); compute runs in ``param_dtype`` and gradients are reduced in fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(info.device.type, (info.world,))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in getattr(model, "blocks", []):
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def apply_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [info.local_rank] if info.device.type == "cuda" else None
+    # routed blocks leave no parameter unused, but REPA's capture does not either; keep the check cheap
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """Compile each block in place (one graph per block shape; the loop stays in Python)."""
+    for block in model.blocks:
+        block.compile()
+
+
+def check_parallel_config(mode: str) -> None:
+    if mode not in ("auto", "fsdp", "ddp", "none"):
+        raise ConfigError(f"train.parallel must be auto, fsdp, ddp or none, got '{mode}'")
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2 parameters), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def full_value(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (e.g. a grad norm computed over shards), or the tensor itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
