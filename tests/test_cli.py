@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from prx.cli import main
 
@@ -122,3 +123,30 @@ def test_ctrl_c_saves_and_leaves_a_usable_checkpoint(tmp_path):
     # and the run continues from there
     assert main(["train", *TINY, f"train.steps={step + 1}", "--out", str(run)]) == 0
     assert checkpoint_meta(run)["step"] == step + 1
+
+
+def test_export_samples_anywhere_and_bench_reports(trained_run, tmp_path, capsys):
+    from prx.pipeline import Pipeline
+
+    out = tmp_path / "export" / "model.safetensors"
+    code, stdout, err = run_cli(capsys, "export", "--checkpoint", str(trained_run), "--out", str(out))
+    assert code == 0 and out.is_file() and out.with_suffix(".yaml").is_file()
+    exported = Pipeline.from_checkpoint(out, device="cpu")
+    original = Pipeline.from_checkpoint(trained_run, device="cpu", text_encoder=exported.text_encoder)
+    for p, q in zip(exported.model.parameters(), original.model.parameters()):
+        assert torch.equal(p, q)  # the EMA weights
+    code, stdout, err = run_cli(capsys, "sample", "--checkpoint", str(out), "--prompt", "a red circle",
+                                "--out", str(tmp_path / "s"), "--steps", "2")
+    assert code == 0 and (tmp_path / "s" / "0000.png").is_file()
+    assert_one_line_error(*run_cli(capsys, "export", "--checkpoint", str(trained_run), "--out", str(tmp_path / "x.pt"))[::2],
+                          "should end in .safetensors")
+
+    code, stdout, err = run_cli(capsys, "bench", "speedrun-tiny", "--steps", "1", "--warmup", "1",
+                                "--json", str(tmp_path / "bench.json"))
+    assert code == 0, err
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["images_per_s"] > 0 and 0 < result["mfu"] < 1.5
+    assert {"denoiser forward", "backward", "optimizer", "EMA", "perceptual forward (LPIPS + DINO)",
+            "REPA forward (teacher + projector)", "data"} <= set(result["phases"])
+    assert {"denoiser", "REPA teacher", "LPIPS-VGG", "DINO perceptual", "Muon Newton–Schulz"} <= set(result["flops_per_step"])
+    assert "MFU" in stdout and "step time by phase" in stdout

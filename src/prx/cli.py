@@ -41,8 +41,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(describe_plan(config))
         return 0
     run_dir = Path(args.out) if args.out else Path("runs") / config.name
+    from prx.distributed import shutdown
+
     trainer = Trainer(config, run_dir, resume=True if args.resume else None)
     trainer.run()
+    shutdown()
     return 130 if trainer.stop_reason == "interrupted" else 0
 
 
@@ -233,6 +236,55 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    from prx.checkpoint import checkpoint_config, checkpoint_meta, find_checkpoint, load_checkpoint
+    from prx.model import build_model
+
+    ckpt = find_checkpoint(args.checkpoint)
+    config = checkpoint_config(ckpt)
+    model = build_model(config.model)
+    weights = model.state_dict()
+    state = ({"ema": {"model": weights}} if args.weights == "ema"
+             else {"model": {f"denoiser.{k}": v for k, v in weights.items()}})
+    load_checkpoint(ckpt, state)  # full tensors, whatever world size wrote the checkpoint
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise PrxError(f"--out {out} should end in .safetensors")
+    _make_out_dir(out.parent if str(out.parent) else Path("."))
+    step = checkpoint_meta(ckpt)["step"]
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
+              metadata={"prx_config": config.to_yaml(), "step": str(step), "weights": args.weights})
+    tmp.replace(out)
+    config.save(out.with_suffix(".yaml"))
+    n = sum(v.numel() for v in model.state_dict().values())
+    print(f"exported {args.weights} weights of step {step} ({n / 1e6:.1f}M parameters): {out} (+ {out.with_suffix('.yaml').name}); "
+          f"sample with: prx sample --checkpoint {out} --prompt ...")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from prx.bench import format_bench, run_bench
+    from prx.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    result = run_bench(config, steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops)
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(format_bench(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+    from prx.distributed import shutdown
+
+    shutdown()
+    return 0
+
+
 def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a checkpoint directory, or a run directory (its checkpoints/latest is used)")
@@ -282,6 +334,33 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_options(p)
     p.add_argument("--out", metavar="DIR", help="where results.json and sample grids go (default RUN/eval/step_N)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write a checkpoint's EMA weights as one safetensors file",
+                       description="Write the EMA (or raw) weights of a checkpoint as one safetensors file with its "
+                                   "config in the metadata (and beside it as YAML), for sampling anywhere: "
+                                   "`prx sample --checkpoint FILE.safetensors`. Works for checkpoints of any world size.")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint or run directory")
+    p.add_argument("--out", required=True, metavar="FILE", help="the .safetensors file to write")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="throughput, step-time breakdown, peak memory and MFU of a config",
+                       description="Run a few training steps of a config (the trainer's own step) and report "
+                                   "images/s and tokens/s, the time of each phase (data, text encoder, denoiser "
+                                   "forward, perceptual and REPA forwards, backward, optimizer, EMA), peak memory, "
+                                   "and MFU from an explicit FLOP count that includes routing and every teacher. "
+                                   "Under torchrun it measures the distributed step.",
+                       epilog="examples:\n  prx bench demo\n  prx bench speedrun-tiny\n"
+                              "  prx bench speedrun train.stages[0].batch_size=32 train.micro_batch_size=32   # on a GPU",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", default=None, metavar="CONFIG", help="a YAML config or built-in name (default demo)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile, caches; default 2)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU (default: known GPUs, "
+                                                                    "or a measured matmul on CPU)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.set_defaults(func=cmd_bench)
 
     data = sub.add_parser("data", help="prepare datasets: convert, embed, shapes, inspect",
                           description="Prepare prx shards (Parquet: image bytes, size, captions, optional embeddings).")

@@ -124,3 +124,10 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 def full_value(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's full value (e.g. a grad norm computed over shards), or the tensor itself."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def shutdown() -> None:
+    """Leave the job cleanly: every rank finishes before the process group goes away."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -28,9 +28,12 @@ class Pipeline:
     @classmethod
     def from_checkpoint(cls, path: str | Path, weights: str = "ema", device: str = "auto",
                         text_encoder: TextEncoder | None = None) -> "Pipeline":
-        """Load a checkpoint (or a run directory's latest) for sampling; ``weights`` is 'ema' or 'model'."""
+        """Load a checkpoint (or a run directory's latest, or a ``prx export`` file) for sampling;
+        ``weights`` is 'ema' or 'model'."""
         if weights not in ("ema", "model"):
             raise ValueError("weights must be 'ema' or 'model'")
+        if str(path).endswith(".safetensors"):
+            return cls.from_export(path, device, text_encoder)
         path = find_checkpoint(path)
         config = checkpoint_config(path)
         dev = resolve_device(device)
@@ -40,6 +43,33 @@ class Pipeline:
         state = ({"ema": {"model": weights_state}} if weights == "ema"
                  else {"model": {f"denoiser.{k}": v for k, v in weights_state.items()}})
         load_checkpoint(path, state)
+        model.to(dev)
+        if text_encoder is None:
+            t = config.text
+            text_encoder = TextEncoder(t.encoder, t.max_length, t.dtype, dev, t.cache_size)
+        return cls(model, text_encoder, config, dev)
+
+    @classmethod
+    def from_export(cls, path: str | Path, device: str = "auto", text_encoder: TextEncoder | None = None) -> "Pipeline":
+        """Load weights written by ``prx export`` (one safetensors file, its config in the metadata)."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        from prx.config import config_from_dict
+
+        path = Path(path)
+        if not path.is_file():
+            raise PrxError(f"export '{path}' does not exist: write one with `prx export --checkpoint RUN --out FILE`")
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if "prx_config" not in meta:
+            raise PrxError(f"{path} was not written by `prx export` (no prx_config metadata)")
+        import yaml
+
+        config = config_from_dict(yaml.safe_load(meta["prx_config"]))
+        dev = resolve_device(device)
+        model = build_model(config.model)
+        model.load_state_dict(load_file(str(path)))
         model.to(dev)
         if text_encoder is None:
             t = config.text

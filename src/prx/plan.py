@@ -17,7 +17,7 @@ import torch
 from prx.config import Config
 from prx.flops import denoiser_forward_flops, mlp_forward_flops, newton_schulz_flops, vgg16_lpips_forward_flops
 from prx.model import build_model
-from prx.teachers import resolve_teacher, vit_forward_flops
+from prx.teachers import TEACHER_IDS, resolve_teacher, vit_forward_flops
 from prx.text import MINILM
 
 # Shapes of the named teachers and encoders, so a plan needs no downloaded weights.
@@ -40,6 +40,8 @@ def _hf_config(name: str):
 
 
 def vision_config(name: str):
+    if name.startswith("random-dino"):  # full-size random stand-ins: the real shapes, nothing to create
+        return SimpleNamespace(**KNOWN_VISION[TEACHER_IDS["dinov2" if "dinov2" in name else "dinov3"]])
     ident = resolve_teacher(name)
     if ident in KNOWN_VISION:
         return SimpleNamespace(**KNOWN_VISION[ident])
@@ -57,11 +59,46 @@ def text_width(name: str) -> int | None:
     return getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", None)
 
 
-def _fmt_flops(x: float) -> str:
+def fmt_flops(x: float) -> str:
     for unit, div in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
         if x >= div:
             return f"{x / div:.2f} {unit}"
     return f"{x:.0f} FLOP"
+
+
+def step_flops(cfg: Config, stage, model_cfg=None, batch: int | None = None) -> dict[str, float]:
+    """FLOPs of one optimizer step of ``stage`` for ``batch`` images (default: the stage's global batch),
+    by part: the denoiser with its routing (3× forward), each teacher, and Muon's Newton–Schulz."""
+    model_cfg = model_cfg or replace(cfg.model, text_dim=cfg.model.text_dim or text_width(cfg.text.encoder) or 384)
+    batch = stage.batch_size if batch is None else batch
+    res, text_tokens = stage.resolution, cfg.text.max_length
+    grid = res // model_cfg.patch_size
+    n = grid * grid
+    routed = stage.tread and cfg.tread.route_ratio > 0
+    kept = n - int(round(cfg.tread.route_ratio * n)) if routed else n
+    route = (cfg.tread.start_block % model_cfg.num_layers, cfg.tread.end_block % model_cfg.num_layers) if routed else None
+    parts = {"denoiser": 3 * denoiser_forward_flops(model_cfg, res, res, text_tokens, 1, route, kept) * batch}
+    p = cfg.perceptual
+    if stage.repa and cfg.repa.weight > 0:
+        teacher = vision_config(cfg.repa.teacher)
+        if teacher is not None:
+            inside = routed and route[0] < cfg.repa.block <= route[1] + 1
+            d = cfg.repa.projector_dim
+            parts["REPA teacher"] = vit_forward_flops(teacher, n) * batch
+            parts["REPA projector"] = 3 * mlp_forward_flops([model_cfg.hidden_dim, d, d, teacher.hidden_size],
+                                                            kept if inside else n) * batch
+    if stage.perceptual and p.lpips_weight > 0:
+        size = int(round(res * p.lpips_resize))
+        parts["LPIPS-VGG"] = 3 * vgg16_lpips_forward_flops(size, size) * batch  # target, prediction, backward
+    if stage.perceptual and p.dino_weight > 0:
+        teacher = vision_config(p.dino_model)
+        if teacher is not None:
+            parts["DINO perceptual"] = 3 * vit_forward_flops(teacher, (p.dino_resolution // teacher.patch_size) ** 2) * batch
+    if cfg.optimizer.name == "muon":
+        with torch.device("meta"):
+            shapes = [tuple(q.shape) for q in build_model(model_cfg).muon_params]
+        parts["Muon Newton–Schulz"] = newton_schulz_flops(shapes, cfg.optimizer.muon_ns_steps)
+    return parts
 
 
 def describe_plan(cfg: Config) -> str:
@@ -74,7 +111,6 @@ def describe_plan(cfg: Config) -> str:
     repa_on = cfg.repa.weight > 0
     repa_teacher = vision_config(cfg.repa.teacher) if repa_on else None
     p = cfg.perceptual
-    dino_teacher = vision_config(p.dino_model) if p.dino_weight > 0 else None
     projector = 0
     if repa_on and repa_teacher is not None:
         d = cfg.repa.projector_dim
@@ -89,7 +125,7 @@ def describe_plan(cfg: Config) -> str:
         ns = newton_schulz_flops([tuple(p.shape) for p in model.muon_params], cfg.optimizer.muon_ns_steps)
         lines.append(f"optimizer groups: Muon {muon / 1e6:.1f}M params (2D block matrices, lr {cfg.optimizer.muon_lr or cfg.optimizer.lr:g}); "
                      f"Adam {(adam + projector) / 1e6:.1f}M params (the rest{' + REPA projector' if projector else ''}, "
-                     f"lr {cfg.optimizer.lr:g}); Newton–Schulz {_fmt_flops(ns)} per optimizer step, whatever the batch")
+                     f"lr {cfg.optimizer.lr:g}); Newton–Schulz {fmt_flops(ns)} per optimizer step, whatever the batch")
     else:
         lines.append(f"optimizer groups: AdamW {(muon + adam + projector) / 1e6:.1f}M params (lr {cfg.optimizer.lr:g})")
     for i, stage in enumerate(cfg.stages):
@@ -103,34 +139,25 @@ def describe_plan(cfg: Config) -> str:
         if routed:
             start, end = cfg.tread.start_block % model_cfg.num_layers, cfg.tread.end_block % model_cfg.num_layers
             route = (start, end)
-        denoiser = 3 * denoiser_forward_flops(model_cfg, res, res, text_tokens, 1, route, kept)
         terms = [f"flow (x-prediction, shift {cfg.objective.shift:g})"]
-        per_image = {"denoiser": denoiser}
         if stage.repa and repa_on:
+            inside = routed and route[0] < cfg.repa.block <= route[1] + 1
             terms.append(f"REPA {cfg.repa.weight:g} ({cfg.repa.teacher}, block {cfg.repa.block}"
-                         f"{', visible tokens only' if routed and route[0] < cfg.repa.block <= route[1] + 1 else ''})")
-            if repa_teacher is not None:
-                per_image["REPA teacher"] = vit_forward_flops(repa_teacher, n)
-                aligned = kept if routed and route[0] < cfg.repa.block <= route[1] + 1 else n
-                d = cfg.repa.projector_dim
-                per_image["REPA projector"] = 3 * mlp_forward_flops([model_cfg.hidden_dim, d, d, repa_teacher.hidden_size], aligned)
+                         f"{', visible tokens only' if inside else ''})")
         if stage.perceptual and p.lpips_weight > 0:
             terms.append(f"LPIPS {p.lpips_weight:g} (×{p.lpips_resize:g})")
-            size = int(round(res * p.lpips_resize))
-            per_image["LPIPS-VGG"] = 3 * vgg16_lpips_forward_flops(size, size)
         if stage.perceptual and p.dino_weight > 0:
             terms.append(f"DINO {p.dino_weight:g} ({p.dino_model} @ {p.dino_resolution})")
-            if dino_teacher is not None:
-                per_image["DINO perceptual"] = 3 * vit_forward_flops(dino_teacher, (p.dino_resolution // dino_teacher.patch_size) ** 2)
         if routed:
             terms.append(f"TREAD {cfg.tread.route_ratio:g} (blocks {route[0]}..{route[1]}: {kept}/{n} tokens)")
-        total = sum(per_image.values()) * batch
+        per_step = {k: v for k, v in step_flops(cfg, stage, model_cfg).items() if k != "Muon Newton–Schulz"}
+        total = sum(per_step.values())
         lines.append(
             f"stage {i + 1}: {res}px × {stage.steps} steps | batch {batch} (micro {micro}, "
             f"{batch // micro} accumulation step{'s' if batch // micro > 1 else ''}) | {n} image tokens + ≤{text_tokens} text"
         )
         lines.append(f"  losses: {', '.join(terms)}")
-        breakdown = ", ".join(f"{k} {_fmt_flops(v * batch)}" for k, v in per_image.items())
-        lines.append(f"  FLOPs per step: {_fmt_flops(total)} ({breakdown}); "
-                     f"stage total {_fmt_flops(total * stage.steps)}")
+        breakdown = ", ".join(f"{k} {fmt_flops(v)}" for k, v in per_step.items())
+        lines.append(f"  FLOPs per step: {fmt_flops(total)} ({breakdown}); "
+                     f"stage total {fmt_flops(total * stage.steps)}")
     return "\n".join(lines)

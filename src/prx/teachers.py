@@ -28,7 +28,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def resolve_teacher(name: str) -> str:
     """Short name → hub id; ``tiny-random-*`` → its local directory; a local directory or hub id as given."""
-    if name.startswith("tiny-random-"):
+    if name.startswith(("tiny-random-", "random-dino")):
         from prx.tiny_teachers import tiny_teacher_path
 
         return str(tiny_teacher_path(name))

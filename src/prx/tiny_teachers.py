@@ -7,6 +7,8 @@ loaded by the very same code paths as real weights. They exercise the plumbing; 
 model nothing.
 
 Names: ``tiny-random-dinov2``, ``tiny-random-dinov3`` (teachers), ``tiny-random-vgg16`` (LPIPS trunk).
+``random-dinov2-base`` and ``random-dinov3-vitl16`` are the real teachers' architectures at full
+size with random weights: the same FLOPs, for benchmarking (``prx bench``) where no weights are.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-TINY_NAMES = ("tiny-random-dinov2", "tiny-random-dinov3", "tiny-random-vgg16")
+TINY_NAMES = ("tiny-random-dinov2", "tiny-random-dinov3", "tiny-random-vgg16", "random-dinov2-base",
+              "random-dinov3-vitl16")
 
 
 def cache_dir() -> Path:
@@ -53,7 +56,16 @@ def _create(name: str, path: Path) -> None:
         return
     import transformers as tf
 
-    if name == "tiny-random-dinov2":
+    if name.startswith("random-"):
+        from prx.plan import KNOWN_VISION
+        from prx.teachers import TEACHER_IDS
+
+        shape = dict(KNOWN_VISION[TEACHER_IDS["dinov2" if "dinov2" in name else "dinov3"]])
+        if "dinov2" in name:
+            model = tf.Dinov2WithRegistersModel(tf.Dinov2WithRegistersConfig(num_attention_heads=12, **shape))
+        else:
+            model = tf.DINOv3ViTModel(tf.DINOv3ViTConfig(num_attention_heads=16, **shape))
+    elif name == "tiny-random-dinov2":
         model = tf.Dinov2WithRegistersModel(tf.Dinov2WithRegistersConfig(
             hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=14, image_size=224,
             num_register_tokens=4))

@@ -125,6 +125,13 @@ def config_from_components(model, router, repa, perceptual_loss, param_groups, b
     return cfg
 
 
+class NoTimer:
+    """The step's phase timer when nobody is measuring: free."""
+
+    def __call__(self, phase: str):
+        return contextlib.nullcontext()
+
+
 class Trainer:
     """Trains a run into ``run_dir``, from a :class:`Config` or from components (the seed's API)::
 
@@ -153,6 +160,7 @@ class Trainer:
         self.resume = resume
         self.log = log
         self.stop_reason: str | None = None
+        self.timer = NoTimer()  # `prx bench` swaps in a timer that records each phase of the step
         self._given = dict(model=model if isinstance(model, PRX) else (PRX(config.model) if model is not None else None),
                            router=router, repa=repa, perceptual=perceptual_loss, param_groups=param_groups,
                            text_encoder=text_encoder)
@@ -267,7 +275,8 @@ class Trainer:
         per_rank = stage.batch_size // world
         rows = slice(rank * per_rank, (rank + 1) * per_rank)  # this rank's share of the global batch
 
-        data = self.data.batch(step, stage_index, stage)  # this rank's samples of the step
+        with self.timer("data"):
+            data = self.data.batch(step, stage_index, stage)  # this rank's samples of the step
         images = data.images.float() / 127.5 - 1.0  # uint8 → [-1, 1]
         micro = cfg.train.micro_batch_size or per_rank
 
@@ -298,22 +307,27 @@ class Trainer:
             part = slice(start, start + micro)
             last = start + micro >= per_rank
             x0, t_part = images[part].to(dev), t[part].to(dev)
-            text = (data.text[part] if data.text is not None else self.text_encoder.encode(captions[part])).to(dev)
+            with self.timer("text encoder"):
+                text = (data.text[part] if data.text is not None else self.text_encoder.encode(captions[part])).to(dev)
             x_t = add_noise(x0, noise[part], t_part)
             with self._gradient_sync(last), torch.autocast(dev.type, dtype=self.autocast or torch.float32,
                                                            enabled=self.autocast is not None):
-                out = self.forward_model(x_t, t_part, text.embeds, text.mask,
-                                         route=route.slice(part) if route else None,
-                                         capture_block=self.repa.block_index if use_repa else None)
-                losses = {"flow": flow_loss(out.x0, x0, x_t, t_part, cfg.objective.t_clamp)}
+                with self.timer("denoiser forward"):
+                    out = self.forward_model(x_t, t_part, text.embeds, text.mask,
+                                             route=route.slice(part) if route else None,
+                                             capture_block=self.repa.block_index if use_repa else None)
+                    losses = {"flow": flow_loss(out.x0, x0, x_t, t_part, cfg.objective.t_clamp)}
                 if use_perceptual:
-                    losses.update(self.perceptual(out.x0, x0, t_part))
+                    with self.timer("perceptual forward (LPIPS + DINO)"):
+                        losses.update(self.perceptual(out.x0, x0, t_part))
                 if use_repa:
-                    losses["repa"] = self.repa(out.hidden, x0, grid, out.hidden_index)
+                    with self.timer("REPA forward (teacher + projector)"):
+                        losses["repa"] = self.repa(out.hidden, x0, grid, out.hidden_index)
                 loss = sum(losses.values())
                 if not all_agree(bool(torch.isfinite(loss)), self.dist):  # every rank skips together
                     return self._skip(loss, losses)
-                (loss * (x0.shape[0] / per_rank)).backward()  # mean over this rank; DDP/FSDP average ranks
+                with self.timer("backward"):
+                    (loss * (x0.shape[0] / per_rank)).backward()  # mean over this rank; DDP/FSDP average ranks
             for name, value in losses.items():
                 totals[name] += value.item() * x0.shape[0] / per_rank
 
@@ -324,9 +338,11 @@ class Trainer:
 
         scale = lr_scale(step, cfg.total_steps, cfg.optimizer)
         self.optimizer.set_lr_scale(scale)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.ema.update(self.model, step + 1)
+        with self.timer("optimizer"):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        with self.timer("EMA"):
+            self.ema.update(self.model, step + 1)
         return StepResult(sum(totals.values()), dict(totals), grad_norm.item(), scale * cfg.optimizer.lr)
 
     def _gradient_sync(self, last_micro_batch: bool):

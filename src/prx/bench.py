@@ -1,0 +1,141 @@
+"""``prx bench``: throughput, a step-time breakdown, peak memory and MFU of a config's training step.
+
+The steps are the trainer's own (same data path, losses, optimizer, EMA), timed phase by phase
+with device synchronisation. MFU divides the FLOPs a step really does — the denoiser with its
+routing, every teacher forward, the backward through the perceptual networks, Muon's
+Newton–Schulz — by the step time and the device's peak: the spec sheet's dense bf16 number for
+known GPUs (or ``--peak-tflops``), and on a CPU the rate a large matmul reaches in the step's
+precision, measured first (so a CPU MFU says how close to the machine's own matmul speed a step
+runs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import tempfile
+import time
+from collections import defaultdict
+
+import torch
+
+from prx.config import Config
+from prx.plan import fmt_flops, step_flops
+
+# Dense bf16 tensor-core peaks (no sparsity) from the vendors' spec sheets, in TFLOP/s.
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
+                   "A100": 312.0, "L40S": 362.0, "B200": 2250.0, "GH200": 989.0}
+
+
+class PhaseTimer:
+    """Wall-clock per phase of the step, synchronising the GPU around each one."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.enabled = False
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        if not self.enabled:
+            yield
+            return
+        self.sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.seconds[phase] += time.perf_counter() - start
+
+
+def device_peak_flops(device: torch.device, dtype: torch.dtype, override_tflops: float | None) -> tuple[float, str]:
+    if override_tflops:
+        return override_tflops * 1e12, "given with --peak-tflops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in GPU_PEAK_TFLOPS.items():
+            if key.replace(" ", "").lower() in name.replace(" ", "").lower():
+                return tflops * 1e12, f"{name}: {tflops:g} TFLOP/s dense bf16 (spec sheet)"
+        return float("nan"), f"{name}: unknown peak, pass --peak-tflops"
+    n = 2048
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    start, reps = time.perf_counter(), 5
+    for _ in range(reps):
+        a @ b
+    rate = reps * 2 * n**3 / (time.perf_counter() - start)
+    return rate, f"CPU {str(dtype).replace('torch.', '')} matmul measured at {rate / 1e9:.0f} GFLOP/s"
+
+
+def peak_memory_gib(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "GPU memory allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process RSS"
+
+
+def run_bench(config: Config, steps: int = 5, warmup: int = 2, peak_tflops: float | None = None, log=print) -> dict:
+    from prx.train import Trainer
+
+    config.train.async_checkpoint = False
+    config.logging.sample_every = 0
+    config.logging.tensorboard = False
+    config.logging.progress_bar = False
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(config, tmp, log=lambda *a, **k: None)
+        trainer.setup()
+        timer = PhaseTimer(trainer.device)
+        trainer.timer = timer
+        stage_index, stage = config.stage_at(0)
+        for step in range(warmup):  # compile, allocator, caches
+            trainer.train_step(step)
+        if trainer.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(trainer.device)
+        timer.enabled = True
+        timer.sync()
+        start = time.perf_counter()
+        for step in range(warmup, warmup + steps):
+            trainer.train_step(step)
+        timer.sync()
+        seconds = (time.perf_counter() - start) / steps
+        world = trainer.dist.world
+        per_rank = stage.batch_size // world
+        flops = step_flops(config, stage, batch=per_rank)
+        peak, peak_source = device_peak_flops(trainer.device, trainer.autocast or torch.float32, peak_tflops)
+        memory, memory_kind = peak_memory_gib(trainer.device)
+        tokens = (stage.resolution // config.model.patch_size) ** 2
+        phases = {k: v / steps for k, v in timer.seconds.items()}
+        phases["other"] = max(0.0, seconds - sum(phases.values()))
+        result = {
+            "config": config.name, "device": str(trainer.device), "world": world, "resolution": stage.resolution,
+            "batch_per_device": per_rank, "micro_batch": config.train.micro_batch_size or per_rank,
+            "precision": str(trainer.autocast or torch.float32).replace("torch.", ""),
+            "compile": config.train.compile, "tread": stage.tread and config.tread.route_ratio > 0,
+            "step_seconds": seconds, "images_per_s": per_rank / seconds, "tokens_per_s": per_rank * tokens / seconds,
+            "phases": phases, "flops_per_step": flops, "achieved_tflops": sum(flops.values()) / seconds / 1e12,
+            "mfu": sum(flops.values()) / seconds / peak, "peak": peak_source, "peak_memory_gib": memory,
+            "memory_kind": memory_kind,
+        }
+    return result
+
+
+def format_bench(r: dict) -> str:
+    ranks = f" × {r['world']} ranks" if r["world"] > 1 else ""
+    lines = [
+        f"{r['config']}: {r['resolution']} px, batch {r['batch_per_device']} per device (micro {r['micro_batch']}), "
+        f"{r['precision']}, {r['device']}{ranks}, TREAD {'on' if r['tread'] else 'off'}, compile {r['compile']}",
+        f"  {r['step_seconds']:.3f} s/step | {r['images_per_s']:.2f} images/s | {r['tokens_per_s']:.0f} image tokens/s "
+        f"per device | peak {r['memory_kind']} {r['peak_memory_gib']:.2f} GiB",
+        "  step time by phase:",
+    ]
+    for name, seconds in sorted(r["phases"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"    {name:<38} {seconds:8.3f} s  {seconds / r['step_seconds']:6.1%}")
+    total = sum(r["flops_per_step"].values())
+    parts = ", ".join(f"{k} {fmt_flops(v)}" for k, v in r["flops_per_step"].items())
+    lines.append(f"  FLOPs per step: {fmt_flops(total)} ({parts}) → {fmt_flops(r['achieved_tflops'] * 1e12)}/s")
+    lines.append(f"  MFU {r['mfu']:.1%} of {r['peak']}")
+    return "\n".join(lines)
