@@ -16,10 +16,10 @@ import time
 
 import torch
 
-from prx.config import MODEL_PRESETS, ModelConfig
+from common import add_model_args, build_bench_model
 from prx.flops import training_step_flops
 from prx.flow import add_noise, flow_loss
-from prx.model import build_model, count_parameters
+from prx.model import count_parameters
 from prx.optim import build_optimizer
 from prx.perceptual import LPIPS, PerceptualLoss
 from prx.plan import KNOWN_VISION
@@ -51,22 +51,14 @@ def timed(fn, repeats: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="seed", choices=sorted(MODEL_PRESETS))
-    ap.add_argument("--patch-size", type=int, default=None)
-    ap.add_argument("--resolution", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--text-tokens", type=int, default=256)
-    ap.add_argument("--text-dim", type=int, default=2304)
+    add_model_args(ap)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
     dev = torch.device(args.device)
-    preset = dict(MODEL_PRESETS[args.preset])
-    if args.patch_size:
-        preset["patch_size"] = args.patch_size
-    cfg = ModelConfig(preset=args.preset, text_dim=args.text_dim, **preset)
-    model = build_model(cfg).to(dev)
+    cfg, model = build_bench_model(args)
+    model = model.to(dev)
     g = torch.Generator().manual_seed(0)
     b, r = args.batch, args.resolution
     x0 = (torch.rand(b, 3, r, r, generator=g) * 2 - 1).to(dev)

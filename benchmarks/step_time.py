@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from prx.config import MODEL_PRESETS, ModelConfig
+from common import add_model_args, build_bench_model
 from prx.flow import add_noise, flow_loss
 from prx.flops import training_step_flops
-from prx.model import build_model, count_parameters
+from prx.model import count_parameters
 
 
 def peak_rss_gib() -> float:
@@ -27,12 +27,7 @@ def peak_rss_gib() -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="seed", choices=sorted(MODEL_PRESETS))
-    ap.add_argument("--patch-size", type=int, default=None)
-    ap.add_argument("--resolution", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--text-tokens", type=int, default=256)
-    ap.add_argument("--text-dim", type=int, default=2304)
+    add_model_args(ap)
     ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
@@ -40,12 +35,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    preset = dict(MODEL_PRESETS[args.preset])
-    if args.patch_size:
-        preset["patch_size"] = args.patch_size
-    cfg = ModelConfig(preset=args.preset, text_dim=args.text_dim, **preset)
     rss_start = peak_rss_gib()
-    model = build_model(cfg)
+    cfg, model = build_bench_model(args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
     g = torch.Generator().manual_seed(0)
     b, r = args.batch, args.resolution

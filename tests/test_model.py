@@ -134,3 +134,18 @@ def test_flop_formula_matches_torch_flop_counter():
         model(x, t, txt, mask)
     expected = denoiser_forward_flops(model.config, 48, 64, text_tokens=5, batch=2)
     assert abs(counter.get_total_flops() - expected) / expected < 0.02
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    model = tiny_model()
+    _randomise(model)
+    x, t, txt, mask = _inputs()
+    route = Route(1, 2, torch.tensor([[0, 2, 4, 6, 8], [1, 3, 5, 7, 8]]))
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = checkpointing
+        model(x, t, txt, mask, route=route).x0.square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)

@@ -41,11 +41,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(describe_plan(config))
         return 0
     run_dir = Path(args.out) if args.out else Path("runs") / config.name
-    from prx.distributed import shutdown
-
     trainer = Trainer(config, run_dir, resume=True if args.resume else None)
     trainer.run()
-    shutdown()
     return 130 if trainer.stop_reason == "interrupted" else 0
 
 
@@ -279,9 +276,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(format_bench(result))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
-    from prx.distributed import shutdown
-
-    shutdown()
     return 0
 
 

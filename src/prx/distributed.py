@@ -7,6 +7,7 @@ nodes: with no torchrun environment everything here is a no-op.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -48,6 +49,8 @@ def init_distributed(device: torch.device, timeout_minutes: float = 10.0) -> Dis
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes),
                                 device_id=device if device.type == "cuda" else None)
+        # leave the job together at exit: a rank tearing down alone aborts the others
+        atexit.register(shutdown)
     return DistInfo(rank, world, local_rank, device)
 
 

@@ -213,6 +213,7 @@ class Trainer:
         self.ema = EMA(self.model, cfg.ema.decay, cfg.ema.update_every, cfg.ema.warmup)  # a copy, before sharding
         # Parallelism: FSDP2 shards the model (and the EMA, alike) in place; DDP wraps it for training.
         self.parallel = resolve_parallel(cfg.train.parallel, self.dist)
+        names_before = {id(param): name for name, param in self.model.named_parameters()}
         if self.parallel == "fsdp":
             apply_fsdp(self.model, self.dist, self.autocast)
             apply_fsdp(self.ema.model, self.dist, self.autocast)
@@ -250,6 +251,10 @@ class Trainer:
             elif self.parallel == "ddp":
                 self.repa.projector = apply_ddp(self.repa.projector, self.dist)
         groups = given["param_groups"] or param_groups_from_config(self.model, cfg.optimizer)
+        if given["param_groups"] is not None:  # built from the model before sharding: point at its parameters now
+            current = dict(self.model.named_parameters())
+            groups = [{**g, "params": [current[names_before[id(q)]] if id(q) in names_before else q for q in g["params"]]}
+                      for g in groups]
         extra = list(self.trainable["repa_projector"].parameters()) if self.repa is not None else []
         self.optimizer: MultiOptimizer = build_optimizer(groups, extra)
         self.data = build_source(cfg, self.dist.rank, self.dist.world)
