@@ -26,6 +26,8 @@ from prx.config import Config, config_from_dict, read_yaml
 from prx.errors import CheckpointError, PrxError
 
 LATEST = "latest"
+# DCP says so on every single-process save, also from the background writer thread
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 
 def _is_complete(path: Path) -> bool:
@@ -140,13 +142,11 @@ class CheckpointWriter:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         barrier(self.info)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            if self.asynchronous:
-                response = dcp.async_save(state, checkpoint_id=tmp, process_group=self.group)
-                self.pending = (getattr(response, "upload_completion", response), tmp, step, config)
-                return None
-            dcp.save(state, checkpoint_id=tmp)
+        if self.asynchronous:
+            response = dcp.async_save(state, checkpoint_id=tmp, process_group=self.group)
+            self.pending = (getattr(response, "upload_completion", response), tmp, step, config)
+            return None
+        dcp.save(state, checkpoint_id=tmp)
         return self._finish(tmp, step, config)
 
     def _finish(self, tmp: Path, step: int, config: Config) -> Path:
@@ -184,9 +184,7 @@ def load_checkpoint(path: str | Path, state: dict) -> Path:
     """Fill ``state`` in place from a checkpoint (only the keys present in ``state`` are read)."""
     path = find_checkpoint(path)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=path)
+        dcp.load(state, checkpoint_id=path)
     except (Exception, CheckpointException) as e:  # DCP wraps the cause (size mismatch, missing key); a BaseException
         detail = " ".join(str(e).split())
         for marker in ("Size mismatch", "Missing key", "missing key", "Unexpected key"):
