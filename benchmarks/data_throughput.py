@@ -3,9 +3,11 @@
 1. decode + resize + centre-crop per CPU core (one process, one thread) at 512 and 1024 px,
    from 1024×1024 JPEG and WebP sources (the recipe's datasets are mostly 1024² images);
 2. `prx data convert` throughput from an image folder, with 1 and 2 worker processes;
-3. the training loader's resident memory (main process + workers) over many epochs.
+3. the training loader's resident memory (main process + workers) over many epochs;
+4. the loader on converted shards vs the same images in a downloaded-style Parquet file read in
+   place (data.dataset=parquet: 100-row groups, the image as a {bytes, path} struct).
 
-    python benchmarks/data_throughput.py            # ~2 minutes on 2 cores
+    python benchmarks/data_throughput.py            # ~3 minutes on 2 cores
 """
 
 import argparse
@@ -16,10 +18,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
 from prx.data.buckets import make_buckets, resize_and_crop_box
-from prx.data.convert import Mapping, convert
+from prx.data.convert import Mapping, convert, mapping_from
 from prx.data.imageio import decode
 from prx.data.loader import ShardLoader
 from prx.data.shards import expand_shards
@@ -117,6 +121,29 @@ def main() -> None:
         print(f"   {per_epoch * args.epochs * 8} images in {elapsed:.1f} s ({per_epoch * args.epochs * 8 / elapsed:.1f} images/s); "
               f"RSS after each epoch (MiB): {', '.join(f'{m:.0f}' for m in samples)}")
         print(f"   growth from epoch 2 to the last: {samples[-1] - samples[1]:+.0f} MiB")
+
+        print("4. loader throughput, 2 workers, 512 px, batch 8, two epochs: converted shards vs read in place")
+        jpegs = [encode(a, "JPEG") for a in sources] * 4
+        hub = Path(tmp) / "hub"
+        hub.mkdir()
+        struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+        pq.write_table(pa.table({"image": pa.array([{"bytes": b, "path": None} for b in jpegs], struct),
+                                 "caption": [f"caption {i}" for i in range(len(jpegs))]}),
+                       hub / "train-00000.parquet", row_group_size=100)  # as the `datasets` library writes images
+        convert("parquet", [str(hub)], Path(tmp) / "converted", Mapping(), workers=1, target_bytes=2**30, progress=False)
+        os.environ["PRX_CACHE"] = str(Path(tmp) / "cache")
+        for name, paths, mapping in (("converted shards", expand_shards(str(Path(tmp) / "converted")), None),
+                                     ("read in place", [hub / "train-00000.parquet"], mapping_from())):
+            start = time.perf_counter()
+            loader = ShardLoader(paths, patch=32, seed=0, caption_weights={}, num_workers=2, mapping=mapping)
+            ready = time.perf_counter() - start
+            loader.set_stage(0, 512, 8)
+            count = 2 * loader.batches_per_epoch
+            start = time.perf_counter()
+            for _ in range(count):
+                loader.next()
+            rate = count * 8 / (time.perf_counter() - start)
+            print(f"   {name:<17} {rate:6.1f} images/s (index built in {ready:.2f} s)")
 
 
 if __name__ == "__main__":

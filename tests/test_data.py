@@ -236,6 +236,92 @@ def test_hf_parquet_with_preset_mapping(tmp_path):
         convert("parquet", [str(tmp_path / "in")], tmp_path / "out2", Mapping(captions={"llava": "caption"}))
 
 
+def downloaded_parquet(path, n=24, with_sizes=False, rows_per_group=8):
+    """A file shaped like FLUX-Reason-6M on the hub (or flux_generated with ``with_sizes``), bad rows
+    included: 3 an undecodable blob, 7 no image, 11 no caption at all, 13 a truncated JPEG."""
+    images = [image_bytes(48 + (i % 2) * 2, 48) for i in range(n)]  # one bucket: no leftovers
+    images[3], images[7], images[13] = b"not an image", None, truncated_jpeg()
+    columns = {
+        "id": [f"row-{i}" for i in range(n)],
+        "image": pa.array([None if b is None else {"bytes": b, "path": None} for b in images],
+                          pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+        "caption_detail": [None if i in (5, 11) else f"detail {i}" for i in range(n)],
+        "caption_original": [None if i == 11 else f"original {i}" for i in range(n)],
+    }
+    if with_sizes:
+        columns["width"] = pa.array([48 + (i % 2) * 2 for i in range(n)], pa.int32())
+        columns["height"] = pa.array([48] * n, pa.int32())
+        columns["caption_caption"] = columns.pop("caption_detail")
+        del columns["id"], columns["caption_original"]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path, row_group_size=rows_per_group)
+    return Path(path)
+
+
+def test_downloaded_parquet_is_read_in_place(tmp_path, monkeypatch, prx_cache):
+    from prx.data import inplace
+    from prx.data.convert import mapping_from
+
+    path = downloaded_parquet(tmp_path / "hub" / "fluxdb-00000.parquet")
+    mapping = mapping_from("flux-reason-6m")
+    index = ShardIndex([path], mapping, progress=False)
+    assert len(index) == 22 and index.unusable == 2  # rows 3 and 7 have no readable header
+    assert index.caption_columns == ["caption", "original"]
+    assert list(index.width[:3]) == [48, 50, 48] and list(index.height[:3]) == [48, 48, 48]
+    assert len(list((prx_cache / "sizes").glob("*.npy"))) >= 1  # probed once, cached
+
+    def no_probing(*args):
+        raise AssertionError("sizes should come from the cache")
+
+    monkeypatch.setattr(inplace, "_probe_sizes", no_probing)
+    assert np.array_equal(ShardIndex([path], mapping, progress=False).width, index.width)
+
+    loader = ShardLoader([path], patch=8, seed=0, caption_weights={"caption": 1.0, "original": 1.0}, num_workers=0,
+                         mapping=mapping)
+    loader.set_stage(0, 32, 2)
+    seen = {}
+    for _ in range(loader.batches_per_epoch):
+        batch = loader.next()
+        assert batch.images.dtype == torch.uint8 and batch.images.shape[0] == 2
+        seen.update(zip(batch.ids, batch.captions))
+    assert seen["row-0"] in ("detail 0", "original 0") and seen["row-5"] == "original 5"  # empty chosen column: fall back
+    assert "row-11" not in seen and "row-13" not in seen
+    assert dict(loader.skipped) == {"no caption": 1, "truncated": 1}
+
+
+def test_downloaded_parquet_with_size_columns_and_no_id(tmp_path, prx_cache):
+    from prx.data.convert import mapping_from
+
+    path = downloaded_parquet(tmp_path / "train-00000.parquet", with_sizes=True)
+    index = ShardIndex([path], mapping_from("flux-generated"), progress=False)
+    assert len(index) == 24 and index.unusable == 0 and index.width[5] == 50  # sizes from the file's columns
+    loader = ShardLoader([path], patch=8, seed=0, caption_weights={}, num_workers=0, mapping=mapping_from("flux-generated"))
+    loader.set_stage(0, 32, 4)
+    batch = loader.next()
+    assert all(i.startswith("train-00000.parquet:") for i in batch.ids)
+    assert all(c.startswith("detail") for c in batch.captions)
+    with pytest.raises(PrxError, match="has no column.*data.preset"):
+        ShardIndex([path], mapping_from("midjourney-v6-llava"), progress=False)
+
+
+def test_training_directly_on_downloaded_parquet(tmp_path):
+    from conftest import tiny_config
+    from prx.config import ConfigError
+    from prx.train import Trainer
+
+    downloaded_parquet(tmp_path / "hub" / "a.parquet")
+    downloaded_parquet(tmp_path / "hub" / "b.parquet")
+    data = ["data.dataset=parquet", f"data.shards=[{tmp_path / 'hub'}]", "data.preset=flux-reason-6m",
+            "data.num_workers=1", "train.steps=3"]
+    trainer = Trainer(tiny_config(*data), tmp_path / "run")
+    trainer.run()
+    assert trainer.data.state_dict()["batch"] > 0
+    with pytest.raises(ConfigError, match="data.preset='nope' is unknown"):
+        tiny_config(*data[:2], "data.preset=nope")
+    with pytest.raises(ConfigError, match="set data.dataset=parquet"):
+        tiny_config("data.dataset=shards", f"data.shards=[{tmp_path / 'hub'}]", "data.preset=flux-reason-6m")
+
+
 # ------------------------------------------------------------------------------------------ buckets
 
 

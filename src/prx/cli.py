@@ -135,24 +135,9 @@ def _rank(args: argparse.Namespace) -> tuple[int, int]:
 
 
 def cmd_data_convert(args: argparse.Namespace) -> int:
-    from prx.data.convert import PRESETS, Mapping, convert
+    from prx.data.convert import convert, mapping_from
 
-    mapping = Mapping()
-    if args.preset:
-        if args.preset not in PRESETS:
-            raise PrxError(f"unknown preset '{args.preset}': one of {', '.join(PRESETS)}")
-        preset = PRESETS[args.preset]
-        mapping = Mapping(preset["image"], dict(preset["captions"]), preset["id"])
-    if args.image_column:
-        mapping.image = args.image_column
-    if args.caption_columns:
-        captions = {}
-        for item in args.caption_columns.split(","):
-            src, _, dst = item.partition("=")
-            captions[src.strip()] = (dst or src).strip()
-        mapping.captions = captions
-    if args.id_column:
-        mapping.id = args.id_column
+    mapping = mapping_from(args.preset or "", args.image_column or "", args.caption_columns or "", args.id_column or "")
     rank, world = _rank(args)
     manifest = convert(args.kind, args.inputs, args.out, mapping, workers=args.workers,
                        target_bytes=_parse_size(args.shard_size), verify=not args.no_verify, rank=rank, world_size=world)
@@ -203,8 +188,16 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     from prx.data.shards import expand_shards
 
     shards = expand_shards(args.shards)
-    index = ShardIndex(shards)
-    print(f"{len(shards)} shard(s), {len(index)} samples, caption columns in every shard: {index.caption_columns}")
+    mapping = None
+    if args.preset or args.image_column or args.caption_columns or args.id_column:  # downloaded files, read in place
+        from prx.data.convert import mapping_from
+
+        mapping = mapping_from(args.preset or "", args.image_column or "", args.caption_columns or "", args.id_column or "")
+    index = ShardIndex(shards, mapping)
+    kind = "shard(s)" if mapping is None else "Parquet file(s) read in place"
+    print(f"{len(shards)} {kind}, {len(index)} samples, caption columns in every file: {index.caption_columns}")
+    if index.unusable:
+        print(f"{index.unusable} rows left out: their image header cannot be read")
     sidecars = collections.Counter(p.name.split(".emb-")[1][:-8] for s in shards for p in s.parent.glob(f"{s.stem}.emb-*.parquet"))
     if sidecars:
         print("precomputed embeddings: " + ", ".join(f"{tag} ({n}/{len(shards)} shards)" for tag, n in sidecars.items()))
@@ -223,10 +216,10 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
         picks = rng.choice(len(index), size=min(args.check, len(index)), replace=False)
         for i in picks:
             table = pq.ParquetFile(index.paths[index.shard[i]]).read_row_group(
-                int(index.groups[index.group[i]][1]), columns=["image"])
+                int(index.groups[index.group[i]][1]), columns=index.read_columns([]))
             row = int(index.row[i]) - index.group_start[index.groups[index.group[i]]]
             try:
-                decode(table.column("image")[row].as_py())
+                decode(index.image(table, row))
             except BadImage as e:
                 reasons[e.reason] += 1
         print(f"decoded {len(picks)} random samples: {sum(reasons.values())} failed {dict(reasons) or ''}")
@@ -415,8 +408,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--per-shard", type=int, default=1000)
     q.set_defaults(func=cmd_data_shapes)
 
-    q = data_sub.add_parser("inspect", help="counts, caption columns, buckets and embeddings of shards")
-    q.add_argument("shards", nargs="+", metavar="SHARDS")
+    q = data_sub.add_parser("inspect", help="counts, caption columns, buckets and embeddings of shards",
+                            description="Summarise shards, or Parquet files as downloaded when a column mapping is "
+                                        "given (which also reads and caches their image sizes, once, for training "
+                                        "with data.dataset=parquet).",
+                            epilog="examples:\n"
+                                   "  prx data inspect shards/ --check 100\n"
+                                   "  prx data inspect ~/hf/FLUX-Reason-6M --preset flux-reason-6m",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("shards", nargs="+", metavar="SHARDS", help="shard (or Parquet) files, directories or globs")
+    q.add_argument("--preset", help="read downloaded Parquet files in place with a known column mapping: "
+                                    "flux-generated, flux-reason-6m, midjourney-v6-llava")
+    q.add_argument("--image-column", help="downloaded files: the image column")
+    q.add_argument("--caption-columns", metavar="A[=B],...", help="downloaded files: caption fields, optionally renamed")
+    q.add_argument("--id-column", help="downloaded files: a stable id column")
     q.add_argument("--resolution", type=int, default=512, help="stage resolution for the bucket table")
     q.add_argument("--patch-size", type=int, default=32)
     q.add_argument("--check", type=int, default=0, metavar="N", help="also decode N random samples")

@@ -69,8 +69,15 @@ class CaptionWeight:
 
 @dataclass
 class DataConfig:
-    dataset: str = "shapes"  # shapes (procedural, built in) | shards (prx Parquet shards, see `prx data`)
-    shards: list[str] = field(default_factory=list)  # directories, files or globs of shards
+    # shapes: procedural, built in | shards: prx Parquet shards (see `prx data`) | parquet: Parquet
+    # files as downloaded (e.g. from the Hugging Face hub), read in place through a column mapping
+    dataset: str = "shapes"
+    shards: list[str] = field(default_factory=list)  # directories, files or globs of shards (or of parquet files)
+    # dataset=parquet: the column mapping, as `prx data convert --from parquet` takes it
+    preset: str = ""  # flux-generated | flux-reason-6m | midjourney-v6-llava
+    image_column: str = ""  # the image column (bytes or a {bytes, path} struct); default the preset's, else image
+    caption_columns: list[str] = field(default_factory=list)  # "field" or "field=name"; default the preset's, else caption
+    id_column: str = ""  # a stable id column; default the preset's, else file name and row
     resolution: int = 512
     caption_dropout: float = 0.1  # probability of replacing the caption by "" (enables CFG)
     # which caption column each sample uses, drawn by weight; empty = the shards' first column
@@ -553,9 +560,17 @@ def validate(cfg: Config) -> None:
         _check(st.steps >= 1, f"{key}.steps must be ≥ 1, got {st.steps}")
         _check(st.batch_size >= 1, f"{key}.batch_size must be ≥ 1, got {st.batch_size}")
     _check(0.0 <= d.caption_dropout < 1.0, f"data.caption_dropout must be in [0, 1), got {d.caption_dropout}")
-    _check(d.dataset in ("shapes", "shards"), f"data.dataset='{d.dataset}' is unknown: use 'shapes' or 'shards'")
-    _check(d.dataset != "shards" or bool(d.shards),
-           "data.dataset=shards needs data.shards: a list of shard directories, files or globs (see `prx data convert`)")
+    _check(d.dataset in ("shapes", "shards", "parquet"),
+           f"data.dataset='{d.dataset}' is unknown: use 'shapes', 'shards' or 'parquet'")
+    _check(d.dataset == "shapes" or bool(d.shards),
+           f"data.dataset={d.dataset} needs data.shards: a list of directories, files or globs"
+           + (" (see `prx data convert`)" if d.dataset == "shards" else " of the downloaded .parquet files"))
+    from prx.data.convert import PRESETS
+
+    _check(not d.preset or d.preset in PRESETS, f"data.preset='{d.preset}' is unknown: use one of {', '.join(PRESETS)}")
+    _check(d.dataset == "parquet" or not (d.preset or d.image_column or d.caption_columns or d.id_column),
+           "data.preset / image_column / caption_columns / id_column map downloaded files: set data.dataset=parquet "
+           "(prx shards need no mapping)")
     _check(all(c.weight >= 0 for c in d.captions) and (not d.captions or sum(c.weight for c in d.captions) > 0),
            "data.captions weights must be ≥ 0 with a positive sum")
     _check(d.embeddings in ("auto", "off"), f"data.embeddings must be auto or off, got '{d.embeddings}'")

@@ -18,12 +18,14 @@ from pathlib import Path
 
 import torch
 
+from prx.runtime import cache_root
+
 TINY_NAMES = ("tiny-random-dinov2", "tiny-random-dinov3", "tiny-random-vgg16", "random-dinov2-base",
               "random-dinov3-vitl16")
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("PRX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "prx"))) / "tiny-teachers"
+    return cache_root() / "tiny-teachers"
 
 
 def _write_atomically(path: Path, write) -> None:

@@ -63,6 +63,33 @@ class Mapping:
     def caption_columns(self) -> list[str]:
         return list(dict.fromkeys(self.captions.values()))
 
+    def sources_of(self, column: str) -> list[str]:
+        """The input fields that feed a shard caption column, in mapping order."""
+        return [src for src, dst in self.captions.items() if dst == column]
+
+
+def mapping_from(preset: str = "", image: str = "", captions: str | list[str] = "", id: str = "") -> Mapping:
+    """A mapping from a preset name, overridden field by field. ``captions``: ``"llava=caption,prompt"``
+    or ``["llava=caption", "prompt"]`` (a field, optionally renamed)."""
+    mapping = Mapping()
+    if preset:
+        if preset not in PRESETS:
+            raise PrxError(f"unknown column-mapping preset '{preset}': one of {', '.join(PRESETS)}")
+        known = PRESETS[preset]
+        mapping = Mapping(known["image"], dict(known["captions"]), known["id"])
+    if image:
+        mapping.image = image
+    items = captions.split(",") if isinstance(captions, str) else list(captions)
+    items = [item.strip() for item in items if item.strip()]
+    if items:
+        mapping.captions = {}
+        for item in items:
+            src, _, dst = item.partition("=")
+            mapping.captions[src.strip()] = (dst or src).strip()
+    if id:
+        mapping.id = id
+    return mapping
+
 
 @dataclass
 class Task:
@@ -192,26 +219,33 @@ def read_webdataset(task: Task) -> Iterator[RawSample]:
         raise PrxError(f"cannot read tar {path} ({e}): the file is damaged; re-download it or leave it out") from None
 
 
+def check_columns(path, names: list[str], mapping: Mapping, how_to_fix: str) -> None:
+    wanted = [mapping.image, *mapping.captions] + ([mapping.id] if mapping.id else [])
+    missing = [c for c in wanted if c not in names]
+    if missing:
+        raise PrxError(f"{path} has no column(s) {missing}; its columns are {names}: {how_to_fix}")
+
+
+def image_bytes(value) -> bytes | None:
+    if isinstance(value, dict):  # a Hugging Face Image feature: {"bytes": ..., "path": ...}
+        return value.get("bytes")
+    return value
+
+
 def read_parquet(task: Task, mapping: Mapping) -> Iterator[RawSample]:
     path = task.inputs[0]
     try:
         file = pq.ParquetFile(path)
     except Exception as e:
         raise PrxError(f"cannot read {path} ({type(e).__name__}): not a Parquet file?") from None
-    names = file.schema_arrow.names
+    check_columns(path, file.schema_arrow.names, mapping,
+                  "set the mapping with --image-column / --caption-columns (or --preset)")
     wanted = [mapping.image, *mapping.captions] + ([mapping.id] if mapping.id else [])
-    missing = [c for c in wanted if c not in names]
-    if missing:
-        raise PrxError(f"{path} has no column(s) {missing}; its columns are {names}: set the mapping with "
-                       f"--image-column / --caption-columns (or --preset)")
     row = 0
-    for batch in file.iter_batches(batch_size=256, columns=wanted):
+    for batch in file.iter_batches(batch_size=256, columns=list(dict.fromkeys(wanted))):
         for record in batch.to_pylist():
-            image = record[mapping.image]
-            if isinstance(image, dict):  # a Hugging Face Image feature: {"bytes": ..., "path": ...}
-                image = image.get("bytes")
             sample_id = str(record[mapping.id]) if mapping.id else f"{Path(path).name}:{row}"
-            yield sample_id, image, {k: record[k] for k in mapping.captions}
+            yield sample_id, image_bytes(record[mapping.image]), {k: record[k] for k in mapping.captions}
             row += 1
 
 

@@ -1,4 +1,4 @@
-"""The training loader over prx shards.
+"""The training loader over prx shards (or Parquet files as downloaded, see :mod:`prx.data.inplace`).
 
 Planning uses only the index (width and height of every sample), so it is cheap and the same in
 every process:
@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from prx.data.buckets import Bucket, assign_bucket, make_buckets, resize_and_crop_box
+from prx.data.convert import Mapping, image_bytes
 from prx.data.imageio import BadImage, decode
 from prx.data.shards import decode_array, read_shard_info, sidecar_meta, sidecar_path
 from prx.errors import PrxError
@@ -68,13 +69,23 @@ def _seed(*parts: int) -> np.random.Generator:
 
 
 class ShardIndex:
-    """Where every sample is (shard, row group, row) and which bucket it falls in."""
+    """Where every sample is (shard, row group, row) and which bucket it falls in.
 
-    def __init__(self, shards: list[Path]):
-        infos = [read_shard_info(p) for p in shards]
+    With a ``mapping`` the files are Parquet files as downloaded, read in place through that
+    column mapping (:mod:`prx.data.inplace`); rows whose image cannot be probed are left out."""
+
+    def __init__(self, shards: list[Path], mapping: Mapping | None = None, progress: bool = True):
+        self.mapping = mapping
+        if mapping is None:
+            infos = [read_shard_info(p) for p in shards]
+        else:
+            from prx.data.inplace import read_inplace_infos
+
+            infos = read_inplace_infos(list(shards), mapping, progress)
         self.paths = [i.path for i in infos]
         columns = [set(i.caption_columns) for i in infos]
         self.caption_columns = sorted(set.intersection(*columns)) if columns else []
+        self.group_bytes = int(np.mean([i.group_bytes for i in infos])) if infos else 0
         shard_of, row_of, group_of, widths, heights, group_rows = [], [], [], [], [], []
         self.groups: list[tuple[int, int]] = []  # (shard, group) in index order
         group_offset = 0
@@ -94,12 +105,42 @@ class ShardIndex:
         self.group = np.concatenate(group_of) if group_of else np.zeros(0, np.int64)
         self.width = np.concatenate(widths) if widths else np.zeros(0, np.int32)
         self.height = np.concatenate(heights) if heights else np.zeros(0, np.int32)
+        usable = (self.width > 0) & (self.height > 0)  # always true for prx shards (checked when converted)
+        self.unusable = int((~usable).sum())
+        if self.unusable:
+            self.shard, self.row, self.group = self.shard[usable], self.row[usable], self.group[usable]
+            self.width, self.height = self.width[usable], self.height[usable]
         self.group_start = {(s, g): int(start) for s, starts in enumerate(group_rows) for g, start in enumerate(starts)}
         order = np.argsort(self.group, kind="stable")
         self.samples_of_group = np.split(order, np.cumsum(np.bincount(self.group, minlength=len(self.groups)))[:-1])
 
     def __len__(self) -> int:
         return len(self.shard)
+
+    # How a row's fields are read: prx shards by their own column names, downloaded files
+    # through the mapping.
+
+    def read_columns(self, caption_columns: list[str]) -> list[str]:
+        if self.mapping is None:
+            return ["id", "image", *caption_columns]
+        m = self.mapping
+        sources = [src for column in caption_columns for src in m.sources_of(column)]
+        return list(dict.fromkeys(([m.id] if m.id else []) + [m.image] + sources))
+
+    def caption(self, table, row: int, column: str) -> str | None:
+        for source in [column] if self.mapping is None else self.mapping.sources_of(column):
+            value = table.column(source)[row].as_py()
+            if isinstance(value, str) and value.strip():
+                return value
+        return None
+
+    def image(self, table, row: int) -> bytes | None:
+        return image_bytes(table.column("image" if self.mapping is None else self.mapping.image)[row].as_py())
+
+    def sample_id(self, table, row: int, sample: int) -> str:
+        if self.mapping is None or self.mapping.id:
+            return str(table.column("id" if self.mapping is None else self.mapping.id)[row].as_py())
+        return f"{self.paths[int(self.shard[sample])].name}:{int(self.row[sample])}"
 
 
 class ShardPlanner:
@@ -149,7 +190,9 @@ class ShardPlanner:
 class _RowGroupCache:
     """Recently read row groups of a worker, bounded by bytes."""
 
-    def __init__(self, budget_bytes: int = 256 * 2**20):
+    DEFAULT_BUDGET = 256 * 2**20
+
+    def __init__(self, budget_bytes: int = DEFAULT_BUDGET):
         self.budget, self.used = budget_bytes, 0
         self.items: collections.OrderedDict = collections.OrderedDict()
         self.files: dict[Path, pq.ParquetFile] = {}
@@ -196,7 +239,10 @@ class ShardBatches(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        cache = _RowGroupCache()
+        # A window's row groups should stay cached while its batches are read; prx shards' 32-row
+        # groups fit the default, downloaded files' 100-row groups of large images need more.
+        window_bytes = int(1.25 * self.planner.window * self.planner.index.group_bytes)
+        cache = _RowGroupCache(max(_RowGroupCache.DEFAULT_BUDGET, window_bytes))
         trim = _release_freed_memory() if info else (lambda: None)
         epoch, k = self.start
         counter = 0
@@ -217,7 +263,7 @@ class ShardBatches(IterableDataset):
         bucket: Bucket = self.planner.buckets[bucket_index]
         idx = self.planner.index
         images, captions, ids, embeds, skipped = [], [], [], [], collections.Counter()
-        columns = ["id", "image"] + self.caption_names
+        columns = idx.read_columns(self.caption_names)
         for sample in samples:
             shard, row, group = int(idx.shard[sample]), int(idx.row[sample]), int(idx.group[sample])
             path = idx.paths[shard]
@@ -228,15 +274,15 @@ class ShardBatches(IterableDataset):
             names = [self.caption_names[choice]] + [n for n in self.caption_names if n != self.caption_names[choice]]
             caption, used = "", None
             for name in names:  # the chosen column, or another if it is empty for this sample
-                value = table.column(name)[r].as_py()
-                if isinstance(value, str) and value.strip():
+                value = idx.caption(table, r, name)
+                if value is not None:
                     caption, used = value, name
                     break
             try:
                 if used is None:
                     raise BadImage("no caption")
                 cover, _ = resize_and_crop_box(int(idx.width[sample]), int(idx.height[sample]), bucket)
-                image = decode(table.column("image")[r].as_py(), at_least=cover)  # JPEG: decode at ≥ the needed size
+                image = decode(idx.image(table, r), at_least=cover)  # JPEG: decode at ≥ the needed size
                 size, box = resize_and_crop_box(image.width, image.height, bucket)
                 image = image.resize(size, resample=_RESAMPLE, reducing_gap=None).crop(box)
             except BadImage as e:
@@ -244,7 +290,7 @@ class ShardBatches(IterableDataset):
                 continue
             images.append(np.asarray(image))
             captions.append(caption)
-            ids.append(table.column("id")[r].as_py())
+            ids.append(idx.sample_id(table, r, int(sample)))
             if self.embedding_tag is not None:
                 embeds.append(self._embedding(path, local_group, r, used, cache))
         if not images:
@@ -292,8 +338,9 @@ class ShardLoader:
 
     def __init__(self, shards: list[Path], patch: int, seed: int, caption_weights: dict[str, float],
                  num_workers: int = 2, rank: int = 0, world: int = 1, shuffle_window: int = 16,
-                 aspect_range: tuple[float, float] = (0.5, 2.0), embedding_tag: str | None = None):
-        self.index = ShardIndex(shards)
+                 aspect_range: tuple[float, float] = (0.5, 2.0), embedding_tag: str | None = None,
+                 mapping: Mapping | None = None):
+        self.index = ShardIndex(shards, mapping, progress=rank == 0)
         self.patch, self.seed, self.caption_weights = patch, seed, caption_weights
         self.num_workers, self.rank, self.world = num_workers, rank, world
         self.shuffle_window, self.aspect_range = shuffle_window, aspect_range

@@ -67,7 +67,9 @@ def caption_columns_of(path: str | Path) -> list[str]:
     meta = pq.read_schema(path).metadata or {}
     if b"prx.captions" in meta:
         return json.loads(meta[b"prx.captions"])
-    raise PrxError(f"{path} is not a prx shard (no prx.captions metadata): convert it with `prx data convert`")
+    raise PrxError(f"{path} is not a prx shard (no prx.captions metadata): convert it with `prx data convert`, "
+                   f"or read it in place with a column mapping (data.dataset=parquet and data.preset, or "
+                   f"`prx data inspect --preset`)")
 
 
 def expand_shards(patterns: list[str] | str) -> list[Path]:
@@ -155,16 +157,23 @@ class ShardInfo:
     width: np.ndarray
     height: np.ndarray
     caption_columns: list[str]
+    group_bytes: int = 0  # mean uncompressed bytes of a row group (sizes the reader's cache)
 
 
 def read_shard_info(path: str | Path) -> ShardInfo:
     path = Path(path)
     try:
         file = pq.ParquetFile(path)
+    except Exception as e:
+        raise PrxError(f"cannot read shard {path} ({type(e).__name__}: {str(e)[:100]}): re-convert it or remove it") from None
+    caption_columns = caption_columns_of(path)
+    try:
         table = file.read(columns=["width", "height"])
     except Exception as e:
         raise PrxError(f"cannot read shard {path} ({type(e).__name__}: {str(e)[:100]}): re-convert it or remove it") from None
     sizes = [file.metadata.row_group(i).num_rows for i in range(file.metadata.num_row_groups)]
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if sizes else np.zeros(0, np.int64)
+    group_bytes = [file.metadata.row_group(i).total_byte_size for i in range(file.metadata.num_row_groups)]
     return ShardInfo(path, file.metadata.num_rows, starts, table.column("width").to_numpy(),
-                     table.column("height").to_numpy(), caption_columns_of(path))
+                     table.column("height").to_numpy(), caption_columns,
+                     int(np.mean(group_bytes)) if group_bytes else 0)

@@ -1,4 +1,5 @@
-"""What the trainer reads from: the procedural shapes world or prx shards, behind one interface.
+"""What the trainer reads from: the procedural shapes world, prx shards or downloaded Parquet files,
+behind one interface.
 
 ``source.batch(step, stage_index, stage)`` returns the rank's batch of that step as a
 :class:`~prx.data.loader.DataBatch` (uint8 images, captions, maybe precomputed embeddings);
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 
 from prx.config import Config, StageConfig
+from prx.data.convert import mapping_from
 from prx.data.loader import DataBatch, ShardLoader
 from prx.data.shapes import ShapesWorld, render
 from prx.data.shards import encoder_tag, expand_shards, sidecar_path
@@ -62,10 +64,14 @@ class ShardSource:
         d = cfg.data
         shards = expand_shards(d.shards)
         tag = encoder_tag(cfg.text.encoder, cfg.text.max_length)
-        use_embeddings = d.embeddings == "auto" and all(sidecar_path(p, tag).exists() for p in shards)
+        mapping = None
+        if d.dataset == "parquet":  # files as downloaded: read in place, captions encoded online
+            mapping = mapping_from(d.preset, d.image_column, d.caption_columns, d.id_column)
+        use_embeddings = mapping is None and d.embeddings == "auto" and all(sidecar_path(p, tag).exists() for p in shards)
         weights = {c.column: c.weight for c in d.captions}
         self.loader = ShardLoader(shards, cfg.model.patch_size, cfg.train.seed, weights, d.num_workers, rank, world,
-                                  d.shuffle_window, (d.min_aspect, d.max_aspect), tag if use_embeddings else None)
+                                  d.shuffle_window, (d.min_aspect, d.max_aspect), tag if use_embeddings else None,
+                                  mapping)
         self.world = world
         self.empty_embedding = self.loader.empty_embedding
 
@@ -87,4 +93,4 @@ class ShardSource:
 
 
 def build_source(cfg: Config, rank: int = 0, world: int = 1):
-    return ShardSource(cfg, rank, world) if cfg.data.dataset == "shards" else ShapesSource(cfg, rank, world)
+    return ShapesSource(cfg, rank, world) if cfg.data.dataset == "shapes" else ShardSource(cfg, rank, world)
