@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import tiny_config, tiny_model
+from conftest import tiny_model
 from prx.errors import ConfigError, PrxError
 from prx.model import Route
 from prx.optim import build_optimizer

@@ -2,7 +2,6 @@
 the same step on the full matrix in one process and with orthogonalising each shard on its own."""
 
 import json
-import sys
 
 import torch
 import torch.distributed as dist

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Iterator
 
 import pyarrow.parquet as pq
-from PIL import Image
 from tqdm import tqdm
 
 from prx.data.imageio import BadImage, decode, probe

@@ -21,7 +21,6 @@ either. A sample that fails to decode is replaced by another of its batch and co
 from __future__ import annotations
 
 import collections
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from prx.data.buckets import Bucket, assign_bucket, make_buckets, resize_and_crop_box
+from prx.data.buckets import Bucket, make_buckets, resize_and_crop_box
 from prx.data.convert import Mapping, image_bytes
 from prx.data.imageio import BadImage, decode
 from prx.data.shards import decode_array, read_shard_info, sidecar_meta, sidecar_path
