@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from prx.data.convert import Mapping, check_columns, image_bytes
 from prx.data.imageio import BadImage, probe
-from prx.data.shards import ShardInfo
+from prx.data.shards import ShardInfo, shard_info
 from prx.errors import PrxError
 from prx.runtime import cache_root
 
@@ -89,11 +89,5 @@ def read_inplace_infos(paths: list[Path], mapping: Mapping, progress: bool = Tru
                 tmp = cache.with_name(f".{cache.stem}.tmp{os.getpid()}.npy")
                 np.save(tmp, sizes[i])
                 os.replace(tmp, cache)  # atomic: ranks probing the same file at once both write whole files
-    infos = []
-    for path, file, size in zip(paths, files, sizes):
-        groups = [file.metadata.row_group(g).num_rows for g in range(file.metadata.num_row_groups)]
-        starts = np.concatenate([[0], np.cumsum(groups)[:-1]]).astype(np.int64) if groups else np.zeros(0, np.int64)
-        group_bytes = [file.metadata.row_group(g).total_byte_size for g in range(file.metadata.num_row_groups)]
-        infos.append(ShardInfo(path, file.metadata.num_rows, starts, size[:, 0], size[:, 1], mapping.caption_columns,
-                               int(np.mean(group_bytes)) if group_bytes else 0))
-    return infos
+    return [shard_info(path, file, size[:, 0], size[:, 1], mapping.caption_columns)
+            for path, file, size in zip(paths, files, sizes)]

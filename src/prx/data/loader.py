@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from prx.data.buckets import Bucket, make_buckets, resize_and_crop_box
 from prx.data.convert import Mapping, image_bytes
 from prx.data.imageio import BadImage, decode
+from prx.data.inplace import read_inplace_infos
 from prx.data.shards import decode_array, read_shard_info, sidecar_meta, sidecar_path
 from prx.errors import PrxError
 from prx.text import TextBatch
@@ -78,8 +79,6 @@ class ShardIndex:
         if mapping is None:
             infos = [read_shard_info(p) for p in shards]
         else:
-            from prx.data.inplace import read_inplace_infos
-
             infos = read_inplace_infos(list(shards), mapping, progress)
         self.paths = [i.path for i in infos]
         columns = [set(i.caption_columns) for i in infos]

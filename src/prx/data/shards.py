@@ -171,9 +171,14 @@ def read_shard_info(path: str | Path) -> ShardInfo:
         table = file.read(columns=["width", "height"])
     except Exception as e:
         raise PrxError(f"cannot read shard {path} ({type(e).__name__}: {str(e)[:100]}): re-convert it or remove it") from None
-    sizes = [file.metadata.row_group(i).num_rows for i in range(file.metadata.num_row_groups)]
+    return shard_info(path, file, table.column("width").to_numpy(), table.column("height").to_numpy(), caption_columns)
+
+
+def shard_info(path: Path, file: pq.ParquetFile, width: np.ndarray, height: np.ndarray,
+               caption_columns: list[str]) -> ShardInfo:
+    """The index entry of a Parquet file, its row groups read from the file's metadata."""
+    groups = [file.metadata.row_group(i) for i in range(file.metadata.num_row_groups)]
+    sizes = [g.num_rows for g in groups]
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if sizes else np.zeros(0, np.int64)
-    group_bytes = [file.metadata.row_group(i).total_byte_size for i in range(file.metadata.num_row_groups)]
-    return ShardInfo(path, file.metadata.num_rows, starts, table.column("width").to_numpy(),
-                     table.column("height").to_numpy(), caption_columns,
-                     int(np.mean(group_bytes)) if group_bytes else 0)
+    group_bytes = int(np.mean([g.total_byte_size for g in groups])) if groups else 0
+    return ShardInfo(path, file.metadata.num_rows, starts, width, height, caption_columns, group_bytes)
