@@ -49,13 +49,20 @@ def test_cfg_formula_and_interval():
     assert torch.allclose(interval(x, torch.tensor(0.4)), torch.full_like(x, 3.0))
 
 
-def test_sampling_is_deterministic_with_a_real_model():
+def perturbed_tiny_model():
+    """A tiny model moved off its zero-initialised output, so predictions depend on the input."""
     from conftest import tiny_model
 
     model = tiny_model().eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    return model
+
+
+def test_sampling_is_deterministic_with_a_real_model():
+
+    model = perturbed_tiny_model()
     cond = TextBatch(torch.randn(2, 4, 24), torch.ones(2, 4, dtype=torch.bool))
     uncond = TextBatch(torch.randn(1, 2, 24), torch.ones(1, 2, dtype=torch.bool))
     runs = [sample(guided_predictor(model, cond, uncond, guidance_scale=2.0), initial_noise(2, 48, 48, seed=1), 5, "heun") for _ in range(2)]
@@ -65,13 +72,9 @@ def test_sampling_is_deterministic_with_a_real_model():
 
 
 def test_self_guidance():
-    from conftest import tiny_model
     from prx.tread import TREADRouter
 
-    model = tiny_model().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    model = perturbed_tiny_model()
     cond = TextBatch(torch.randn(2, 4, 24), torch.ones(2, 4, dtype=torch.bool))
     x, t = torch.randn(2, 3, 48, 48), torch.tensor(0.7)
     route = TREADRouter(0.5, 1, 2).fixed_route(9, 4, seeds=[1, 2])

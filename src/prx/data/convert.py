@@ -231,12 +231,16 @@ def image_bytes(value) -> bytes | None:
     return value
 
 
-def read_parquet(task: Task, mapping: Mapping) -> Iterator[RawSample]:
-    path = task.inputs[0]
+def open_parquet(path) -> pq.ParquetFile:
     try:
-        file = pq.ParquetFile(path)
+        return pq.ParquetFile(path)
     except Exception as e:
         raise PrxError(f"cannot read {path} ({type(e).__name__}): not a Parquet file?") from None
+
+
+def read_parquet(task: Task, mapping: Mapping) -> Iterator[RawSample]:
+    path = task.inputs[0]
+    file = open_parquet(path)
     check_columns(path, file.schema_arrow.names, mapping,
                   "set the mapping with --image-column / --caption-columns (or --preset)")
     wanted = [mapping.image, *mapping.captions] + ([mapping.id] if mapping.id else [])

@@ -23,18 +23,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from prx.data.convert import Mapping, check_columns, image_bytes
+from prx.data.convert import Mapping, check_columns, image_bytes, open_parquet
 from prx.data.imageio import BadImage, probe
 from prx.data.shards import ShardInfo, shard_info
-from prx.errors import PrxError
 from prx.runtime import cache_root
-
-
-def _open(path: Path) -> pq.ParquetFile:
-    try:
-        return pq.ParquetFile(path)
-    except Exception as e:
-        raise PrxError(f"cannot read {path} ({type(e).__name__}): not a Parquet file?") from None
 
 
 def _cache_path(path: Path, image_column: str) -> Path:
@@ -68,7 +60,7 @@ def _probe_sizes(file: pq.ParquetFile, image_column: str, bar: tqdm) -> np.ndarr
 
 def read_inplace_infos(paths: list[Path], mapping: Mapping, progress: bool = True) -> list[ShardInfo]:
     """The loader's index entries of downloaded Parquet files; probes (and caches) missing sizes."""
-    files = [_open(path) for path in paths]
+    files = [open_parquet(path) for path in paths]
     for path, file in zip(paths, files):
         check_columns(path, file.schema_arrow.names, mapping,
                       "set data.preset, or data.image_column / data.caption_columns / data.id_column")
