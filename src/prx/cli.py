@@ -60,23 +60,13 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return args.prompt
 
 
-def _make_out_dir(path: Path) -> Path:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise PrxError(f"cannot write to output directory '{path}' ({e.strerror}): choose another with --out") from None
-    return path
-
-
 def cmd_sample(args: argparse.Namespace) -> int:
     from prx.images import save_png
     from prx.pipeline import Pipeline
+    from prx.runtime import make_writable_dir
 
     prompts = _read_prompts(args)
-    out = _make_out_dir(Path(args.out))
+    out = make_writable_dir(Path(args.out))
     pipe = Pipeline.from_checkpoint(args.checkpoint, weights=args.weights, device=args.device)
     started = time.perf_counter()
     images = pipe.generate(prompts, steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler,
@@ -94,11 +84,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from prx.checkpoint import checkpoint_meta, find_checkpoint
     from prx.evaluate import evaluate, format_table, write_json
     from prx.pipeline import Pipeline
+    from prx.runtime import make_writable_dir
 
     ckpt = find_checkpoint(args.checkpoint)
     step = checkpoint_meta(ckpt)["step"]
     out = Path(args.out) if args.out else _run_dir_of(ckpt) / "eval" / f"step_{step:08d}"
-    out = _make_out_dir(out)
+    out = make_writable_dir(out)
     pipe = Pipeline.from_checkpoint(ckpt, weights=args.weights, device=args.device)
     print(f"evaluating {ckpt} (step {step}, {args.weights} weights) …", flush=True)
     results = evaluate(pipe, out, steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler,
@@ -231,6 +222,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from prx.checkpoint import checkpoint_config, checkpoint_meta, find_checkpoint, load_checkpoint
     from prx.model import build_model
+    from prx.runtime import make_writable_dir
 
     ckpt = find_checkpoint(args.checkpoint)
     config = checkpoint_config(ckpt)
@@ -242,7 +234,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise PrxError(f"--out {out} should end in .safetensors")
-    _make_out_dir(out.parent if str(out.parent) else Path("."))
+    make_writable_dir(out.parent if str(out.parent) else Path("."))
     step = checkpoint_meta(ckpt)["step"]
     tmp = out.with_name(f".{out.name}.tmp")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),

@@ -43,7 +43,7 @@ from prx.optim import MultiOptimizer, build_optimizer, param_groups_from_config
 from prx.perceptual import PerceptualLoss
 from prx.pipeline import Pipeline
 from prx.repa import REPAAlignment
-from prx.runtime import autocast_dtype, resolve_device, set_threads
+from prx.runtime import autocast_dtype, make_writable_dir, resolve_device, set_threads
 from prx.text import TextBatch, TextEncoder
 from prx.tread import TREADRouter
 
@@ -71,16 +71,6 @@ def lr_scale(step: int, total_steps: int, cfg) -> float:
         progress = (step - (total_steps - decay_steps) + 1) / decay_steps
         scale *= 1.0 - (1.0 - cfg.min_lr_ratio) * progress
     return scale
-
-
-def check_writable(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise PrxError(f"cannot write to run directory '{run_dir}' ({e.strerror}): choose another with --out") from None
 
 
 @dataclass
@@ -181,7 +171,7 @@ class Trainer:
             raise CheckpointError(
                 f"'{self.run_dir}' already holds a run: resume it (drop the flag that forbids it) or choose --out"
             )
-        check_writable(self.run_dir)
+        make_writable_dir(self.run_dir, "run directory")
         set_threads(cfg.train.num_threads)
         self.dist = init_distributed(resolve_device(cfg.train.device), cfg.train.timeout_minutes)
         self.device = self.dist.device
