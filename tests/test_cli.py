@@ -64,6 +64,33 @@ def test_sample_writes_pngs_in_prompt_order(trained_run, tmp_path, capsys):
     assert code == 0 and (tmp_path / "one" / "0000.png").is_file()
 
 
+def test_sample_at_any_size_and_aspect_ratio(trained_run, tmp_path, capsys):
+    from PIL import Image
+
+    # the tiny run trained on 48 px squares; sampling takes any multiple of its patch (16)
+    code, out, err = run_cli(capsys, "sample", "--checkpoint", str(trained_run), "--prompt", "a red circle",
+                             "--width", "96", "--height", "48", "--steps", "2", "--out", str(tmp_path / "wide"))
+    assert code == 0, err
+    assert Image.open(tmp_path / "wide" / "0000.png").size == (96, 48) and "96×48" in out
+    # an aspect ratio picks the nearest bucket of the run's resolution: at 48 px, patch 16: 3×3 and 4×2 (tall)
+    for ratio, size in (("1:2", (32, 64)), ("3:5", (32, 64)), ("1:1", (48, 48)), ("16:9", (48, 48))):
+        code, out, err = run_cli(capsys, "sample", "--checkpoint", str(trained_run), "--prompt", "a red circle",
+                                 "--aspect-ratio", ratio, "--steps", "1", "--out", str(tmp_path / ratio.replace(":", "x")))
+        assert code == 0, err
+        assert Image.open(tmp_path / ratio.replace(":", "x") / "0000.png").size == size, ratio
+    for argv, fragment in (
+        (["--width", "100", "--height", "48"], "--width 100 is not a positive multiple of the model's patch size 16: use 96 or 112"),
+        (["--width", "96", "--height", "8"], "--height 8 is not a positive multiple of the model's patch size 16: use 16"),
+        (["--width", "96", "--height", "-16"], "--height -16 is not a positive multiple"),
+        (["--width", "96"], "give both --width and --height"),
+        (["--aspect-ratio", "wide"], "--aspect-ratio 'wide' is not an aspect ratio"),
+        (["--aspect-ratio", "0:1"], "is not an aspect ratio"),
+        (["--aspect-ratio", "16:9", "--width", "96", "--height", "48"], "not both"),
+    ):
+        assert_one_line_error(*run_cli(capsys, "sample", "--checkpoint", str(trained_run), "--prompt", "x",
+                                       "--out", str(tmp_path / "bad"), *argv)[::2], fragment)
+
+
 def test_eval_prints_table_and_writes_json(trained_run, tmp_path, capsys):
     code, out, err = run_cli(capsys, "eval", "--checkpoint", str(trained_run), "--steps", "2", "--out", str(tmp_path / "e"))
     assert code == 0, err

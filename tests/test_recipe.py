@@ -21,18 +21,31 @@ from prx.tread import TREADRouter
 
 def test_router_subsets_are_uniform_deterministic_and_per_sample():
     router = TREADRouter(route_ratio=0.5, start_block=2, end_block=-2, seed=3)
-    r = router.route(batch=4, num_tokens=16, num_layers=24, step=7)
+    r = router.route(step=7, first=0, count=4, num_tokens=16, num_layers=24)
     assert (r.start, r.end) == (2, 22) and r.keep.shape == (4, 8)
     assert all(len(set(row.tolist())) == 8 for row in r.keep)  # a subset, no repeats
     assert not torch.equal(r.keep[0], r.keep[1])  # each sample its own
-    assert torch.equal(r.keep, router.route(4, 16, 24, step=7).keep)  # same step, same rank → same tokens
-    assert not torch.equal(r.keep, router.route(4, 16, 24, step=8).keep)
-    assert not torch.equal(r.keep, router.route(4, 16, 24, step=7, rank=1).keep)
+    assert torch.equal(r.keep, router.route(7, 0, 4, 16, 24).keep)  # same step, same samples → same tokens
+    assert not torch.equal(r.keep, router.route(8, 0, 4, 16, 24).keep)
+    # a sample's route depends on its place in the global batch, not on which rank or micro-batch draws it
+    assert torch.equal(r.keep[2:], router.route(7, 2, 2, 16, 24).keep)
     counts = torch.zeros(16)
     for step in range(400):
-        counts += torch.bincount(router.route(4, 16, 24, step).keep.flatten(), minlength=16)
+        counts += torch.bincount(router.route(step, 0, 4, 16, 24).keep.flatten(), minlength=16)
     assert counts.min() / counts.max() > 0.85  # every token kept about equally often
-    assert TREADRouter(route_ratio=0.0).route(4, 16, 24, 0) is None  # ratio 0: no routing at all
+    assert TREADRouter(route_ratio=0.0).route(0, 0, 4, 16, 24) is None  # ratio 0: no routing at all
+
+
+def test_router_keeps_the_rest_of_each_buckets_tokens():
+    from prx.data.buckets import make_buckets
+
+    for ratio in (0.5, 0.3, 0.75):
+        router = TREADRouter(route_ratio=ratio)
+        for resolution in (512, 1024):
+            for bucket in make_buckets(resolution, 32):
+                n = bucket.tokens(32)  # 247–264 at 512 px, odd counts included
+                keep = router.route(0, 0, 2, n, 24).keep
+                assert keep.shape == (2, n - round(ratio * n)) and int(keep.max()) < n  # round(ratio × n) routed
 
 
 def test_router_block_ranges():
@@ -52,7 +65,7 @@ def test_routed_tokens_come_back_unchanged_through_the_router():
         model.blocks[3].modulation.bias.zero_()
     x, t = torch.randn(2, 3, 48, 48), torch.rand(2)
     txt, mask = torch.randn(2, 5, 24), torch.ones(2, 5, dtype=torch.bool)
-    route = TREADRouter(0.5, start_block=1, end_block=-2).route(2, 9, 4, step=0)
+    route = TREADRouter(0.5, start_block=1, end_block=-2).route(step=0, first=0, count=2, num_tokens=9, num_layers=4)
     before = model(x, t, txt, mask, capture_block=0).hidden
     after = model(x, t, txt, mask, route=route, capture_block=3).hidden
     for b in range(2):
@@ -339,3 +352,92 @@ def test_the_seed_snippet_runs_as_written(tmp_path, prx_cache):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "stage 2/2: 1024px, batch 1" in result.stdout + result.stderr
     assert (tmp_path / "runs" / "seed" / "checkpoints" / "latest").exists()
+
+
+# ------------------------------------------------------------------------------------------ every bucket shape
+
+class BucketSource:
+    """A data source that serves step k's batch in the k-th shape of ``shapes`` (random photos-to-be)."""
+
+    def __init__(self, shapes, per_rank):
+        self.shapes, self.per_rank, self.empty_embedding, self.skipped = shapes, per_rank, None, {}
+
+    def batch(self, step, stage_index, stage):
+        from prx.data.loader import DataBatch
+
+        height, width = self.shapes[step]
+        images = torch.randint(0, 256, (self.per_rank, 3, height, width), generator=torch.Generator().manual_seed(step),
+                               dtype=torch.uint8)
+        return DataBatch(images, [f"a photo number {step}-{i}" for i in range(self.per_rank)])
+
+
+def test_the_whole_recipe_trains_on_every_bucket_at_512_and_1024(tmp_path, text_encoder):
+    """One step of a tiny model with TREAD, REPA, LPIPS + DINO and Muon on for each bucket shape of both
+    stages (11 at 512 px, 23 at 1024 px with patch 32: 247–264 and 1015–1032 tokens)."""
+    from prx.config import load_config
+    from prx.data.buckets import make_buckets
+    from prx.train import Trainer
+
+    b512, b1024 = make_buckets(512, 32), make_buckets(1024, 32)
+    cfg = load_config("speedrun-tiny", [
+        "model.patch_size=32", "perceptual.lpips_resize=0.0625", "train.micro_batch_size=0",
+        f"train.stages=[{{resolution: 512, steps: {len(b512)}, batch_size: 2}}, "
+        f"{{resolution: 1024, steps: {len(b1024)}, batch_size: 2}}]",
+        "logging.sample_every=0", "logging.progress_bar=false", "logging.tensorboard=false"])
+    trainer = Trainer(cfg, tmp_path / "run", text_encoder=text_encoder)
+    trainer.setup()
+    shapes = [(b.height, b.width) for b in b512 + b1024]
+    trainer.data = BucketSource(shapes, per_rank=2)
+    for step, shape in enumerate(shapes):
+        result = trainer.train_step(step)
+        assert result.image_size == shape and not result.skipped
+        assert set(result.losses) == {"flow", "repa", "lpips", "dino"} and math.isfinite(result.loss), shape
+
+
+def test_repa_aligns_the_visible_tokens_of_a_non_square_grid():
+    """A 12×21 bucket (252 tokens), half of them routed: the loss is −w·mean cos over the visible tokens of
+    the teacher's features on that very grid — computed here from the definition."""
+    from prx.repa import REPAAlignment
+
+    model = tiny_model(patch_size=16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.1)
+    repa = REPAAlignment("tiny-random-dinov3", loss_weight=0.5, apply_at_block=2, projector_dim=16).setup(64, 4)
+    x = torch.rand(2, 3, 12 * 16, 21 * 16) * 2 - 1
+    route = TREADRouter(0.5, start_block=1, end_block=-2).route(step=0, first=0, count=2, num_tokens=252, num_layers=4)
+    assert route.keep.shape == (2, 126)
+    out = model(x, torch.rand(2), torch.randn(2, 5, 24), torch.ones(2, 5, dtype=torch.bool), route=route,
+                capture_block=repa.block_index)
+    assert out.hidden.shape[:2] == (2, 126) and torch.equal(out.hidden_index, route.keep)
+    loss = repa(out.hidden, x, (12, 21), out.hidden_index)
+    # the definition: the teacher sees the clean image at 12·16 × 21·16 px, one feature per token of the grid
+    teacher = repa.teacher.model(pixel_values=((x + 1) / 2 - repa.teacher.mean) / repa.teacher.std).last_hidden_state
+    target = teacher[:, repa.teacher.num_prefix_tokens:]
+    assert target.shape[1] == 252
+    visible = torch.stack([target[b, route.keep[b]] for b in range(2)])
+    expected = -0.5 * torch.nn.functional.cosine_similarity(repa.projector(out.hidden), visible, dim=-1).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_dino_perceptual_keeps_the_aspect_ratio():
+    from prx.teachers import aspect_grid
+
+    assert aspect_grid(512, 512, 256) == (16, 16)
+    assert aspect_grid(384, 672, 256) == (12, 21)  # a 12×21 bucket: as many patches, not squashed to 16×16
+    assert aspect_grid(704, 352, 256) == (23, 11)
+    seen = []
+
+    class Spy(torch.nn.Module):
+        patch_size, hidden_dim = 14, 8
+
+        def forward(self, images, grid, mode="bilinear"):
+            seen.append(grid)
+            return torch.ones(images.shape[0], grid[0] * grid[1], 8)
+
+    from prx.perceptual import PerceptualLoss
+
+    loss = PerceptualLoss(lpips_weight=0.0, dino_weight=0.01)
+    loss.dino = Spy()
+    loss(torch.zeros(1, 3, 96, 168), torch.zeros(1, 3, 96, 168), torch.tensor([0.5]))
+    assert seen == [(12, 21), (12, 21)]

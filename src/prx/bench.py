@@ -98,16 +98,18 @@ def run_bench(config: Config, steps: int = 5, warmup: int = 2, peak_tflops: floa
         timer.enabled = True
         timer.sync()
         start = time.perf_counter()
-        for step in range(warmup, warmup + steps):
-            trainer.train_step(step)
+        sizes = [trainer.train_step(step).image_size for step in range(warmup, warmup + steps)]
         timer.sync()
         seconds = (time.perf_counter() - start) / steps
         world = trainer.dist.world
         per_rank = stage.batch_size // world
-        flops = step_flops(config, stage, batch=per_rank)
+        # FLOPs and tokens of the batches actually run: buckets of real photos are not square
+        per_size = [step_flops(config, stage, batch=per_rank, size=size) for size in sizes]
+        flops = {k: sum(f[k] for f in per_size) / steps for k in per_size[0]}
         peak, peak_source = device_peak_flops(trainer.device, trainer.autocast or torch.float32, peak_tflops)
         memory, memory_kind = peak_memory_gib(trainer.device)
-        tokens = (stage.resolution // config.model.patch_size) ** 2
+        p = config.model.patch_size
+        tokens = sum((h // p) * (w // p) for h, w in sizes) / steps
         phases = {k: v / steps for k, v in timer.seconds.items()}
         phases["other"] = max(0.0, seconds - sum(phases.values()))
         result = {

@@ -67,15 +67,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     prompts = _read_prompts(args)
     out = make_writable_dir(Path(args.out))
+    if args.aspect_ratio is not None and (args.width is not None or args.height is not None):
+        raise PrxError("give either --aspect-ratio or --width/--height, not both")
     pipe = Pipeline.from_checkpoint(args.checkpoint, weights=args.weights, device=args.device)
+    width, height = (pipe.size_for_aspect_ratio(args.aspect_ratio) if args.aspect_ratio is not None
+                     else pipe.image_size(args.width, args.height))
     started = time.perf_counter()
     images = pipe.generate(prompts, steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler,
                            seed=args.seed, batch_size=args.batch_size, guidance=args.guidance,
-                           self_guidance_scale=args.self_guidance_scale).numpy()
+                           self_guidance_scale=args.self_guidance_scale, width=width, height=height).numpy()
     seconds = time.perf_counter() - started
     for i, image in enumerate(images):
         save_png(image, out / f"{i:04d}.png")
-    print(f"sampled {len(prompts)} image(s) in {seconds:.2f}s ({seconds / len(prompts):.3f}s each): "
+    print(f"sampled {len(prompts)} image(s) of {width}×{height} in {seconds:.2f}s ({seconds / len(prompts):.3f}s each): "
           f"{out / '0000.png'}" + (f" … {out / f'{len(prompts) - 1:04d}.png'}" if len(prompts) > 1 else ""))
     return 0
 
@@ -173,7 +177,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from prx.data.buckets import make_buckets
+    from prx.data.buckets import bucket_indices, make_buckets
     from prx.data.imageio import BadImage, decode
     from prx.data.loader import ShardIndex
     from prx.data.shards import expand_shards
@@ -193,9 +197,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     if sidecars:
         print("precomputed embeddings: " + ", ".join(f"{tag} ({n}/{len(shards)} shards)" for tag, n in sidecars.items()))
     buckets = make_buckets(args.resolution, args.patch_size)
-    aspects = np.log(index.width / np.maximum(index.height, 1))
-    which = np.abs(aspects[:, None] - np.log([b.aspect for b in buckets])[None]).argmin(1)
-    counts = np.bincount(which, minlength=len(buckets))
+    counts = np.bincount(bucket_indices(index.width, index.height, buckets), minlength=len(buckets))
     print(f"aspect-ratio buckets at {args.resolution} px, patch {args.patch_size}:")
     for b, n in zip(buckets, counts):
         print(f"  {b.width:>5}x{b.height:<5} {b.tokens(args.patch_size):>5} tokens  {n:>9} samples")
@@ -305,6 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", metavar="FILE", help="a text file with one prompt per line")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--batch-size", type=int, default=32, metavar="B", help="images sampled together (default 32)")
+    p.add_argument("--width", type=int, default=None, metavar="W",
+                   help="image width in pixels, a multiple of the patch size (with --height; default: the run's "
+                        "last-stage resolution, square)")
+    p.add_argument("--height", type=int, default=None, metavar="H", help="image height in pixels (with --width)")
+    p.add_argument("--aspect-ratio", default=None, metavar="W:H",
+                   help="e.g. 16:9 or 3:4: the nearest aspect-ratio bucket of the run's last-stage resolution "
+                        "(the shapes it trained on)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="judge prompt adherence on the shapes world",

@@ -100,6 +100,16 @@ def apply_fsdp(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | None
     return model
 
 
+def reshard(model: nn.Module) -> None:
+    """Free the full parameters FSDP2 keeps after a forward pass without backward (sampling with the
+    EMA copy: the root module's parameters stay unsharded), so the shards are the parameters again."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def apply_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 

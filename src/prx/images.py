@@ -13,10 +13,13 @@ def save_png(image: np.ndarray, path: str | Path) -> None:
     Image.fromarray(np.asarray(image)).save(path)
 
 
-def make_grid(images: np.ndarray, captions: list[str] | None = None, ncol: int = 8, min_tile: int = 128) -> Image.Image:
-    """uint8 (B, H, W, 3) → one image, tiles upscaled (nearest) to at least ``min_tile`` px, captions below."""
-    images = np.asarray(images)
-    n, h, w = images.shape[:3]
+def make_grid(images, captions: list[str] | None = None, ncol: int = 8, min_tile: int = 128) -> Image.Image:
+    """uint8 images (B, H, W, 3), or a list of (H, W, 3) of different sizes (several aspect ratios),
+    → one image: tiles upscaled (nearest, one scale for all) so the largest side is at least
+    ``min_tile`` px, each centred in its cell, captions below."""
+    images = [np.asarray(image) for image in images]
+    n = len(images)
+    h, w = max(i.shape[0] for i in images), max(i.shape[1] for i in images)
     scale = max(1, -(-min_tile // max(h, w)))
     th, tw = h * scale, w * scale
     ncol = min(ncol, n)
@@ -28,15 +31,16 @@ def make_grid(images: np.ndarray, captions: list[str] | None = None, ncol: int =
     pad = 2
     grid = Image.new("RGB", (ncol * (tw + pad) + pad, nrow * (th + text_h + pad) + pad), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
-    for i in range(n):
+    for i, image in enumerate(images):
         r, c = divmod(i, ncol)
         x, y = pad + c * (tw + pad), pad + r * (th + text_h + pad)
-        grid.paste(Image.fromarray(images[i]).resize((tw, th), Image.NEAREST), (x, y))
+        ih, iw = image.shape[0] * scale, image.shape[1] * scale
+        grid.paste(Image.fromarray(image).resize((iw, ih), Image.NEAREST), (x + (tw - iw) // 2, y + (th - ih) // 2))
         if captions:
             for j, line in enumerate(textwrap.wrap(captions[i], chars)):
                 draw.text((x + 1, y + th + 2 + 11 * j), line, fill=(0, 0, 0), font=font)
     return grid
 
 
-def save_grid(images: np.ndarray, path: str | Path, captions: list[str] | None = None, ncol: int = 8) -> None:
+def save_grid(images, path: str | Path, captions: list[str] | None = None, ncol: int = 8) -> None:
     make_grid(images, captions, ncol).save(path)

@@ -4,7 +4,9 @@
   feature trunk keeps torchvision's parameter names (``features.N.weight``), so torchvision's
   ``vgg16-397923af.pth`` loads as is; the five linear heads are lpips' v0.1 VGG heads (BSD-2,
   shipped in ``prx/weights``; an installed ``lpips`` package's files are used when present).
-- DINOv2 patch-token cosine on the whole image resized to 224×224.
+- DINOv2 patch-token cosine on the whole image resized to about 224×224 pixels: a square image
+  to 224×224, a non-square one to the patch grid of its own aspect ratio with about as many
+  patches (12×21 for a 1.75:1 bucket at patch 14), so wide photos are not squashed.
 
 Both networks are frozen; gradients flow through them into x̂0. The targets' features are
 computed without gradients.
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prx.errors import PrxError
-from prx.teachers import VisionTeacher
+from prx.teachers import VisionTeacher, aspect_grid
 
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16 weights
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -175,10 +177,10 @@ class PerceptualLoss(nn.Module):
                 target = F.interpolate(x0.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
             terms["lpips"] = self.lpips_weight * (self.lpips(pred, target) * gate).sum() / denom
         if self.dino is not None:
-            grid = self.dino_resolution // self.dino.patch_size
+            grid = aspect_grid(*x0.shape[-2:], (self.dino_resolution // self.dino.patch_size) ** 2)
             with torch.no_grad():
-                target_features = self.dino(x0, (grid, grid))
-            pred_features = self.dino(x0_pred, (grid, grid))
+                target_features = self.dino(x0, grid)
+            pred_features = self.dino(x0_pred, grid)
             cos = F.cosine_similarity(pred_features.float(), target_features.float(), dim=-1)  # (B, patches)
             terms["dino"] = self.dino_weight * ((1 - cos).mean(1) * gate).sum() / denom
         return terms

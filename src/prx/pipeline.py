@@ -76,6 +76,35 @@ class Pipeline:
             text_encoder = TextEncoder(t.encoder, t.max_length, t.dtype, dev, t.cache_size)
         return cls(model, text_encoder, config, dev)
 
+    def image_size(self, width: int | None = None, height: int | None = None,
+                   resolution: int | None = None) -> tuple[int, int]:
+        """(width, height) to sample at: the given sides (multiples of the patch), else a square of
+        ``resolution`` (default: the run's last-stage resolution)."""
+        if (width is None) != (height is None):
+            raise PrxError("give both --width and --height (or --aspect-ratio)")
+        if width is None:
+            width = height = resolution or self.config.stages[-1].resolution
+        patch = self.config.model.patch_size
+        for name, value in (("width", width), ("height", height)):
+            if value <= 0 or value % patch:
+                lower = value // patch * patch
+                nearest = f"{lower} or {lower + patch}" if value > patch else f"{patch}"
+                raise PrxError(f"--{name} {value} is not a positive multiple of the model's patch size {patch}: "
+                               f"use {nearest}")
+        return width, height
+
+    def size_for_aspect_ratio(self, ratio: str | float) -> tuple[int, int]:
+        """(width, height) of the aspect-ratio bucket of the run's last-stage resolution nearest to
+        ``ratio`` (width/height: ``"16:9"``, ``"3:4"``, ``1.5``) — the shapes the model was trained on."""
+        from prx.data.buckets import make_buckets, nearest_bucket
+
+        value = parse_aspect_ratio(ratio)
+        d = self.config.data
+        buckets = make_buckets(self.config.stages[-1].resolution, self.config.model.patch_size, d.min_aspect,
+                               d.max_aspect)
+        bucket = buckets[nearest_bucket(value, buckets)]
+        return bucket.width, bucket.height
+
     @property
     def empty_caption(self):
         if self._empty is None:
@@ -95,11 +124,16 @@ class Pipeline:
         batch_size: int = 64,
         guidance: str | None = None,
         self_guidance_scale: float | None = None,
+        width: int | None = None,
+        height: int | None = None,
     ) -> torch.Tensor:
         """uint8 images (B, H, W, 3); image i starts from noise seeded with seed + i.
 
-        ``guidance``: 'cfg' (empty-caption negative), 'self' (TREAD self-guidance with the run's
-        routing, a fixed route per image) or 'both'; None = the run's sampling.guidance.
+        The size is ``width`` × ``height`` (multiples of the patch size), else a square of
+        ``resolution`` (default: the run's last-stage resolution); see also
+        :meth:`size_for_aspect_ratio`. ``guidance``: 'cfg' (empty-caption negative), 'self' (TREAD
+        self-guidance with the run's routing, a fixed route per image over the image's own token
+        grid) or 'both'; None = the run's sampling.guidance.
         """
         s = self.config.sampling
         steps = steps or s.steps
@@ -109,9 +143,10 @@ class Pipeline:
         interval = tuple(guidance_interval or s.guidance_interval)
         sampler = sampler or s.sampler
         seed = s.seed if seed is None else seed
-        res = resolution or self.config.stages[-1].resolution
-        noise = initial_noise(len(prompts), res, res, seed, self.config.objective.noise_scale)
-        tokens = (res // self.config.model.patch_size) ** 2
+        width, height = self.image_size(width, height, resolution)
+        noise = initial_noise(len(prompts), height, width, seed, self.config.objective.noise_scale)
+        patch = self.config.model.patch_size
+        tokens = (height // patch) * (width // patch)
         router = None
         if guidance in ("self", "both"):
             t = self.config.tread
@@ -132,3 +167,20 @@ class Pipeline:
                        self.config.sampling_shift, self.config.objective.t_clamp)
             out.append(to_uint8(x))
         return torch.cat(out)
+
+
+def parse_aspect_ratio(ratio: str | float) -> float:
+    """``"16:9"`` / ``"16/9"`` / ``"1.78"`` / 1.78 → width / height."""
+    text = str(ratio).strip()
+    try:
+        for sep in (":", "/", "x"):
+            if sep in text:
+                w, h = (float(part) for part in text.split(sep, 1))
+                break
+        else:
+            w, h = float(text), 1.0
+    except ValueError:
+        w = h = float("nan")
+    if not (w > 0 and h > 0 and w / h < float("inf")):
+        raise PrxError(f"--aspect-ratio '{ratio}' is not an aspect ratio: write width:height, e.g. 16:9, 1:1 or 3:4")
+    return w / h

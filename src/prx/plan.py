@@ -15,9 +15,10 @@ from types import SimpleNamespace
 import torch
 
 from prx.config import Config
+from prx.data.buckets import make_buckets
 from prx.flops import denoiser_forward_flops, mlp_forward_flops, newton_schulz_flops, vgg16_lpips_forward_flops
 from prx.model import build_model
-from prx.teachers import TEACHER_IDS, resolve_teacher, vit_forward_flops
+from prx.teachers import TEACHER_IDS, aspect_grid, resolve_teacher, vit_forward_flops
 from prx.text import MINILM
 
 # Shapes of the named teachers and encoders, so a plan needs no downloaded weights.
@@ -66,18 +67,20 @@ def fmt_flops(x: float) -> str:
     return f"{x:.0f} FLOP"
 
 
-def step_flops(cfg: Config, stage, model_cfg=None, batch: int | None = None) -> dict[str, float]:
-    """FLOPs of one optimizer step of ``stage`` for ``batch`` images (default: the stage's global batch),
-    by part: the denoiser with its routing (3× forward), each teacher, and Muon's Newton–Schulz."""
+def step_flops(cfg: Config, stage, model_cfg=None, batch: int | None = None,
+               size: tuple[int, int] | None = None) -> dict[str, float]:
+    """FLOPs of one optimizer step of ``stage`` for ``batch`` images (default: the stage's global batch)
+    of ``size`` (height, width) pixels (default: the stage's square), by part: the denoiser with its
+    routing (3× forward), each teacher, and Muon's Newton–Schulz."""
     model_cfg = model_cfg or replace(cfg.model, text_dim=cfg.model.text_dim or text_width(cfg.text.encoder) or 384)
     batch = stage.batch_size if batch is None else batch
-    res, text_tokens = stage.resolution, cfg.text.max_length
-    grid = res // model_cfg.patch_size
-    n = grid * grid
+    height, width = size or (stage.resolution, stage.resolution)
+    text_tokens = cfg.text.max_length
+    n = (height // model_cfg.patch_size) * (width // model_cfg.patch_size)
     routed = stage.tread and cfg.tread.route_ratio > 0
     kept = n - int(round(cfg.tread.route_ratio * n)) if routed else n
     route = (cfg.tread.start_block % model_cfg.num_layers, cfg.tread.end_block % model_cfg.num_layers) if routed else None
-    parts = {"denoiser": 3 * denoiser_forward_flops(model_cfg, res, res, text_tokens, 1, route, kept) * batch}
+    parts = {"denoiser": 3 * denoiser_forward_flops(model_cfg, height, width, text_tokens, 1, route, kept) * batch}
     p = cfg.perceptual
     if stage.repa and cfg.repa.weight > 0:
         teacher = vision_config(cfg.repa.teacher)
@@ -88,12 +91,13 @@ def step_flops(cfg: Config, stage, model_cfg=None, batch: int | None = None) -> 
             parts["REPA projector"] = 3 * mlp_forward_flops([model_cfg.hidden_dim, d, d, teacher.hidden_size],
                                                             kept if inside else n) * batch
     if stage.perceptual and p.lpips_weight > 0:
-        size = int(round(res * p.lpips_resize))
-        parts["LPIPS-VGG"] = 3 * vgg16_lpips_forward_flops(size, size) * batch  # target, prediction, backward
+        parts["LPIPS-VGG"] = 3 * vgg16_lpips_forward_flops(int(round(height * p.lpips_resize)),  # target, prediction,
+                                                           int(round(width * p.lpips_resize))) * batch  # backward
     if stage.perceptual and p.dino_weight > 0:
         teacher = vision_config(p.dino_model)
         if teacher is not None:
-            parts["DINO perceptual"] = 3 * vit_forward_flops(teacher, (p.dino_resolution // teacher.patch_size) ** 2) * batch
+            grid = aspect_grid(height, width, (p.dino_resolution // teacher.patch_size) ** 2)
+            parts["DINO perceptual"] = 3 * vit_forward_flops(teacher, grid[0] * grid[1]) * batch
     if cfg.optimizer.name == "muon":
         with torch.device("meta"):
             shapes = [tuple(q.shape) for q in build_model(model_cfg).muon_params]
@@ -152,9 +156,14 @@ def describe_plan(cfg: Config) -> str:
             terms.append(f"TREAD {cfg.tread.route_ratio:g} (blocks {route[0]}..{route[1]}: {kept}/{n} tokens)")
         per_step = {k: v for k, v in step_flops(cfg, stage, model_cfg).items() if k != "Muon Newton–Schulz"}
         total = sum(per_step.values())
+        tokens = f"{n} image tokens"
+        if cfg.data.dataset != "shapes":  # photos fall into aspect-ratio buckets of about n tokens each
+            buckets = make_buckets(res, model_cfg.patch_size, cfg.data.min_aspect, cfg.data.max_aspect)
+            counts = sorted(b.tokens(model_cfg.patch_size) for b in buckets)
+            tokens = f"{counts[0]}–{counts[-1]} image tokens in {len(buckets)} aspect-ratio buckets ({n} square)"
         lines.append(
             f"stage {i + 1}: {res}px × {stage.steps} steps | batch {batch} (micro {micro}, "
-            f"{batch // micro} accumulation step{'s' if batch // micro > 1 else ''}) | {n} image tokens + ≤{text_tokens} text"
+            f"{batch // micro} accumulation step{'s' if batch // micro > 1 else ''}) | {tokens} + ≤{text_tokens} text"
         )
         lines.append(f"  losses: {', '.join(terms)}")
         breakdown = ", ".join(f"{k} {fmt_flops(v)}" for k, v in per_step.items())

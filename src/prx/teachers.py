@@ -8,6 +8,7 @@ where prx looked and how to supply the weights.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -71,6 +72,12 @@ def load_hf_vision_model(name: str, dtype: torch.dtype = torch.float32):
         return AutoModel.from_pretrained(ident, dtype=dtype)
     except (OSError, ValueError) as e:
         raise PrxError(_missing_teacher_message(name, ident, str(e).splitlines()[0][:120])) from None
+
+
+def aspect_grid(height: int, width: int, tokens: int) -> tuple[int, int]:
+    """A patch grid (rows, columns) of about ``tokens`` patches with the aspect ratio of a height×width image."""
+    rows = max(1, round(math.sqrt(tokens * height / width)))
+    return rows, max(1, round(tokens / rows))
 
 
 class VisionTeacher(nn.Module):

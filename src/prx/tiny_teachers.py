@@ -14,6 +14,7 @@ size with random weights: the same FLOPs, for benchmarking (``prx bench``) where
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -29,9 +30,16 @@ def cache_dir() -> Path:
 
 
 def _write_atomically(path: Path, write) -> None:
+    """Write to a private temporary name, then rename into place; when another process (a rank of
+    the same job) got there first, keep its copy: both are the same weights."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     write(tmp)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        if not path.exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
 def tiny_teacher_path(name: str) -> Path:
@@ -75,4 +83,15 @@ def _create(name: str, path: Path) -> None:
         model = tf.DINOv3ViTModel(tf.DINOv3ViTConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=16,
             num_register_tokens=4))
-    _write_atomically(path, lambda p: model.save_pretrained(p))
+    _write_atomically(path, lambda p: _save_pretrained(model, p))
+
+
+def _save_pretrained(model, directory: Path) -> None:
+    """What ``save_pretrained`` writes (config.json, model.safetensors), from every process: under a
+    running torch.distributed job transformers' own method writes on rank 0 only."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(directory)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"),
+              metadata={"format": "pt"})

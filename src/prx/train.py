@@ -33,7 +33,7 @@ from prx.config import (Config, PerceptualConfig, REPAConfig, StageConfig, Tread
                         validate)
 from prx.data.sources import build_source
 from prx.distributed import (all_agree, apply_ddp, apply_fsdp, compile_blocks, full_value, init_distributed,
-                             mean_across_ranks, resolve_parallel)
+                             mean_across_ranks, reshard, resolve_parallel)
 from prx.ema import EMA
 from prx.errors import CheckpointError, ConfigError, PrxError, TrainingError
 from prx.flow import add_noise, flow_loss, sample_timesteps
@@ -80,6 +80,7 @@ class StepResult:
     grad_norm: float = float("nan")
     lr: float = 0.0
     skipped: bool = False
+    image_size: tuple[int, int] = (0, 0)  # (height, width) of this step's images: its bucket
 
 
 def config_from_components(model, router, repa, perceptual_loss, param_groups, batch_size, steps_512, steps_1024,
@@ -225,8 +226,9 @@ class Trainer:
             self.repa.setup(cfg.model.hidden_dim, cfg.model.num_layers, dtype=teacher_dtype).to(self.device)
         p = cfg.perceptual
         self.perceptual = given["perceptual"] or (
-            PerceptualLoss(p.lpips_weight, p.dino_weight, True, p.t_threshold, p.dino_model, p.dino_resolution,
-                           p.lpips_resize, p.lpips_vgg_weights, p.lpips_heads)
+            PerceptualLoss(p.lpips_weight, p.dino_weight, apply_at_all_noise_levels=p.t_threshold >= 1.0,
+                           t_threshold=p.t_threshold, dino_model=p.dino_model, dino_resolution=p.dino_resolution,
+                           lpips_resize=p.lpips_resize, lpips_vgg_weights=p.lpips_vgg_weights, lpips_heads=p.lpips_heads)
             if p.lpips_weight > 0 or p.dino_weight > 0 else None)
         if self.perceptual is not None:
             self.perceptual.load(teacher_dtype).to(self.device)
@@ -288,12 +290,12 @@ class Trainer:
         t = sample_timesteps(stage.batch_size, cfg.objective, gen)[rows]
         noise = sample_noise(tuple(images.shape), cfg.train.seed, step, rank * per_rank, dev) * cfg.objective.noise_scale
 
-        # TREAD: which image tokens skip the routed blocks in this step.
-        grid = (stage.resolution // cfg.model.patch_size,) * 2
+        # The token grid is the batch's own: aspect-ratio buckets are not square (12×21 at 512 px, ...).
+        grid = (images.shape[-2] // cfg.model.patch_size, images.shape[-1] // cfg.model.patch_size)
+        # TREAD: which image tokens of each of this rank's samples skip the routed blocks in this step.
         route = None
         if stage.tread and self.router is not None:
-            route = self.router.route(stage.batch_size, grid[0] * grid[1], cfg.model.num_layers, step, device=dev)
-            route = route.slice(rows) if route is not None else None
+            route = self.router.route(step, rows.start, per_rank, grid[0] * grid[1], cfg.model.num_layers, device=dev)
         use_repa = stage.repa and self.repa is not None
         use_perceptual = stage.perceptual and self.perceptual is not None
 
@@ -338,7 +340,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         with self.timer("EMA"):
             self.ema.update(self.model, step + 1)
-        return StepResult(sum(totals.values()), dict(totals), grad_norm.item(), scale * cfg.optimizer.lr)
+        return StepResult(sum(totals.values()), dict(totals), grad_norm.item(), scale * cfg.optimizer.lr,
+                          image_size=tuple(images.shape[-2:]))
 
     def _gradient_sync(self, last_micro_batch: bool):
         """Accumulate without communicating until the last micro-batch of the step."""
@@ -405,7 +408,17 @@ class Trainer:
             return None
         _, stage = self.config.stage_at(max(self.step - 1, 0))
         pipe = Pipeline(self.ema.model, self.text_encoder, self.config, self.device)
-        images = pipe.generate(prompts, steps=self.config.logging.sample_steps, resolution=stage.resolution).numpy()
+        # The data's two most common bucket shapes (square and wide, say), alternating over the prompts.
+        sizes = sample_sizes(self.data.sizes(stage))
+        images = [None] * len(prompts)
+        for k, (width, height) in enumerate(sizes):
+            rows = list(range(k, len(prompts), len(sizes)))
+            out = pipe.generate([prompts[i] for i in rows], steps=self.config.logging.sample_steps, width=width,
+                                height=height, seed=self.config.sampling.seed + k * len(prompts)).numpy()
+            for i, image in zip(rows, out):
+                images[i] = image
+        if self.parallel == "fsdp":
+            reshard(self.ema.model)  # the EMA update works on shards
         if not self.dist.is_main:  # every rank samples (FSDP gathers the weights), rank 0 writes
             return None
         out = self.run_dir / "samples" / f"step_{self.step:08d}.png"
@@ -556,6 +569,15 @@ class Trainer:
     def _restore_interrupt_handler(self) -> None:
         if self._old_handler is not None:
             signal.signal(signal.SIGINT, self._old_handler)
+
+
+def sample_sizes(data_sizes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The sizes a sample grid shows: the most common bucket and the most common one of another
+    aspect ratio (preferring the other orientation), when the data has one."""
+    first = data_sizes[0]
+    others = [s for s in data_sizes[1:] if s[0] * first[1] != s[1] * first[0]]
+    flipped = [s for s in others if (s[0] > s[1]) != (first[0] > first[1]) and s[0] != s[1]]
+    return [first] + (flipped or others)[:1]
 
 
 def _checkpoint_step(path: Path) -> int:

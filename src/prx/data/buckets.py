@@ -41,8 +41,7 @@ def make_buckets(resolution: int, patch: int, min_aspect: float = 0.5, max_aspec
 
 def assign_bucket(width: int, height: int, buckets: list[Bucket]) -> int:
     """Index of the bucket with the nearest aspect ratio (in log space)."""
-    aspect = math.log(width / height)
-    return min(range(len(buckets)), key=lambda i: abs(math.log(buckets[i].aspect) - aspect))
+    return nearest_bucket(width / height, buckets)
 
 
 def resize_and_crop_box(width: int, height: int, bucket: Bucket) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
@@ -51,3 +50,17 @@ def resize_and_crop_box(width: int, height: int, bucket: Bucket) -> tuple[tuple[
     new_w, new_h = max(bucket.width, round(width * scale)), max(bucket.height, round(height * scale))
     left, top = (new_w - bucket.width) // 2, (new_h - bucket.height) // 2
     return (new_w, new_h), (left, top, left + bucket.width, top + bucket.height)
+
+
+def nearest_bucket(aspect: float, buckets: list[Bucket]) -> int:
+    """Index of the bucket whose aspect ratio (width / height) is nearest to ``aspect`` in log space."""
+    return min(range(len(buckets)), key=lambda i: abs(math.log(buckets[i].aspect) - math.log(aspect)))
+
+
+def bucket_indices(widths, heights, buckets: list[Bucket]):
+    """:func:`assign_bucket` for arrays of image sizes (numpy), as the loader plans with it."""
+    import numpy as np
+
+    log_aspects = np.log([b.aspect for b in buckets])
+    sample_aspects = np.log(np.asarray(widths) / np.maximum(np.asarray(heights), 1))
+    return np.abs(sample_aspects[:, None] - log_aspects[None]).argmin(1)

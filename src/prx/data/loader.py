@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from prx.data.buckets import Bucket, make_buckets, resize_and_crop_box
+from prx.data.buckets import Bucket, bucket_indices, make_buckets, resize_and_crop_box
 from prx.data.convert import Mapping, image_bytes
 from prx.data.imageio import BadImage, decode
 from prx.data.inplace import read_inplace_infos
@@ -149,9 +149,7 @@ class ShardPlanner:
         self.index, self.batch_size, self.rank, self.world = index, batch_size, rank, world
         self.seed, self.stage, self.window = seed, stage, shuffle_window
         self.buckets = make_buckets(resolution, patch, *aspect_range)
-        log_aspects = np.log([b.aspect for b in self.buckets])
-        sample_aspects = np.log(index.width / np.maximum(index.height, 1))
-        self.bucket_of = np.abs(sample_aspects[:, None] - log_aspects[None]).argmin(1)  # nearest aspect, as assign_bucket
+        self.bucket_of = bucket_indices(index.width, index.height, self.buckets)
         self._cache: dict[int, list[tuple[int, np.ndarray]]] = {}
         if len(index) < batch_size * world:
             raise PrxError(f"{len(index)} samples cannot fill one batch of {batch_size} on each of {world} rank(s): "
@@ -365,6 +363,12 @@ class ShardLoader:
             self.stage = stage
         self.planner = ShardPlanner(self.index, resolution, self.patch, batch_size, self.rank, self.world, self.seed,
                                     stage, self.shuffle_window, self.aspect_range)
+        if not self.planner.plan(self.position[0]):  # would otherwise wait forever for a first batch
+            groups = len(self.index.groups)
+            raise PrxError(
+                f"{len(self.index)} samples in {groups} row group(s) give no full batch of {batch_size} per rank at "
+                f"{resolution} px on {self.world} rank(s) (each rank reads whole row groups, and a batch comes from "
+                f"one aspect-ratio bucket): add data, lower the batch size, or use fewer ranks")
         self._start()
 
     def _start(self) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from prx.config import Config, StageConfig
+from prx.data.buckets import bucket_indices, make_buckets
 from prx.data.convert import mapping_from
 from prx.data.loader import DataBatch, ShardLoader
 from prx.data.shapes import ShapesWorld, render
@@ -48,6 +49,10 @@ class ShapesSource:
         return DataBatch(images.permute(0, 3, 1, 2).contiguous(), [s.caption for s in scenes],
                          [f"shapes:{first + i}" for i in range(per_rank)])
 
+    def sizes(self, stage: StageConfig) -> list[tuple[int, int]]:
+        """(width, height) of the stage's images, most common first: the world renders squares."""
+        return [(stage.resolution, stage.resolution)]
+
     def state_dict(self) -> dict:
         return {}
 
@@ -73,6 +78,7 @@ class ShardSource:
                                   d.shuffle_window, (d.min_aspect, d.max_aspect), tag if use_embeddings else None,
                                   mapping)
         self.world = world
+        self.patch, self.aspect_range = cfg.model.patch_size, (d.min_aspect, d.max_aspect)
         self.empty_embedding = self.loader.empty_embedding
 
     def batch(self, step: int, stage_index: int, stage: StageConfig) -> DataBatch:
@@ -80,6 +86,13 @@ class ShardSource:
             raise PrxError(f"batch size {stage.batch_size} is not divisible by the {self.world} ranks")
         self.loader.set_stage(stage_index, stage.resolution, stage.batch_size // self.world)
         return self.loader.next()
+
+    def sizes(self, stage: StageConfig) -> list[tuple[int, int]]:
+        """(width, height) of the stage's aspect-ratio buckets that hold data, most common first."""
+        buckets = make_buckets(stage.resolution, self.patch, *self.aspect_range)
+        counts = np.bincount(bucket_indices(self.loader.index.width, self.loader.index.height, buckets),
+                             minlength=len(buckets))
+        return [(buckets[i].width, buckets[i].height) for i in np.argsort(-counts, kind="stable") if counts[i]]
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()
