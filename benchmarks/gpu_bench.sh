@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements of issue #5, as one script for a lent H100/H200 (no network needed):
+# The GPU measurements, as one script for a lent H100/H200 (no network needed):
 # the seed config with the full recipe at 512 px (MFU, TREAD and compile speed-ups) and the
 # largest micro-batch at 1024 px. Teachers are full-size with random weights (same FLOPs).
 #   bash benchmarks/gpu_bench.sh [OUT_DIR]      (about 10 minutes; results as JSON in OUT_DIR)

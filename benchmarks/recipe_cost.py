@@ -19,23 +19,19 @@ import torch
 from common import add_model_args, build_bench_model
 from prx.flops import training_step_flops
 from prx.flow import add_noise, flow_loss
-from prx.model import count_parameters
 from prx.optim import build_optimizer
-from prx.perceptual import LPIPS, PerceptualLoss
-from prx.plan import KNOWN_VISION
+from prx.lpips import LPIPS
+from prx.perceptual import PerceptualLoss
 from prx.repa import REPAAlignment
-from prx.teachers import TEACHER_IDS, VisionTeacher
+from prx.teachers import TEACHER_IDS, TEACHER_SHAPES, VisionTeacher
 from prx.tread import TREADRouter
 
 
 def random_teacher(name: str) -> VisionTeacher:
     import transformers as tf
 
-    shape = dict(KNOWN_VISION[TEACHER_IDS[name]])
-    if name == "dinov3":
-        cfg = tf.DINOv3ViTConfig(num_attention_heads=16, **shape)
-    else:
-        cfg = tf.Dinov2WithRegistersConfig(num_attention_heads=12, **shape)
+    shape = TEACHER_SHAPES[TEACHER_IDS[name]]  # the real architecture, random weights: the same FLOPs
+    cfg = tf.DINOv3ViTConfig(**shape) if name == "dinov3" else tf.Dinov2WithRegistersConfig(**shape)
     return VisionTeacher(tf.AutoModel.from_config(cfg))
 
 
@@ -72,7 +68,7 @@ def main() -> None:
     route = router.route(b, tokens, cfg.num_layers, step=0, device=dev)
     repa_block = min(8, cfg.num_layers)
 
-    print(f"{args.preset} model, {count_parameters(model) / 1e6:.1f}M params, {r} px ({tokens} tokens), batch {b}, "
+    print(f"{args.preset} model, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {r} px ({tokens} tokens), batch {b}, "
           f"{args.text_tokens} text tokens, {dev}, {torch.get_num_threads()} threads")
     print("building full-size teachers with random weights (DINOv3-L/16, DINOv2-B/14 with registers, VGG16) …")
     repa = REPAAlignment("dinov3", 0.5, repa_block).setup(cfg.hidden_dim, cfg.num_layers, teacher=random_teacher("dinov3")).to(dev)

@@ -18,7 +18,6 @@ import torch
 from common import add_model_args, build_bench_model
 from prx.flow import add_noise, flow_loss
 from prx.flops import training_step_flops
-from prx.model import count_parameters
 
 
 def peak_rss_gib() -> float:
@@ -63,7 +62,7 @@ def main() -> None:
     result = {
         "preset": args.preset, "resolution": r, "batch": b, "patch_size": cfg.patch_size,
         "image_tokens": (r // cfg.patch_size) ** 2, "text_tokens": args.text_tokens,
-        "params_M": round(count_parameters(model) / 1e6, 1), "threads": torch.get_num_threads(),
+        "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1), "threads": torch.get_num_threads(),
         "step_s": round(mean, 3), "step_s_min": round(min(times), 3),
         "images_per_s": round(b / mean, 2), "train_GFLOP_per_step": round(flops / 1e9, 1),
         "achieved_GFLOPs": round(flops / mean / 1e9, 1), "peak_rss_GiB": round(peak_rss_gib(), 2),

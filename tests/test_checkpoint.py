@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from prx.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from prx.checkpoint import CheckpointWriter, find_checkpoint, load_checkpoint, training_state
 from prx.errors import CheckpointError
 from prx.pipeline import Pipeline
 from prx.train import Trainer
@@ -46,7 +46,7 @@ def test_latest_symlink_pruning_and_a_crash_mid_write(tmp_path):
     assert find_checkpoint(tmp_path / "run").name == "step_00000006"
     # the next save replaces the leftovers cleanly
     trainer.step = 7
-    save_checkpoint(tmp_path / "run", 7, trainer.state_dict(), trainer.config, keep=2)
+    CheckpointWriter(tmp_path / "run", keep=2).save(7, training_state(trainer), trainer.config)
     assert find_checkpoint(tmp_path / "run").name == "step_00000007"
 
 

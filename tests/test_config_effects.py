@@ -32,11 +32,11 @@ def weight_files(tmp_path_factory):
     """Another VGG16 trunk and other LPIPS heads, to point the two weight-file keys at."""
     from safetensors.torch import load_file, save_file
 
-    from prx.perceptual import BUNDLED_HEADS
-    from prx.tiny_teachers import tiny_teacher_path
+    from prx.lpips import BUNDLED_HEADS
+    from prx.teachers import stand_in_path
 
     root = tmp_path_factory.mktemp("weights")
-    vgg = torch.load(tiny_teacher_path("tiny-random-vgg16"), weights_only=True)
+    vgg = torch.load(stand_in_path("tiny-random-vgg16"), weights_only=True)
     torch.save({k: v * 1.5 for k, v in vgg.items()}, root / "vgg.pth")
     save_file({k: v * 2.0 for k, v in load_file(str(BUNDLED_HEADS)).items()}, str(root / "heads.safetensors"))
     return {"vgg": str(root / "vgg.pth"), "heads": str(root / "heads.safetensors")}

@@ -50,7 +50,7 @@ def test_photos_convert_train_the_recipe_sample_and_export(photo_shards, tmp_pat
     # the data's buckets: wide photos and squares at both resolutions; sample grids show both
     from prx.config import load_config
     from prx.data.sources import build_source
-    from prx.train import sample_sizes
+    from prx.logger import sample_sizes
 
     cfg = load_config(str(run / "config.yaml"))
     source = build_source(cfg)

@@ -3,7 +3,8 @@ import torch
 
 from conftest import tiny_config
 from prx.errors import CheckpointError, TrainingError
-from prx.train import Trainer, lr_scale
+from prx.optim import lr_scale
+from prx.train import Trainer
 
 
 def _params(module):
@@ -46,7 +47,7 @@ def test_resume_requires_a_checkpoint(tmp_path):
 
 
 def test_lr_schedule_warmup_stable_decay():
-    from prx.config import OptimizerConfig
+    from prx.optim import OptimizerConfig
 
     cfg = OptimizerConfig(warmup_steps=4)
     assert lr_scale(0, 100, cfg) == 0.25 and lr_scale(3, 100, cfg) == 1.0 and lr_scale(99, 100, cfg) == 1.0

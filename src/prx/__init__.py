@@ -1,16 +1,29 @@
 """prx: train pixel-space text-to-image diffusion transformers with the PRX speedrun recipe.
 
     from prx import PRX, Trainer, TREADRouter, REPAAlignment, PerceptualLoss
+
+The names load on first use (PEP 562), so ``import prx`` and the ``prx`` command stay light:
+torch is imported only by what needs it.
 """
 
-from prx.config import Config, load_config
-from prx.model import PRX, PRXOutput, Route, build_model
-from prx.perceptual import PerceptualLoss
-from prx.pipeline import Pipeline
-from prx.repa import REPAAlignment
-from prx.train import Trainer
-from prx.tread import TREADRouter
+import importlib
 
-__all__ = ["Config", "load_config", "PRX", "PRXOutput", "Route", "build_model", "PerceptualLoss", "Pipeline",
-           "REPAAlignment", "Trainer", "TREADRouter"]
+_EXPORTS = {
+    "Config": "prx.config", "load_config": "prx.config",
+    "PRX": "prx.model", "PRXOutput": "prx.model", "build_model": "prx.model",
+    "Route": "prx.tread", "TREADRouter": "prx.tread",
+    "PerceptualLoss": "prx.perceptual", "REPAAlignment": "prx.repa",
+    "Pipeline": "prx.pipeline", "Trainer": "prx.train",
+}
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'prx' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

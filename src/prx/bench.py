@@ -116,7 +116,7 @@ def run_bench(config: Config, steps: int = 5, warmup: int = 2, peak_tflops: floa
             "config": config.name, "device": str(trainer.device), "world": world, "resolution": stage.resolution,
             "batch_per_device": per_rank, "micro_batch": config.train.micro_batch_size or per_rank,
             "precision": str(trainer.autocast or torch.float32).replace("torch.", ""),
-            "compile": config.train.compile, "tread": stage.tread and config.tread.route_ratio > 0,
+            "compile": config.train.compile, "tread": config.tricks(stage).tread,
             "step_seconds": seconds, "images_per_s": per_rank / seconds, "tokens_per_s": per_rank * tokens / seconds,
             "phases": phases, "flops_per_step": flops, "achieved_tflops": sum(flops.values()) / seconds / 1e12,
             "mfu": sum(flops.values()) / seconds / peak, "peak": peak_source, "peak_memory_gib": memory,

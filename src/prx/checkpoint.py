@@ -1,13 +1,24 @@
-"""Checkpoints written with ``torch.distributed.checkpoint`` (one process now, sharded under
-FSDP2 later), made atomic: a checkpoint is written to a hidden temporary directory and renamed
-into place only when complete, then ``checkpoints/latest`` (a symlink) is switched to it. A crash
-at any moment leaves the previous checkpoint intact and reachable.
+"""Checkpoints: the one module that knows what a checkpoint holds, under which names, and where.
+
+Written with ``torch.distributed.checkpoint`` (one process, or sharded under FSDP2) and made
+atomic: a checkpoint is written to a hidden temporary directory and renamed into place only when
+complete, then ``checkpoints/latest`` (a symlink) is switched to it. A crash at any moment leaves
+the previous checkpoint intact and reachable.
 
 Layout::
 
     RUN/config.yaml                   resolved config of the run
     RUN/checkpoints/step_00001000/    .metadata + *.distcp (DCP), config.yaml, meta.json
     RUN/checkpoints/latest -> step_00001000
+
+State, by key (:func:`training_state`)::
+
+    model.denoiser.*, model.repa_projector.*   the trained modules (the projector only with REPA)
+    optimizer.*                                Muon and Adam state (torch's get_state_dict layout)
+    ema.model.*, ema.num_updates               the EMA copy of the denoiser: what sampling uses
+    trainer.step, trainer.bad_steps
+    data.*                                     the data source's exact position
+    rng.torch
 """
 
 from __future__ import annotations
@@ -17,8 +28,10 @@ import os
 import shutil
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
+import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -26,8 +39,64 @@ from prx.config import Config, config_from_dict, read_yaml
 from prx.errors import CheckpointError, PrxError
 
 LATEST = "latest"
-# DCP says so on every single-process save, also from the background writer thread
-warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of(path: Path) -> int:
+    """The optimizer step a checkpoint directory holds (from its name)."""
+    return int(Path(path).name.split("_")[1])
+
+
+# --------------------------------------------------------------------------------------------
+# What a checkpoint holds
+# --------------------------------------------------------------------------------------------
+
+
+def training_state(trainer) -> dict:
+    """Everything a run needs to continue exactly, in the layout above (tensors stay sharded)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(trainer.trainable, trainer.optimizer.optimizers)
+    return {
+        "model": model_state,
+        "optimizer": optim_state,
+        "ema": trainer.ema.state_dict(),
+        "trainer": {"step": trainer.step, "bad_steps": trainer.bad_steps},
+        "data": trainer.data.state_dict(),
+        "rng": {"torch": torch.get_rng_state()},
+    }
+
+
+def restore_training_state(trainer, path: Path) -> None:
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = training_state(trainer)
+    load_checkpoint(path, state)
+    set_state_dict(trainer.trainable, trainer.optimizer.optimizers, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
+    trainer.ema.load_state_dict(state["ema"])
+    trainer.step = int(state["trainer"]["step"])
+    trainer.bad_steps = int(state["trainer"]["bad_steps"])
+    trainer.data.load_state_dict(state["data"])
+    torch.set_rng_state(state["rng"]["torch"])
+
+
+def load_weights(path: str | Path, model: torch.nn.Module, weights: str = "ema") -> Path:
+    """Fill a (full, unsharded) denoiser with a checkpoint's EMA or raw weights, whatever world size
+    wrote it; returns the checkpoint directory. For sampling, export and evaluation."""
+    if weights not in ("ema", "model"):
+        raise ValueError("weights must be 'ema' or 'model'")
+    tensors = model.state_dict()
+    state = {"ema": {"model": tensors}} if weights == "ema" else {"model": {f"denoiser.{k}": v for k, v in tensors.items()}}
+    return load_checkpoint(path, state)
+
+
+# --------------------------------------------------------------------------------------------
+# Where checkpoints are
+# --------------------------------------------------------------------------------------------
 
 
 def _is_complete(path: Path) -> bool:
@@ -36,7 +105,7 @@ def _is_complete(path: Path) -> bool:
 
 def _step_dirs(root: Path) -> list[Path]:
     dirs = [p for p in root.glob("step_*") if p.is_dir() and _is_complete(p)]
-    return sorted(dirs, key=lambda p: int(p.name.split("_")[1]))
+    return sorted(dirs, key=step_of)
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -67,6 +136,29 @@ def has_checkpoint(run_dir: str | Path) -> bool:
         return False
 
 
+def checkpoint_to_resume(run_dir: Path, resume: bool | None, config: Config) -> Path | None:
+    """The run directory's newest checkpoint to continue from (None: a new run), after the checks:
+    ``resume`` True requires one, False forbids one, None takes one if there is one; a checkpoint
+    of another model shape is refused."""
+    from prx.runtime import make_writable_dir
+
+    exists = has_checkpoint(run_dir)
+    if resume is True and not exists:
+        raise CheckpointError(f"--resume given but '{run_dir}' has no checkpoint: drop --resume to start a new run there")
+    if resume is False and exists:
+        raise CheckpointError(f"'{run_dir}' already holds a run: resume it (drop the flag that forbids it) or choose --out")
+    make_writable_dir(run_dir, "run directory")
+    if not exists:
+        return None
+    path = find_checkpoint(run_dir / "checkpoints")
+    saved, model = checkpoint_config(path).model, config.model
+    if replace(saved, text_dim=None) != replace(model, text_dim=None) or (
+            model.text_dim is not None and saved.text_dim != model.text_dim):
+        raise CheckpointError(f"'{run_dir}' holds a run with a different model config: use --out for a new run, or the "
+                              f"run's own config ({run_dir / 'config.yaml'})")
+    return path
+
+
 def checkpoint_config(path: str | Path) -> Config:
     path = find_checkpoint(path)
     try:
@@ -81,7 +173,7 @@ def checkpoint_meta(path: str | Path) -> dict:
 
 def _finalize(root: Path, tmp: Path, step: int, config: Config, keep: int) -> Path:
     """Make a fully written checkpoint visible: metadata, rename into place, switch `latest`, prune."""
-    name = f"step_{step:08d}"
+    name = step_dir_name(step)
     final = root / name
     config.save(tmp / "config.yaml")
     (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time()}))
@@ -103,11 +195,6 @@ def _finalize(root: Path, tmp: Path, step: int, config: Config, keep: int) -> Pa
     return final
 
 
-def save_checkpoint(run_dir: str | Path, step: int, state: dict, config: Config, keep: int = 2) -> Path:
-    """Write ``state`` (nested dicts of tensors and picklable values) as checkpoint ``step`` (one process)."""
-    return CheckpointWriter(run_dir, keep=keep).save(step, state, config)
-
-
 class CheckpointWriter:
     """Writes checkpoints from every rank (DCP is collective); rank 0 makes them visible.
 
@@ -126,6 +213,10 @@ class CheckpointWriter:
         self.pending = None  # (future, tmp, step, config)
         self.last: Path | None = None
         self.group = None
+        if not self.info.enabled:
+            # one process: DCP warns on every save that there is no process group, also from the
+            # background writer thread, where a catch_warnings() block of this thread cannot reach
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         if asynchronous and self.info.enabled:
             import torch.distributed as dist
 
@@ -136,24 +227,25 @@ class CheckpointWriter:
         from prx.distributed import barrier
 
         self.wait()
-        tmp = self.root / f".tmp_step_{step:08d}"
+        tmp = self.root / f".tmp_{step_dir_name(step)}"
         if self.info.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         barrier(self.info)
+        single = not self.info.enabled  # one process: no collectives (and no warning that there are none)
         if self.asynchronous:
-            response = dcp.async_save(state, checkpoint_id=tmp, process_group=self.group)
+            response = dcp.async_save(state, checkpoint_id=tmp, process_group=self.group, no_dist=single)
             self.pending = (getattr(response, "upload_completion", response), tmp, step, config)
             return None
-        dcp.save(state, checkpoint_id=tmp)
+        dcp.save(state, checkpoint_id=tmp, no_dist=single)
         return self._finish(tmp, step, config)
 
     def _finish(self, tmp: Path, step: int, config: Config) -> Path:
         from prx.distributed import barrier
 
         barrier(self.info)  # every rank's shards are on disk
-        final = self.root / f"step_{step:08d}"
+        final = self.root / step_dir_name(step)
         if self.info.is_main:
             _finalize(self.root, tmp, step, config, self.keep)
         barrier(self.info)
@@ -184,7 +276,12 @@ def load_checkpoint(path: str | Path, state: dict) -> Path:
     """Fill ``state`` in place from a checkpoint (only the keys present in ``state`` are read)."""
     path = find_checkpoint(path)
     try:
-        dcp.load(state, checkpoint_id=path)
+        import torch.distributed as dist
+
+        single = not (dist.is_available() and dist.is_initialized())
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp.load(state, checkpoint_id=path, no_dist=single)
     except (Exception, CheckpointException) as e:  # DCP wraps the cause (size mismatch, missing key); a BaseException
         detail = " ".join(str(e).split())
         for marker in ("Size mismatch", "Missing key", "missing key", "Unexpected key"):

@@ -1,4 +1,8 @@
-"""The ``prx`` command: train, sample, eval."""
+"""The ``prx`` command: train, sample, eval, export, bench and data (convert, embed, shapes, inspect).
+
+Every command imports what it needs when it runs, so ``prx --help`` and config errors answer at
+once; errors a user can fix (:class:`PrxError`) print as one line and exit with code 2.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +28,6 @@ def _run_dir_of(checkpoint: Path) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from prx.config import load_config
-    from prx.train import Trainer
 
     config_arg, overrides = None, []
     for item in args.items:
@@ -40,10 +43,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         print(describe_plan(config))
         return 0
+    from prx.train import Trainer  # torch loads here, after the config is known to be good
+
     run_dir = Path(args.out) if args.out else Path("runs") / config.name
     trainer = Trainer(config, run_dir, resume=True if args.resume else None)
     trainer.run()
-    return 130 if trainer.stop_reason == "interrupted" else 0
+    return trainer.exit_code  # 0, or 128 + the signal that stopped the run (130 Ctrl-C, 143 SIGTERM)
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -222,17 +227,14 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
-    from prx.checkpoint import checkpoint_config, checkpoint_meta, find_checkpoint, load_checkpoint
+    from prx.checkpoint import checkpoint_config, checkpoint_meta, find_checkpoint, load_weights
     from prx.model import build_model
     from prx.runtime import make_writable_dir
 
     ckpt = find_checkpoint(args.checkpoint)
     config = checkpoint_config(ckpt)
     model = build_model(config.model)
-    weights = model.state_dict()
-    state = ({"ema": {"model": weights}} if args.weights == "ema"
-             else {"model": {f"denoiser.{k}": v for k, v in weights.items()}})
-    load_checkpoint(ckpt, state)  # full tensors, whatever world size wrote the checkpoint
+    load_weights(ckpt, model, args.weights)  # full tensors, whatever world size wrote the checkpoint
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise PrxError(f"--out {out} should end in .safetensors")
@@ -252,10 +254,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
-    from prx.bench import format_bench, run_bench
     from prx.config import load_config
 
     config = load_config(args.config, args.overrides)
+    from prx.bench import format_bench, run_bench  # torch loads here, after the config is known to be good
+
     result = run_bench(config, steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops)
     import torch.distributed as dist
 

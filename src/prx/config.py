@@ -1,9 +1,14 @@
-"""Typed run configuration.
+"""The run's typed configuration: the run-level schema, model presets, the YAML/override parser
+and the run-level checks.
 
-Every section is a dataclass; a YAML file mirrors them one to one. Values are resolved in
-this order: dataclass defaults (the recipe's), then a model preset, then the YAML file, then
-dotted command-line overrides (``train.batch_size=32``). Anything unknown, mistyped or
-impossible raises :class:`ConfigError` with the key and how to fix it, before any work starts.
+Every section is a dataclass that YAML mirrors one to one. The recipe's components own their
+sections, checks included, beside the code they configure (``tread:`` in ``tread.py``, ``repa:`` in
+``repa.py``, ``perceptual:``, ``ema:``, ``optimizer:`` (with the LR schedule), ``text:``); this
+module composes them with the run-level ones (model, data, objective, sampling, stages, train,
+logging). Values resolve in this order: dataclass defaults (the recipe's), then a model preset,
+then the YAML file, then dotted command-line overrides (``train.batch_size=32``). Anything
+unknown, mistyped or impossible raises :class:`ConfigError` with the key and how to fix it,
+before any work starts — and before torch is even imported.
 """
 
 from __future__ import annotations
@@ -19,26 +24,47 @@ from typing import Any
 
 import yaml
 
+from prx.checks import at_least, check, check_fields, one_of, positive
+from prx.data.sources import DataConfig
+from prx.ema import EMAConfig
 from prx.errors import ConfigError
+from prx.flow import ObjectiveConfig
+from prx.logger import LoggingConfig
+from prx.optim import OptimizerConfig
+from prx.perceptual import PerceptualConfig
+from prx.repa import REPAConfig
+from prx.sampling import SamplingConfig
+from prx.text import TextConfig
+from prx.tread import TreadConfig
 
 # --------------------------------------------------------------------------------------------
-# Sections
+# Run-level sections
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass
 class ModelConfig:
-    """The PRX transformer. ``preset`` fills every field not set explicitly."""
+    """``model:`` the PRX transformer. ``preset`` fills every field not set explicitly."""
 
     preset: str | None = None
-    patch_size: int = 32
-    bottleneck_dim: int = 256  # linear bottleneck of the patch embedding: 3·p² → this → hidden
-    hidden_dim: int = 1024
-    num_layers: int = 24
-    num_heads: int = 16
-    mlp_ratio: float = 3.5  # GeGLU hidden size = mlp_ratio · hidden_dim
-    rope_theta: float = 10000.0
-    text_dim: int | None = None  # set from the text encoder when the model is built
+    patch_size: int = positive(32)
+    bottleneck_dim: int = positive(256)  # linear bottleneck of the patch embedding: 3·p² → this → hidden
+    hidden_dim: int = positive(1024)
+    num_layers: int = positive(24)
+    num_heads: int = positive(16)
+    mlp_ratio: float = positive(3.5)  # GeGLU hidden size = mlp_ratio · hidden_dim
+    rope_theta: float = positive(10000.0)
+    text_dim: int | None = positive(None)  # set from the text encoder when the model is built
+
+    def check(self, run=None) -> None:
+        check(self.hidden_dim % self.num_heads == 0, f"model.hidden_dim={self.hidden_dim} is not divisible by "
+              f"model.num_heads={self.num_heads}: pick a head count that divides it")
+        head_dim = self.hidden_dim // self.num_heads
+        check(head_dim % 4 == 0, f"head dim model.hidden_dim/model.num_heads = {head_dim} must be a multiple of 4 "
+                                 f"for 2D RoPE: change num_heads")
+        patch_dim = 3 * self.patch_size**2
+        check(self.bottleneck_dim <= patch_dim, f"model.bottleneck_dim={self.bottleneck_dim} is larger than the patch "
+              f"dimension 3·{self.patch_size}² = {patch_dim}: use a bottleneck ≤ {patch_dim}")
 
 
 # Named model sizes. `seed` is the speedrun seed config; `prx-small` the reference code's
@@ -53,190 +79,57 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class ShapesConfig:
-    """The procedural shapes world (see prx.data.shapes)."""
-
-    # relative frequency of scenes with 1, 2, 3 objects
-    object_count_weights: list[float] = field(default_factory=lambda: [0.6, 0.3, 0.1])
-    seed: int = 0
-
-
-@dataclass
-class CaptionWeight:
-    column: str = "caption"
-    weight: float = 1.0
-
-
-@dataclass
-class DataConfig:
-    # shapes: procedural, built in | shards: prx Parquet shards (see `prx data`) | parquet: Parquet
-    # files as downloaded (e.g. from the Hugging Face hub), read in place through a column mapping
-    dataset: str = "shapes"
-    shards: list[str] = field(default_factory=list)  # directories, files or globs of shards (or of parquet files)
-    # dataset=parquet: the column mapping, as `prx data convert --from parquet` takes it
-    preset: str = ""  # flux-generated | flux-reason-6m | midjourney-v6-llava
-    image_column: str = ""  # the image column (bytes or a {bytes, path} struct); default the preset's, else image
-    caption_columns: list[str] = field(default_factory=list)  # "field" or "field=name"; default the preset's, else caption
-    id_column: str = ""  # a stable id column; default the preset's, else file name and row
-    resolution: int = 512
-    caption_dropout: float = 0.1  # probability of replacing the caption by "" (enables CFG)
-    # which caption column each sample uses, drawn by weight; empty = the shards' first column
-    captions: list[CaptionWeight] = field(default_factory=list)
-    embeddings: str = "auto"  # auto: use precomputed embeddings of text.encoder when every shard has them | off
-    num_workers: int = 2  # DataLoader worker processes decoding images
-    shuffle_window: int = 16  # row groups whose samples are shuffled together
-    min_aspect: float = 0.5  # aspect-ratio buckets (width / height) span [min_aspect, max_aspect]
-    max_aspect: float = 2.0
-    shapes: ShapesConfig = field(default_factory=ShapesConfig)
-
-
-@dataclass
-class TextConfig:
-    # "minilm" (bundled, offline), a Hugging Face hub id, or a local directory
-    encoder: str = "minilm"
-    max_length: int = 64
-    dtype: str = "float32"  # float32 | bfloat16 | float16
-    cache_size: int = 100_000  # encodings of repeated captions are reused
-
-
-@dataclass
-class ObjectiveConfig:
-    """x-prediction flow matching; x_t = (1-t)·x0 + t·noise, t=1 is pure noise."""
-
-    t_mean: float = 0.0  # logit-normal location
-    t_std: float = 1.0  # logit-normal scale
-    shift: float = 3.0  # t' = s·t / (1 + (s-1)·t); 1 disables
-    uniform_fraction: float = 0.1  # this share of t is drawn from U[t_min, 1), unshifted
-    t_min: float = 1e-3
-    t_clamp: float = 0.05  # velocity denominator max(t, t_clamp)
-    noise_scale: float = 1.0
-
-
-@dataclass
-class OptimizerConfig:
-    name: str = "muon"  # muon (Muon for 2D block matrices + Adam for the rest) | adamw
-    lr: float = 1e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    warmup_steps: int = 1000  # linear warm-up, then constant
-    # warm-up / stable / decay: the last `decay_fraction` of train.steps decays linearly to lr·min_lr_ratio
-    decay_fraction: float = 0.0
-    min_lr_ratio: float = 0.0
-    grad_clip: float = 1.0  # max global grad norm; 0 disables
-    muon_lr: float | None = None  # None = lr (Muon's update RMS is matched to Adam's)
-    muon_momentum: float = 0.95
-    muon_nesterov: bool = True
-    muon_ns_steps: int = 5
-    muon_rms_scale: bool = True  # scale updates by 0.2·√max(m, n) to match Adam's RMS
-
-
-@dataclass
-class EMAConfig:
-    decay: float = 0.999
-    update_every: int = 10
-    # decay_n = min(decay, (1+n)/(10+n)) over the n-th update: short runs need it
-    warmup: bool = False
-
-
-@dataclass
-class TreadConfig:
-    """TREAD token routing (training only): route_ratio of the image tokens skip blocks start..end."""
-
-    route_ratio: float = 0.5  # 0 disables
-    start_block: int = 2  # 0-based; negative counts from the end
-    end_block: int = -2  # inclusive: -2 is the penultimate block
-
-
-@dataclass
-class REPAConfig:
-    """Representation alignment of a block's output with a frozen vision teacher."""
-
-    teacher: str = "dinov3"  # dinov3 | dinov2 | a hub id | a local directory
-    weight: float = 0.5  # 0 disables
-    block: int = 8  # the output of the 8th block (counted from 1, as in the REPA paper)
-    projector_dim: int = 2048
-
-
-@dataclass
-class PerceptualConfig:
-    """LPIPS-VGG and DINOv2 losses on the predicted x0 against x0."""
-
-    lpips_weight: float = 0.1  # 0 disables
-    dino_weight: float = 0.01  # 0 disables
-    t_threshold: float = 1.0  # apply where t < t_threshold; 1 = at all noise levels (the recipe)
-    dino_model: str = "dinov2"  # dinov2 | a hub id | a local directory
-    dino_resolution: int = 224
-    lpips_resize: float = 0.5
-    lpips_vgg_weights: str | None = None  # torchvision vgg16-397923af.pth; None = $TORCH_HOME/hub/checkpoints/
-    lpips_heads: str | None = None  # lpips' vgg.pth; None = the installed lpips package's, else prx's copy
-
-
-@dataclass
 class StageConfig:
     """One resolution stage of a run; which of the configured losses and routing are on."""
 
-    resolution: int = 512
-    steps: int = 1000
-    batch_size: int = 64
+    resolution: int = positive(512)
+    steps: int = at_least(1000, 1)
+    batch_size: int = at_least(64, 1)
     tread: bool = True
     repa: bool = True
     perceptual: bool = True
 
 
-@dataclass
-class SamplingConfig:
-    sampler: str = "euler"  # euler | heun
-    steps: int = 50
-    guidance: str = "cfg"  # cfg (empty-caption negative) | self (TREAD self-guidance) | both
-    guidance_scale: float = 3.5  # classifier-free guidance scale; 1 disables
-    self_guidance_scale: float = 3.5  # out = routed + w·(dense − routed); 1 disables
-    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only for t in [lo, hi]
-    shift: float | None = None  # time shift of the sampling schedule; None = objective.shift
-    seed: int = 0
+@dataclass(frozen=True)
+class StageTricks:
+    """Which of the recipe's tricks are on in a stage: configured (weight or ratio > 0) and enabled there."""
+
+    tread: bool
+    repa: bool
+    lpips: bool
+    dino: bool
+
+    @property
+    def perceptual(self) -> bool:
+        return self.lpips or self.dino
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 100_000
-    batch_size: int = 1024
-    micro_batch_size: int = 0  # per forward/backward; gradients accumulate to batch_size. 0 = batch_size
+    """``train:`` the loop, its scale-out and its checkpoints."""
+
+    steps: int = at_least(100_000, 1)
+    batch_size: int = at_least(1024, 1)
+    micro_batch_size: int = at_least(0, 0, hint=" (0 = the whole batch)")  # gradients accumulate to batch_size
     # Resolution stages; when set they replace data.resolution, train.steps and train.batch_size.
     stages: list[StageConfig] = field(default_factory=list)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU; weights stay fp32) | bf16 | fp32
-    parallel: str = "auto"  # auto (FSDP2 when torchrun starts several processes) | fsdp | ddp | none
-    compile: str = "auto"  # torch.compile each block: auto (on GPU) | on | off
+    precision: str = one_of("auto", "bf16", "fp32")  # auto: bf16 on GPU, fp32 on CPU; weights stay fp32
+    parallel: str = one_of("auto", "fsdp", "ddp", "none")  # auto: FSDP2 when torchrun starts several processes
+    compile: str = one_of("auto", "on", "off")  # torch.compile each block: auto = on GPU
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     async_checkpoint: bool = True  # write checkpoints in the background (visible once complete)
-    timeout_minutes: float = 10.0  # a collective that waits longer (a dead rank) fails the job
-    num_threads: int = 0  # CPU threads for torch; 0 = torch's default
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 2
-    time_limit_minutes: float = 0.0  # stop (with a checkpoint) after this long; 0 = no limit
-    max_bad_steps: int = 20  # non-finite losses tolerated (skipped) before the run stops
+    timeout_minutes: float = positive(10.0)  # a collective that waits longer (a dead rank) fails the job
+    num_threads: int = at_least(0, 0)  # CPU threads for torch; 0 = torch's default
+    checkpoint_every: int = at_least(1000, 1)
+    keep_checkpoints: int = at_least(2, 1)
+    time_limit_minutes: float = at_least(0.0, 0)  # stop (with a checkpoint) after this long; 0 = no limit
+    max_bad_steps: int = at_least(20, 0)  # non-finite losses tolerated (skipped) before the run stops
 
-
-@dataclass
-class LoggingConfig:
-    log_every: int = 10
-    sample_every: int = 1000  # sample grid of the fixed prompts (EMA weights); 0 disables
-    sample_steps: int = 25
-    sample_prompts: list[str] = field(
-        default_factory=lambda: [
-            "a red circle in the top left",
-            "a blue square in the bottom right",
-            "a green triangle in the center",
-            "a yellow circle in the top right",
-            "a purple square in the bottom left",
-            "an orange triangle in the top left",
-            "a blue circle to the left of a red square",
-            "a green square above an orange circle",
-        ]
-    )
-    tensorboard: bool = True
-    progress_bar: bool = True
+    def check(self, run) -> None:
+        check(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+              f"train.device must be auto, cpu, cuda or cuda:N, got '{self.device}'")
 
 
 @dataclass
@@ -288,6 +181,19 @@ class Config:
                 return i, stage
         return len(self.stages) - 1, self.stages[-1]
 
+    def tricks(self, stage: StageConfig) -> StageTricks:
+        """Is this trick on in this stage? The one answer the step, --dry-run, bench and the logs use."""
+        p = self.perceptual
+        return StageTricks(tread=stage.tread and self.tread.route_ratio > 0, repa=stage.repa and self.repa.weight > 0,
+                           lpips=stage.perceptual and p.lpips_weight > 0, dino=stage.perceptual and p.dino_weight > 0)
+
+    def describe_stage(self, index: int) -> str:
+        stage, on = self.stages[index], self.tricks(self.stages[index])
+        terms = ["flow"] + [f"TREAD {self.tread.route_ratio:g}"] * on.tread + [f"REPA {self.repa.weight:g}"] * on.repa
+        terms += [f"LPIPS {self.perceptual.lpips_weight:g}"] * on.lpips + [f"DINO {self.perceptual.dino_weight:g}"] * on.dino
+        return (f"stage {index + 1}/{len(self.stages)}: {stage.resolution}px, batch {stage.batch_size}, "
+                f"{stage.steps} steps, {', '.join(terms)}")
+
 
 # --------------------------------------------------------------------------------------------
 # Building a typed config from plain dicts, with errors that name the key
@@ -328,7 +234,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r} (write it as [a, b, ...])")
         if dataclasses.is_dataclass(inner):
-            return [v if isinstance(v, inner) else _build(inner, v, f"{key}[{i}].") for i, v in enumerate(value)]
+            return [v if isinstance(v, inner) else build_section(inner, v, f"{key}[{i}].") for i, v in enumerate(value)]
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
@@ -370,7 +276,8 @@ def _unknown_key(key: str, prefix: str, known: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key '{full}': {hint}")
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+def build_section(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    """A config dataclass from a plain dict, every key and type checked (presets applied to ``model``)."""
     if not isinstance(data, dict):
         raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping of keys to values, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -392,7 +299,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         tp = hints[name]
         key = f"{prefix}{name}"
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value if value is not None else {}, f"{key}.")
+            kwargs[name] = build_section(tp, value if value is not None else {}, f"{key}.")
         else:
             kwargs[name] = _coerce(value, tp, key)
     return cls(**kwargs)
@@ -443,7 +350,7 @@ def apply_override(data: dict[str, Any], text: str) -> None:
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    cfg = _build(Config, data, "")
+    cfg = build_section(Config, data, "")
     validate(cfg)
     return cfg
 
@@ -500,167 +407,28 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | N
 # Validation: impossible values fail here, before any work
 # --------------------------------------------------------------------------------------------
 
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def validate_model(m: ModelConfig) -> None:
-    for name in ("patch_size", "bottleneck_dim", "hidden_dim", "num_layers", "num_heads"):
-        _check(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
-    _check(m.mlp_ratio > 0, f"model.mlp_ratio must be positive, got {m.mlp_ratio}")
-    _check(
-        m.hidden_dim % m.num_heads == 0,
-        f"model.hidden_dim={m.hidden_dim} is not divisible by model.num_heads={m.num_heads}: pick a head count that divides it",
-    )
-    head_dim = m.hidden_dim // m.num_heads
-    _check(
-        head_dim % 4 == 0,
-        f"head dim model.hidden_dim/model.num_heads = {head_dim} must be a multiple of 4 for 2D RoPE: change num_heads",
-    )
-    patch_dim = 3 * m.patch_size**2
-    _check(
-        m.bottleneck_dim <= patch_dim,
-        f"model.bottleneck_dim={m.bottleneck_dim} is larger than the patch dimension 3·{m.patch_size}² = {patch_dim}: "
-        f"use a bottleneck ≤ {patch_dim}",
-    )
-    _check(m.text_dim is None or m.text_dim > 0, f"model.text_dim must be positive or null, got {m.text_dim}")
-
-
-def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
-    """A model config from a plain dict (the seed's ``{"patch_size": 32, ...}``), presets and checks included.
-
-    Without ``num_heads`` the heads are 64 wide; without ``text_dim`` the model takes the bundled
-    MiniLM encoder's 384-wide tokens (set it for another encoder).
-    """
-    data = dict(data)
-    if "num_heads" not in data and "hidden_dim" in data and data.get("preset") is None:
-        data["num_heads"] = max(1, int(data["hidden_dim"]) // 64)
-    cfg = _build(ModelConfig, data, "model.")
-    if cfg.text_dim is None:
-        cfg.text_dim = 384
-    validate_model(cfg)
-    return cfg
+SECTIONS = ("model", "data", "text", "objective", "tread", "repa", "perceptual", "optimizer", "ema", "sampling",
+            "train", "logging")
 
 
 def validate(cfg: Config) -> None:
-    m, d, o, opt = cfg.model, cfg.data, cfg.objective, cfg.optimizer
-    validate_model(m)
-    _check(d.resolution > 0, f"data.resolution must be positive, got {d.resolution}")
-    _check(
-        d.resolution % m.patch_size == 0,
-        f"model.patch_size={m.patch_size} does not divide data.resolution={d.resolution}: "
-        f"use a resolution that is a multiple of {m.patch_size}",
-    )
-    for i, st in enumerate(cfg.train.stages):
-        key = f"train.stages[{i}]"
-        _check(st.resolution > 0 and st.resolution % m.patch_size == 0,
-               f"{key}.resolution={st.resolution} is not a positive multiple of model.patch_size={m.patch_size}")
-        _check(st.steps >= 1, f"{key}.steps must be ≥ 1, got {st.steps}")
-        _check(st.batch_size >= 1, f"{key}.batch_size must be ≥ 1, got {st.batch_size}")
-    _check(0.0 <= d.caption_dropout < 1.0, f"data.caption_dropout must be in [0, 1), got {d.caption_dropout}")
-    _check(d.dataset in ("shapes", "shards", "parquet"),
-           f"data.dataset='{d.dataset}' is unknown: use 'shapes', 'shards' or 'parquet'")
-    _check(d.dataset == "shapes" or bool(d.shards),
-           f"data.dataset={d.dataset} needs data.shards: a list of directories, files or globs"
-           + (" (see `prx data convert`)" if d.dataset == "shards" else " of the downloaded .parquet files"))
-    from prx.data.convert import PRESETS
-
-    _check(not d.preset or d.preset in PRESETS, f"data.preset='{d.preset}' is unknown: use one of {', '.join(PRESETS)}")
-    _check(d.dataset == "parquet" or not (d.preset or d.image_column or d.caption_columns or d.id_column),
-           "data.preset / image_column / caption_columns / id_column map downloaded files: set data.dataset=parquet "
-           "(prx shards need no mapping)")
-    _check(all(c.weight >= 0 for c in d.captions) and (not d.captions or sum(c.weight for c in d.captions) > 0),
-           "data.captions weights must be ≥ 0 with a positive sum")
-    _check(d.embeddings in ("auto", "off"), f"data.embeddings must be auto or off, got '{d.embeddings}'")
-    _check(d.num_workers >= 0, f"data.num_workers must be ≥ 0, got {d.num_workers}")
-    _check(d.shuffle_window >= 1, f"data.shuffle_window must be ≥ 1, got {d.shuffle_window}")
-    _check(0 < d.min_aspect <= 1 <= d.max_aspect, "data.min_aspect ≤ 1 ≤ data.max_aspect, both positive")
-    w = d.shapes.object_count_weights
-    _check(
-        1 <= len(w) <= 3 and all(x >= 0 for x in w) and sum(w) > 0,
-        "data.shapes.object_count_weights must be 1 to 3 non-negative weights (for 1, 2, 3 objects) with a positive sum",
-    )
-    _check(cfg.text.max_length > 0, f"text.max_length must be positive, got {cfg.text.max_length}")
-    _check(
-        cfg.text.dtype in ("float32", "bfloat16", "float16"),
-        f"text.dtype must be float32, bfloat16 or float16, got '{cfg.text.dtype}'",
-    )
-    _check(o.t_std > 0, f"objective.t_std must be positive, got {o.t_std}")
-    _check(o.shift > 0, f"objective.shift must be positive, got {o.shift}")
-    _check(0.0 <= o.uniform_fraction <= 1.0, f"objective.uniform_fraction must be in [0, 1], got {o.uniform_fraction}")
-    _check(0.0 <= o.t_min < 1.0, f"objective.t_min must be in [0, 1), got {o.t_min}")
-    _check(0.0 < o.t_clamp < 1.0, f"objective.t_clamp must be in (0, 1), got {o.t_clamp}")
-    _check(o.noise_scale > 0, f"objective.noise_scale must be positive, got {o.noise_scale}")
-    _check(opt.name in ("adamw", "muon"), f"optimizer.name='{opt.name}' is not supported: use 'muon' or 'adamw'")
-    _check(opt.muon_lr is None or opt.muon_lr > 0, f"optimizer.muon_lr must be positive or null, got {opt.muon_lr}")
-    _check(0.0 <= opt.muon_momentum < 1.0, f"optimizer.muon_momentum must be in [0, 1), got {opt.muon_momentum}")
-    _check(opt.muon_ns_steps >= 1, f"optimizer.muon_ns_steps must be ≥ 1, got {opt.muon_ns_steps}")
-    _check(opt.lr > 0, f"optimizer.lr must be positive, got {opt.lr}: a learning rate like 1e-4")
-    _check(
-        len(opt.betas) == 2 and all(0.0 <= b < 1.0 for b in opt.betas),
-        f"optimizer.betas must be two numbers in [0, 1), got {opt.betas}",
-    )
-    _check(opt.eps > 0, f"optimizer.eps must be positive, got {opt.eps}")
-    _check(opt.weight_decay >= 0, f"optimizer.weight_decay must be ≥ 0, got {opt.weight_decay}")
-    _check(opt.warmup_steps >= 0, f"optimizer.warmup_steps must be ≥ 0, got {opt.warmup_steps}")
-    _check(0.0 <= opt.decay_fraction <= 1.0, f"optimizer.decay_fraction must be in [0, 1], got {opt.decay_fraction}")
-    _check(0.0 <= opt.min_lr_ratio <= 1.0, f"optimizer.min_lr_ratio must be in [0, 1], got {opt.min_lr_ratio}")
-    _check(opt.grad_clip >= 0, f"optimizer.grad_clip must be ≥ 0 (0 disables), got {opt.grad_clip}")
-    _check(0.0 <= cfg.ema.decay < 1.0, f"ema.decay must be in [0, 1), got {cfg.ema.decay}")
-    _check(cfg.ema.update_every >= 1, f"ema.update_every must be ≥ 1, got {cfg.ema.update_every}")
-    s = cfg.sampling
-    _check(s.sampler in ("euler", "heun"), f"sampling.sampler must be 'euler' or 'heun', got '{s.sampler}'")
-    _check(s.guidance in ("cfg", "self", "both"), f"sampling.guidance must be cfg, self or both, got '{s.guidance}'")
-    _check(s.self_guidance_scale >= 0, f"sampling.self_guidance_scale must be ≥ 0, got {s.self_guidance_scale}")
-    _check(s.steps >= 1, f"sampling.steps must be ≥ 1, got {s.steps}")
-    _check(s.guidance_scale >= 0, f"sampling.guidance_scale must be ≥ 0, got {s.guidance_scale}")
-    gi = s.guidance_interval
-    _check(
-        len(gi) == 2 and 0.0 <= gi[0] <= gi[1] <= 1.0,
-        f"sampling.guidance_interval must be [lo, hi] with 0 ≤ lo ≤ hi ≤ 1, got {gi}",
-    )
-    _check(s.shift is None or s.shift > 0, f"sampling.shift must be positive or null, got {s.shift}")
-    tr, rp, pc = cfg.tread, cfg.repa, cfg.perceptual
-    _check(0.0 <= tr.route_ratio < 1.0, f"tread.route_ratio must be in [0, 1) (0 disables), got {tr.route_ratio}")
-    n = m.num_layers
-    if tr.route_ratio > 0:
-        ok = -n <= tr.start_block < n and -n <= tr.end_block < n and tr.start_block % n <= tr.end_block % n
-        _check(ok, f"tread.start_block={tr.start_block}..tread.end_block={tr.end_block} is not a block range of a "
-                   f"{n}-block model: use 0 ≤ start ≤ end < {n} (negative values count from the end)")
-    _check(rp.weight >= 0, f"repa.weight must be ≥ 0 (0 disables), got {rp.weight}")
-    _check(rp.weight == 0 or 1 <= rp.block <= n,
-           f"repa.block={rp.block} must be between 1 and model.num_layers={n} (it counts blocks from 1)")
-    _check(rp.projector_dim >= 1, f"repa.projector_dim must be ≥ 1, got {rp.projector_dim}")
-    _check(pc.lpips_weight >= 0 and pc.dino_weight >= 0, "perceptual.lpips_weight and perceptual.dino_weight must be ≥ 0")
-    _check(0.0 < pc.t_threshold <= 1.0, f"perceptual.t_threshold must be in (0, 1], got {pc.t_threshold}")
-    _check(0.0 < pc.lpips_resize <= 1.0, f"perceptual.lpips_resize must be in (0, 1], got {pc.lpips_resize}")
-    _check(pc.dino_resolution > 0, f"perceptual.dino_resolution must be positive, got {pc.dino_resolution}")
-    _check(cfg.sampling.guidance == "cfg" or tr.route_ratio > 0,
-           f"sampling.guidance={cfg.sampling.guidance} needs TREAD routing (tread.route_ratio > 0) for its routed pass")
-    t = cfg.train
-    _check(t.steps >= 1, f"train.steps must be ≥ 1, got {t.steps}")
-    _check(t.batch_size >= 1, f"train.batch_size must be ≥ 1, got {t.batch_size}")
-    _check(t.micro_batch_size >= 0, f"train.micro_batch_size must be ≥ 0 (0 = the whole batch), got {t.micro_batch_size}")
-    for st in cfg.stages:
-        _check(t.micro_batch_size == 0 or st.batch_size % t.micro_batch_size == 0,
-               f"train.micro_batch_size={t.micro_batch_size} does not divide the batch size {st.batch_size}: "
-               f"use a divisor so gradients accumulate over whole micro-batches")
-    _check(t.precision in ("auto", "bf16", "fp32"), f"train.precision must be auto, bf16 or fp32, got '{t.precision}'")
-    _check(
-        t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
-        f"train.device must be auto, cpu, cuda or cuda:N, got '{t.device}'",
-    )
-    _check(t.num_threads >= 0, f"train.num_threads must be ≥ 0, got {t.num_threads}")
-    _check(t.parallel in ("auto", "fsdp", "ddp", "none"), f"train.parallel must be auto, fsdp, ddp or none, got '{t.parallel}'")
-    _check(t.compile in ("auto", "on", "off"), f"train.compile must be auto, on or off, got '{t.compile}'")
-    _check(t.timeout_minutes > 0, f"train.timeout_minutes must be positive, got {t.timeout_minutes}")
-    _check(t.checkpoint_every >= 1, f"train.checkpoint_every must be ≥ 1, got {t.checkpoint_every}")
-    _check(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be ≥ 1, got {t.keep_checkpoints}")
-    _check(t.time_limit_minutes >= 0, f"train.time_limit_minutes must be ≥ 0, got {t.time_limit_minutes}")
-    _check(t.max_bad_steps >= 0, f"train.max_bad_steps must be ≥ 0, got {t.max_bad_steps}")
-    lg = cfg.logging
-    _check(lg.log_every >= 1, f"logging.log_every must be ≥ 1, got {lg.log_every}")
-    _check(lg.sample_every >= 0, f"logging.sample_every must be ≥ 0 (0 disables), got {lg.sample_every}")
-    _check(lg.sample_steps >= 1, f"logging.sample_steps must be ≥ 1, got {lg.sample_steps}")
+    """Each section's own rules (declared beside its fields, plus its ``check``), then the run's."""
+    for name in SECTIONS:
+        section = getattr(cfg, name)
+        check_fields(section, name)
+        if hasattr(section, "check"):
+            section.check(cfg)
+    for i, stage in enumerate(cfg.train.stages):
+        check_fields(stage, f"train.stages[{i}]")
+    for c in cfg.data.captions:
+        check_fields(c, "data.captions")
+    p = cfg.model.patch_size
+    check(cfg.data.resolution % p == 0, f"model.patch_size={p} does not divide data.resolution={cfg.data.resolution}: "
+                                        f"use a resolution that is a multiple of {p}")
+    for i, stage in enumerate(cfg.stages):
+        check(stage.resolution % p == 0,
+              f"train.stages[{i}].resolution={stage.resolution} is not a multiple of model.patch_size={p}")
+        micro = cfg.train.micro_batch_size
+        check(micro == 0 or stage.batch_size % micro == 0,
+              f"train.micro_batch_size={micro} does not divide the batch size {stage.batch_size}: "
+              f"use a divisor so gradients accumulate over whole micro-batches")

@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from prx.errors import ConfigError
 
 
 @dataclass
@@ -86,7 +85,30 @@ def resolve_parallel(mode: str, info: DistInfo) -> str:
     return mode
 
 
-def apply_fsdp(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | None) -> nn.Module:
+def parallelize(model: nn.Module, ema_model: nn.Module, projector: nn.Module | None, cfg, info: DistInfo,
+                param_dtype: torch.dtype | None) -> tuple[str, nn.Module, nn.Module | None]:
+    """The one place a run's modules are made parallel, in torchtitan's order: activation
+    checkpointing → compile each block → FSDP2 per block, then the root (the EMA copy and the REPA
+    projector alike) — or DDP. ``cfg`` is the run's ``train:`` section.
+
+    Returns (mode, the module the step calls, the projector the step calls). FSDP2 shards in place;
+    DDP wraps, so the step calls the wrappers while checkpoints and the optimizer see the modules.
+    """
+    mode = resolve_parallel(cfg.parallel, info)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    if cfg.compile == "on" or (cfg.compile == "auto" and info.device.type == "cuda"):
+        for block in model.blocks:  # one graph per block shape; the loop over blocks stays in Python
+            block.compile()
+    if mode == "fsdp":
+        for module in (model, ema_model, projector):
+            if module is not None:
+                _fully_shard(module, info, param_dtype)
+    if mode == "ddp":
+        return mode, _ddp(model, info), _ddp(projector, info) if projector is not None else None
+    return mode, model, projector
+
+
+def _fully_shard(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | None) -> None:
     """FSDP2: each block its own unit (if the module has blocks), then the root. Parameters stay
     fp32 (the master weights); compute runs in ``param_dtype`` and gradients are reduced in fp32."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -97,7 +119,13 @@ def apply_fsdp(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | None
     for block in getattr(model, "blocks", []):
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
-    return model
+
+
+def _ddp(model: nn.Module, info: DistInfo) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [info.local_rank] if info.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
 
 def reshard(model: nn.Module) -> None:
@@ -108,25 +136,6 @@ def reshard(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
-
-
-def apply_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [info.local_rank] if info.device.type == "cuda" else None
-    # routed blocks leave no parameter unused, but REPA's capture does not either; keep the check cheap
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
-
-
-def compile_blocks(model: nn.Module) -> None:
-    """Compile each block in place (one graph per block shape; the loop stays in Python)."""
-    for block in model.blocks:
-        block.compile()
-
-
-def check_parallel_config(mode: str) -> None:
-    if mode not in ("auto", "fsdp", "ddp", "none"):
-        raise ConfigError(f"train.parallel must be auto, fsdp, ddp or none, got '{mode}'")
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -59,7 +59,7 @@ def training_step_flops(cfg: ModelConfig, height: int, width: int, text_tokens: 
 
 def vgg16_lpips_forward_flops(height: int, width: int) -> int:
     """VGG16 convolutions up to relu5_3 (what LPIPS uses) on one image, plus the 1×1 heads."""
-    from prx.perceptual import LPIPS_CHANNELS, VGG16_LAYOUT
+    from prx.lpips import LPIPS_CHANNELS, VGG16_LAYOUT
 
     macs, channels, h, w = 0, 3, height, width
     for v in VGG16_LAYOUT:
@@ -84,3 +84,15 @@ def newton_schulz_flops(shapes: list[tuple[int, int]], steps: int = 5) -> int:
         m, n = min(a, b), max(a, b)
         total += steps * (4 * m * m * n + 2 * m**3)
     return total
+
+
+def vit_forward_flops(shape, image_tokens: int) -> int:
+    """Forward FLOPs of a ViT encoder (a transformers config, or :func:`prx.teachers.teacher_shape`) on
+    one image of ``image_tokens`` patches (matmuls and attention)."""
+    d = shape.hidden_size
+    mlp = getattr(shape, "intermediate_size", None) or int(d * shape.mlp_ratio)  # DINOv2 configs give a ratio
+    gated = bool(getattr(shape, "use_gated_mlp", False) or getattr(shape, "use_swiglu_ffn", False))
+    n = image_tokens + 1 + int(getattr(shape, "num_register_tokens", 0) or 0)
+    per_layer = n * (4 * d * d + (3 if gated else 2) * d * mlp) + 2 * n * n * d
+    patch = image_tokens * 3 * shape.patch_size**2 * d
+    return 2 * (shape.num_hidden_layers * per_layer + patch)

@@ -8,10 +8,45 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from prx.config import ObjectiveConfig
+from prx.checks import positive, within
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+# torch is imported where it is used: this module's config is read before any heavy import
+
+
+@dataclass
+class ObjectiveConfig:
+    """``objective:`` x-prediction flow matching; x_t = (1-t)·x0 + t·noise, t=1 is pure noise."""
+
+    t_mean: float = 0.0  # logit-normal location
+    t_std: float = positive(1.0)  # logit-normal scale
+    shift: float = positive(3.0)  # t' = s·t / (1 + (s-1)·t); 1 disables
+    uniform_fraction: float = within(0.1, 0, 1)  # this share of t is drawn from U[t_min, 1), unshifted
+    t_min: float = within(1e-3, 0, 1, open_high=True)
+    t_clamp: float = within(0.05, 0, 1, open_low=True, open_high=True)  # velocity denominator max(t, t_clamp)
+    noise_scale: float = positive(1.0)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """Randomness of training step ``step`` depends only on (seed, step): resume replays it exactly."""
+    return (seed * 1_000_003 + step * 7_919 + 12_345) % (2**63 - 1)
+
+
+def sample_noise(shape: tuple[int, ...], seed: int, step: int, first: int, device) -> Tensor:
+    """Noise of samples first, first+1, … of the step's global batch, each from its own generator:
+    a rank draws only its own samples, and the draws do not depend on the world size."""
+    import torch
+
+    out = []
+    for i in range(shape[0]):
+        g = torch.Generator(device=device).manual_seed(step_seed(seed, step) ^ ((first + i + 1) * 0x9E3779B97F4A7C15 % 2**62))
+        out.append(torch.randn(shape[1:], generator=g, device=device))
+    return torch.stack(out)
 
 
 def shift_time(t: Tensor, shift: float) -> Tensor:
@@ -19,8 +54,10 @@ def shift_time(t: Tensor, shift: float) -> Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
-def sample_timesteps(n: int, cfg: ObjectiveConfig, generator: torch.Generator | None = None, device=None) -> Tensor:
+def sample_timesteps(n: int, cfg: ObjectiveConfig, generator=None, device=None) -> Tensor:
     """Logit-normal(μ, σ) times, shifted, with a share drawn uniformly (unshifted); all in [t_min, 1)."""
+    import torch
+
     normal = torch.randn(n, generator=generator) * cfg.t_std + cfg.t_mean
     t = shift_time(torch.sigmoid(normal), cfg.shift)
     uniform = torch.rand(n, generator=generator) * (1 - cfg.t_min) + cfg.t_min

@@ -21,20 +21,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from prx.checks import block_index
 from prx.config import ModelConfig
-
-
-@dataclass
-class Route:
-    """Image tokens ``keep`` (B, K) run through blocks ``start..end`` (inclusive); the others skip them."""
-
-    start: int
-    end: int
-    keep: Tensor  # (B, K) indices into the N image tokens
-
-    def slice(self, rows: slice) -> "Route":
-        """The route of a micro-batch: the same blocks, the rows' own tokens."""
-        return Route(self.start, self.end, self.keep[rows])
+from prx.tread import Route
 
 
 @dataclass
@@ -171,8 +160,6 @@ class PRX(nn.Module):
     def __init__(self, config: ModelConfig | dict):
         super().__init__()
         if isinstance(config, dict):  # e.g. {"patch_size": 32, "bottleneck_dim": 256, "num_layers": 24, "hidden_dim": 1024}
-            from prx.config import model_config_from_dict
-
             config = model_config_from_dict(config)
         if config.text_dim is None:
             raise ValueError("ModelConfig.text_dim must be set (the text encoder's hidden size)")
@@ -236,7 +223,7 @@ class PRX(nn.Module):
             raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {p}")
         num_layers = len(self.blocks)
         if capture_block is not None:
-            capture_block = capture_block % num_layers
+            capture_block = block_index(capture_block, num_layers)
 
         x = self.img_in(patchify(x_t, p))
         vec = F.silu(self.time_in(timestep_embedding(t).to(x.dtype)))
@@ -274,9 +261,25 @@ class PRX(nn.Module):
         return PRXOutput(x0=unpatchify(out, p, height, width).float(), hidden=hidden, hidden_index=hidden_index)
 
 
+def model_config_from_dict(data: dict) -> ModelConfig:
+    """A model config from a plain dict (the seed's ``{"patch_size": 32, ...}``), presets and checks included.
+
+    Without ``num_heads`` the heads are 64 wide; without ``text_dim`` the model takes the bundled
+    MiniLM encoder's 384-wide tokens (set it for another encoder).
+    """
+    from prx.checks import check_fields
+    from prx.config import build_section
+
+    data = dict(data)
+    if "num_heads" not in data and "hidden_dim" in data and data.get("preset") is None:
+        data["num_heads"] = max(1, int(data["hidden_dim"]) // 64)
+    cfg = build_section(ModelConfig, data, "model.")
+    if cfg.text_dim is None:
+        cfg.text_dim = 384
+    check_fields(cfg, "model")
+    cfg.check()
+    return cfg
+
+
 def build_model(config: ModelConfig) -> PRX:
     return PRX(config)
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

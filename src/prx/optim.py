@@ -1,5 +1,5 @@
-"""Optimizers: ``torch.optim.Muon`` for the 2D block matrices plus Adam for everything else,
-or plain AdamW.
+"""Optimizers and the learning-rate schedule: ``torch.optim.Muon`` for the 2D block matrices plus
+Adam for everything else, or plain AdamW; warm-up, constant, then an optional linear decay.
 
 Param groups are the seed's list of dicts, accepted as written::
 
@@ -9,17 +9,55 @@ Param groups are the seed's list of dicts, accepted as written::
 
 ``rms_scale=True`` scales each Muon update to the RMS of an Adam update, 0.2·√max(m, n)
 (``adjust_lr_fn="match_rms_adamw"``), so both groups share one learning rate. Each group keeps
-its configured LR as ``base_lr``; schedules multiply it.
+its configured LR as ``base_lr``; the schedule multiplies it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-import torch
-from torch import nn
-
+from prx.checks import at_least, check, one_of, positive, within
 from prx.errors import ConfigError
+
+# torch is imported where it is used: this module's config is read before any heavy import
+
+
+@dataclass
+class OptimizerConfig:
+    """``optimizer:`` the optimizers and the LR schedule."""
+
+    name: str = one_of("muon", "adamw")  # muon: Muon for 2D block matrices + Adam for the rest
+    lr: float = positive(1e-4, hint=": a learning rate like 1e-4")
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = positive(1e-8)
+    weight_decay: float = at_least(0.0, 0)
+    warmup_steps: int = at_least(1000, 0)  # linear warm-up, then constant
+    # warm-up / stable / decay: the last `decay_fraction` of the steps decays linearly to lr·min_lr_ratio
+    decay_fraction: float = within(0.0, 0, 1)
+    min_lr_ratio: float = within(0.0, 0, 1)
+    grad_clip: float = at_least(1.0, 0, hint=" (0 disables)")  # max global grad norm
+    muon_lr: float | None = positive(None)  # None = lr (Muon's update RMS is matched to Adam's)
+    muon_momentum: float = within(0.95, 0, 1, open_high=True)
+    muon_nesterov: bool = True
+    muon_ns_steps: int = at_least(5, 1)
+    muon_rms_scale: bool = True  # scale updates by 0.2·√max(m, n) to match Adam's RMS
+
+    def check(self, run) -> None:
+        check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+              f"optimizer.betas must be two numbers in [0, 1), got {self.betas}")
+
+
+def lr_scale(step: int, total_steps: int, cfg: OptimizerConfig) -> float:
+    """The LR schedule: linear warm-up, constant, then (optionally) a linear decay over the last
+    ``decay_fraction`` of the run to ``min_lr_ratio``. Multiplies every group's base LR."""
+    scale = 1.0 if cfg.warmup_steps <= 0 else min(1.0, (step + 1) / cfg.warmup_steps)
+    decay_steps = int(round(cfg.decay_fraction * total_steps))
+    if decay_steps > 0 and step >= total_steps - decay_steps:
+        progress = (step - (total_steps - decay_steps) + 1) / decay_steps
+        scale *= 1.0 - (1.0 - cfg.min_lr_ratio) * progress
+    return scale
+
 
 MUON_KEYS = {"lr", "momentum", "nesterov", "ns_steps", "rms_scale", "weight_decay", "eps", "ns_coefficients"}
 ADAM_KEYS = {"lr", "betas", "eps", "weight_decay"}
@@ -28,7 +66,7 @@ ADAM_KEYS = {"lr", "betas", "eps", "weight_decay"}
 class MultiOptimizer:
     """Several optimizers stepped as one (torch.optim.Muon only takes 2D parameters)."""
 
-    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+    def __init__(self, optimizers: list):
         self.optimizers = optimizers
 
     @property
@@ -47,15 +85,11 @@ class MultiOptimizer:
         for group in self.param_groups:
             group["lr"] = group["base_lr"] * scale
 
-    def describe(self) -> list[tuple[str, int, float]]:
-        """(optimizer name, parameter count, base LR) per group."""
-        return [
-            (type(opt).__name__, sum(p.numel() for p in g["params"]), g["base_lr"])
-            for opt in self.optimizers for g in opt.param_groups
-        ]
 
 
-def _muon(group: dict[str, Any]) -> torch.optim.Optimizer:
+def _muon(group: dict[str, Any]):
+    import torch
+
     params = list(group["params"])
     bad = [tuple(p.shape) for p in params if p.ndim != 2]
     if bad:
@@ -70,7 +104,9 @@ def _muon(group: dict[str, Any]) -> torch.optim.Optimizer:
     return torch.optim.Muon(params, **kwargs)
 
 
-def _adam(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+def _adam(groups: list[dict[str, Any]]):
+    import torch
+
     torch_groups = [
         {"params": list(g["params"]), "lr": g.get("lr", 1e-4), "betas": tuple(g.get("betas", (0.9, 0.95))),
          "eps": g.get("eps", 1e-8), "weight_decay": g.get("weight_decay", 0.0)}
@@ -79,7 +115,7 @@ def _adam(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(torch_groups)
 
 
-def build_optimizer(param_groups: Iterable[dict[str, Any]], extra_adam_params: list[nn.Parameter] = ()) -> MultiOptimizer:
+def build_optimizer(param_groups: Iterable[dict[str, Any]], extra_adam_params: list = ()) -> MultiOptimizer:
     """Build from seed-style param-group dicts. ``extra_adam_params`` (e.g. the REPA projector)
     join the Adam optimizer with the first Adam group's settings."""
     muon_groups, adam_groups = [], []
@@ -115,7 +151,7 @@ def build_optimizer(param_groups: Iterable[dict[str, Any]], extra_adam_params: l
     return MultiOptimizer(optimizers)
 
 
-def param_groups_from_config(model: nn.Module, cfg) -> list[dict[str, Any]]:
+def param_groups_from_config(model, cfg: OptimizerConfig) -> list[dict[str, Any]]:
     """The recipe's split (Muon for model.muon_params, Adam for the rest) or one AdamW group."""
     adam = {"optimizer": "adam", "lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
     if cfg.name == "adamw":

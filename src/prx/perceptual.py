@@ -1,186 +1,109 @@
 """Perceptual losses on the predicted clean image (x-prediction makes x̂0 available at every t).
 
-- LPIPS-VGG (Zhang et al. 2018) on the whole image, bilinearly downsampled ×0.5. Our own VGG16
-  feature trunk keeps torchvision's parameter names (``features.N.weight``), so torchvision's
-  ``vgg16-397923af.pth`` loads as is; the five linear heads are lpips' v0.1 VGG heads (BSD-2,
-  shipped in ``prx/weights``; an installed ``lpips`` package's files are used when present).
+- LPIPS-VGG (:mod:`prx.lpips`) on the whole image, bilinearly downsampled ×0.5.
 - DINOv2 patch-token cosine on the whole image resized to about 224×224 pixels: a square image
   to 224×224, a non-square one to the patch grid of its own aspect ratio with about as many
   patches (12×21 for a 1.75:1 bucket at patch 14), so wide photos are not squashed.
 
 Both networks are frozen; gradients flow through them into x̂0. The targets' features are
-computed without gradients.
+computed without gradients. ``t_threshold`` gates by noise level: samples with t ≥ it get no
+perceptual loss (1 = every sample, the recipe).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from pathlib import Path
+from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from prx.checks import at_least, positive, within
 
-from prx.errors import PrxError
-from prx.teachers import VisionTeacher, aspect_grid
-
-VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16 weights
-VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
-BUNDLED_HEADS = Path(__file__).parent / "weights" / "lpips_vgg_v0.1.safetensors"
-# torchvision vgg16 `features` indices: convolutions, and the ReLUs whose outputs LPIPS compares
-VGG16_LAYOUT = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
-LPIPS_TAPS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
-LPIPS_CHANNELS = (64, 128, 256, 512, 512)
+# torch is imported where it is used: this module's config is read before any heavy import
 
 
-def vgg16_features() -> nn.Sequential:
-    layers: list[nn.Module] = []
-    channels = 3
-    for v in VGG16_LAYOUT:
-        if v == "M":
-            layers.append(nn.MaxPool2d(2, 2))
-        else:
-            layers += [nn.Conv2d(channels, v, 3, padding=1), nn.ReLU(inplace=False)]
-            channels = v
-    return nn.Sequential(*layers)
+@dataclass
+class PerceptualConfig:
+    """``perceptual:`` LPIPS-VGG and DINOv2 losses on the predicted x0 against x0."""
+
+    lpips_weight: float = at_least(0.1, 0, hint=" (0 disables)")
+    dino_weight: float = at_least(0.01, 0, hint=" (0 disables)")
+    t_threshold: float = within(1.0, 0, 1, open_low=True)  # apply where t < t_threshold; 1 = all noise levels
+    dino_model: str = "dinov2"  # dinov2 | a hub id | a local directory
+    dino_resolution: int = positive(224)
+    lpips_resize: float = within(0.5, 0, 1, open_low=True)
+    lpips_vgg_weights: str | None = None  # torchvision vgg16-397923af.pth; None = $TORCH_HOME/hub/checkpoints/
+    lpips_heads: str | None = None  # lpips' vgg.pth; None = the installed lpips package's, else prx's copy
 
 
-def default_vgg_path() -> Path:
-    torch_home = os.environ.get("TORCH_HOME", os.path.join(os.path.expanduser("~"), ".cache", "torch"))
-    return Path(torch_home) / "hub" / "checkpoints" / VGG16_FILE
-
-
-def lpips_heads_path() -> Path:
-    """The installed lpips package's VGG heads if present (found without importing lpips), else ours."""
-    spec = importlib.util.find_spec("lpips")
-    if spec is not None and spec.origin:
-        candidate = Path(spec.origin).parent / "weights" / "v0.1" / "vgg.pth"
-        if candidate.is_file():
-            return candidate
-    return BUNDLED_HEADS
-
-
-def _load_tensors(path: Path) -> dict[str, Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(str(path), map_location="cpu", weights_only=True)
-
-
-class LPIPS(nn.Module):
-    """LPIPS distance with a VGG16 trunk: 0 for identical images, one value per image pair."""
-
-    def __init__(self, vgg_weights: str | Path | None = None, heads: str | Path | None = None, pretrained: bool = True):
-        super().__init__()
-        self.features = vgg16_features()
-        self.heads = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in LPIPS_CHANNELS)
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
-        if pretrained:
-            if vgg_weights in ("tiny-random-vgg16", "random-vgg16"):  # a random trunk (tests, benchmarks)
-                from prx.tiny_teachers import tiny_teacher_path
-
-                vgg_weights = tiny_teacher_path("tiny-random-vgg16")  # VGG16 is full size either way
-            self.load_vgg(Path(vgg_weights).expanduser() if vgg_weights else default_vgg_path())
-        self.load_heads(Path(heads) if heads else lpips_heads_path())
-        self.requires_grad_(False).eval()
-
-    def load_vgg(self, path: Path) -> None:
-        if not path.is_file():
-            raise PrxError(
-                f"LPIPS needs torchvision's VGG16 ImageNet weights and found none at {path}: download {VGG16_URL} "
-                f"there (or anywhere, and set perceptual.lpips_vgg_weights to the file), or set "
-                f"perceptual.lpips_weight=0 to train without LPIPS"
-            )
-        state = _load_tensors(path)
-        features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
-        missing, unexpected = self.features.load_state_dict(features, strict=False)
-        if missing or unexpected:
-            raise PrxError(f"{path} is not a torchvision VGG16 state dict (missing {missing[:3]}, unexpected {unexpected[:3]})")
-
-    def load_heads(self, path: Path) -> None:
-        state = _load_tensors(path)
-        for k, head in enumerate(self.heads):
-            head.weight.data.copy_(state[f"lin{k}.model.1.weight"])
-
-    def train(self, mode: bool = True) -> "LPIPS":
-        return super().train(False)
-
-    def taps(self, x: Tensor) -> list[Tensor]:
-        """Unit-length (along channels) features at relu1_2 … relu5_3 of images in [-1, 1]."""
-        h = (x.float() - self.shift) / self.scale
-        out = []
-        for i, layer in enumerate(self.features[: LPIPS_TAPS[-1] + 1]):
-            h = layer(h)
-            if i in LPIPS_TAPS:
-                out.append(h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
-        return out
-
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        """x, y in [-1, 1], (B, 3, H, W) → (B,) distances. A y without grad costs no backward."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and y.requires_grad):
-            fy = self.taps(y)
-        fx = self.taps(x)
-        return sum(head((a - b) ** 2).mean((1, 2, 3)) for head, a, b in zip(self.heads, fx, fy))
-
-
-class PerceptualLoss(nn.Module):
-    """Weighted LPIPS-VGG and DINOv2 patch-cosine losses on x̂0 against x0.
+class PerceptualLoss:
+    """Weighted LPIPS-VGG and DINOv2 patch-cosine losses on x̂0 against x0, called as
+    ``loss(x0_pred, x0, t)`` → ``{"lpips": ..., "dino": ...}`` (each already times its weight).
 
     ``apply_at_all_noise_levels`` (the recipe) uses every sample; otherwise only samples with
     t < ``t_threshold`` contribute (noise-gating as in PixelGen).
     """
 
-    def __init__(
-        self,
-        lpips_weight: float = 0.1,
-        dino_weight: float = 0.01,
-        apply_at_all_noise_levels: bool = True,
-        t_threshold: float = 1.0,
-        dino_model: str = "dinov2",
-        dino_resolution: int = 224,
-        lpips_resize: float = 0.5,
-        lpips_vgg_weights: str | None = None,
-        lpips_heads: str | None = None,
-    ):
-        super().__init__()
-        self.lpips_weight = lpips_weight
-        self.dino_weight = dino_weight
-        self.t_threshold = 1.0 if apply_at_all_noise_levels else t_threshold
-        self.dino_model_name = dino_model
-        self.dino_resolution = dino_resolution
-        self.lpips_resize = lpips_resize
-        self.lpips_vgg_weights = lpips_vgg_weights
-        self.lpips_heads = lpips_heads
-        self.lpips: LPIPS | None = None
-        self.dino: VisionTeacher | None = None
+    def __init__(self, lpips_weight: float = 0.1, dino_weight: float = 0.01, apply_at_all_noise_levels: bool = True,
+                 t_threshold: float = 1.0, dino_model: str = "dinov2", dino_resolution: int = 224,
+                 lpips_resize: float = 0.5, lpips_vgg_weights: str | None = None, lpips_heads: str | None = None):
+        self.config = PerceptualConfig(lpips_weight, dino_weight, 1.0 if apply_at_all_noise_levels else t_threshold,
+                                       dino_model, dino_resolution, lpips_resize, lpips_vgg_weights, lpips_heads)
+        self.lpips = None  # LPIPS network, loaded by load()
+        self.dino = None  # VisionTeacher
 
-    def load(self, dtype: torch.dtype = torch.float32) -> "PerceptualLoss":
+    @classmethod
+    def from_config(cls, cfg: PerceptualConfig) -> "PerceptualLoss | None":
+        if cfg.lpips_weight == 0 and cfg.dino_weight == 0:
+            return None
+        return cls(cfg.lpips_weight, cfg.dino_weight, apply_at_all_noise_levels=cfg.t_threshold >= 1.0,
+                   t_threshold=cfg.t_threshold, dino_model=cfg.dino_model, dino_resolution=cfg.dino_resolution,
+                   lpips_resize=cfg.lpips_resize, lpips_vgg_weights=cfg.lpips_vgg_weights, lpips_heads=cfg.lpips_heads)
+
+    @property
+    def lpips_weight(self) -> float:
+        return self.config.lpips_weight
+
+    @property
+    def dino_weight(self) -> float:
+        return self.config.dino_weight
+
+    def load(self, dtype=None) -> "PerceptualLoss":
         """Load the frozen networks (before step 0, so a missing one fails early)."""
-        if self.lpips_weight > 0 and self.lpips is None:
-            self.lpips = LPIPS(self.lpips_vgg_weights, self.lpips_heads)
-        if self.dino_weight > 0 and self.dino is None:
-            self.dino = VisionTeacher.load(self.dino_model_name, dtype)
+        from prx.lpips import LPIPS
+        from prx.teachers import VisionTeacher
+
+        c = self.config
+        if c.lpips_weight > 0 and self.lpips is None:
+            self.lpips = LPIPS(c.lpips_vgg_weights, c.lpips_heads)
+        if c.dino_weight > 0 and self.dino is None:
+            self.dino = VisionTeacher.load(c.dino_model, dtype)
         return self
 
-    def forward(self, x0_pred: Tensor, x0: Tensor, t: Tensor) -> dict[str, Tensor]:
-        """Weighted loss terms {'lpips': ..., 'dino': ...} (each already multiplied by its weight)."""
-        gate = (t < self.t_threshold).float() if self.t_threshold < 1.0 else torch.ones_like(t, dtype=torch.float32)
+    def to(self, device) -> "PerceptualLoss":
+        for net in (self.lpips, self.dino):
+            if net is not None:
+                net.to(device)
+        return self
+
+    def __call__(self, x0_pred, x0, t) -> dict:
+        import torch
+        import torch.nn.functional as F
+
+        from prx.teachers import aspect_grid
+
+        c = self.config
+        gate = (t < c.t_threshold).float() if c.t_threshold < 1.0 else torch.ones_like(t, dtype=torch.float32)
         denom = gate.sum().clamp_min(1.0)
-        terms: dict[str, Tensor] = {}
+        terms = {}
         if self.lpips is not None:
-            size = [max(1, int(round(s * self.lpips_resize))) for s in x0.shape[-2:]]
+            size = [max(1, int(round(s * c.lpips_resize))) for s in x0.shape[-2:]]
             pred = F.interpolate(x0_pred.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
             with torch.no_grad():
                 target = F.interpolate(x0.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
-            terms["lpips"] = self.lpips_weight * (self.lpips(pred, target) * gate).sum() / denom
+            terms["lpips"] = c.lpips_weight * (self.lpips(pred, target) * gate).sum() / denom
         if self.dino is not None:
-            grid = aspect_grid(*x0.shape[-2:], (self.dino_resolution // self.dino.patch_size) ** 2)
+            grid = aspect_grid(*x0.shape[-2:], (c.dino_resolution // self.dino.patch_size) ** 2)
             with torch.no_grad():
                 target_features = self.dino(x0, grid)
             pred_features = self.dino(x0_pred, grid)
             cos = F.cosine_similarity(pred_features.float(), target_features.float(), dim=-1)  # (B, patches)
-            terms["dino"] = self.dino_weight * ((1 - cos).mean(1) * gate).sum() / denom
+            terms["dino"] = c.dino_weight * ((1 - cos).mean(1) * gate).sum() / denom
         return terms

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from prx.checkpoint import checkpoint_config, find_checkpoint, load_checkpoint
+from prx.checkpoint import checkpoint_config, find_checkpoint, load_weights
 from prx.config import Config
 from prx.errors import PrxError
 from prx.model import PRX, build_model
@@ -36,18 +36,9 @@ class Pipeline:
             return cls.from_export(path, device, text_encoder)
         path = find_checkpoint(path)
         config = checkpoint_config(path)
-        dev = resolve_device(device)
         model = build_model(config.model)
-        # the trainer saves the denoiser (and the REPA projector) under "model", the EMA under "ema"
-        weights_state = model.state_dict()
-        state = ({"ema": {"model": weights_state}} if weights == "ema"
-                 else {"model": {f"denoiser.{k}": v for k, v in weights_state.items()}})
-        load_checkpoint(path, state)
-        model.to(dev)
-        if text_encoder is None:
-            t = config.text
-            text_encoder = TextEncoder(t.encoder, t.max_length, t.dtype, dev, t.cache_size)
-        return cls(model, text_encoder, config, dev)
+        load_weights(path, model, weights)
+        return cls._assemble(model, config, device, text_encoder)
 
     @classmethod
     def from_export(cls, path: str | Path, device: str = "auto", text_encoder: TextEncoder | None = None) -> "Pipeline":
@@ -67,14 +58,14 @@ class Pipeline:
         import yaml
 
         config = config_from_dict(yaml.safe_load(meta["prx_config"]))
-        dev = resolve_device(device)
         model = build_model(config.model)
         model.load_state_dict(load_file(str(path)))
-        model.to(dev)
-        if text_encoder is None:
-            t = config.text
-            text_encoder = TextEncoder(t.encoder, t.max_length, t.dtype, dev, t.cache_size)
-        return cls(model, text_encoder, config, dev)
+        return cls._assemble(model, config, device, text_encoder)
+
+    @classmethod
+    def _assemble(cls, model: PRX, config: Config, device: str, text_encoder: TextEncoder | None) -> "Pipeline":
+        dev = resolve_device(device)
+        return cls(model.to(dev), text_encoder or TextEncoder.from_config(config.text, dev), config, dev)
 
     def image_size(self, width: int | None = None, height: int | None = None,
                    resolution: int | None = None) -> tuple[int, int]:
@@ -149,10 +140,9 @@ class Pipeline:
         tokens = (height // patch) * (width // patch)
         router = None
         if guidance in ("self", "both"):
-            t = self.config.tread
-            if t.route_ratio <= 0:
+            router = TREADRouter.from_config(self.config.tread, seed)
+            if router is None:
                 raise PrxError("self-guidance needs the run's TREAD routing, but tread.route_ratio is 0: use --guidance cfg")
-            router = TREADRouter(t.route_ratio, t.start_block, t.end_block)
         out = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]

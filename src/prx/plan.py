@@ -1,4 +1,4 @@
-"""``prx train CONFIG --dry-run``: the resolved plan of a run, without loading any weights.
+"""``prx train CONFIG --dry-run``: the resolved plan of a run, without loading (or creating) any weights.
 
 Per stage: resolution, steps, global and micro batch, tokens per image, which losses are on
 with their weights, parameters per optimizer group, and FLOPs per optimizer step. FLOPs count
@@ -10,54 +10,26 @@ net on both images plus the backward through them into x̂0 (≈ 3× one forward
 from __future__ import annotations
 
 from dataclasses import replace
-from types import SimpleNamespace
 
 import torch
 
+from prx.checks import block_index
 from prx.config import Config
 from prx.data.buckets import make_buckets
-from prx.flops import denoiser_forward_flops, mlp_forward_flops, newton_schulz_flops, vgg16_lpips_forward_flops
+from prx.flops import (denoiser_forward_flops, mlp_forward_flops, newton_schulz_flops, vgg16_lpips_forward_flops,
+                       vit_forward_flops)
 from prx.model import build_model
-from prx.teachers import TEACHER_IDS, aspect_grid, resolve_teacher, vit_forward_flops
-from prx.text import MINILM
-
-# Shapes of the named teachers and encoders, so a plan needs no downloaded weights.
-KNOWN_VISION = {
-    "facebook/dinov3-vitl16-pretrain-lvd1689m": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                                     patch_size=16, num_register_tokens=4),
-    "facebook/dinov2-with-registers-base": dict(hidden_size=768, mlp_ratio=4, num_hidden_layers=12, patch_size=14,
-                                                num_register_tokens=4),
-}
-KNOWN_TEXT_DIMS = {MINILM: 384, "google/t5gemma-2b-2b-ul2": 2304}
+from prx.teachers import aspect_grid, teacher_shape
+from prx.text import text_width
+from prx.tread import TREADRouter
 
 
-def _hf_config(name: str):
-    try:
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(name, local_files_only=True)
-    except Exception:
-        return None
-
-
-def vision_config(name: str):
-    if name.startswith("random-dino"):  # full-size random stand-ins: the real shapes, nothing to create
-        return SimpleNamespace(**KNOWN_VISION[TEACHER_IDS["dinov2" if "dinov2" in name else "dinov3"]])
-    ident = resolve_teacher(name)
-    if ident in KNOWN_VISION:
-        return SimpleNamespace(**KNOWN_VISION[ident])
-    return _hf_config(ident)
-
-
-def text_width(name: str) -> int | None:
-    if name in KNOWN_TEXT_DIMS:
-        return KNOWN_TEXT_DIMS[name]
-    cfg = _hf_config(name)
-    if cfg is None:
-        return None
-    if getattr(cfg, "model_type", "") == "t5gemma":
-        return cfg.encoder.hidden_size
-    return getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", None)
+def _routing(cfg: Config, stage, num_layers: int, tokens: int) -> tuple[tuple[int, int] | None, int]:
+    """(routed blocks, tokens they see) in a stage: the router's own answer."""
+    router = TREADRouter.from_config(cfg.tread, 0) if cfg.tricks(stage).tread else None
+    if router is None:
+        return None, tokens
+    return router.blocks(num_layers), router.num_kept(tokens)
 
 
 def fmt_flops(x: float) -> str:
@@ -77,27 +49,22 @@ def step_flops(cfg: Config, stage, model_cfg=None, batch: int | None = None,
     height, width = size or (stage.resolution, stage.resolution)
     text_tokens = cfg.text.max_length
     n = (height // model_cfg.patch_size) * (width // model_cfg.patch_size)
-    routed = stage.tread and cfg.tread.route_ratio > 0
-    kept = n - int(round(cfg.tread.route_ratio * n)) if routed else n
-    route = (cfg.tread.start_block % model_cfg.num_layers, cfg.tread.end_block % model_cfg.num_layers) if routed else None
+    on = cfg.tricks(stage)
+    route, kept = _routing(cfg, stage, model_cfg.num_layers, n)
     parts = {"denoiser": 3 * denoiser_forward_flops(model_cfg, height, width, text_tokens, 1, route, kept) * batch}
     p = cfg.perceptual
-    if stage.repa and cfg.repa.weight > 0:
-        teacher = vision_config(cfg.repa.teacher)
-        if teacher is not None:
-            inside = routed and route[0] < cfg.repa.block <= route[1] + 1
-            d = cfg.repa.projector_dim
-            parts["REPA teacher"] = vit_forward_flops(teacher, n) * batch
-            parts["REPA projector"] = 3 * mlp_forward_flops([model_cfg.hidden_dim, d, d, teacher.hidden_size],
-                                                            kept if inside else n) * batch
-    if stage.perceptual and p.lpips_weight > 0:
+    if on.repa and (teacher := teacher_shape(cfg.repa.teacher)) is not None:
+        inside = route is not None and route[0] <= block_index(cfg.repa.block - 1, model_cfg.num_layers) <= route[1]
+        d = cfg.repa.projector_dim
+        parts["REPA teacher"] = vit_forward_flops(teacher, n) * batch
+        parts["REPA projector"] = 3 * mlp_forward_flops([model_cfg.hidden_dim, d, d, teacher.hidden_size],
+                                                        kept if inside else n) * batch
+    if on.lpips:
         parts["LPIPS-VGG"] = 3 * vgg16_lpips_forward_flops(int(round(height * p.lpips_resize)),  # target, prediction,
                                                            int(round(width * p.lpips_resize))) * batch  # backward
-    if stage.perceptual and p.dino_weight > 0:
-        teacher = vision_config(p.dino_model)
-        if teacher is not None:
-            grid = aspect_grid(height, width, (p.dino_resolution // teacher.patch_size) ** 2)
-            parts["DINO perceptual"] = 3 * vit_forward_flops(teacher, grid[0] * grid[1]) * batch
+    if on.dino and (teacher := teacher_shape(p.dino_model)) is not None:
+        grid = aspect_grid(height, width, (p.dino_resolution // teacher.patch_size) ** 2)
+        parts["DINO perceptual"] = 3 * vit_forward_flops(teacher, grid[0] * grid[1]) * batch
     if cfg.optimizer.name == "muon":
         with torch.device("meta"):
             shapes = [tuple(q.shape) for q in build_model(model_cfg).muon_params]
@@ -112,11 +79,10 @@ def describe_plan(cfg: Config) -> str:
         model = build_model(model_cfg)
     muon = sum(p.numel() for p in model.muon_params)
     adam = sum(p.numel() for p in model.adam_params)
-    repa_on = cfg.repa.weight > 0
-    repa_teacher = vision_config(cfg.repa.teacher) if repa_on else None
+    repa_teacher = teacher_shape(cfg.repa.teacher) if cfg.repa.weight > 0 else None
     p = cfg.perceptual
     projector = 0
-    if repa_on and repa_teacher is not None:
+    if repa_teacher is not None:
         d = cfg.repa.projector_dim
         projector = (model_cfg.hidden_dim + 1) * d + (d + 1) * d + (d + 1) * repa_teacher.hidden_size
     text_tokens = cfg.text.max_length
@@ -135,24 +101,19 @@ def describe_plan(cfg: Config) -> str:
     for i, stage in enumerate(cfg.stages):
         res, batch = stage.resolution, stage.batch_size
         micro = cfg.train.micro_batch_size or batch
-        grid = res // model_cfg.patch_size
-        n = grid * grid
-        routed = stage.tread and cfg.tread.route_ratio > 0
-        kept = n - int(round(cfg.tread.route_ratio * n)) if routed else n
-        route = None
-        if routed:
-            start, end = cfg.tread.start_block % model_cfg.num_layers, cfg.tread.end_block % model_cfg.num_layers
-            route = (start, end)
+        n = (res // model_cfg.patch_size) ** 2
+        on = cfg.tricks(stage)
+        route, kept = _routing(cfg, stage, model_cfg.num_layers, n)
         terms = [f"flow (x-prediction, shift {cfg.objective.shift:g})"]
-        if stage.repa and repa_on:
-            inside = routed and route[0] < cfg.repa.block <= route[1] + 1
+        if on.repa:
+            inside = route is not None and route[0] <= block_index(cfg.repa.block - 1, model_cfg.num_layers) <= route[1]
             terms.append(f"REPA {cfg.repa.weight:g} ({cfg.repa.teacher}, block {cfg.repa.block}"
                          f"{', visible tokens only' if inside else ''})")
-        if stage.perceptual and p.lpips_weight > 0:
+        if on.lpips:
             terms.append(f"LPIPS {p.lpips_weight:g} (×{p.lpips_resize:g})")
-        if stage.perceptual and p.dino_weight > 0:
+        if on.dino:
             terms.append(f"DINO {p.dino_weight:g} ({p.dino_model} @ {p.dino_resolution})")
-        if routed:
+        if route is not None:
             terms.append(f"TREAD {cfg.tread.route_ratio:g} (blocks {route[0]}..{route[1]}: {kept}/{n} tokens)")
         per_step = {k: v for k, v in step_flops(cfg, stage, model_cfg).items() if k != "Muon Newton–Schulz"}
         total = sum(per_step.values())

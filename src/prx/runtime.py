@@ -51,3 +51,52 @@ def make_writable_dir(path: Path, what: str = "output directory") -> Path:
     except OSError as e:
         raise PrxError(f"cannot write to {what} '{path}' ({e.strerror}): choose another with --out") from None
     return path
+
+
+class StopSignals:
+    """Signals that ask a run to finish its current step, write a checkpoint and exit: Ctrl-C
+    (SIGINT), SIGTERM (what Slurm, Kubernetes, spot instances and torchrun send) and SIGUSR1 (Slurm's
+    warning before a time limit, ``--signal=USR1@120``). A second Ctrl-C stops at once (the last
+    checkpoint stays intact). Each exits with its own code (128 + the signal number)."""
+
+    NAMES = ("SIGINT", "SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.received: str | None = None  # the first signal's name
+        self._previous: dict = {}
+
+    @property
+    def exit_code(self) -> int:
+        import signal
+
+        return 128 + int(getattr(signal, self.received)) if self.received else 0
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+        import sys
+
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and self.received == "SIGINT":
+            raise KeyboardInterrupt
+        if self.received is None:
+            self.received = name
+            what = "interrupt (Ctrl-C)" if name == "SIGINT" else name
+            again = " (Ctrl-C again to stop at once)" if name == "SIGINT" else ""
+            print(f"\n{what}: finishing this step and saving a checkpoint{again}", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "StopSignals":
+        import signal
+
+        for name in self.NAMES:
+            try:
+                self._previous[name] = signal.signal(getattr(signal, name), self._handle)
+            except ValueError:  # not the main thread: leave the process's handlers alone
+                break
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for name, handler in self._previous.items():
+            signal.signal(getattr(signal, name), handler)
+        self._previous.clear()

@@ -7,25 +7,56 @@ is affine, so this equals guiding in velocity space.
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
-import torch
-from torch import Tensor
-
+from prx.checks import at_least, check, one_of, positive
 from prx.flow import shift_time, velocity
-from prx.model import Route
 from prx.text import TextBatch
 
-X0Predictor = Callable[[Tensor, Tensor], Tensor]  # (x_t, t scalar tensor) → x0
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+    from prx.tread import Route
+
+# torch is imported where it is used: this module's config is read before any heavy import
+
+X0Predictor = Callable[["Tensor", "Tensor"], "Tensor"]  # (x_t, t scalar tensor) → x0
+
+
+@dataclass
+class SamplingConfig:
+    """``sampling:`` how samples and evaluations are drawn."""
+
+    sampler: str = one_of("euler", "heun")
+    steps: int = at_least(50, 1)
+    guidance: str = one_of("cfg", "self", "both")  # cfg (empty-caption negative) | self (TREAD self-guidance) | both
+    guidance_scale: float = at_least(3.5, 0)  # classifier-free guidance scale; 1 disables
+    self_guidance_scale: float = at_least(3.5, 0)  # out = routed + w·(dense − routed); 1 disables
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only for t in [lo, hi]
+    shift: float | None = positive(None)  # time shift of the sampling schedule; None = objective.shift
+    seed: int = 0
+
+    def check(self, run) -> None:
+        gi = self.guidance_interval
+        check(len(gi) == 2 and 0.0 <= gi[0] <= gi[1] <= 1.0,
+              f"sampling.guidance_interval must be [lo, hi] with 0 ≤ lo ≤ hi ≤ 1, got {gi}")
+        check(self.guidance == "cfg" or run.tread.route_ratio > 0,
+              f"sampling.guidance={self.guidance} needs TREAD routing (tread.route_ratio > 0) for its routed pass")
 
 
 def sampling_schedule(steps: int, shift: float) -> Tensor:
     """Times from 1 (noise) to 0 (clean), evenly spaced then shifted: (steps + 1,)."""
+    import torch
+
     return shift_time(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift).float()
 
 
 def initial_noise(num_images: int, height: int, width: int, seed: int, noise_scale: float = 1.0) -> Tensor:
     """Image i's starting noise depends only on (seed + i), never on the batch it is sampled in."""
+    import torch
+
     noise = [
         torch.randn(3, height, width, generator=torch.Generator().manual_seed(seed + i)) for i in range(num_images)
     ]
@@ -41,7 +72,7 @@ def guided_predictor(
     self_guidance_scale: float = 1.0,
     guidance_interval: tuple[float, float] = (0.0, 1.0),
     route: Route | None = None,
-    autocast_dtype: torch.dtype | None = None,
+    autocast_dtype=None,
 ) -> X0Predictor:
     """x0 predictions with classifier-free guidance, TREAD self-guidance, or both.
 
@@ -57,6 +88,8 @@ def guided_predictor(
     use_self = guidance in ("self", "both") and self_guidance_scale != 1.0
     if use_self and route is None:
         raise ValueError("self-guidance needs a route (the routed pass)")
+    import torch
+
     n = cond.embeds.shape[0]
     both_texts = TextBatch.cat([cond, uncond.expand(n)]) if use_cfg else None
 
@@ -82,7 +115,6 @@ def guided_predictor(
     return predict
 
 
-@torch.no_grad()
 def sample(
     predict_x0: X0Predictor,
     noise: Tensor,
@@ -91,23 +123,28 @@ def sample(
     shift: float = 1.0,
     t_clamp: float = 0.05,
 ) -> Tensor:
-    """Integrate from noise (t = 1) to an image (t = 0); returns x in about [-1, 1]."""
+    """Integrate from noise (t = 1) to an image (t = 0), without gradients; returns x in about [-1, 1]."""
+    import torch
+
     if sampler not in ("euler", "heun"):
         raise ValueError(f"unknown sampler '{sampler}': use 'euler' or 'heun'")
     times = sampling_schedule(steps, shift).to(noise.device)
     x = noise
-    for i in range(steps):
-        t, t_next = times[i], times[i + 1]
-        v = velocity(x, predict_x0(x, t), t.expand(x.shape[0]), t_clamp)
-        x_euler = x + (t_next - t) * v
-        if sampler == "heun" and t_next > 0:
-            v_next = velocity(x_euler, predict_x0(x_euler, t_next), t_next.expand(x.shape[0]), t_clamp)
-            x = x + (t_next - t) * 0.5 * (v + v_next)
-        else:
-            x = x_euler
+    with torch.no_grad():
+        for i in range(steps):
+            t, t_next = times[i], times[i + 1]
+            v = velocity(x, predict_x0(x, t), t.expand(x.shape[0]), t_clamp)
+            x_euler = x + (t_next - t) * v
+            if sampler == "heun" and t_next > 0:
+                v_next = velocity(x_euler, predict_x0(x_euler, t_next), t_next.expand(x.shape[0]), t_clamp)
+                x = x + (t_next - t) * 0.5 * (v + v_next)
+            else:
+                x = x_euler
     return x
 
 
 def to_uint8(images: Tensor) -> Tensor:
     """[-1, 1] float (B, 3, H, W) → uint8 (B, H, W, 3)."""
+    import torch
+
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()

@@ -1,22 +1,33 @@
-"""Frozen vision teachers (DINOv2, DINOv3) loaded through Hugging Face ``transformers``.
+"""Frozen vision teachers (DINOv2, DINOv3) loaded through Hugging Face ``transformers``, their
+shapes, and random stand-ins for machines without their weights.
 
 A teacher is named by a short name (``dinov2``, ``dinov3``), a hub id, or a local directory.
 Hub ids resolve from the local Hugging Face cache first, so weights downloaded once work with
 no network. A teacher that cannot be loaded stops the run before step 0 with a message that says
 where prx looked and how to supply the weights.
+
+Stand-ins (:data:`STAND_INS`): ``tiny-random-dinov2``, ``tiny-random-dinov3`` (toy-sized teachers
+for tests and ``configs/speedrun-tiny.yaml``), ``tiny-random-vgg16`` (the LPIPS trunk, full size),
+``random-dinov2-base`` and ``random-dinov3-vitl16`` (the real teachers' architectures with random
+weights: the same FLOPs, for benchmarks). They are written once under ``$PRX_CACHE`` the first
+time they are loaded and then read by the very same code paths as real weights; they test the
+plumbing and teach the model nothing.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prx.errors import PrxError
+from prx.runtime import cache_root
 
 TEACHER_IDS = {
     "dinov2": "facebook/dinov2-with-registers-base",
@@ -26,13 +37,44 @@ GATED = {"facebook/dinov3-vitl16-pretrain-lvd1689m"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# Shapes (transformers config fields) of the named teachers and the stand-ins, so a plan or a FLOP
+# count needs no weights and creates nothing.
+TEACHER_SHAPES = {
+    TEACHER_IDS["dinov3"]: dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                                patch_size=16, num_register_tokens=4),
+    TEACHER_IDS["dinov2"]: dict(hidden_size=768, mlp_ratio=4, num_hidden_layers=12, num_attention_heads=12,
+                                patch_size=14, num_register_tokens=4),
+}
+STAND_INS = {  # name → (architecture, shape)
+    "tiny-random-dinov2": ("dinov2", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                                          patch_size=14, image_size=224, num_register_tokens=4)),
+    "tiny-random-dinov3": ("dinov3", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=2, patch_size=16, num_register_tokens=4)),
+    "random-dinov2-base": ("dinov2", TEACHER_SHAPES[TEACHER_IDS["dinov2"]]),
+    "random-dinov3-vitl16": ("dinov3", TEACHER_SHAPES[TEACHER_IDS["dinov3"]]),
+    "tiny-random-vgg16": ("vgg16", {}),
+}
+
+
+def teacher_shape(name: str) -> SimpleNamespace | None:
+    """The shape of a named teacher or stand-in without loading (or creating) it; None if unknown."""
+    if name in STAND_INS:
+        return SimpleNamespace(**STAND_INS[name][1])
+    ident = TEACHER_IDS.get(name, os.path.expanduser(name))
+    if ident in TEACHER_SHAPES:
+        return SimpleNamespace(**TEACHER_SHAPES[ident])
+    try:  # a local directory or a hub id in the cache: its config.json
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(ident, local_files_only=True)
+    except Exception:
+        return None
+
 
 def resolve_teacher(name: str) -> str:
-    """Short name → hub id; ``tiny-random-*`` → its local directory; a local directory or hub id as given."""
-    if name.startswith(("tiny-random-", "random-dino")):
-        from prx.tiny_teachers import tiny_teacher_path
-
-        return str(tiny_teacher_path(name))
+    """Short name → hub id; a stand-in → its local directory; a local directory or hub id as given."""
+    if name in STAND_INS:
+        return str(stand_in_path(name))
     return TEACHER_IDS.get(name, os.path.expanduser(name))
 
 
@@ -118,12 +160,55 @@ class VisionTeacher(nn.Module):
         return hidden[:, self.num_prefix_tokens:]
 
 
-def vit_forward_flops(config, image_tokens: int) -> int:
-    """Forward FLOPs of a ViT encoder on one image (matmuls and attention)."""
-    d = config.hidden_size
-    mlp = getattr(config, "intermediate_size", None) or int(d * config.mlp_ratio)  # DINOv2 configs give a ratio
-    gated = bool(getattr(config, "use_gated_mlp", False) or getattr(config, "use_swiglu_ffn", False))
-    n = image_tokens + 1 + int(getattr(config, "num_register_tokens", 0) or 0)
-    per_layer = n * (4 * d * d + (3 if gated else 2) * d * mlp) + 2 * n * n * d
-    patch = image_tokens * 3 * config.patch_size**2 * d
-    return 2 * (config.num_hidden_layers * per_layer + patch)
+# --------------------------------------------------------------------------------------------
+# Stand-ins
+# --------------------------------------------------------------------------------------------
+
+
+def stand_in_path(name: str) -> Path:
+    """Create (once) and return the local path of a random stand-in teacher."""
+    if name not in STAND_INS:
+        raise ValueError(f"unknown stand-in teacher '{name}': one of {', '.join(STAND_INS)}")
+    path = cache_root() / "tiny-teachers" / (name + (".pth" if name.endswith("vgg16") else ""))
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):  # the same weights every time, and the caller's RNG untouched
+        torch.manual_seed(0)
+        _write_atomically(path, lambda tmp: _create_stand_in(name, tmp))
+    return path
+
+
+def _create_stand_in(name: str, path: Path) -> None:
+    architecture, shape = STAND_INS[name]
+    if architecture == "vgg16":
+        from prx.lpips import vgg16_features
+
+        torch.save({f"features.{k}": v for k, v in vgg16_features().state_dict().items()}, path)
+        return
+    import transformers as tf
+
+    if architecture == "dinov2":
+        model = tf.Dinov2WithRegistersModel(tf.Dinov2WithRegistersConfig(**shape))
+    else:
+        model = tf.DINOv3ViTModel(tf.DINOv3ViTConfig(**shape))
+    # what save_pretrained writes, from every process (under torch.distributed it writes on rank 0 only)
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    model.config.save_pretrained(path)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def _write_atomically(path: Path, write) -> None:
+    """Write to a private temporary name, then rename into place; when another process (a rank of
+    the same job) got there first, keep its copy: both are the same weights."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    write(tmp)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        if not path.exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)

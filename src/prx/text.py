@@ -9,14 +9,43 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
-
+from prx.checks import at_least, one_of, positive
 from prx.errors import PrxError
 
+if TYPE_CHECKING:
+    from torch import Tensor
+
+# torch is imported where it is used: this module's config is read before any heavy import
+
 MINILM = "minilm"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KNOWN_WIDTHS = {MINILM: 384, "google/t5gemma-2b-2b-ul2": 2304}  # token widths, for plans without weights
+
+
+@dataclass
+class TextConfig:
+    """``text:`` the frozen text encoder."""
+
+    encoder: str = MINILM  # "minilm" (bundled, offline), a Hugging Face hub id, or a local directory
+    max_length: int = positive(64)
+    dtype: str = one_of("float32", "bfloat16", "float16")
+    cache_size: int = at_least(100_000, 0)  # encodings of repeated captions are reused
+
+
+def text_width(name: str) -> int | None:
+    """The token width of a text encoder without loading it (known names, else its cached config)."""
+    if name in KNOWN_WIDTHS:
+        return KNOWN_WIDTHS[name]
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(os.path.expanduser(name), local_files_only=True)
+    except Exception:
+        return None
+    if getattr(cfg, "model_type", "") == "t5gemma":
+        return cfg.encoder.hidden_size
+    return getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", None)
 
 
 @dataclass
@@ -28,13 +57,12 @@ class TextBatch:
         return TextBatch(self.embeds.to(device), self.mask.to(device))
 
     def pad_to(self, length: int) -> "TextBatch":
+        import torch.nn.functional as F
+
         extra = length - self.embeds.shape[1]
         if extra <= 0:
             return self
-        return TextBatch(
-            torch.nn.functional.pad(self.embeds, (0, 0, 0, extra)),
-            torch.nn.functional.pad(self.mask, (0, extra), value=False),
-        )
+        return TextBatch(F.pad(self.embeds, (0, 0, 0, extra)), F.pad(self.mask, (0, extra), value=False))
 
     def __getitem__(self, rows) -> "TextBatch":
         return TextBatch(self.embeds[rows], self.mask[rows])
@@ -56,6 +84,8 @@ class TextBatch:
 
     @staticmethod
     def cat(batches: list["TextBatch"]) -> "TextBatch":
+        import torch
+
         length = max(b.embeds.shape[1] for b in batches)
         padded = [b.pad_to(length) for b in batches]
         return TextBatch(torch.cat([b.embeds for b in padded]), torch.cat([b.mask for b in padded]))
@@ -72,7 +102,7 @@ def resolve_encoder(name: str) -> str:
     return os.path.expanduser(name)
 
 
-def _load_encoder(path: str, dtype: torch.dtype, local_files_only: bool):
+def _load_encoder(path: str, dtype, local_files_only: bool):
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -98,18 +128,14 @@ def _load_encoder(path: str, dtype: torch.dtype, local_files_only: bool):
 class TextEncoder:
     """Frozen text encoder with an LRU cache of per-caption encodings."""
 
-    def __init__(
-        self,
-        name: str = MINILM,
-        max_length: int = 64,
-        dtype: str | torch.dtype = "float32",
-        device: str | torch.device = "cpu",
-        cache_size: int = 100_000,
-    ):
+    def __init__(self, name: str = MINILM, max_length: int = 64, dtype="float32", device="cpu",
+                 cache_size: int = 100_000):
+        import torch
+
         self.name = name
         self.max_length = max_length
         self.device = torch.device(device)
-        self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         path = resolve_encoder(name)
         try:  # the local directory or Hugging Face cache first: no network needed once downloaded
             self.tokenizer, self.model = _load_encoder(path, self.dtype, local_files_only=True)
@@ -131,18 +157,26 @@ class TextEncoder:
         self.encoded_count = 0  # captions actually run through the encoder (cache misses)
         self.dim = self._encode_uncached([""])[0].shape[-1]
 
-    @torch.no_grad()
+    @classmethod
+    def from_config(cls, cfg: TextConfig, device) -> "TextEncoder":
+        return cls(cfg.encoder, cfg.max_length, cfg.dtype, device, cfg.cache_size)
+
     def _encode_uncached(self, captions: list[str]) -> list[Tensor]:
+        import torch
+
         tokens = self.tokenizer(
             captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.device)
-        hidden = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
+        with torch.no_grad():
+            hidden = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
         lengths = tokens["attention_mask"].sum(1).tolist()
         self.encoded_count += len(captions)
         return [hidden[i, : max(int(n), 1)].float().cpu() for i, n in enumerate(lengths)]
 
     def encode(self, captions: list[str]) -> TextBatch:
         """Token embeddings (B, L, D) and mask (B, L); L is the longest caption rounded up to 8."""
+        import torch
+
         missing = list(dict.fromkeys(c for c in captions if c not in self._cache))
         if missing:
             for caption, emb in zip(missing, self._encode_uncached(missing)):

@@ -6,71 +6,42 @@
     → clip → LR schedule → Muon/Adam step → EMA
 
 Each trick of the recipe is a small module the step calls explicitly (``TREADRouter``,
-``REPAAlignment``, ``PerceptualLoss``); a run is a list of resolution stages that switch them on
-and off. Everything else here is bookkeeping: set-up, resume, logging, sample grids, checkpoints,
-the time limit and clean interruption (Ctrl-C finishes the step, saves, exits).
+``REPAAlignment``, ``PerceptualLoss``), built from its own config section; a run is a list of
+resolution stages that switch them on and off (``Config.tricks``). Everything else is set-up
+(:meth:`Trainer.setup`) and the loop (:meth:`Trainer.run`): logging, sample grids, checkpoints,
+the time limit and clean stops (Ctrl-C, SIGTERM: finish the step, save, exit).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import signal
-import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from tqdm import tqdm
 
-from prx.checkpoint import CheckpointWriter, checkpoint_config, find_checkpoint, has_checkpoint, load_checkpoint
-from prx.config import (Config, PerceptualConfig, REPAConfig, StageConfig, TreadConfig, model_config_from_dict,
-                        validate)
+from prx.checkpoint import CheckpointWriter, checkpoint_to_resume, restore_training_state, step_of, training_state
+from prx.config import Config, StageConfig
 from prx.data.sources import build_source
-from prx.distributed import (all_agree, apply_ddp, apply_fsdp, compile_blocks, full_value, init_distributed,
-                             mean_across_ranks, reshard, resolve_parallel)
+from prx.distributed import all_agree, full_value, init_distributed, mean_across_ranks, parallelize, reshard
 from prx.ema import EMA
-from prx.errors import CheckpointError, ConfigError, PrxError, TrainingError
-from prx.flow import add_noise, flow_loss, sample_timesteps
+from prx.errors import ConfigError, PrxError, TrainingError
+from prx.flow import add_noise, flow_loss, sample_noise, sample_timesteps, step_seed
 from prx.images import save_grid
-from prx.model import PRX, build_model, count_parameters
-from prx.optim import MultiOptimizer, build_optimizer, param_groups_from_config
+from prx.logger import RunLogger, sample_in_sizes, sample_sizes
+from prx.model import PRX, model_config_from_dict
+from prx.optim import MultiOptimizer, build_optimizer, lr_scale, param_groups_from_config
 from prx.perceptual import PerceptualLoss
 from prx.pipeline import Pipeline
 from prx.repa import REPAAlignment
-from prx.runtime import autocast_dtype, make_writable_dir, resolve_device, set_threads
+from prx.runtime import StopSignals, autocast_dtype, resolve_device, set_threads
+from prx.seed_api import config_from_components, groups_after_sharding
 from prx.text import TextBatch, TextEncoder
 from prx.tread import TREADRouter
-
-
-def step_seed(seed: int, step: int) -> int:
-    """Randomness of step ``step`` depends only on (seed, step): resume replays it exactly."""
-    return (seed * 1_000_003 + step * 7_919 + 12_345) % (2**63 - 1)
-
-
-def sample_noise(shape: tuple[int, ...], seed: int, step: int, first: int, device: torch.device) -> torch.Tensor:
-    """Noise of samples first, first+1, … of the step's global batch, each from its own generator:
-    a rank draws only its own samples, and the draws do not depend on the world size."""
-    out = []
-    for i in range(shape[0]):
-        g = torch.Generator(device=device).manual_seed(step_seed(seed, step) ^ ((first + i + 1) * 0x9E3779B97F4A7C15 % 2**62))
-        out.append(torch.randn(shape[1:], generator=g, device=device))
-    return torch.stack(out)
-
-
-def lr_scale(step: int, total_steps: int, cfg) -> float:
-    """Linear warm-up, constant, then (optionally) a linear decay over the last ``decay_fraction``."""
-    scale = 1.0 if cfg.warmup_steps <= 0 else min(1.0, (step + 1) / cfg.warmup_steps)
-    decay_steps = int(round(cfg.decay_fraction * total_steps))
-    if decay_steps > 0 and step >= total_steps - decay_steps:
-        progress = (step - (total_steps - decay_steps) + 1) / decay_steps
-        scale *= 1.0 - (1.0 - cfg.min_lr_ratio) * progress
-    return scale
 
 
 @dataclass
@@ -81,39 +52,6 @@ class StepResult:
     lr: float = 0.0
     skipped: bool = False
     image_size: tuple[int, int] = (0, 0)  # (height, width) of this step's images: its bucket
-
-
-def config_from_components(model, router, repa, perceptual_loss, param_groups, batch_size, steps_512, steps_1024,
-                           batch_size_1024) -> Config:
-    """The config that mirrors a run assembled in Python (the seed's API), for checkpoints and plans."""
-    cfg = Config(name="seed")
-    cfg.model = model.config if isinstance(model, PRX) else model_config_from_dict(model)
-    if batch_size is None or (steps_512 is None and steps_1024 is None):
-        raise ConfigError("Trainer(model=...) needs batch_size and steps_512 and/or steps_1024")
-    stages = []
-    if steps_512:
-        stages.append(StageConfig(resolution=512, steps=steps_512, batch_size=batch_size))
-    if steps_1024:  # the recipe's second stage: half the batch, REPA off
-        stages.append(StageConfig(resolution=1024, steps=steps_1024, batch_size=batch_size_1024 or max(1, batch_size // 2),
-                                  repa=False))
-    cfg.train.stages = stages
-    cfg.train.batch_size, cfg.train.steps, cfg.data.resolution = stages[0].batch_size, sum(s.steps for s in stages), stages[0].resolution
-    cfg.tread = (TreadConfig(router.route_ratio, router.start_block, router.end_block) if router
-                 else TreadConfig(route_ratio=0.0))
-    cfg.sampling.guidance = "self" if router else "cfg"
-    cfg.repa = (REPAConfig(repa.teacher_name, repa.loss_weight, repa.apply_at_block, repa.projector_dim) if repa
-                else REPAConfig(weight=0.0))
-    cfg.perceptual = (PerceptualConfig(perceptual_loss.lpips_weight, perceptual_loss.dino_weight, perceptual_loss.t_threshold,
-                                       perceptual_loss.dino_model_name, perceptual_loss.dino_resolution,
-                                       perceptual_loss.lpips_resize, perceptual_loss.lpips_vgg_weights,
-                                       perceptual_loss.lpips_heads)
-                      if perceptual_loss else PerceptualConfig(lpips_weight=0.0, dino_weight=0.0))
-    if param_groups is not None:
-        kinds = {str(g.get("optimizer", "adam")).lower() for g in param_groups}
-        cfg.optimizer.name = "muon" if "muon" in kinds else "adamw"
-        cfg.optimizer.lr = float(param_groups[0].get("lr", cfg.optimizer.lr))
-    validate(cfg)
-    return cfg
 
 
 class NoTimer:
@@ -139,123 +77,75 @@ class Trainer:
                  perceptual_loss: PerceptualLoss | None = None, param_groups: list[dict] | None = None,
                  batch_size: int | None = None, steps_512: int | None = None, steps_1024: int | None = None,
                  batch_size_1024: int | None = None, text_encoder: TextEncoder | None = None, log=print):
+        if isinstance(model, dict):
+            model = PRX(model_config_from_dict(model))
         if config is None:
             if model is None:
                 raise ConfigError("Trainer needs a config or a model")
             config = config_from_components(model, router, repa, perceptual_loss, param_groups, batch_size,
                                             steps_512, steps_1024, batch_size_1024)
-        elif model is not None and not isinstance(model, PRX):
-            model = PRX(model_config_from_dict(model))
         self.config = config
         self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / config.name
         self.resume = resume
         self.log = log
         self.stop_reason: str | None = None
+        self.signals = StopSignals()
         self.timer = NoTimer()  # `prx bench` swaps in a timer that records each phase of the step
-        self._given = dict(model=model if isinstance(model, PRX) else (PRX(config.model) if model is not None else None),
-                           router=router, repa=repa, perceptual=perceptual_loss, param_groups=param_groups,
-                           text_encoder=text_encoder)
-        self._old_handler = None
+        self._given = dict(model=model, router=router, repa=repa, perceptual=perceptual_loss,
+                           param_groups=param_groups, text_encoder=text_encoder)
 
     # ----------------------------------------------------------------------------------------
     # Set-up
     # ----------------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        cfg = self.config
-        exists = has_checkpoint(self.run_dir)
-        if self.resume is True and not exists:
-            raise CheckpointError(
-                f"--resume given but '{self.run_dir}' has no checkpoint: drop --resume to start a new run there"
-            )
-        if self.resume is False and exists:
-            raise CheckpointError(
-                f"'{self.run_dir}' already holds a run: resume it (drop the flag that forbids it) or choose --out"
-            )
-        make_writable_dir(self.run_dir, "run directory")
+        cfg, given = self.config, self._given
+        self.resume_from = checkpoint_to_resume(self.run_dir, self.resume, cfg)
         set_threads(cfg.train.num_threads)
         self.dist = init_distributed(resolve_device(cfg.train.device), cfg.train.timeout_minutes)
         self.device = self.dist.device
-        self.resume_from = find_checkpoint(self.run_dir / "checkpoints") if exists else None
-        if self.resume_from is not None:
-            saved = checkpoint_config(self.resume_from)
-            if replace(saved.model, text_dim=None) != replace(cfg.model, text_dim=None) or (
-                    cfg.model.text_dim is not None and saved.model.text_dim != cfg.model.text_dim):
-                raise CheckpointError(
-                    f"'{self.run_dir}' holds a run with a different model config: use --out for a new run, "
-                    f"or the run's own config ({self.run_dir / 'config.yaml'})"
-                )
-
         self.autocast = autocast_dtype(cfg.train.precision, self.device)
         torch.manual_seed(cfg.train.seed)
-        given = self._given
 
-        t = cfg.text
-        self.text_encoder = given["text_encoder"] or TextEncoder(t.encoder, t.max_length, t.dtype, self.device, t.cache_size)
+        self.text_encoder = given["text_encoder"] or TextEncoder.from_config(cfg.text, self.device)
         if cfg.model.text_dim is None:
             cfg.model.text_dim = self.text_encoder.dim
         if cfg.model.text_dim != self.text_encoder.dim:
-            raise PrxError(
-                f"the model takes {cfg.model.text_dim}-wide text tokens but text encoder '{t.encoder}' gives "
-                f"{self.text_encoder.dim}: set model.text_dim={self.text_encoder.dim} (or leave it unset in a config)"
-            )
-        self.model = (given["model"] or build_model(cfg.model)).to(self.device)
-        self.model.activation_checkpointing = cfg.train.activation_checkpointing
-        self.ema = EMA(self.model, cfg.ema.decay, cfg.ema.update_every, cfg.ema.warmup)  # a copy, before sharding
-        # Parallelism: FSDP2 shards the model (and the EMA, alike) in place; DDP wraps it for training.
-        self.parallel = resolve_parallel(cfg.train.parallel, self.dist)
-        names_before = {id(param): name for name, param in self.model.named_parameters()}
-        if self.parallel == "fsdp":
-            apply_fsdp(self.model, self.dist, self.autocast)
-            apply_fsdp(self.ema.model, self.dist, self.autocast)
-        if cfg.train.compile == "on" or (cfg.train.compile == "auto" and self.device.type == "cuda"):
-            compile_blocks(self.model)
-        self.forward_model = apply_ddp(self.model, self.dist) if self.parallel == "ddp" else self.model
+            raise PrxError(f"the model takes {cfg.model.text_dim}-wide text tokens but text encoder '{cfg.text.encoder}' "
+                           f"gives {self.text_encoder.dim}: set model.text_dim={self.text_encoder.dim} (or leave it unset)")
+        self.model = (given["model"] or PRX(cfg.model)).to(self.device)
 
-        # The recipe's tricks, each a small module; teachers load now so a missing one fails before step 0.
+        # The recipe's tricks, each built from its own section; teachers load now, so a missing one fails before step 0.
         teacher_dtype = self.autocast or torch.float32
-        self.router = given["router"] or (
-            TREADRouter(cfg.tread.route_ratio, cfg.tread.start_block, cfg.tread.end_block, seed=cfg.train.seed)
-            if cfg.tread.route_ratio > 0 else None)
-        if self.router is not None:
-            self.router.blocks(cfg.model.num_layers)  # a bad block range fails here
-        self.repa = given["repa"] or (
-            REPAAlignment(cfg.repa.teacher, cfg.repa.weight, cfg.repa.block, cfg.repa.projector_dim)
-            if cfg.repa.weight > 0 else None)
+        self.router = given["router"] or TREADRouter.from_config(cfg.tread, cfg.train.seed)
+        self.repa = given["repa"] or REPAAlignment.from_config(cfg.repa)
         if self.repa is not None:
             self.repa.setup(cfg.model.hidden_dim, cfg.model.num_layers, dtype=teacher_dtype).to(self.device)
-        p = cfg.perceptual
-        self.perceptual = given["perceptual"] or (
-            PerceptualLoss(p.lpips_weight, p.dino_weight, apply_at_all_noise_levels=p.t_threshold >= 1.0,
-                           t_threshold=p.t_threshold, dino_model=p.dino_model, dino_resolution=p.dino_resolution,
-                           lpips_resize=p.lpips_resize, lpips_vgg_weights=p.lpips_vgg_weights, lpips_heads=p.lpips_heads)
-            if p.lpips_weight > 0 or p.dino_weight > 0 else None)
+        self.perceptual = given["perceptual"] or PerceptualLoss.from_config(cfg.perceptual)
         if self.perceptual is not None:
             self.perceptual.load(teacher_dtype).to(self.device)
+        self.ema = EMA.from_config(self.model, cfg.ema)  # a copy, before sharding
 
-        # Everything the optimizer updates, for checkpoints: the denoiser and the REPA projector.
+        # Everything the optimizer updates (and checkpoints hold): the denoiser and the REPA projector.
         self.trainable = nn.ModuleDict({"denoiser": self.model})
         if self.repa is not None:
             self.trainable["repa_projector"] = self.repa.projector
-            # the projector trains too: its gradients are synchronised like the denoiser's
-            if self.parallel == "fsdp":
-                apply_fsdp(self.repa.projector, self.dist, self.autocast)
-            elif self.parallel == "ddp":
-                self.repa.projector = apply_ddp(self.repa.projector, self.dist)
-        groups = given["param_groups"] or param_groups_from_config(self.model, cfg.optimizer)
-        if given["param_groups"] is not None:  # built from the model before sharding: point at its parameters now
-            current = dict(self.model.named_parameters())
-            groups = [{**g, "params": [current[names_before[id(q)]] if id(q) in names_before else q for q in g["params"]]}
-                      for g in groups]
-        extra = list(self.trainable["repa_projector"].parameters()) if self.repa is not None else []
-        self.optimizer: MultiOptimizer = build_optimizer(groups, extra)
+        names = {id(p): name for name, p in self.model.named_parameters()}  # the seed's groups hold these
+        self.parallel, self.forward_model, projector = parallelize(
+            self.model, self.ema.model, self.repa.projector if self.repa else None, cfg.train, self.dist, self.autocast)
+        if self.repa is not None:
+            self.repa.projector = projector
+        self.optimizer: MultiOptimizer = build_optimizer(
+            groups_after_sharding(given["param_groups"], self.model, names) or param_groups_from_config(
+                self.model, cfg.optimizer),
+            list(self.trainable["repa_projector"].parameters()) if self.repa is not None else [])
+
         self.data = build_source(cfg, self.dist.rank, self.dist.world)
         self.checkpoints = CheckpointWriter(self.run_dir, self.dist, cfg.train.keep_checkpoints,
                                             cfg.train.async_checkpoint)
-        self.step = 0
-        self.bad_steps = 0
+        self.step = self.bad_steps = 0
         if self.resume_from is not None:
-            self.load(self.resume_from)
+            restore_training_state(self, self.resume_from)
         if self.dist.is_main:
             cfg.save(self.run_dir / "config.yaml")
 
@@ -266,6 +156,7 @@ class Trainer:
     def train_step(self, step: int) -> StepResult:
         cfg, dev, rank, world = self.config, self.device, self.dist.rank, self.dist.world
         stage_index, stage = cfg.stage_at(step)
+        on = cfg.tricks(stage)
         gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, step))
         if stage.batch_size % world:
             raise TrainingError(f"the batch size {stage.batch_size} does not split over {world} ranks: use a multiple")
@@ -288,16 +179,15 @@ class Trainer:
 
         # Noise: x_t = (1 − t)·x0 + t·ε.
         t = sample_timesteps(stage.batch_size, cfg.objective, gen)[rows]
-        noise = sample_noise(tuple(images.shape), cfg.train.seed, step, rank * per_rank, dev) * cfg.objective.noise_scale
+        noise = sample_noise(tuple(images.shape), cfg.train.seed, step, rows.start, dev) * cfg.objective.noise_scale
 
         # The token grid is the batch's own: aspect-ratio buckets are not square (12×21 at 512 px, ...).
         grid = (images.shape[-2] // cfg.model.patch_size, images.shape[-1] // cfg.model.patch_size)
         # TREAD: which image tokens of each of this rank's samples skip the routed blocks in this step.
         route = None
-        if stage.tread and self.router is not None:
+        if on.tread and self.router is not None:
             route = self.router.route(step, rows.start, per_rank, grid[0] * grid[1], cfg.model.num_layers, device=dev)
-        use_repa = stage.repa and self.repa is not None
-        use_perceptual = stage.perceptual and self.perceptual is not None
+        use_repa, use_perceptual = on.repa and self.repa is not None, on.perceptual and self.perceptual is not None
 
         totals: dict[str, float] = defaultdict(float)
         for start in range(0, per_rank, micro):
@@ -369,54 +259,92 @@ class Trainer:
         return StepResult(float(value.detach()), {}, skipped=True)
 
     # ----------------------------------------------------------------------------------------
-    # State
+    # The loop
     # ----------------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict:
-        model_state, optim_state = get_state_dict(self.trainable, self.optimizer.optimizers)
-        return {
-            "model": model_state,
-            "optimizer": optim_state,
-            "ema": self.ema.state_dict(),
-            "trainer": {"step": self.step, "bad_steps": self.bad_steps},
-            "data": self.data.state_dict(),
-            "rng": {"torch": torch.get_rng_state()},
-        }
+    def run(self) -> Path:
+        """Train to the end of the last stage; returns the newest checkpoint (also ``RUN/checkpoints/latest``)."""
+        self.setup()
+        cfg, total = self.config, self.config.total_steps
+        if not self.dist.is_main:  # one voice: rank 0 prints, logs and writes files
+            self.log = lambda *args, **kwargs: None
+        n_params = sum(p.numel() for p in self.ema.model.parameters())
+        where = f"resuming {self.resume_from} at step {self.step}" if self.resume_from else "new run"
+        ranks = f" × {self.dist.world} ranks ({self.parallel})" if self.dist.enabled else ""
+        self.log(f"prx: {cfg.name} | {where} | {n_params / 1e6:.2f}M params | {total} steps | {self.device}{ranks}"
+                 f"{', bf16 autocast' if self.autocast else ', fp32'} | run dir {self.run_dir}")
+        self.logger = RunLogger(cfg.logging, self.run_dir, self.step, total, self.dist.is_main, self.log)
+        if self.step >= total:
+            return self._finish("already complete")
+        started, stage_index = time.monotonic(), None
+        window_start, window_steps = time.monotonic(), 0
+        try:
+            with self.signals:
+                while self.step < total:
+                    index, stage = cfg.stage_at(self.step)
+                    if index != stage_index:
+                        stage_index = index
+                        self.logger.line(cfg.describe_stage(index))
+                    result = self.train_step(self.step)
+                    self.step += 1
+                    self.logger.bar.update(1)
+                    window_steps += 1
+                    if not result.skipped:
+                        self.logger.add({"total": result.loss, **result.losses})
+                    if self.step % cfg.logging.log_every == 0 or self.step == total:
+                        seconds = time.monotonic() - window_start
+                        self._log_scalars(result, stage, index, window_steps / seconds)
+                        window_start, window_steps = time.monotonic(), 0
+                    self.checkpoints.poll()  # a background save that every rank has finished becomes visible
+                    if self.step % cfg.train.checkpoint_every == 0 and self.step < total:
+                        self.save()
+                    if cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0 and self.step < total:
+                        self.sample_grid()
+                    if self.signals.received:
+                        self.stop_reason = f"stopped by {self.signals.received}"
+                    limit = cfg.train.time_limit_minutes * 60
+                    if limit and time.monotonic() - started > limit:
+                        self.stop_reason = f"time limit of {cfg.train.time_limit_minutes:g} min reached"
+                    if not all_agree(self.stop_reason is None, self.dist):  # ranks stop at the same step
+                        self.stop_reason = self.stop_reason or "stopped with the other ranks"
+                        break
+                if self.stop_reason is None and cfg.logging.sample_every:
+                    grid = self.sample_grid()
+                    if grid is not None:
+                        self.log(f"samples: {grid}")
+                return self._finish(self.stop_reason or "done")
+        finally:
+            self.logger.close()
 
-    def load(self, path: Path) -> None:
-        state = self.state_dict()
-        load_checkpoint(path, state)
-        set_state_dict(self.trainable, self.optimizer.optimizers, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"])
-        self.ema.load_state_dict(state["ema"])
-        self.step = int(state["trainer"]["step"])
-        self.bad_steps = int(state["trainer"]["bad_steps"])
-        self.data.load_state_dict(state["data"])
-        torch.set_rng_state(state["rng"]["torch"])
+    def _log_scalars(self, result: StepResult, stage: StageConfig, index: int, steps_per_s: float) -> None:
+        means = mean_across_ranks(self.logger.take_window(), self.dist)
+        self.logger.bar.set_postfix(loss=f"{means.get('total', float('nan')):.4f}", lr=f"{result.lr:.1e}", refresh=False)
+        self.logger.log(self.step, {**{f"loss/{k}": v for k, v in means.items()}, "lr": result.lr,
+                                    "grad_norm": result.grad_norm, "train/steps_per_s": steps_per_s,
+                                    "train/images_per_s": steps_per_s * stage.batch_size,
+                                    "train/bad_steps": self.bad_steps, "train/ema_decay": self.ema.current_decay(),
+                                    "train/stage": index + 1,
+                                    "data/skipped_samples": sum(self.data.skipped.values())})
+
+    @property
+    def exit_code(self) -> int:
+        """0 when the run ended normally; 128 + the signal number when a signal stopped it (130 Ctrl-C)."""
+        return self.signals.exit_code if self.stop_reason and self.stop_reason.startswith("stopped by") else 0
 
     def save(self, wait: bool = False) -> Path | None:
-        path = self.checkpoints.save(self.step, self.state_dict(), self.config)
+        path = self.checkpoints.save(self.step, training_state(self), self.config)
         return self.checkpoints.wait() if wait and path is None else path
 
-    # ----------------------------------------------------------------------------------------
-    # Logging
-    # ----------------------------------------------------------------------------------------
-
     def sample_grid(self) -> Path | None:
+        """A grid of ``logging.sample_prompts`` with the EMA weights, in the data's two most common
+        bucket shapes (square and wide, say), alternating over the prompts."""
         prompts = self.config.logging.sample_prompts
         if not prompts:
             return None
         _, stage = self.config.stage_at(max(self.step - 1, 0))
         pipe = Pipeline(self.ema.model, self.text_encoder, self.config, self.device)
-        # The data's two most common bucket shapes (square and wide, say), alternating over the prompts.
-        sizes = sample_sizes(self.data.sizes(stage))
-        images = [None] * len(prompts)
-        for k, (width, height) in enumerate(sizes):
-            rows = list(range(k, len(prompts), len(sizes)))
-            out = pipe.generate([prompts[i] for i in rows], steps=self.config.logging.sample_steps, width=width,
-                                height=height, seed=self.config.sampling.seed + k * len(prompts)).numpy()
-            for i, image in zip(rows, out):
-                images[i] = image
+        images = sample_in_sizes(pipe, prompts, sample_sizes(self.data.sizes(stage)), self.config.logging.sample_steps,
+                                 self.config.sampling.seed)
         if self.parallel == "fsdp":
             reshard(self.ema.model)  # the EMA update works on shards
         if not self.dist.is_main:  # every rank samples (FSDP gathers the weights), rank 0 writes
@@ -424,126 +352,13 @@ class Trainer:
         out = self.run_dir / "samples" / f"step_{self.step:08d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         save_grid(images, out, prompts, ncol=min(8, len(prompts)))
-        if self.writer is not None:
-            import numpy as np
-            from PIL import Image
-
-            self.writer.add_image("samples", np.asarray(Image.open(out)), self.step, dataformats="HWC")
+        self.logger.image("samples", out, self.step)
         return out
 
-    def _open_writer(self):
-        if not self.config.logging.tensorboard or not self.dist.is_main:
-            return None
-        from torch.utils.tensorboard import SummaryWriter
-
-        return SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step)
-
-    def _describe_stage(self, index: int, stage: StageConfig) -> str:
-        on = ["flow"]
-        if stage.tread and self.router is not None:
-            on.append(f"TREAD {self.router.route_ratio:g}")
-        if stage.repa and self.repa is not None:
-            on.append(f"REPA {self.repa.loss_weight:g}")
-        if stage.perceptual and self.perceptual is not None:
-            on.append(f"LPIPS {self.perceptual.lpips_weight:g} + DINO {self.perceptual.dino_weight:g}")
-        return (f"stage {index + 1}/{len(self.config.stages)}: {stage.resolution}px, batch {stage.batch_size}, "
-                f"{stage.steps} steps, {', '.join(on)}")
-
-    # ----------------------------------------------------------------------------------------
-    # The loop
-    # ----------------------------------------------------------------------------------------
-
-    def run(self) -> Path:
-        """Train to the end of the last stage; returns the newest checkpoint (also ``RUN/checkpoints/latest``)."""
-        self.setup()
-        cfg = self.config
-        total = cfg.total_steps
-        if not self.dist.is_main:  # one voice: rank 0 prints, logs and writes files
-            self.log = lambda *args, **kwargs: None
-        n_params = sum(p.numel() for p in self.ema.model.parameters()) if self.parallel == "fsdp" else count_parameters(self.model)
-        where = f"resuming {self.resume_from} at step {self.step}" if self.resume_from else "new run"
-        ranks = f" × {self.dist.world} ranks ({self.parallel})" if self.dist.enabled else ""
-        self.log(
-            f"prx: {cfg.name} | {where} | {n_params / 1e6:.2f}M params | {total} steps | {self.device}{ranks}"
-            f"{', bf16 autocast' if self.autocast else ', fp32'} | run dir {self.run_dir}"
-        )
-        self.writer = self._open_writer()
-        if self.step >= total:
-            return self._finish("already complete")
-
-        self._install_interrupt_handler()
-        start_time = time.monotonic()
-        limit = cfg.train.time_limit_minutes * 60
-        stage_index = None
-        bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not (cfg.logging.progress_bar and self.dist.is_main),
-                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
-        metrics = open(self.run_dir / "metrics.jsonl", "a") if self.dist.is_main else None
-        window, window_start, window_steps = defaultdict(list), time.monotonic(), 0
-        try:
-            while self.step < total:
-                index, stage = cfg.stage_at(self.step)
-                if index != stage_index:
-                    stage_index = index
-                    if cfg.logging.progress_bar and self.dist.is_main:
-                        bar.write(self._describe_stage(index, stage))
-                    else:
-                        self.log(self._describe_stage(index, stage))
-                result = self.train_step(self.step)
-                self.step += 1
-                bar.update(1)
-                window_steps += 1
-                if not result.skipped:
-                    window["total"].append(result.loss)
-                    for name, value in result.losses.items():
-                        window[name].append(value)
-                if self.step % cfg.logging.log_every == 0 or self.step == total:
-                    elapsed = time.monotonic() - window_start
-                    means = mean_across_ranks({k: sum(v) / len(v) for k, v in window.items() if v}, self.dist)
-                    if metrics is not None:
-                        metrics.write(json.dumps({"step": self.step, **{f"loss/{k}": v for k, v in means.items()},
-                                                  "lr": result.lr, "grad_norm": result.grad_norm}) + "\n")
-                        metrics.flush()
-                    bar.set_postfix(loss=f"{means.get('total', float('nan')):.4f}", lr=f"{result.lr:.1e}", refresh=False)
-                    if self.writer is not None:
-                        for name, value in means.items():
-                            self.writer.add_scalar(f"loss/{name}", value, self.step)
-                        self.writer.add_scalar("train/grad_norm", result.grad_norm, self.step)
-                        self.writer.add_scalar("train/lr", result.lr, self.step)
-                        self.writer.add_scalar("train/steps_per_s", window_steps / elapsed, self.step)
-                        self.writer.add_scalar("train/images_per_s", window_steps * stage.batch_size / elapsed, self.step)
-                        self.writer.add_scalar("train/bad_steps", self.bad_steps, self.step)
-                        self.writer.add_scalar("train/ema_decay", self.ema.current_decay(), self.step)
-                        self.writer.add_scalar("train/stage", index + 1, self.step)
-                        self.writer.add_scalar("data/skipped_samples", sum(self.data.skipped.values()), self.step)
-                    window, window_start, window_steps = defaultdict(list), time.monotonic(), 0
-                self.checkpoints.poll()  # a background save that every rank has finished becomes visible
-                if self.step % cfg.train.checkpoint_every == 0 and self.step < total:
-                    self.save()
-                if cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0 and self.step < total:
-                    self.sample_grid()
-                if limit and time.monotonic() - start_time > limit:
-                    self.stop_reason = f"time limit of {cfg.train.time_limit_minutes:g} min reached"
-                if not all_agree(self.stop_reason is None, self.dist):  # ranks stop at the same step
-                    self.stop_reason = self.stop_reason or "stopped with the other ranks"
-                    break
-        finally:
-            bar.close()
-            if metrics is not None:
-                metrics.close()
-            self._restore_interrupt_handler()
-        if self.stop_reason is None:
-            grid = self.sample_grid() if cfg.logging.sample_every else None
-            if grid is not None:
-                self.log(f"samples: {grid}")
-        return self._finish(self.stop_reason or "done")
-
     def _finish(self, reason: str) -> Path:
-        unchanged = self.resume_from is not None and self.step == _checkpoint_step(self.resume_from)
+        unchanged = self.resume_from is not None and self.step == step_of(self.resume_from)
         self.checkpoints.wait()
         path = self.resume_from if unchanged else self.save(wait=True)
-        if self.writer is not None:
-            self.writer.close()
         if self.bad_steps:
             self.log(f"warning: {self.bad_steps} steps were skipped for non-finite loss or gradients")
         if self.data.skipped:
@@ -552,33 +367,3 @@ class Trainer:
         self.log(f"{reason} at step {self.step}/{self.config.total_steps}")
         self.log(f"checkpoint: {self.run_dir / 'checkpoints' / 'latest'} -> {path.name}")
         return path
-
-    def _install_interrupt_handler(self) -> None:
-        def on_interrupt(signum, frame):
-            if self.stop_reason == "interrupted":  # second Ctrl-C: stop now, the last checkpoint stays intact
-                raise KeyboardInterrupt
-            self.stop_reason = "interrupted"
-            print("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)",
-                  file=sys.stderr)
-
-        try:
-            self._old_handler = signal.signal(signal.SIGINT, on_interrupt)
-        except ValueError:  # not the main thread
-            self._old_handler = None
-
-    def _restore_interrupt_handler(self) -> None:
-        if self._old_handler is not None:
-            signal.signal(signal.SIGINT, self._old_handler)
-
-
-def sample_sizes(data_sizes: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The sizes a sample grid shows: the most common bucket and the most common one of another
-    aspect ratio (preferring the other orientation), when the data has one."""
-    first = data_sizes[0]
-    others = [s for s in data_sizes[1:] if s[0] * first[1] != s[1] * first[0]]
-    flipped = [s for s in others if (s[0] > s[1]) != (first[0] > first[1]) and s[0] != s[1]]
-    return [first] + (flipped or others)[:1]
-
-
-def _checkpoint_step(path: Path) -> int:
-    return int(path.name.split("_")[1])

@@ -3,7 +3,7 @@
 During training a uniformly random subset of each sample's image tokens skips blocks
 ``start_block..end_block`` (inclusive) and re-enters unchanged after them, so those blocks see
 fewer tokens. Text tokens are never routed (they are a separate stream in PRX). The router only
-chooses *which* tokens; the model applies the route (``model(..., route=...)``).
+chooses *which* tokens (a :class:`Route`); the model applies it (``model(..., route=...)``).
 
 The token count comes from the batch: aspect-ratio buckets hold different grids (12×21 = 252
 tokens, 13×19 = 247, ...), and every sample routes ``round(route_ratio × tokens)`` of its own
@@ -14,30 +14,66 @@ replay of the step (activation checkpointing, resume).
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from prx.model import Route
+from prx.checks import block_index, check, within
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+@dataclass
+class TreadConfig:
+    """``tread:`` route_ratio of the image tokens skip blocks start_block..end_block (training only)."""
+
+    route_ratio: float = within(0.5, 0, 1, open_high=True, hint=" (0 disables)")
+    start_block: int = 2  # 0-based; negative counts from the end
+    end_block: int = -2  # inclusive: -2 is the penultimate block
+
+    def check(self, run) -> None:
+        if self.route_ratio > 0:
+            n = run.model.num_layers
+            ok = -n <= self.start_block < n and -n <= self.end_block < n and self.start_block % n <= self.end_block % n
+            check(ok, f"tread.start_block={self.start_block}..tread.end_block={self.end_block} is not a block range of "
+                      f"a {n}-block model: use 0 ≤ start ≤ end < {n} (negative values count from the end)")
+
+
+@dataclass
+class Route:
+    """Image tokens ``keep`` (B, K) run through blocks ``start..end`` (inclusive); the others skip them."""
+
+    start: int
+    end: int
+    keep: Tensor  # (B, K) indices into the N image tokens
+
+    def slice(self, rows: slice) -> "Route":
+        """The route of a micro-batch: the same blocks, the rows' own tokens."""
+        return Route(self.start, self.end, self.keep[rows])
 
 
 class TREADRouter:
     def __init__(self, route_ratio: float = 0.5, start_block: int = 2, end_block: int = -2, seed: int = 0):
         if not 0.0 <= route_ratio < 1.0:
             raise ValueError(f"route_ratio must be in [0, 1), got {route_ratio}")
-        self.route_ratio = route_ratio
-        self.start_block = start_block
-        self.end_block = end_block
+        self.config = TreadConfig(route_ratio, start_block, end_block)
         self.seed = seed
 
+    @classmethod
+    def from_config(cls, cfg: TreadConfig, seed: int) -> "TREADRouter | None":
+        """The run's router, or None when routing is off (ratio 0)."""
+        return cls(cfg.route_ratio, cfg.start_block, cfg.end_block, seed) if cfg.route_ratio > 0 else None
+
+    @property
+    def route_ratio(self) -> float:
+        return self.config.route_ratio
+
     def blocks(self, num_layers: int) -> tuple[int, int]:
-        """The (start, end) block indices, negative ones counted from the end, checked against depth."""
-        start, end = self.start_block % num_layers, self.end_block % num_layers
-        if not (-num_layers <= self.start_block < num_layers and -num_layers <= self.end_block < num_layers):
-            raise ValueError(f"route blocks {self.start_block}..{self.end_block} are outside a {num_layers}-block model")
+        """The (start, end) block indices, checked against the depth."""
+        start, end = block_index(self.config.start_block, num_layers), block_index(self.config.end_block, num_layers)
         if start > end:
-            raise ValueError(
-                f"route start block {self.start_block} (= {start}) comes after end block {self.end_block} (= {end}) "
-                f"in a {num_layers}-block model"
-            )
+            raise ValueError(f"route start block {self.config.start_block} (= {start}) comes after end block "
+                             f"{self.config.end_block} (= {end}) in a {num_layers}-block model")
         return start, end
 
     def num_routed(self, num_tokens: int) -> int:
@@ -48,18 +84,17 @@ class TREADRouter:
         return num_tokens - self.num_routed(num_tokens)
 
     def route(self, step: int, first: int, count: int, num_tokens: int, num_layers: int,
-              device: torch.device | str = "cpu") -> Route | None:
+              device="cpu") -> Route | None:
         """The route of samples ``first .. first+count-1`` of step ``step``'s global batch, whose images
         have ``num_tokens`` tokens each; None when nothing is routed (ratio 0)."""
         seeds = [self.sample_seed(step, first + i) for i in range(count)]
-        return self._route(num_tokens, num_layers, seeds, device)
+        return self.fixed_route(num_tokens, num_layers, seeds, device)
 
     def fixed_route(self, num_tokens: int, num_layers: int, seeds: list[int], device="cpu") -> Route | None:
         """One routing per image, from its own seed (self-guidance: the same route at every sampling step,
         and image i's route does not depend on the batch it is sampled in)."""
-        return self._route(num_tokens, num_layers, seeds, device)
+        import torch
 
-    def _route(self, num_tokens: int, num_layers: int, seeds: list[int], device) -> Route | None:
         start, end = self.blocks(num_layers)
         kept = self.num_kept(num_tokens)
         if kept == num_tokens:

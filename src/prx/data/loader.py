@@ -21,7 +21,6 @@ either. A sample that fails to decode is replaced by another of its batch and co
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,18 +33,9 @@ from prx.data.convert import Mapping, image_bytes
 from prx.data.imageio import BadImage, decode
 from prx.data.inplace import read_inplace_infos
 from prx.data.shards import decode_array, read_shard_info, sidecar_meta, sidecar_path
+from prx.data.sources import DataBatch
 from prx.errors import PrxError
 from prx.text import TextBatch
-
-
-@dataclass
-class DataBatch:
-    images: torch.Tensor  # uint8 (B, 3, H, W)
-    captions: list[str]
-    ids: list[str] = field(default_factory=list)
-    text: TextBatch | None = None  # precomputed caption embeddings, when the shards have them
-    position: tuple[int, int] | None = None  # (epoch, batch index) of this batch in the plan
-    skipped: dict[str, int] = field(default_factory=dict)  # reason → samples replaced in this batch
 
 
 def _release_freed_memory():

@@ -231,10 +231,6 @@ class ShapesWorld:
         scene = self.scene(index)
         return to_tensor(render(scene, self.resolution)), scene.caption
 
-    def batch(self, indices) -> tuple[torch.Tensor, list[str]]:
-        scenes = [self.scene(int(i)) for i in indices]
-        images = np.stack([render(s, self.resolution) for s in scenes])
-        return to_tensor(images), [s.caption for s in scenes]
 
 
 def make_scene(spec: SceneSpec, rng: np.random.Generator, caption: str | None = None) -> Scene:

@@ -1,0 +1,16 @@
+"""``data.dataset: parquet``: Parquet files as downloaded (e.g. from the Hugging Face hub), read in
+place through a column mapping (``data.preset`` or ``data.image_column`` / ``caption_columns`` /
+``id_column``; see :mod:`prx.data.inplace`). Captions are encoded online.
+"""
+
+from __future__ import annotations
+
+from prx.config import Config
+from prx.data.convert import mapping_from
+from prx.data.sources import shards
+
+
+class Source(shards.Source):
+    def __init__(self, cfg: Config, rank: int = 0, world: int = 1):
+        d = cfg.data
+        super().__init__(cfg, rank, world, mapping=mapping_from(d.preset, d.image_column, d.caption_columns, d.id_column))

@@ -1,0 +1,57 @@
+"""``data.dataset: shapes``: the procedural shapes world, rendered on the fly.
+
+Step n reads samples [offset(n), offset(n) + batch) of the world's infinite stream; rank r takes
+its slice of them. The position is the step itself, so there is no state to save.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from prx.config import Config, StageConfig
+from prx.data.shapes import ShapesWorld, render
+from prx.data.sources import DataBatch
+
+
+class Source:
+    """The shapes world as a :class:`~prx.data.sources.DataSource`."""
+
+    def __init__(self, cfg: Config, rank: int = 0, world: int = 1):
+        self.cfg, self.rank, self.world = cfg, rank, world
+        shapes = cfg.data.shapes
+        self.worlds = {s.resolution: ShapesWorld(s.resolution, shapes.seed, "train", shapes.object_count_weights)
+                       for s in cfg.stages}
+        self.empty_embedding = None
+
+    def offset(self, step: int) -> int:
+        offset, start = 0, 0
+        for stage in self.cfg.stages:
+            if step < start + stage.steps:
+                return offset + (step - start) * stage.batch_size
+            offset += stage.steps * stage.batch_size
+            start += stage.steps
+        return offset + (step - start) * self.cfg.stages[-1].batch_size
+
+    def batch(self, step: int, stage_index: int, stage: StageConfig) -> DataBatch:
+        per_rank = stage.batch_size // self.world
+        first = self.offset(step) + self.rank * per_rank
+        world = self.worlds[stage.resolution]
+        scenes = [world.scene(i) for i in range(first, first + per_rank)]
+        images = torch.from_numpy(np.stack([render(s, stage.resolution) for s in scenes]))
+        return DataBatch(images.permute(0, 3, 1, 2).contiguous(), [s.caption for s in scenes],
+                         [f"shapes:{first + i}" for i in range(per_rank)])
+
+    def sizes(self, stage: StageConfig) -> list[tuple[int, int]]:
+        """(width, height) of the stage's images, most common first: the world renders squares."""
+        return [(stage.resolution, stage.resolution)]
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    @property
+    def skipped(self) -> dict:
+        return {}

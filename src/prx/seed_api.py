@@ -1,0 +1,51 @@
+"""The seed's Python API: a run assembled from components in Python,
+
+    Trainer(model=PRX({...}), router=TREADRouter(...), repa=REPAAlignment(...),
+            perceptual_loss=PerceptualLoss(...), param_groups=[...], batch_size=1024,
+            steps_512=100_000, steps_1024=20_000).run()
+
+is the same run as a config: each component already holds its own config section (``router.config``
+is the ``tread:`` section, ...), so this module only puts them together, with the recipe's two
+stages, for the checkpoints, the plan and the logs.
+"""
+
+from __future__ import annotations
+
+from prx.config import Config, StageConfig, validate
+from prx.errors import ConfigError
+from prx.perceptual import PerceptualConfig
+from prx.repa import REPAConfig
+from prx.tread import TreadConfig
+
+
+def config_from_components(model, router, repa, perceptual_loss, param_groups, batch_size, steps_512, steps_1024,
+                           batch_size_1024) -> Config:
+    """The config of a run assembled from components."""
+    if batch_size is None or (steps_512 is None and steps_1024 is None):
+        raise ConfigError("Trainer(model=...) needs batch_size and steps_512 and/or steps_1024")
+    stages = [StageConfig(resolution=512, steps=steps_512, batch_size=batch_size)] if steps_512 else []
+    if steps_1024:  # the recipe's second stage: half the batch, REPA off
+        stages.append(StageConfig(resolution=1024, steps=steps_1024, batch_size=batch_size_1024 or max(1, batch_size // 2),
+                                  repa=False))
+    cfg = Config(name="seed", model=model.config,
+                 tread=router.config if router else TreadConfig(route_ratio=0.0),
+                 repa=repa.config if repa else REPAConfig(weight=0.0),
+                 perceptual=perceptual_loss.config if perceptual_loss else PerceptualConfig(lpips_weight=0.0,
+                                                                                            dino_weight=0.0))
+    cfg.train.stages = stages
+    cfg.train.batch_size, cfg.train.steps, cfg.data.resolution = stages[0].batch_size, cfg.total_steps, stages[0].resolution
+    cfg.sampling.guidance = "self" if router else "cfg"
+    if param_groups is not None:
+        cfg.optimizer.name = "muon" if any(str(g.get("optimizer", "adam")).lower() == "muon" for g in param_groups) else "adamw"
+        cfg.optimizer.lr = float(param_groups[0].get("lr", cfg.optimizer.lr))
+    validate(cfg)
+    return cfg
+
+
+def groups_after_sharding(groups: list[dict] | None, model, names: dict[int, str]) -> list[dict] | None:
+    """The seed's param groups were built from the model before FSDP2 replaced its parameters:
+    point them at the current ones, by name."""
+    if groups is None:
+        return None
+    current = dict(model.named_parameters())
+    return [{**g, "params": [current[names[id(p)]] if id(p) in names else p for p in g["params"]]} for g in groups]
