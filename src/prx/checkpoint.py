@@ -67,10 +67,25 @@ def has_checkpoint(run_dir: str | Path) -> bool:
         return False
 
 
+def migrate_saved_config(data: dict) -> dict:
+    """A config saved by an older prx, as that prx meant it: defaults that changed since keep their old value.
+
+    - model.norm_eps: LayerNorm eps was a fixed 1e-5 before the option (new runs: 1e-6, as diffusers);
+    - sampling.schedule: sampling used shift(linspace(1, 0, N+1)) before the option (new runs: diffusers').
+    """
+    data = dict(data)
+    if isinstance(data.get("model"), dict) and "norm_eps" not in data["model"]:
+        data["model"] = {**data["model"], "norm_eps": 1e-5}
+    if isinstance(data.get("sampling"), dict) and "schedule" not in data["sampling"]:
+        data["sampling"] = {**data["sampling"], "schedule": "linspace"}
+    return data
+
+
 def checkpoint_config(path: str | Path) -> Config:
+    """The config a checkpoint was written with (older prx versions' configs migrated, see migrate_saved_config)."""
     path = find_checkpoint(path)
     try:
-        return config_from_dict(read_yaml(path / "config.yaml"))
+        return config_from_dict(migrate_saved_config(read_yaml(path / "config.yaml")))
     except PrxError as e:
         raise CheckpointError(f"checkpoint '{path}' has a config this prx cannot read ({e})") from None
 

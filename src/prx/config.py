@@ -39,6 +39,11 @@ class ModelConfig:
     mlp_ratio: float = 3.5  # GeGLU hidden size = mlp_ratio · hidden_dim
     rope_theta: float = 10000.0
     text_dim: int | None = None  # set from the text encoder when the model is built
+    # LayerNorm eps of the blocks and the final layer: 1e-6 as diffusers' PRXTransformer2DModel. Runs saved
+    # before this option existed trained with 1e-5 and keep it (prx.checkpoint.migrate_saved_config).
+    norm_eps: float = 1e-6
+    # add an embedding of the image's (height, width) in pixels to the timestep vector (diffusers' `resolution_embeds`)
+    resolution_embeds: bool = False
 
 
 # Named model sizes. `seed` is the speedrun seed config; `prx-small` the reference code's
@@ -193,6 +198,10 @@ class SamplingConfig:
     self_guidance_scale: float = 3.5  # out = routed + w·(dense − routed); 1 disables
     guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only for t in [lo, hi]
     shift: float | None = None  # time shift of the sampling schedule; None = objective.shift
+    # diffusers: shift(linspace(1, shift(1/1000), N)) then 0, exactly diffusers' FlowMatchEulerDiscreteScheduler,
+    # so an exported run samples the same images in PRXPixelPipeline | linspace: shift(linspace(1, 0, N+1)), the
+    # reference code's (and prx's before the option; runs saved then keep it)
+    schedule: str = "diffusers"
     seed: int = 0
 
 
@@ -526,6 +535,7 @@ def validate_model(m: ModelConfig) -> None:
         f"use a bottleneck ≤ {patch_dim}",
     )
     _check(m.text_dim is None or m.text_dim > 0, f"model.text_dim must be positive or null, got {m.text_dim}")
+    _check(0 < m.norm_eps < 1, f"model.norm_eps must be in (0, 1), got {m.norm_eps}: 1e-6 (new runs) or 1e-5")
 
 
 def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
@@ -622,6 +632,7 @@ def validate(cfg: Config) -> None:
         f"sampling.guidance_interval must be [lo, hi] with 0 ≤ lo ≤ hi ≤ 1, got {gi}",
     )
     _check(s.shift is None or s.shift > 0, f"sampling.shift must be positive or null, got {s.shift}")
+    _check(s.schedule in ("diffusers", "linspace"), f"sampling.schedule must be diffusers or linspace, got '{s.schedule}'")
     tr, rp, pc = cfg.tread, cfg.repa, cfg.perceptual
     _check(0.0 <= tr.route_ratio < 1.0, f"tread.route_ratio must be in [0, 1) (0 disables), got {tr.route_ratio}")
     n = m.num_layers

@@ -19,9 +19,25 @@ from prx.text import TextBatch
 X0Predictor = Callable[[Tensor, Tensor], Tensor]  # (x_t, t scalar tensor) → x0
 
 
-def sampling_schedule(steps: int, shift: float) -> Tensor:
-    """Times from 1 (noise) to 0 (clean), evenly spaced then shifted: (steps + 1,)."""
-    return shift_time(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift).float()
+def sampling_schedule(steps: int, shift: float, kind: str = "linspace") -> Tensor:
+    """Times from 1 (noise) to 0 (clean): (steps + 1,).
+
+    linspace:  shift(linspace(1, 0, steps + 1)), evenly spaced then shifted (the reference code's);
+    diffusers: shift(linspace(1, t_min, steps)) then 0, with t_min = shift(1/1000): the sigmas of diffusers'
+               FlowMatchEulerDiscreteScheduler(shift=shift) to the last float32 bit (its init shifts its
+               smallest training sigma, set_timesteps shifts again), so PRXPixelPipeline takes the same steps.
+    """
+    if kind == "linspace":
+        return shift_time(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift).float()
+    if kind != "diffusers":
+        raise ValueError(f"unknown sampling schedule '{kind}': use 'diffusers' or 'linspace'")
+    import numpy as np
+
+    train_sigmas = torch.tensor([1.0, 1.0], dtype=torch.float32) / torch.tensor([1.0, 1000.0])  # float32, as diffusers
+    t_max, t_min = (shift * train_sigmas / (1 + (shift - 1) * train_sigmas)).tolist()
+    sigmas = np.linspace(t_max * 1000, t_min * 1000, steps) / 1000
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    return torch.cat([torch.from_numpy(sigmas).float(), torch.zeros(1)])
 
 
 def initial_noise(num_images: int, height: int, width: int, seed: int, noise_scale: float = 1.0) -> Tensor:
@@ -90,11 +106,13 @@ def sample(
     sampler: str = "euler",
     shift: float = 1.0,
     t_clamp: float = 0.05,
+    schedule: str = "linspace",
 ) -> Tensor:
-    """Integrate from noise (t = 1) to an image (t = 0); returns x in about [-1, 1]."""
+    """Integrate from noise (t = 1) to an image (t = 0) over ``sampling_schedule(steps, shift, schedule)``;
+    returns x in about [-1, 1]."""
     if sampler not in ("euler", "heun"):
         raise ValueError(f"unknown sampler '{sampler}': use 'euler' or 'heun'")
-    times = sampling_schedule(steps, shift).to(noise.device)
+    times = sampling_schedule(steps, shift, schedule).to(noise.device)
     x = noise
     for i in range(steps):
         t, t_next = times[i], times[i + 1]

@@ -178,6 +178,7 @@ class Trainer:
         self.resume_from = find_checkpoint(self.run_dir / "checkpoints") if exists else None
         if self.resume_from is not None:
             saved = checkpoint_config(self.resume_from)
+            cfg.model.norm_eps = saved.model.norm_eps  # the weights' own (1e-5 in runs from before the option)
             if replace(saved.model, text_dim=None) != replace(cfg.model, text_dim=None) or (
                     cfg.model.text_dim is not None and saved.model.text_dim != cfg.model.text_dim):
                 raise CheckpointError(
