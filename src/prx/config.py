@@ -44,6 +44,9 @@ class ModelConfig:
     norm_eps: float = 1e-6
     # add an embedding of the image's (height, width) in pixels to the timestep vector (diffusers' `resolution_embeds`)
     resolution_embeds: bool = False
+    # a diffusers PRX pixel checkpoint (a transformer/ or a whole pipeline directory) a new run starts from;
+    # shape fields not set in the config come from its config.json (prx.diffusers_io)
+    init_from: str | None = None
 
 
 # Named model sizes. `seed` is the speedrun seed config; `prx-small` the reference code's
@@ -502,6 +505,10 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | N
     data.setdefault("name", path.stem)
     for text in overrides or []:
         apply_override(data, text)
+    if isinstance(data.get("model"), dict) and data["model"].get("init_from"):
+        from prx.diffusers_io import fill_model_config  # shape fields not set here come from the checkpoint
+
+        data["model"] = fill_model_config(data["model"])
     return config_from_dict(data)
 
 

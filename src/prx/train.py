@@ -200,6 +200,12 @@ class Trainer:
                 f"{self.text_encoder.dim}: set model.text_dim={self.text_encoder.dim} (or leave it unset in a config)"
             )
         self.model = (given["model"] or build_model(cfg.model)).to(self.device)
+        if cfg.model.init_from and self.resume_from is None:  # fine-tuning: a new run starts from diffusers weights
+            from prx.diffusers_io import load_init_weights
+
+            message = load_init_weights(self.model, cfg.model.init_from)
+            if self.dist.is_main:
+                self.log(message)
         self.model.activation_checkpointing = cfg.train.activation_checkpointing
         self.ema = EMA(self.model, cfg.ema.decay, cfg.ema.update_every, cfg.ema.warmup)  # a copy, before sharding
         # Parallelism: FSDP2 shards the model (and the EMA, alike) in place; DDP wraps it for training.
