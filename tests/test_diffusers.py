@@ -329,6 +329,9 @@ def test_init_from_takes_the_checkpoints_shape_and_weights(tmp_path, text_encode
     resumed = Trainer(config, tmp_path / "run", text_encoder=text_encoder)
     resumed.setup()
     assert resumed.resume_from is not None
+    # nor needs it: with the checkpoint gone, the run's own config resumes with init_from=null
+    own = load_config(tmp_path / "run" / "config.yaml", ["model.init_from=null"])
+    assert Trainer(own, tmp_path / "run", text_encoder=text_encoder, resume=True).run() is not None
 
 
 def test_init_from_bad_checkpoints_are_one_line_errors(tmp_path, capsys, text_encoder):

@@ -221,7 +221,8 @@ def find_transformer_dir(path: str | Path) -> Path:
     path = Path(os.path.expanduser(str(path)))
     if not path.exists():
         raise PrxError(f"model.init_from '{path}' does not exist: give a diffusers PRX pixel pipeline directory "
-                       f"or its transformer/ directory")
+                       f"or its transformer/ directory (resuming a run? `prx train RUN/config.yaml "
+                       f"model.init_from=null`: a resume never reads it)")
     for candidate in (path, path / "transformer"):
         config_file = candidate / "config.json"
         if config_file.is_file():
@@ -394,7 +395,8 @@ def latest_eval_results(run_dir: Path) -> dict | None:
         except (OSError, ValueError):
             continue
         if isinstance(results, dict) and isinstance(results.get("sets"), dict):
-            found.append((int(results.get("step", -1)), path.stat().st_mtime, path, results))
+            step = results.get("step")
+            found.append((step if isinstance(step, int) else -1, path.stat().st_mtime, path, results))
     if not found:
         return None
     step, _, path, results = max(found, key=lambda item: item[:2])

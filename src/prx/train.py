@@ -179,7 +179,8 @@ class Trainer:
         if self.resume_from is not None:
             saved = checkpoint_config(self.resume_from)
             cfg.model.norm_eps = saved.model.norm_eps  # the weights' own (1e-5 in runs from before the option)
-            if replace(saved.model, text_dim=None) != replace(cfg.model, text_dim=None) or (
+            shape = dict(text_dim=None, init_from=None)  # init_from says how a run started, not what it is
+            if replace(saved.model, **shape) != replace(cfg.model, **shape) or (
                     cfg.model.text_dim is not None and saved.model.text_dim != cfg.model.text_dim):
                 raise CheckpointError(
                     f"'{self.run_dir}' holds a run with a different model config: use --out for a new run, "
