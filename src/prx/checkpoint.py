@@ -136,6 +136,20 @@ def has_checkpoint(run_dir: str | Path) -> bool:
         return False
 
 
+def migrate_saved_config(data: dict) -> dict:
+    """A config saved by an older prx, as that prx meant it: defaults that changed since keep their old value.
+
+    - model.norm_eps: LayerNorm eps was a fixed 1e-5 before the option (new runs: 1e-6, as diffusers);
+    - sampling.schedule: sampling used shift(linspace(1, 0, N+1)) before the option (new runs: diffusers').
+    """
+    data = dict(data)
+    if isinstance(data.get("model"), dict) and "norm_eps" not in data["model"]:
+        data["model"] = {**data["model"], "norm_eps": 1e-5}
+    if isinstance(data.get("sampling"), dict) and "schedule" not in data["sampling"]:
+        data["sampling"] = {**data["sampling"], "schedule": "linspace"}
+    return data
+
+
 def checkpoint_to_resume(run_dir: Path, resume: bool | None, config: Config) -> Path | None:
     """The run directory's newest checkpoint to continue from (None: a new run), after the checks:
     ``resume`` True requires one, False forbids one, None takes one if there is one; a checkpoint
@@ -152,7 +166,9 @@ def checkpoint_to_resume(run_dir: Path, resume: bool | None, config: Config) -> 
         return None
     path = find_checkpoint(run_dir / "checkpoints")
     saved, model = checkpoint_config(path).model, config.model
-    if replace(saved, text_dim=None) != replace(model, text_dim=None) or (
+    model.norm_eps = saved.norm_eps  # the weights' own (1e-5 in runs from before the option)
+    shape = dict(text_dim=None, init_from=None)  # init_from says how a run started, not what it is
+    if replace(saved, **shape) != replace(model, **shape) or (
             model.text_dim is not None and saved.text_dim != model.text_dim):
         raise CheckpointError(f"'{run_dir}' holds a run with a different model config: use --out for a new run, or the "
                               f"run's own config ({run_dir / 'config.yaml'})")
@@ -160,9 +176,10 @@ def checkpoint_to_resume(run_dir: Path, resume: bool | None, config: Config) -> 
 
 
 def checkpoint_config(path: str | Path) -> Config:
+    """The config a checkpoint was written with (older prx versions' configs migrated, see migrate_saved_config)."""
     path = find_checkpoint(path)
     try:
-        return config_from_dict(read_yaml(path / "config.yaml"))
+        return config_from_dict(migrate_saved_config(read_yaml(path / "config.yaml")))
     except PrxError as e:
         raise CheckpointError(f"checkpoint '{path}' has a config this prx cannot read ({e})") from None
 

@@ -225,6 +225,16 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "diffusers":
+        from prx.diffusers_io import export_pipeline, usage_snippet
+
+        info = export_pipeline(args.checkpoint, args.out, args.weights)
+        for note in info["notes"]:
+            print(f"note: {note}")
+        print(f"exported {args.weights} weights of step {info['step']} ({info['params'] / 1e6:.1f}M parameters) as a "
+              f"diffusers PRXPixelPipeline: {info['out']} (model card: {info['out'] / 'README.md'}); generate with:")
+        print("  " + usage_snippet(str(info["out"]), info["config"]).replace("\n", "\n  "))
+        return 0
     from safetensors.torch import save_file
 
     from prx.checkpoint import checkpoint_config, checkpoint_meta, find_checkpoint, load_weights
@@ -237,7 +247,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     load_weights(ckpt, model, args.weights)  # full tensors, whatever world size wrote the checkpoint
     out = Path(args.out)
     if out.suffix != ".safetensors":
-        raise PrxError(f"--out {out} should end in .safetensors")
+        raise PrxError(f"--out {out} should end in .safetensors (or use --format diffusers to write a pipeline directory)")
     make_writable_dir(out.parent if str(out.parent) else Path("."))
     step = checkpoint_meta(ckpt)["step"]
     tmp = out.with_name(f".{out.name}.tmp")
@@ -326,12 +336,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="where results.json and sample grids go (default RUN/eval/step_N)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("export", help="write a checkpoint's EMA weights as one safetensors file",
-                       description="Write the EMA (or raw) weights of a checkpoint as one safetensors file with its "
-                                   "config in the metadata (and beside it as YAML), for sampling anywhere: "
-                                   "`prx sample --checkpoint FILE.safetensors`. Works for checkpoints of any world size.")
+    p = sub.add_parser("export", help="write a checkpoint's EMA weights as one safetensors file or a diffusers pipeline",
+                       description="--format prx (default): the EMA (or raw) weights of a checkpoint as one safetensors "
+                                   "file with its config in the metadata (and beside it as YAML), for sampling anywhere: "
+                                   "`prx sample --checkpoint FILE.safetensors`. --format diffusers: a directory that "
+                                   "diffusers' PRXPixelPipeline.from_pretrained loads without prx (transformer, "
+                                   "scheduler, text encoder, tokenizer, model card). Works for checkpoints of any world size.")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint or run directory")
-    p.add_argument("--out", required=True, metavar="FILE", help="the .safetensors file to write")
+    p.add_argument("--format", choices=["prx", "diffusers"], default="prx",
+                   help="prx: one .safetensors file (default); diffusers: a PRXPixelPipeline directory")
+    p.add_argument("--out", required=True, metavar="PATH",
+                   help="the .safetensors file (--format prx) or the new directory (--format diffusers; an existing "
+                        "non-empty one is refused)")
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
     p.set_defaults(func=cmd_export)
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from prx.checks import at_least, check, check_fields, one_of, positive
+from prx.checks import at_least, check, check_fields, one_of, positive, within
 from prx.data.sources import DataConfig
 from prx.ema import EMAConfig
 from prx.errors import ConfigError
@@ -55,6 +55,14 @@ class ModelConfig:
     mlp_ratio: float = positive(3.5)  # GeGLU hidden size = mlp_ratio · hidden_dim
     rope_theta: float = positive(10000.0)
     text_dim: int | None = positive(None)  # set from the text encoder when the model is built
+    # LayerNorm eps of the blocks and the final layer: 1e-6 as diffusers' PRXTransformer2DModel. Runs saved
+    # before this option existed trained with 1e-5 and keep it (prx.checkpoint.migrate_saved_config).
+    norm_eps: float = within(1e-6, 0, 1, open_low=True, open_high=True, hint=": 1e-6 (new runs) or 1e-5")
+    # add an embedding of the image's (height, width) in pixels to the timestep vector (diffusers' `resolution_embeds`)
+    resolution_embeds: bool = False
+    # a diffusers PRX pixel checkpoint (a transformer/ or a whole pipeline directory) a new run starts from;
+    # shape fields not set in the config come from its config.json (prx.diffusers_io)
+    init_from: str | None = None
 
     def check(self, run=None) -> None:
         check(self.hidden_dim % self.num_heads == 0, f"model.hidden_dim={self.hidden_dim} is not divisible by "
@@ -400,6 +408,10 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | N
     data.setdefault("name", path.stem)
     for text in overrides or []:
         apply_override(data, text)
+    if isinstance(data.get("model"), dict) and data["model"].get("init_from"):
+        from prx.diffusers_io import fill_model_config  # shape fields not set here come from the checkpoint
+
+        data["model"] = fill_model_config(data["model"])
     return config_from_dict(data)
 
 

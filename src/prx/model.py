@@ -73,12 +73,19 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.flatten(-2).type_as(x)
 
 
-def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding of 1000·t (t in [0, 1])."""
+def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0, scale: float = 1000.0) -> Tensor:
+    """Sinusoidal embedding [cos, sin] of scale·t (t in [0, 1]), in diffusers' order of operations."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = 1000.0 * t.float()[:, None] * freqs[None]
+    args = scale * (t.float()[:, None] * freqs[None])
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def resolution_embedding(height: int, width: int, batch: int, device=None) -> Tensor:
+    """(B, 256): 128-wide sinusoids of the image height and width in pixels, as diffusers' PRXResolutionEmbedder."""
+    size = torch.tensor([float(height), float(width)], device=device)
+    h, w = timestep_embedding(size, 128, scale=1.0).expand(batch, -1, -1).unbind(1)
+    return torch.cat([h, w], dim=-1)
 
 
 def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
@@ -105,9 +112,10 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 class PRXBlock(nn.Module):
     """Image tokens attend to [text; image]; text tokens are read, never written."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, norm_eps: float = 1e-6):
         super().__init__()
         self.num_heads = num_heads
+        self.norm_eps = norm_eps
         self.head_dim = dim // num_heads
         mlp_dim = int(round(dim * mlp_ratio))
         self.modulation = nn.Linear(dim, 6 * dim)  # adaLN-zero: shift/scale/gate for attention and MLP
@@ -125,7 +133,7 @@ class PRXBlock(nn.Module):
         heads, hd = self.num_heads, self.head_dim
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(vec)[:, None].chunk(6, dim=-1)
 
-        h = modulate(F.layer_norm(x, (d,)), shift1, scale1)
+        h = modulate(F.layer_norm(x, (d,), eps=self.norm_eps), shift1, scale1)
         q, k, v = self.img_qkv(h).view(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
         q = apply_rope(self.q_norm(q), cos, sin)
         k = apply_rope(self.k_norm(k), cos, sin)
@@ -135,20 +143,21 @@ class PRXBlock(nn.Module):
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         x = x + gate1 * self.attn_out(attn.transpose(1, 2).reshape(b, n, d))
 
-        h = modulate(F.layer_norm(x, (d,)), shift2, scale2)
+        h = modulate(F.layer_norm(x, (d,), eps=self.norm_eps), shift2, scale2)
         gate, up = self.mlp_in(h).chunk(2, dim=-1)
         return x + gate2 * self.mlp_out(F.gelu(gate, approximate="tanh") * up)
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, dim: int, out_dim: int):
+    def __init__(self, dim: int, out_dim: int, norm_eps: float = 1e-6):
         super().__init__()
+        self.norm_eps = norm_eps
         self.modulation = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, out_dim)
 
     def forward(self, x: Tensor, vec: Tensor) -> Tensor:
         shift, scale = self.modulation(vec)[:, None].chunk(2, dim=-1)
-        return self.proj(modulate(F.layer_norm(x, (x.shape[-1],)), shift, scale))
+        return self.proj(modulate(F.layer_norm(x, (x.shape[-1],), eps=self.norm_eps), shift, scale))
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,8 +179,12 @@ class PRX(nn.Module):
         self.img_in = nn.Sequential(nn.Linear(patch_dim, config.bottleneck_dim), nn.Linear(config.bottleneck_dim, dim))
         self.txt_in = nn.Linear(config.text_dim, dim)
         self.time_in = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.blocks = nn.ModuleList(PRXBlock(dim, config.num_heads, config.mlp_ratio) for _ in range(config.num_layers))
-        self.final_layer = FinalLayer(dim, patch_dim)
+        # optional: the image's (height, width) embedded and added to the timestep vector
+        self.resolution_in = (nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
+                              if config.resolution_embeds else None)
+        eps = config.norm_eps
+        self.blocks = nn.ModuleList(PRXBlock(dim, config.num_heads, config.mlp_ratio, eps) for _ in range(config.num_layers))
+        self.final_layer = FinalLayer(dim, patch_dim, eps)
         self.activation_checkpointing = False  # recompute block activations in backward (set by the trainer)
         self.reset_parameters()
 
@@ -181,7 +194,7 @@ class PRX(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        for lin in self.time_in:
+        for lin in [*self.time_in, *(self.resolution_in or [])]:
             if isinstance(lin, nn.Linear):
                 nn.init.normal_(lin.weight, std=0.02)
         # adaLN-zero: every block starts as the identity, the output starts at exactly 0.
@@ -226,7 +239,10 @@ class PRX(nn.Module):
             capture_block = block_index(capture_block, num_layers)
 
         x = self.img_in(patchify(x_t, p))
-        vec = F.silu(self.time_in(timestep_embedding(t).to(x.dtype)))
+        vec = self.time_in(timestep_embedding(t).to(x.dtype))
+        if self.resolution_in is not None:
+            vec = vec + self.resolution_in(resolution_embedding(height, width, b, x.device).to(x.dtype))
+        vec = F.silu(vec)
         txt = self.txt_in(text_embeds.to(x.dtype))
         cos, sin = rope_2d(height // p, width // p, self.config.hidden_dim // self.config.num_heads,
                            self.config.rope_theta, device=x.device)

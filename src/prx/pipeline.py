@@ -57,7 +57,9 @@ class Pipeline:
             raise PrxError(f"{path} was not written by `prx export` (no prx_config metadata)")
         import yaml
 
-        config = config_from_dict(yaml.safe_load(meta["prx_config"]))
+        from prx.checkpoint import migrate_saved_config
+
+        config = config_from_dict(migrate_saved_config(yaml.safe_load(meta["prx_config"])))
         model = build_model(config.model)
         model.load_state_dict(load_file(str(path)))
         return cls._assemble(model, config, device, text_encoder)
@@ -154,7 +156,7 @@ class Pipeline:
             predict = guided_predictor(self.model, cond, self.empty_caption, guidance, guidance_scale, self_scale,
                                        interval, route, self.autocast)
             x = sample(predict, noise[start : start + batch_size].to(self.device), steps, sampler,
-                       self.config.sampling_shift, self.config.objective.t_clamp)
+                       self.config.sampling_shift, self.config.objective.t_clamp, s.schedule)
             out.append(to_uint8(x))
         return torch.cat(out)
 

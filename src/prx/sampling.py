@@ -36,6 +36,10 @@ class SamplingConfig:
     self_guidance_scale: float = at_least(3.5, 0)  # out = routed + w·(dense − routed); 1 disables
     guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only for t in [lo, hi]
     shift: float | None = positive(None)  # time shift of the sampling schedule; None = objective.shift
+    # diffusers: shift(linspace(1, shift(1/1000), N)) then 0, exactly diffusers' FlowMatchEulerDiscreteScheduler,
+    # so an exported run samples the same images in PRXPixelPipeline | linspace: shift(linspace(1, 0, N+1)), the
+    # reference code's (and prx's before the option; runs saved then keep it)
+    schedule: str = one_of("diffusers", "linspace")
     seed: int = 0
 
     def check(self, run) -> None:
@@ -46,11 +50,27 @@ class SamplingConfig:
               f"sampling.guidance={self.guidance} needs TREAD routing (tread.route_ratio > 0) for its routed pass")
 
 
-def sampling_schedule(steps: int, shift: float) -> Tensor:
-    """Times from 1 (noise) to 0 (clean), evenly spaced then shifted: (steps + 1,)."""
+def sampling_schedule(steps: int, shift: float, kind: str = "linspace") -> Tensor:
+    """Times from 1 (noise) to 0 (clean): (steps + 1,).
+
+    linspace:  shift(linspace(1, 0, steps + 1)), evenly spaced then shifted (the reference code's);
+    diffusers: shift(linspace(1, t_min, steps)) then 0, with t_min = shift(1/1000): the sigmas of diffusers'
+               FlowMatchEulerDiscreteScheduler(shift=shift) to the last float32 bit (its init shifts its
+               smallest training sigma, set_timesteps shifts again), so PRXPixelPipeline takes the same steps.
+    """
     import torch
 
-    return shift_time(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift).float()
+    if kind == "linspace":
+        return shift_time(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift).float()
+    if kind != "diffusers":
+        raise ValueError(f"unknown sampling schedule '{kind}': use 'diffusers' or 'linspace'")
+    import numpy as np
+
+    train_sigmas = torch.tensor([1.0, 1.0], dtype=torch.float32) / torch.tensor([1.0, 1000.0])  # float32, as diffusers
+    t_max, t_min = (shift * train_sigmas / (1 + (shift - 1) * train_sigmas)).tolist()
+    sigmas = np.linspace(t_max * 1000, t_min * 1000, steps) / 1000
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    return torch.cat([torch.from_numpy(sigmas).float(), torch.zeros(1)])
 
 
 def initial_noise(num_images: int, height: int, width: int, seed: int, noise_scale: float = 1.0) -> Tensor:
@@ -122,13 +142,15 @@ def sample(
     sampler: str = "euler",
     shift: float = 1.0,
     t_clamp: float = 0.05,
+    schedule: str = "linspace",
 ) -> Tensor:
-    """Integrate from noise (t = 1) to an image (t = 0), without gradients; returns x in about [-1, 1]."""
+    """Integrate from noise (t = 1) to an image (t = 0) over ``sampling_schedule(steps, shift, schedule)``,
+    without gradients; returns x in about [-1, 1]."""
     import torch
 
     if sampler not in ("euler", "heun"):
         raise ValueError(f"unknown sampler '{sampler}': use 'euler' or 'heun'")
-    times = sampling_schedule(steps, shift).to(noise.device)
+    times = sampling_schedule(steps, shift, schedule).to(noise.device)
     x = noise
     with torch.no_grad():
         for i in range(steps):

@@ -114,6 +114,12 @@ class Trainer:
             raise PrxError(f"the model takes {cfg.model.text_dim}-wide text tokens but text encoder '{cfg.text.encoder}' "
                            f"gives {self.text_encoder.dim}: set model.text_dim={self.text_encoder.dim} (or leave it unset)")
         self.model = (given["model"] or PRX(cfg.model)).to(self.device)
+        if cfg.model.init_from and self.resume_from is None:  # fine-tuning: a new run starts from diffusers weights
+            from prx.diffusers_io import load_init_weights
+
+            message = load_init_weights(self.model, cfg.model.init_from)
+            if self.dist.is_main:
+                self.log(message)
 
         # The recipe's tricks, each built from its own section; teachers load now, so a missing one fails before step 0.
         teacher_dtype = self.autocast or torch.float32
