@@ -286,13 +286,11 @@ def evaluate_real(pipeline, shards, metrics=tuple(METRICS), num_samples: int = 1
         if progress is not None:
             progress(done + 1, len(mine))
 
-    totals = torch.tensor([kept_count, sum(skipped.values())], dtype=torch.long)
+    per_rank = [(kept_count, dict(skipped))]
     if dist.is_initialized():
-        totals = totals.to(device if device.type == "cuda" else "cpu")
-        dist.all_reduce(totals)
-        gathered = [None] * world
-        dist.all_gather_object(gathered, dict(skipped))
-        skipped = sum((collections.Counter(g) for g in gathered), collections.Counter())
+        per_rank = [None] * world
+        dist.all_gather_object(per_rank, (kept_count, dict(skipped)))
+        skipped = sum((collections.Counter(bad) for _, bad in per_rank), collections.Counter())
     results: dict = {"metrics": {}, "warnings": []}
     for name, metric in made.items():  # every rank computes (the states are reduced across ranks)
         value = _plain(metric.compute())
@@ -308,8 +306,9 @@ def evaluate_real(pipeline, shards, metrics=tuple(METRICS), num_samples: int = 1
         results["warnings"].append(f"{sum(skipped.values())} of {len(heldout)} samples skipped: {dict(skipped)}")
     s = pipeline.config.sampling
     results["settings"] = {
-        "num_samples": len(heldout), "evaluated": int(totals[0]), "skipped": dict(skipped),
+        "num_samples": len(heldout), "evaluated": sum(n for n, _ in per_rank), "skipped": dict(skipped),
         "seed": seed, "resolution": size, "batch_size": batch_size, "world_size": world,
+        "samples_per_rank": [n for n, _ in per_rank],  # each generated (and compared) exactly once
         "data": [str(p) for p in heldout.paths], "caption_column": heldout.caption_columns[0],
         "real_images": f"resized (PIL bicubic) to cover {size}x{size}, centre-cropped; generated images alike",
         "sampling": {

@@ -25,13 +25,19 @@ IMAGINARY_TOLERANCE = 1e-3  # of the trace term; above it the square root is num
 def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> tuple[float, float]:
     """d² = ‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2·(Σ1Σ2)^½), in float64. Returns (d², imaginary share).
 
-    tr (Σ1Σ2)^½ is the sum of the square roots of the eigenvalues of Σ1Σ2. They are real and ≥ 0
-    in exact arithmetic; numerically (rank-deficient covariances: fewer samples than dimensions)
-    some come out slightly negative or complex. The real part is used; the imaginary share is
-    Σ|Im √λ| / Σ Re √λ and a warning is raised when it exceeds ``IMAGINARY_TOLERANCE``.
+    tr (Σ1Σ2)^½ is the sum of the square roots of the eigenvalues of Σ1Σ2, which are those of the
+    symmetric Σ1^½ Σ2 Σ1^½ (two symmetric eigendecompositions: faster and better conditioned than
+    a general one or scipy's sqrtm). They are ≥ 0 in exact arithmetic; numerically (rank-deficient
+    covariances: fewer samples than dimensions) some come out slightly negative, and their square
+    roots imaginary. The real part is used; the imaginary share Σ|Im √λ| / Σ Re √λ is returned,
+    and a warning is raised when it exceeds ``IMAGINARY_TOLERANCE``.
     """
     mu1, mu2, sigma1, sigma2 = (t.double() for t in (mu1, mu2, sigma1, sigma2))
-    roots = torch.linalg.eigvals(sigma1 @ sigma2).sqrt()
+    w, v = torch.linalg.eigh((sigma1 + sigma1.T) / 2)
+    root1 = (v * w.clamp_min(0).sqrt()) @ v.T  # Σ1^½ (Σ1 is positive semi-definite)
+    product = root1 @ sigma2 @ root1
+    eigenvalues = torch.linalg.eigvalsh((product + product.T) / 2)
+    roots = torch.complex(eigenvalues, torch.zeros_like(eigenvalues)).sqrt()
     trace_sqrt = roots.real.sum()
     imaginary = float(roots.imag.abs().sum() / trace_sqrt.abs().clamp_min(1e-12))
     if imaginary > IMAGINARY_TOLERANCE:
