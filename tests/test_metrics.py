@@ -106,6 +106,9 @@ def test_frechet_distance_equals_the_closed_form_for_gaussians():
     value, imaginary = frechet_distance(*(torch.from_numpy(x) for x in (mu1, s1, mu2, s2)))
     assert value == pytest.approx(_closed_form(mu1, s1, mu2, s2), rel=1e-10)
     assert imaginary < 1e-10
+    low_rank = s1[:, :2] @ s1[:2, :]  # singular Σ1 (fewer samples than dimensions): the other path
+    value, _ = frechet_distance(*(torch.from_numpy(x) for x in (mu1, low_rank, mu2, s2)))
+    assert value == pytest.approx(_closed_form(mu1, low_rank, mu2, s2), rel=1e-9)
     # diagonal covariances: Σ (√a − √b)²
     a, b = rng.random(d) + 0.5, rng.random(d) + 0.5
     diag, _ = frechet_distance(torch.zeros(d), torch.diag(torch.from_numpy(a)), torch.ones(d), torch.diag(torch.from_numpy(b)))

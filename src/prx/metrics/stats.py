@@ -26,16 +26,21 @@ def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -
     """d² = ‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2·(Σ1Σ2)^½), in float64. Returns (d², imaginary share).
 
     tr (Σ1Σ2)^½ is the sum of the square roots of the eigenvalues of Σ1Σ2, which are those of the
-    symmetric Σ1^½ Σ2 Σ1^½ (two symmetric eigendecompositions: faster and better conditioned than
-    a general one or scipy's sqrtm). They are ≥ 0 in exact arithmetic; numerically (rank-deficient
+    symmetric LᵀΣ2L (Σ1 = LLᵀ, Cholesky) or, when Σ1 is singular, Σ1^½ Σ2 Σ1^½: symmetric
+    eigenvalue problems, several times faster than a general eigendecomposition or scipy's sqrtm. They are ≥ 0 in exact arithmetic; numerically (rank-deficient
     covariances: fewer samples than dimensions) some come out slightly negative, and their square
     roots imaginary. The real part is used; the imaginary share Σ|Im √λ| / Σ Re √λ is returned,
     and a warning is raised when it exceeds ``IMAGINARY_TOLERANCE``.
     """
     mu1, mu2, sigma1, sigma2 = (t.double() for t in (mu1, mu2, sigma1, sigma2))
-    w, v = torch.linalg.eigh((sigma1 + sigma1.T) / 2)
-    root1 = (v * w.clamp_min(0).sqrt()) @ v.T  # Σ1^½ (Σ1 is positive semi-definite)
-    product = root1 @ sigma2 @ root1
+    sym1 = (sigma1 + sigma1.T) / 2
+    factor, info = torch.linalg.cholesky_ex(sym1)  # Σ1 = LLᵀ: eig(Σ1Σ2) = eig(LᵀΣ2L); needs Σ1 definite
+    if int(info) == 0:
+        product = factor.T @ sigma2 @ factor
+    else:  # rank-deficient (fewer samples than dimensions): Σ1^½ from its eigendecomposition
+        w, v = torch.linalg.eigh(sym1)
+        root1 = (v * w.clamp_min(0).sqrt()) @ v.T
+        product = root1 @ sigma2 @ root1
     eigenvalues = torch.linalg.eigvalsh((product + product.T) / 2)
     roots = torch.complex(eigenvalues, torch.zeros_like(eigenvalues)).sqrt()
     trace_sqrt = roots.real.sum()
