@@ -167,6 +167,11 @@ def build_extractors(metrics: list[str], inception_weights: str | None = None, c
     return {k: v.to(device) for k, v in out.items()}
 
 
+def check_sample_count(names: list[str], n: int) -> None:
+    if n < 2 and any(m in ("fid", "fd_dinov2") for m in names):
+        raise PrxError("FID and FD-DINOv2 need at least 2 samples (and thousands to mean much): raise --num-samples")
+
+
 def build_metrics(names: list[str], extractors: dict[str, Extractor], pipeline=None, seed: int = 0) -> dict:
     from prx.metrics.clip_score import CLIPScore
     from prx.metrics.cmmd import CMMD
@@ -195,7 +200,9 @@ def _plain(value):
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, torch.Tensor):
-        return int(value) if not value.is_floating_point() else float(value)
+        if not value.is_floating_point():
+            return int(value)
+        return float(value) if torch.isfinite(value) else None  # an empty bin: null in JSON, not NaN
     return value
 
 
@@ -236,7 +243,8 @@ def evaluate_real(pipeline, shards, metrics=tuple(METRICS), num_samples: int = 1
     started = time.monotonic()
     names = parse_metrics(list(metrics))
     sampling = dict(sampling or {})
-    heldout = heldout or HeldOutSet.open(shards, num_samples, seed, caption_column)
+    heldout = heldout if heldout is not None else HeldOutSet.open(shards, num_samples, seed, caption_column)
+    check_sample_count(names, len(heldout))
     size = int(resolution or pipeline.config.stages[-1].resolution)
     if size % pipeline.config.model.patch_size:
         raise PrxError(f"--resolution {size} is not a multiple of the model's patch size {pipeline.config.model.patch_size}")
@@ -331,9 +339,9 @@ def format_table(results: dict) -> str:
     lines = [header, "-" * len(header)]
     for name, r in results["metrics"].items():
         if name == "val_loss":
-            lines.append(f"{'val_loss (all t)':<28} {r['value']:>12.5f} {r['num_samples']:>9}")
-            for bin_name, b in r["bins"].items():
-                lines.append(f"{'val_loss ' + bin_name:<28} {b['value']:>12.5f} {b['n']:>9}")
+            for label, value, n in [("val_loss (all t)", r["value"], r["num_samples"])] + [
+                    ("val_loss " + bin_name, b["value"], b["n"]) for bin_name, b in r["bins"].items()]:
+                lines.append(f"{label:<28} {'—' if value is None else f'{value:.5f}':>12} {n:>9}")
             continue
         n = min(r.get("num_real", r.get("num_fake")), r.get("num_fake", r.get("num_real")))
         note = ""
@@ -364,6 +372,7 @@ def run_cli(args) -> int:
     if args.batch_size < 1:
         raise PrxError(f"--batch-size {args.batch_size} must be at least 1")
     heldout = HeldOutSet.open(args.data, args.num_samples, args.seed, args.caption_column)
+    check_sample_count(names, len(heldout))
     info = init_distributed(resolve_device(args.device))
     extractors = build_extractors(names, args.inception_weights, args.clip_model, args.dino_model, info.device)
     ckpt = find_checkpoint(args.checkpoint)
