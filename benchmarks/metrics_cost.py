@@ -22,6 +22,7 @@ share of a training hour at the reference's cadence.
 
 import argparse
 import time
+from dataclasses import replace
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -78,19 +79,18 @@ def main() -> None:
 
     # 1. Feature extraction ------------------------------------------------------------------
     images = torch.randint(0, 256, (args.batch_size, 3, args.resolution, args.resolution), dtype=torch.uint8, device=dev)
-    rows = {}
-    for kind in ("inception", "clip", "dinov2"):
+    def measure(kind: str) -> tuple[int, int, float]:
         extractor = full_size_random(kind).to(dev)
         per_image_flops = flops_of(lambda: extractor(images[:1]))
         seconds = timed(lambda: extractor(images), args.batches) / args.batch_size
-        rows[kind] = (extractor.preprocessing["size"], per_image_flops, seconds)
-        del extractor
+        return extractor.preprocessing["size"], per_image_flops, seconds
+
+    rows = {kind: measure(kind) for kind in ("inception", "clip", "dinov2")}  # one network in memory at a time
     text = clip_text_tower().to(dev)
     tokens = torch.randint(0, 49408, (args.batch_size, 77), device=dev)
     with torch.no_grad():
         text_flops = flops_of(lambda: text(input_ids=tokens[:1]))
         text_seconds = timed(lambda: text(input_ids=tokens), args.batches) / args.batch_size
-    del text
 
     print(f"\nfeature extraction, {args.batch_size}×{args.batches} image(s) timed per extractor on {dev} "
           f"(random {args.resolution}² uint8 inputs; a sample = 1 real + 1 generated image)")
@@ -127,8 +127,7 @@ def main() -> None:
 
     # 2. In-training eval as a share of training -----------------------------------------------
     cfg = load_config(args.config, [])
-    model_cfg = cfg.model if cfg.model.text_dim else __import__("dataclasses").replace(
-        cfg.model, text_dim=text_width(cfg.text.encoder) or 384)
+    model_cfg = cfg.model if cfg.model.text_dim else replace(cfg.model, text_dim=text_width(cfg.text.encoder) or 384)
     s = cfg.sampling
     steps = args.sampling_steps or s.steps
     guidance = args.guidance or s.guidance

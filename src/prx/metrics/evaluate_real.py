@@ -104,8 +104,9 @@ class HeldOutSet:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, positions: range, size: int, cache: "_GroupCache") -> tuple[list[np.ndarray], list[str], list[int], collections.Counter]:
-        """Images (size², uint8 HWC), captions and positions of the loadable samples among ``positions``."""
+    def load(self, positions: range, size: int, cache: "_GroupCache"):
+        """(images (size², uint8 HWC), captions, positions, skipped reasons) of the loadable samples
+        among ``positions``."""
         idx = self.index
         images, captions, kept, skipped = [], [], [], collections.Counter()
         columns = idx.read_columns(self.caption_columns)
@@ -245,6 +246,8 @@ def evaluate_real(pipeline, shards, metrics=tuple(METRICS), num_samples: int = 1
     sampling = dict(sampling or {})
     heldout = heldout if heldout is not None else HeldOutSet.open(shards, num_samples, seed, caption_column)
     check_sample_count(names, len(heldout))
+    if batch_size < 1:
+        raise PrxError(f"--batch-size {batch_size} must be at least 1")
     size = int(resolution or pipeline.config.stages[-1].resolution)
     if size % pipeline.config.model.patch_size:
         raise PrxError(f"--resolution {size} is not a multiple of the model's patch size {pipeline.config.model.patch_size}")
@@ -301,7 +304,10 @@ def evaluate_real(pipeline, shards, metrics=tuple(METRICS), num_samples: int = 1
         skipped = sum((collections.Counter(bad) for _, bad in per_rank), collections.Counter())
     results: dict = {"metrics": {}, "warnings": []}
     for name, metric in made.items():  # every rank computes (the states are reduced across ranks)
-        value = _plain(metric.compute())
+        try:
+            value = _plain(metric.compute())
+        except ValueError as e:  # e.g. fewer than 2 readable samples: the same on every rank
+            raise PrxError(f"{name}: {e} ({sum(n for n, _ in per_rank)} of {len(heldout)} samples were readable)") from None
         warning = metric.bias_warning(value["num_real"]) if hasattr(metric, "bias_warning") else None
         if warning:
             value["warning"] = warning
@@ -371,16 +377,16 @@ def run_cli(args) -> int:
     names = parse_metrics(args.metrics or ",".join(METRICS))
     if args.batch_size < 1:
         raise PrxError(f"--batch-size {args.batch_size} must be at least 1")
+    if args.resolution is not None and args.resolution < 1:
+        raise PrxError(f"--resolution {args.resolution} must be positive")
     heldout = HeldOutSet.open(args.data, args.num_samples, args.seed, args.caption_column)
     check_sample_count(names, len(heldout))
     info = init_distributed(resolve_device(args.device))
     extractors = build_extractors(names, args.inception_weights, args.clip_model, args.dino_model, info.device)
     ckpt = find_checkpoint(args.checkpoint)
     step = checkpoint_meta(ckpt)["step"]
-    out = Path(args.out) if args.out else ckpt.parent.parent / "eval" / f"step_{step:08d}" / "real"
-    if ckpt.parent.name != "checkpoints" and not args.out:
-        out = ckpt.parent / "eval" / f"step_{step:08d}" / "real"
-    out = make_writable_dir(out)
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent  # RUN/checkpoints/step_N
+    out = make_writable_dir(Path(args.out) if args.out else run_dir / "eval" / f"step_{step:08d}" / "real")
     pipe = Pipeline.from_checkpoint(ckpt, weights=args.weights, device=str(info.device))
     main = info.rank == 0
     if main:

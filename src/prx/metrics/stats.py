@@ -27,9 +27,9 @@ def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -
 
     tr (Σ1Σ2)^½ is the sum of the square roots of the eigenvalues of Σ1Σ2, which are those of the
     symmetric LᵀΣ2L (Σ1 = LLᵀ, Cholesky) or, when Σ1 is singular, Σ1^½ Σ2 Σ1^½: symmetric
-    eigenvalue problems, several times faster than a general eigendecomposition or scipy's sqrtm. They are ≥ 0 in exact arithmetic; numerically (rank-deficient
-    covariances: fewer samples than dimensions) some come out slightly negative, and their square
-    roots imaginary. The real part is used; the imaginary share Σ|Im √λ| / Σ Re √λ is returned,
+    eigenvalue problems, several times faster than a general eigendecomposition or scipy's sqrtm.
+    The eigenvalues are ≥ 0 in exact arithmetic; numerically (rank-deficient covariances: fewer
+    samples than dimensions) some come out slightly negative, and their square roots imaginary. The real part is used; the imaginary share Σ|Im √λ| / Σ Re √λ is returned,
     and a warning is raised when it exceeds ``IMAGINARY_TOLERANCE``.
     """
     mu1, mu2, sigma1, sigma2 = (t.double() for t in (mu1, mu2, sigma1, sigma2))
