@@ -95,6 +95,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from prx.pipeline import Pipeline
     from prx.runtime import make_writable_dir
 
+    if args.data:  # real data: FID, FD-DINOv2, CMMD, CLIP score, validation loss
+        from prx.metrics.evaluate_real import run_cli
+
+        return run_cli(args)
+    if args.metrics:
+        raise PrxError("--metrics needs --data (held-out shards); without --data, prx eval judges the shapes world")
     ckpt = find_checkpoint(args.checkpoint)
     step = checkpoint_meta(ckpt)["step"]
     out = Path(args.out) if args.out else _run_dir_of(ckpt) / "eval" / f"step_{step:08d}"
@@ -329,11 +335,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the shapes it trained on)")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("eval", help="judge prompt adherence on the shapes world",
+    p = sub.add_parser("eval", help="judge prompt adherence on the shapes world, or FID/CMMD/… on real data",
                        description="Sample the shapes world's held-in, held-out and multi-object prompts and judge "
-                                   "them from pixels: a table of per-attribute and all-correct accuracy, and JSON.")
+                                   "them from pixels: a table of per-attribute and all-correct accuracy, and JSON. "
+                                   "With --data, compare generated and held-out real images instead (FID, "
+                                   "FD-DINOv2, CMMD, CLIP score, validation loss by noise level).")
     _sampling_options(p)
     p.add_argument("--out", metavar="DIR", help="where results.json and sample grids go (default RUN/eval/step_N)")
+    from prx.metrics.cli_options import add_real_eval_options
+
+    add_real_eval_options(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="write a checkpoint's EMA weights as one safetensors file or a diffusers pipeline",

@@ -175,7 +175,7 @@ def stand_in_path(name: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):  # the same weights every time, and the caller's RNG untouched
         torch.manual_seed(0)
-        _write_atomically(path, lambda tmp: _create_stand_in(name, tmp))
+        write_atomically(path, lambda tmp: _create_stand_in(name, tmp))
     return path
 
 
@@ -192,16 +192,21 @@ def _create_stand_in(name: str, path: Path) -> None:
         model = tf.Dinov2WithRegistersModel(tf.Dinov2WithRegistersConfig(**shape))
     else:
         model = tf.DINOv3ViTModel(tf.DINOv3ViTConfig(**shape))
-    # what save_pretrained writes, from every process (under torch.distributed it writes on rank 0 only)
+    save_pretrained(model, path)
+
+
+def save_pretrained(model, directory: Path) -> None:
+    """What transformers' ``save_pretrained`` writes (config.json, model.safetensors), from every
+    process: under a running torch.distributed job its own method writes on rank 0 only."""
     from safetensors.torch import save_file
 
-    path.mkdir(parents=True)
-    model.config.save_pretrained(path)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"),
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(directory)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"),
               metadata={"format": "pt"})
 
 
-def _write_atomically(path: Path, write) -> None:
+def write_atomically(path: Path, write) -> None:
     """Write to a private temporary name, then rename into place; when another process (a rank of
     the same job) got there first, keep its copy: both are the same weights."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")

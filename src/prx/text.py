@@ -173,20 +173,27 @@ class TextEncoder:
         self.encoded_count += len(captions)
         return [hidden[i, : max(int(n), 1)].float().cpu() for i, n in enumerate(lengths)]
 
-    def encode(self, captions: list[str]) -> TextBatch:
-        """Token embeddings (B, L, D) and mask (B, L); L is the longest caption rounded up to 8."""
+    def encode(self, captions: list[str], cache: bool = True) -> TextBatch:
+        """Token embeddings (B, L, D) and mask (B, L); L is the longest caption rounded up to 8.
+
+        ``cache=False`` encodes the captions together, now: an embedding then depends only on this
+        batch (the cache returns whatever batch a caption first came in; padding moves the last bits).
+        """
         import torch
 
-        missing = list(dict.fromkeys(c for c in captions if c not in self._cache))
-        if missing:
-            for caption, emb in zip(missing, self._encode_uncached(missing)):
-                self._cache[caption] = emb
-        encodings = []
-        for caption in captions:
-            self._cache.move_to_end(caption)
-            encodings.append(self._cache[caption])
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        if cache:
+            missing = list(dict.fromkeys(c for c in captions if c not in self._cache))
+            if missing:
+                for caption, emb in zip(missing, self._encode_uncached(missing)):
+                    self._cache[caption] = emb
+            encodings = []
+            for caption in captions:
+                self._cache.move_to_end(caption)
+                encodings.append(self._cache[caption])
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        else:
+            encodings = self._encode_uncached(captions)
         longest = max(e.shape[0] for e in encodings)
         length = min(-(-longest // 8) * 8, max(self.max_length, longest))
         embeds = torch.zeros(len(captions), length, self.dim)
