@@ -70,8 +70,9 @@ def test_full_recipe_under_fsdp_matches_one_process(single_process_runs, tmp_pat
 def test_muon_orthogonalises_the_full_matrix_under_fsdp():
     result = run([*TORCHRUN, str(Path(__file__).parent / "dist" / "muon_fsdp.py")])
     report = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
-    assert report["vs_full"] < 0.05  # the same update as one process, up to bf16 rounding
-    assert report["vs_per_shard"] > 0.3  # and not shard-wise orthogonalisation
+    assert report["bf16"]["vs_full"] < 0.05  # the same update as one process, up to bf16 rounding
+    assert report["fp32"]["vs_full"] < 1e-4  # and in fp32 (CPUs without fast bf16), up to reduction order
+    assert report["bf16"]["vs_per_shard"] > 0.3 and report["fp32"]["vs_per_shard"] > 0.3  # not shard by shard
 
 
 def test_kill_9_then_the_same_command_reproduces_the_run(tmp_path):

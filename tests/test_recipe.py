@@ -227,6 +227,31 @@ def test_muon_update_is_nearly_orthogonal_with_adam_rms():
     assert singular.min() > 0.5 and singular.max() < 1.5  # quintic Newton–Schulz: ≈ U·Vᵀ
 
 
+def test_muon_in_fp32_gives_torchs_bf16_update_within_bf16_tolerance():
+    """CPUs without fast bf16 orthogonalise in fp32 (prx.muon); elsewhere torch's own bf16 step runs."""
+    from prx.muon import Muon, fast_newton_schulz_dtype
+
+    assert fast_newton_schulz_dtype("cpu") in (torch.float32, torch.bfloat16)  # measured on this machine
+    assert fast_newton_schulz_dtype("cuda") == torch.bfloat16
+    torch.manual_seed(0)
+    for shape in ((64, 192), (192, 64)):
+        start = torch.randn(*shape) * 0.02
+        updates = {}
+        for name, make in (("torch", lambda p: torch.optim.Muon([p], **options)),
+                           ("fp32", lambda p: Muon([p], ns_dtype=torch.float32, **options)),
+                           ("bf16", lambda p: Muon([p], ns_dtype=torch.bfloat16, **options))):
+            options = dict(lr=1.0, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
+            p = torch.nn.Parameter(start.clone())
+            opt = make(p)
+            for step in range(2):  # the second step goes through the momentum buffer
+                p.grad = torch.randn(*shape, generator=torch.Generator().manual_seed(step))
+                opt.step()
+            updates[name] = p.detach() - start
+        assert torch.equal(updates["bf16"], updates["torch"])  # bf16: torch's own code path
+        rel = (updates["fp32"] - updates["torch"]).norm() / updates["torch"].norm()
+        assert rel < 0.03, rel  # the same update up to bf16 rounding
+
+
 def test_seed_param_groups_and_their_errors():
     model = tiny_model()
     groups = [

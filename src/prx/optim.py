@@ -88,7 +88,7 @@ class MultiOptimizer:
 
 
 def _muon(group: dict[str, Any]):
-    import torch
+    from prx.muon import Muon  # torch.optim.Muon, orthogonalising in fp32 on CPUs without fast bf16
 
     params = list(group["params"])
     bad = [tuple(p.shape) for p in params if p.ndim != 2]
@@ -101,7 +101,7 @@ def _muon(group: dict[str, Any]):
     )
     if "ns_coefficients" in group:
         kwargs["ns_coefficients"] = tuple(group["ns_coefficients"])
-    return torch.optim.Muon(params, **kwargs)
+    return Muon(params, **kwargs)
 
 
 def _adam(groups: list[dict[str, Any]]):

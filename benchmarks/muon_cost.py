@@ -1,0 +1,84 @@
+"""What one Muon + Adam optimizer step costs against what its Newton–Schulz FLOPs predict.
+
+For a model preset: the Muon matrices' Newton–Schulz FLOPs (``prx.flops.newton_schulz_flops``), the
+rate this machine reaches in fp32 and in bf16 on exactly those matmuls (the iteration itself, timed
+alone), the prediction (FLOPs ÷ the faster rate), and the measured optimizer step, side by side in
+one run: torch.optim.Muon (bf16 always), prx's Muon in the dtype it picks for this CPU, and AdamW.
+
+    python benchmarks/muon_cost.py --preset demo --patch-size 16     # the 9.4M-parameter demo model
+    python benchmarks/muon_cost.py --preset seed --repeats 2          # the 576M seed model (slow on CPU)
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from common import add_model_args, build_bench_model
+from prx.flops import newton_schulz_flops
+from prx.muon import fast_newton_schulz_dtype, newton_schulz
+from prx.optim import build_optimizer
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(ap)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg, model = build_bench_model(args)
+    shapes = [tuple(p.shape) for p in model.muon_params]
+    flops = newton_schulz_flops(shapes, 5)
+    grads = [torch.randn(s) for s in shapes]
+
+    def iteration(dtype):
+        return lambda: [newton_schulz(g, (3.4445, -4.7750, 2.0315), 5, 1e-7, dtype) for g in grads]
+
+    rate = {name: flops / median_seconds(iteration(dtype), args.repeats)
+            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    best = max(rate, key=rate.get)
+    predicted = flops / rate[best]
+
+    def optimizer_step(kind: str):
+        params = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]
+        matrices = {id(p) for p in model.muon_params}
+        muon = [q for p, q in zip(model.parameters(), params) if id(p) in matrices]
+        rest = [q for p, q in zip(model.parameters(), params) if id(p) not in matrices]
+        if kind == "adamw":
+            opt = build_optimizer([{"params": params, "optimizer": "adam"}])
+        else:
+            opt = build_optimizer([{"params": muon, "optimizer": "muon"}, {"params": rest, "optimizer": "adam"}])
+            if kind == "torch-bf16":
+                opt.optimizers[0].ns_dtype = torch.bfloat16  # torch.optim.Muon's own step
+        for q in params:
+            q.grad = torch.randn_like(q)
+        return median_seconds(opt.step, args.repeats), getattr(opt.optimizers[0], "ns_dtype", None)
+
+    picked = fast_newton_schulz_dtype("cpu")
+    print(f"{args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {len(shapes)} Muon "
+          f"matrices, Newton–Schulz {flops / 1e9:.2f} GFLOP per step; {torch.get_num_threads()} threads")
+    print(f"matmul rate on these matrices: fp32 {rate['fp32'] / 1e9:.1f} GFLOP/s, bf16 {rate['bf16'] / 1e9:.1f} "
+          f"GFLOP/s → predicted {predicted:.3f} s per step ({best}); prx picks {str(picked).replace('torch.', '')}")
+    for kind in ("prx", "torch-bf16", "adamw"):
+        seconds, dtype = optimizer_step(kind)
+        label = {"prx": f"prx Muon ({str(dtype).replace('torch.', '')}) + Adam",
+                 "torch-bf16": "torch.optim.Muon (bf16) + Adam", "adamw": "AdamW, all parameters"}[kind]
+        ratio = f"  {seconds / predicted:5.2f}× the prediction" if kind != "adamw" else ""
+        print(f"  {label:<34} {seconds:8.3f} s{ratio}")
+
+
+if __name__ == "__main__":
+    main()
