@@ -19,6 +19,9 @@ def test_demo_loads_with_overrides_and_types():
     assert cfg.train.batch_size == 32 and isinstance(cfg.train.batch_size, int)
     assert cfg.optimizer.lr == pytest.approx(3e-4) and isinstance(cfg.optimizer.lr, float)
     assert cfg.sampling.guidance_interval == [0.1, 0.9]
+    # YAML 1.1 reads unquoted on/off as booleans: a string key takes them back
+    assert load_config("demo", ["train.compile=off"]).train.compile == "off"
+    assert load_config("demo", ["train.compile=on"]).train.compile == "on"
     # the no-argument default is the demo
     assert load_config(None).to_dict() == load_config("demo").to_dict()
 

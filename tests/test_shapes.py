@@ -93,3 +93,22 @@ def test_eval_sets():
     assert all(len(s.objects) == 2 for s in sets["two_objects"]) and all(len(s.objects) == 3 for s in sets["three_objects"])
     assert all(not set(s.combos) & HELD_OUT for s in sets["two_objects"] + sets["three_objects"])
     assert any(s.relation for s in sets["two_objects"])
+
+
+def test_diversity_of_the_worlds_own_renders_is_one_and_of_a_collapsed_model_zero():
+    from prx.data.shapes import FACTORS, eval_prompt_sets, make_scene, render, scene_factors, world_factors
+    from prx.evaluate import diversity
+
+    specs = eval_prompt_sets()["single_held_in"]
+    world = world_factors(specs, 64, seed=0)
+    assert len(world) == 4 * len(specs)  # the judge finds every rendered object
+    spread = world.std(0)
+    assert abs(spread[0] - 0.06 / 12**0.5) < 0.004 and abs(spread[1] - 0.04 / 12**0.5) < 0.002  # U(.20,.26), U(±.02)
+    assert abs(spread[3] - 6.05) < 0.6  # U{225..245}
+    same = diversity(world_factors(specs, 64, seed=1), world)  # other draws of the world itself
+    assert all(0.9 < same["spread"][f] < 1.1 for f in FACTORS) and same["fd"] < 0.05
+    # a "model" that always draws the same scene for a prompt: no spread left, far from the world
+    rows = [row for i, spec in enumerate(specs)
+            for row in scene_factors(render(make_scene(spec, np.random.default_rng(7)), 64), spec) * 4]
+    collapsed = diversity(np.array(rows), world)
+    assert collapsed["spread"]["background"] == 0 and collapsed["fd"] > 1

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -56,3 +58,20 @@ def test_lr_schedule_warmup_stable_decay():
     assert lr_scale(79, 100, wsd) == 1.0
     assert lr_scale(89, 100, wsd) == pytest.approx(1.0 - 0.9 * 10 / 20)
     assert lr_scale(99, 100, wsd) == pytest.approx(0.1)  # the last step uses the floor
+
+
+def test_a_time_budget_sets_the_step_count_the_schedule_ends_with_it_and_resume_keeps_it(tmp_path):
+    from prx.checkpoint import checkpoint_meta
+
+    overrides = ("train.steps=100000", "train.time_budget_minutes=0.08", "optimizer.decay_fraction=0.5",
+                 "train.checkpoint_every=100000", "logging.log_every=1")
+    trainer = Trainer(tiny_config(*overrides), tmp_path / "run")
+    trainer.run()
+    planned = trainer.planned_steps
+    assert 40 <= planned < 100000 and trainer.step == planned == trainer.config.train.steps
+    assert checkpoint_meta(tmp_path / "run")["planned_steps"] == planned
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12) and max(lrs) == pytest.approx(1e-3)  # decayed to the end
+    again = Trainer(tiny_config(*overrides), tmp_path / "run")  # the same command: already complete
+    again.run()
+    assert again.step == planned and again.config.train.steps == planned

@@ -188,12 +188,12 @@ def checkpoint_meta(path: str | Path) -> dict:
     return json.loads((find_checkpoint(path) / "meta.json").read_text())
 
 
-def _finalize(root: Path, tmp: Path, step: int, config: Config, keep: int) -> Path:
+def _finalize(root: Path, tmp: Path, step: int, config: Config, keep: int, meta: dict) -> Path:
     """Make a fully written checkpoint visible: metadata, rename into place, switch `latest`, prune."""
     name = step_dir_name(step)
     final = root / name
     config.save(tmp / "config.yaml")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time()}))
+    (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time(), **meta}))
     if final.exists():  # the same step written again (e.g. after a resume): replace it
         trash = root / f".old_{name}"
         shutil.rmtree(trash, ignore_errors=True)
@@ -227,7 +227,7 @@ class CheckpointWriter:
         self.info = info or DistInfo()
         self.keep = keep
         self.asynchronous = asynchronous
-        self.pending = None  # (future, tmp, step, config)
+        self.pending = None  # (future, tmp, step, config, meta)
         self.last: Path | None = None
         self.group = None
         if not self.info.enabled:
@@ -240,7 +240,8 @@ class CheckpointWriter:
             # the background writer's collectives must not interleave with training's: a group of its own
             self.group = dist.new_group(backend="gloo")
 
-    def save(self, step: int, state: dict, config: Config) -> Path | None:
+    def save(self, step: int, state: dict, config: Config, meta: dict | None = None) -> Path | None:
+        """Write ``state`` as checkpoint ``step``; ``meta`` (JSON) goes into its meta.json."""
         from prx.distributed import barrier
 
         self.wait()
@@ -253,18 +254,18 @@ class CheckpointWriter:
         single = not self.info.enabled  # one process: no collectives (and no warning that there are none)
         if self.asynchronous:
             response = dcp.async_save(state, checkpoint_id=tmp, process_group=self.group, no_dist=single)
-            self.pending = (getattr(response, "upload_completion", response), tmp, step, config)
+            self.pending = (getattr(response, "upload_completion", response), tmp, step, config, meta or {})
             return None
         dcp.save(state, checkpoint_id=tmp, no_dist=single)
-        return self._finish(tmp, step, config)
+        return self._finish(tmp, step, config, meta or {})
 
-    def _finish(self, tmp: Path, step: int, config: Config) -> Path:
+    def _finish(self, tmp: Path, step: int, config: Config, meta: dict) -> Path:
         from prx.distributed import barrier
 
         barrier(self.info)  # every rank's shards are on disk
         final = self.root / step_dir_name(step)
         if self.info.is_main:
-            _finalize(self.root, tmp, step, config, self.keep)
+            _finalize(self.root, tmp, step, config, self.keep, meta)
         barrier(self.info)
         self.last = final
         return final
@@ -275,7 +276,7 @@ class CheckpointWriter:
 
         if self.pending is None:
             return None
-        future, tmp, step, config = self.pending
+        future = self.pending[0]
         if not all_agree(future.done(), self.info):
             return None
         return self.wait()
@@ -283,10 +284,10 @@ class CheckpointWriter:
     def wait(self) -> Path | None:
         if self.pending is None:
             return None
-        future, tmp, step, config = self.pending
+        future, tmp, step, config, meta = self.pending
         self.pending = None
         future.result()
-        return self._finish(tmp, step, config)
+        return self._finish(tmp, step, config, meta)
 
 
 def load_checkpoint(path: str | Path, state: dict) -> Path:

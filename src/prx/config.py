@@ -133,11 +133,16 @@ class TrainConfig:
     checkpoint_every: int = at_least(1000, 1)
     keep_checkpoints: int = at_least(2, 1)
     time_limit_minutes: float = at_least(0.0, 0)  # stop (with a checkpoint) after this long; 0 = no limit
+    # train for about this long: after a short calibration the measured step rate sets the step count
+    # (at most train.steps), so the LR schedule's decay ends with the budget; 0 = exactly train.steps
+    time_budget_minutes: float = at_least(0.0, 0)
     max_bad_steps: int = at_least(20, 0)  # non-finite losses tolerated (skipped) before the run stops
 
     def check(self, run) -> None:
         check(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
               f"train.device must be auto, cpu, cuda or cuda:N, got '{self.device}'")
+        check(not (self.time_budget_minutes and self.stages), "train.time_budget_minutes sets the step count of a "
+              "single-stage run: drop train.stages or set the stages' steps yourself")
 
 
 @dataclass
@@ -271,7 +276,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted on/off (train.compile=off) as a boolean
+            return "on" if value else "off"
+        if isinstance(value, (int, float)):
             return str(value)
         raise ConfigError(f"{key} must be a string, got {value!r}")
     raise TypeError(f"unsupported annotation {tp} for {key}")

@@ -67,6 +67,14 @@ def all_agree(flag: bool, info: DistInfo) -> bool:
     return bool(t.item() > 0.5)
 
 
+def min_across_ranks(value: int, info: DistInfo) -> int:
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=info.device if info.device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def mean_across_ranks(values: dict[str, float], info: DistInfo) -> dict[str, float]:
     if not info.enabled or not values:
         return values

@@ -1,8 +1,11 @@
-"""Prompt adherence on the shapes world, judged from pixels by the exact judge.
+"""Prompt adherence and diversity on the shapes world, judged from pixels by the exact judge.
 
 Samples the held-in single-object prompts, the held-out colour–shape–position combinations
 (never rendered in training), and two- and three-object prompts; reports per-attribute and
-all-correct accuracy for each set.
+all-correct accuracy for each set, and how much of the world's own random spread (object size,
+centre offset, background grey) the generated images keep: per-factor ratios of standard
+deviations and a Fréchet distance between the factor distributions in units of the world's spread
+(0 = the world's distribution) — an exact, offline analogue of FID for this world.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from prx.data.shapes import canonical_caption, eval_prompt_sets, judge
+from prx.data.shapes import FACTORS, canonical_caption, eval_prompt_sets, judge, scene_factors, world_factors
 from prx.errors import PrxError
 from prx.images import save_grid
 from prx.pipeline import Pipeline
@@ -50,6 +54,8 @@ def evaluate(
                                seed=seed + 100_000 * offset, batch_size=batch_size, guidance=guidance,
                                self_guidance_scale=self_guidance_scale).numpy()
         verdicts = [judge(img, spec) for img, spec in zip(images, specs)]
+        generated = np.array([row for img, spec in zip(images, specs) for row in scene_factors(img, spec)],
+                             dtype=np.float64).reshape(-1, len(FACTORS))
         results["sets"][name] = {
             "n": len(specs),
             "color": float(np.mean([v.color for v in verdicts])),
@@ -58,6 +64,7 @@ def evaluate(
             "count": float(np.mean([v.count for v in verdicts])),
             "all_correct": float(np.mean([v.correct for v in verdicts])),
             "failures": [p for p, v in zip(prompts, verdicts) if not v.correct][:20],
+            "diversity": diversity(generated, world_factors(specs, res, seed=seed + offset)),
         }
         if out_dir is not None:
             out = Path(out_dir)
@@ -80,6 +87,23 @@ def evaluate(
     return results
 
 
+def diversity(generated: np.ndarray, world: np.ndarray) -> dict:
+    """Per factor, the generated images' standard deviation over the world's (1 = as varied as the
+    world, 0 = collapsed), and the Fréchet distance of the two factor distributions with each factor
+    in units of the world's standard deviation. Rows: one per correctly drawn object."""
+    from prx.metrics.stats import frechet_distance
+
+    out = {"objects": int(len(generated))}
+    if len(generated) < 2 or len(world) < 2:
+        return {**out, "spread": {f: None for f in FACTORS}, "fd": None}
+    scale = world.std(0).clip(min=1e-9)
+    out["spread"] = {f: float(g / w) for f, g, w in zip(FACTORS, generated.std(0), world.std(0))}
+    g, w = torch.from_numpy(generated / scale), torch.from_numpy(world / scale)
+    fd, _ = frechet_distance(g.mean(0), torch.cov(g.T), w.mean(0), torch.cov(w.T))
+    out["fd"] = max(fd, 0.0)
+    return out
+
+
 def format_table(results: dict) -> str:
     header = f"{'prompt set':<16} {'n':>4} {'colour':>7} {'shape':>7} {'position':>9} {'count':>7} {'all-correct':>12}"
     lines = [header, "-" * len(header)]
@@ -88,6 +112,13 @@ def format_table(results: dict) -> str:
             f"{name:<16} {r['n']:>4} {r['color']:>7.1%} {r['shape']:>7.1%} {r['position']:>9.1%} "
             f"{r['count']:>7.1%} {r['all_correct']:>12.1%}"
         )
+    header = f"{'diversity':<16} {'objects':>7} " + " ".join(f"{f:>10}" for f in FACTORS) + f" {'FD':>8}"
+    lines += ["", header + "   (generated spread / the world's; FD 0 = the world's distribution)", "-" * len(header)]
+    for name, r in results["sets"].items():
+        d = r["diversity"]
+        spread = " ".join(f"{d['spread'][f]:>10.2f}" if d["spread"][f] is not None else f"{'—':>10}" for f in FACTORS)
+        lines.append(f"{name:<16} {d['objects']:>7} {spread} {d['fd']:>8.2f}" if d["fd"] is not None
+                     else f"{name:<16} {d['objects']:>7} {spread} {'—':>8}")
     return "\n".join(lines)
 
 

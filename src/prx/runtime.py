@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -100,3 +101,30 @@ class StopSignals:
         for name, handler in self._previous.items():
             signal.signal(getattr(signal, name), handler)
         self._previous.clear()
+
+
+class TimeBudget:
+    """``train.time_budget_minutes``: train for about that long. The first ``SKIP`` steps of a
+    process (compilation, caches) are not timed; the next ``MEASURE`` give the step rate, and the
+    steps that fit the rest of the budget become the run's step count (at most ``train.steps``),
+    so the LR schedule, whose decay covers the last part of the run, ends with the budget. The
+    count is printed and kept in every checkpoint: ``train.time_budget_minutes=0 train.steps=N``
+    trains exactly the same run again."""
+
+    SKIP, MEASURE = 10, 30
+
+    def __init__(self, minutes: float, first_step: int):
+        self.seconds, self.first_step = minutes * 60, first_step
+        self.started = time.monotonic()
+        self.window_start: float | None = None
+
+    def plan(self, step: int) -> int | None:
+        """Call after each step (``step`` steps done); the run's step count once it is known, else None."""
+        done = step - self.first_step
+        if done == self.SKIP:
+            self.window_start = time.monotonic()
+        if done == self.SKIP + self.MEASURE and self.window_start is not None:
+            rate = self.MEASURE / (time.monotonic() - self.window_start)
+            left = self.seconds - (time.monotonic() - self.started)
+            return step + max(0, int(left * rate))
+        return None

@@ -24,10 +24,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prx.checkpoint import CheckpointWriter, checkpoint_to_resume, restore_training_state, step_of, training_state
+from prx.checkpoint import (CheckpointWriter, checkpoint_meta, checkpoint_to_resume, restore_training_state, step_of,
+                            training_state)
 from prx.config import Config, StageConfig
 from prx.data.sources import build_source
-from prx.distributed import all_agree, full_value, init_distributed, mean_across_ranks, parallelize, reshard
+from prx.distributed import (all_agree, full_value, init_distributed, mean_across_ranks, min_across_ranks, parallelize,
+                             reshard)
 from prx.ema import EMA
 from prx.errors import ConfigError, PrxError, TrainingError
 from prx.flow import add_noise, flow_loss, sample_noise, sample_timesteps, step_seed
@@ -38,7 +40,7 @@ from prx.optim import MultiOptimizer, build_optimizer, lr_scale, param_groups_fr
 from prx.perceptual import PerceptualLoss
 from prx.pipeline import Pipeline
 from prx.repa import REPAAlignment
-from prx.runtime import StopSignals, autocast_dtype, resolve_device, set_threads
+from prx.runtime import StopSignals, TimeBudget, autocast_dtype, resolve_device, set_threads
 from prx.seed_api import config_from_components, groups_after_sharding
 from prx.text import TextBatch, TextEncoder
 from prx.tread import TREADRouter
@@ -150,8 +152,12 @@ class Trainer:
         self.checkpoints = CheckpointWriter(self.run_dir, self.dist, cfg.train.keep_checkpoints,
                                             cfg.train.async_checkpoint)
         self.step = self.bad_steps = 0
+        self.planned_steps = None  # the step count a time budget chose (kept in checkpoints' meta.json)
         if self.resume_from is not None:
             restore_training_state(self, self.resume_from)
+            self.planned_steps = checkpoint_meta(self.resume_from).get("planned_steps")
+            if self.planned_steps and cfg.train.time_budget_minutes:
+                cfg.train.steps = self.planned_steps
         if self.dist.is_main:
             cfg.save(self.run_dir / "config.yaml")
 
@@ -283,6 +289,8 @@ class Trainer:
         if self.step >= total:
             return self._finish("already complete")
         started, stage_index = time.monotonic(), None
+        budget = (TimeBudget(cfg.train.time_budget_minutes, self.step)
+                  if cfg.train.time_budget_minutes and not self.planned_steps else None)
         window_start, window_steps = time.monotonic(), 0
         try:
             with self.signals:
@@ -294,6 +302,9 @@ class Trainer:
                     result = self.train_step(self.step)
                     self.step += 1
                     self.logger.bar.update(1)
+                    if budget is not None and (steps := budget.plan(self.step)) is not None:
+                        total = self._plan_steps(steps)
+                        budget = None
                     window_steps += 1
                     if not result.skipped:
                         self.logger.add({"total": result.loss, **result.losses})
@@ -322,6 +333,15 @@ class Trainer:
         finally:
             self.logger.close()
 
+    def _plan_steps(self, steps: int) -> int:
+        """A time budget chose ``steps`` (ranks take the smallest); it becomes the run's step count."""
+        cfg = self.config
+        self.planned_steps = cfg.train.steps = max(self.step, min(cfg.train.steps, min_across_ranks(steps, self.dist)))
+        self.logger.bar.total = cfg.total_steps
+        self.logger.line(f"time budget of {cfg.train.time_budget_minutes:g} min: {cfg.total_steps} steps in all (the LR "
+                         f"schedule ends there; train.time_budget_minutes=0 train.steps={cfg.total_steps} repeats it)")
+        return cfg.total_steps
+
     def _log_scalars(self, result: StepResult, stage: StageConfig, index: int, steps_per_s: float) -> None:
         means = mean_across_ranks(self.logger.take_window(), self.dist)
         self.logger.bar.set_postfix(loss=f"{means.get('total', float('nan')):.4f}", lr=f"{result.lr:.1e}", refresh=False)
@@ -338,7 +358,8 @@ class Trainer:
         return self.signals.exit_code if self.stop_reason and self.stop_reason.startswith("stopped by") else 0
 
     def save(self, wait: bool = False) -> Path | None:
-        path = self.checkpoints.save(self.step, training_state(self), self.config)
+        meta = {"planned_steps": self.planned_steps} if self.planned_steps else None
+        path = self.checkpoints.save(self.step, training_state(self), self.config, meta)
         return self.checkpoints.wait() if wait and path is None else path
 
     def sample_grid(self) -> Path | None:

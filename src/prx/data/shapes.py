@@ -303,6 +303,10 @@ class Blob:
     cy: float
     area: int
     iou: float
+    width: float = 0.0  # bounding box size and centre, in image fractions
+    height: float = 0.0
+    box_cx: float = 0.0
+    box_cy: float = 0.0
 
 
 def hue_degrees(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -373,7 +377,9 @@ def detect(image: np.ndarray) -> list[Blob]:
             aspect = bw / bh
             if iou < MIN_IOU or not (ASPECT_LIMITS[0] <= aspect <= ASPECT_LIMITS[1]):
                 shape = None
-            blobs.append(Blob(color, shape, position_of(cx, cy), cx, cy, area, iou))
+            box_cx, box_cy = (box[1].start + bw / 2) / width, (box[0].start + bh / 2) / height
+            blobs.append(Blob(color, shape, position_of(cx, cy), cx, cy, area, iou, bw / width, bh / height,
+                              box_cx, box_cy))
     return sorted(blobs, key=lambda b: -b.area)
 
 
@@ -433,6 +439,43 @@ def judge(image: np.ndarray, spec: SceneSpec) -> Verdict:
                 break
     n = len(objs)
     return Verdict(color_ok / n, shape_ok / n, position_ok / n, count, correct, blobs)
+
+
+# --------------------------------------------------------------------------------------------
+# Diversity: how much the factors the world varies at random vary in generated images
+# --------------------------------------------------------------------------------------------
+
+FACTORS = ("size", "dx", "dy", "background")  # object side, centre offset from its position, background grey
+
+
+def scene_factors(image: np.ndarray, spec: SceneSpec) -> list[tuple[float, float, float, float]]:
+    """One (size, dx, dy, background) row per prompt object found with its colour and shape at its
+    place: size is the bounding box side (image fractions), (dx, dy) the centroid's offset from the
+    position's centre, background the median grey of the unsaturated pixels (0–255). The world draws
+    size ~ U(0.20, 0.26), offsets ~ U(−0.02, 0.02), background ~ U{225..245} per scene."""
+    blobs = detect(image)
+    _, chroma = hue_degrees(image)
+    plain = image[chroma <= CHROMA_THRESHOLD / 2]
+    background = float(np.median(plain.mean(-1))) if len(plain) else float("nan")
+    rows = []
+    for o in spec.objects:
+        found = [b for b in blobs if b.color == o.color and b.shape == o.shape and b.position == o.position]
+        if found:
+            b = found[0]  # the largest
+            cx, cy = POSITION_CENTERS[o.position]
+            rows.append((float(np.sqrt(b.width * b.height)), b.box_cx - cx, b.box_cy - cy, background))
+    return rows
+
+
+def world_factors(specs: list[SceneSpec], resolution: int, repeats: int = 4, seed: int = 0) -> np.ndarray:
+    """The factors of the world's own renders of ``specs`` (each ``repeats`` times), measured by
+    :func:`scene_factors` like generated images, so the measurement's own error cancels out."""
+    rows = []
+    for i, spec in enumerate(specs):
+        for r in range(repeats):
+            scene = make_scene(spec, np.random.default_rng([seed, i, r]))
+            rows += scene_factors(render(scene, resolution), spec)
+    return np.array(rows, dtype=np.float64).reshape(-1, len(FACTORS))
 
 
 def write_shards(out_dir, count: int, resolution: int = 64, seed: int = 0, split: str = "train",

@@ -1,0 +1,91 @@
+"""The demo's training step on this CPU, variant by variant, measured side by side in one run.
+
+Every variant is the trainer's own step (``prx bench``'s timer) on the demo config; the variants
+run in turns, round after round, so a busy moment of the machine hits all of them alike, and the
+table gives each one's median step time and its speed-up over the baseline. Captions are encoded
+before the timed steps for every variant except ``online text`` (what a run pays while its caption
+cache fills), so the other rows measure the model's step.
+
+    python benchmarks/demo_speed.py                      # all variants, 3 rounds of 8 steps
+    python benchmarks/demo_speed.py --rounds 5 --steps 10
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from prx.bench import PhaseTimer
+from prx.config import load_config
+from prx.muon import fast_newton_schulz_dtype
+from prx.text import TextEncoder
+from prx.train import Trainer
+
+VARIANTS = {  # name → config overrides on top of the demo
+    "baseline (fp32, eager)": [],
+    "online text encoding": [],
+    "torch.compile (inductor C++)": ["train.compile=on"],
+    "bf16 autocast": ["train.precision=bf16"],
+    "bf16 autocast + compile": ["train.precision=bf16", "train.compile=on"],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per variant per round")
+    ap.add_argument("--start", type=int, default=300, help="the demo step the timing starts at (a warm run)")
+    ap.add_argument("--only", nargs="*", help="variant names to run (default all)")
+    args = ap.parse_args()
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    kind = "AVX512-BF16" if "avx512_bf16" in flags else ("AMX" if "amx_bf16" in flags else "AVX2-only")
+    print(f"CPU: {kind}, {torch.get_num_threads()} threads; bf16 matmuls are "
+          f"{'faster' if fast_newton_schulz_dtype('cpu') == torch.bfloat16 else 'slower'} than fp32 here", flush=True)
+    variants = {k: v for k, v in VARIANTS.items() if not args.only or k in args.only}
+    base = load_config("demo", ["logging.sample_every=0", "logging.tensorboard=false", "logging.progress_bar=false",
+                                "train.async_checkpoint=false"])
+    warm_text = TextEncoder.from_config(base.text, "cpu")
+    total = args.rounds * args.steps
+    trainers, timers, seconds = {}, {}, {name: [] for name in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, overrides) in enumerate(variants.items()):
+            cfg = load_config("demo", ["logging.sample_every=0", "logging.tensorboard=false",
+                                       "logging.progress_bar=false", "train.async_checkpoint=false", *overrides])
+            online = name == "online text encoding"
+            trainer = Trainer(cfg, f"{tmp}/{i}", text_encoder=None if online else warm_text, log=lambda *a, **k: None)
+            trainer.setup()
+            if not online:  # every caption of the timed steps encoded beforehand
+                for step in range(args.start - 2, args.start + total):
+                    warm_text.encode(trainer.data.batch(step, 0, cfg.stages[0]).captions + [""])
+            else:  # the cache of a run at step `start`: the captions it has met so far
+                for step in range(0, args.start - 2):
+                    trainer.text_encoder.encode(trainer.data.batch(step, 0, cfg.stages[0]).captions)
+            started = time.perf_counter()
+            for step in range(args.start - 2, args.start):  # warm-up (and compilation)
+                trainer.train_step(step)
+            print(f"  set up {name}: first steps {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+            timers[name] = trainer.timer = PhaseTimer(trainer.device)
+            trainers[name] = trainer
+        for r in range(args.rounds):
+            for name, trainer in trainers.items():
+                timers[name].enabled = True
+                for k in range(args.steps):
+                    step = args.start + r * args.steps + k
+                    start = time.perf_counter()
+                    trainer.train_step(step)
+                    seconds[name].append(time.perf_counter() - start)
+                timers[name].enabled = False
+    baseline = statistics.median(seconds[next(iter(variants))])
+    print(f"{'variant':<30} {'s/step':>8} {'steps/s':>8} {'× baseline':>11}   text encoder")
+    for name, times in seconds.items():
+        median = statistics.median(times)
+        text = timers[name].seconds.get("text encoder", 0.0) / len(times)
+        print(f"{name:<30} {median:8.3f} {1 / median:8.2f} {baseline / median:10.2f}×   {text:.3f} s")
+
+
+if __name__ == "__main__":
+    main()
