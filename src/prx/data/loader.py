@@ -21,9 +21,11 @@ either. A sample that fails to decode is replaced by another of its batch and co
 from __future__ import annotations
 
 import collections
+import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -131,6 +133,43 @@ class ShardIndex:
         return f"{self.paths[int(self.shard[sample])].name}:{int(self.row[sample])}"
 
 
+def check_samples(index: ShardIndex, samples: np.ndarray | None = None, progress: bool = True) -> dict:
+    """Read the row groups of ``samples`` (every sample when None) and decode their images, as
+    training would: {"checked": n, "failed": {reason: count}, "damaged": [row groups that cannot be
+    read], "bad": [file:row of images that cannot be decoded (the first 20)]}."""
+    from tqdm import tqdm
+
+    samples = np.arange(len(index)) if samples is None else np.asarray(samples)
+    failed, damaged, bad = collections.Counter(), [], []
+    cache = _RowGroupCache()
+    order = samples[np.argsort(index.group[samples], kind="stable")]
+    columns = index.read_columns([])
+    with tqdm(total=len(order), desc="checking", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for group in np.unique(index.group[order]):
+            members = order[index.group[order] == group]
+            shard, local = index.groups[int(group)]
+            path = index.paths[shard]
+            try:
+                table = cache.get(path, local, columns)
+            except DamagedRowGroup as e:
+                failed[e.reason] += len(members)
+                damaged.append(f"{e} ({len(members)} samples)")
+                bar.update(len(members))
+                continue
+            for sample in members:
+                row = int(index.row[sample]) - index.group_start[(shard, local)]
+                try:
+                    decode(index.image(table, row))
+                except BadImage as e:
+                    failed[e.reason] += 1
+                    if len(bad) < 20:
+                        bad.append(f"{path}:{int(index.row[sample])} ({e.reason})")
+            bar.update(len(members))
+            cache.items.clear()
+            cache.used = 0
+    return {"checked": len(order), "failed": dict(failed), "damaged": damaged, "bad": bad}
+
+
 class ShardPlanner:
     """The deterministic batch plan of one rank for one stage."""
 
@@ -173,6 +212,26 @@ class ShardPlanner:
         return self._cache[epoch]
 
 
+class DamagedRowGroup(Exception):
+    """A row group pyarrow cannot read (a damaged page or column chunk inside an otherwise valid file)."""
+
+    reason = "damaged row group"
+
+    def __init__(self, path: Path, group: int, error: Exception):
+        self.path, self.group = path, group
+        self.detail = " ".join(str(error).split())[:160] or type(error).__name__
+        super().__init__(f"{path}: row group {group} cannot be read ({self.detail})")
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C, SIGTERM and SIGUSR1 to the main process, which finishes the
+    step and saves (Slurm and a terminal send them to every process of the job); the workers end with it."""
+    import signal
+
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 class _RowGroupCache:
     """Recently read row groups of a worker, bounded by bytes."""
 
@@ -182,17 +241,25 @@ class _RowGroupCache:
         self.budget, self.used = budget_bytes, 0
         self.items: collections.OrderedDict = collections.OrderedDict()
         self.files: dict[Path, pq.ParquetFile] = {}
+        self.damaged: dict[tuple[Path, int], DamagedRowGroup] = {}
 
     def get(self, path: Path, group: int, columns: list[str]):
+        """The row group's table; :class:`DamagedRowGroup` when pyarrow cannot read it (remembered)."""
         key = (path, group, tuple(columns))
         if key in self.items:
             self.items.move_to_end(key)
             return self.items[key]
-        if path not in self.files:
-            if len(self.files) > 64:
-                self.files.clear()
-            self.files[path] = pq.ParquetFile(path)
-        table = self.files[path].read_row_group(group, columns=columns)
+        if (path, group) in self.damaged:
+            raise self.damaged[(path, group)]
+        try:
+            if path not in self.files:
+                if len(self.files) > 64:
+                    self.files.clear()
+                self.files[path] = pq.ParquetFile(path)
+            table = self.files[path].read_row_group(group, columns=columns)
+        except (OSError, ValueError, pa.ArrowException) as e:  # a damaged page, chunk or footer
+            self.damaged[(path, group)] = DamagedRowGroup(path, group, e)
+            raise self.damaged[(path, group)] from None
         self.items[key] = table
         self.used += table.nbytes
         while self.used > self.budget and len(self.items) > 1:
@@ -219,6 +286,7 @@ class ShardBatches(IterableDataset):
             raise PrxError("the shards have no caption column in common")
         self.caption_names = list(weights)
         self.sidecar_dims: dict[Path, int] = {}
+        self.reported: set[str] = set()  # damaged row groups this process has reported
         total = sum(weights.values())
         self.caption_probs = np.array([weights[c] / total for c in self.caption_names])
 
@@ -248,14 +316,21 @@ class ShardBatches(IterableDataset):
         bucket_index, samples = item
         bucket: Bucket = self.planner.buckets[bucket_index]
         idx = self.planner.index
-        images, captions, ids, embeds, skipped = [], [], [], [], collections.Counter()
+        images, captions, ids, embeds, skipped, damaged = [], [], [], [], collections.Counter(), []
         columns = idx.read_columns(self.caption_names)
         for sample in samples:
             shard, row, group = int(idx.shard[sample]), int(idx.row[sample]), int(idx.group[sample])
             path = idx.paths[shard]
             local_group = idx.groups[group][1]
             r = row - idx.group_start[(shard, local_group)]
-            table = cache.get(path, local_group, columns)
+            try:
+                table = cache.get(path, local_group, columns)
+            except DamagedRowGroup as e:  # skipped and counted like a bad image; the file named once
+                skipped[e.reason] += 1
+                if str(e) not in self.reported:
+                    self.reported.add(str(e))
+                    damaged.append(str(e))
+                continue
             choice = self.choose_caption(epoch, int(sample))
             names = [self.caption_names[choice]] + [n for n in self.caption_names if n != self.caption_names[choice]]
             caption, used = "", None
@@ -278,7 +353,15 @@ class ShardBatches(IterableDataset):
             captions.append(caption)
             ids.append(idx.sample_id(table, r, int(sample)))
             if self.embedding_tag is not None:
-                embeds.append(self._embedding(path, local_group, r, used, cache))
+                try:
+                    embeds.append(self._embedding(path, local_group, r, used, cache))
+                except DamagedRowGroup as e:
+                    skipped[e.reason] += 1
+                    if str(e) not in self.reported:
+                        self.reported.add(str(e))
+                        damaged.append(str(e))
+                    images.pop(), captions.pop(), ids.pop()
+                    continue
         if not images:
             raise PrxError(f"every sample of batch {batch_index} (epoch {epoch}) failed to load "
                            f"({dict(skipped)}): check the shards with `prx data inspect`")
@@ -300,7 +383,7 @@ class ShardBatches(IterableDataset):
                 e[i, : arr.shape[0]] = torch.from_numpy(arr.copy())
                 mask[i, : arr.shape[0]] = True
             text = TextBatch(e, mask)
-        return DataBatch(tensor, captions, ids, text, (epoch, batch_index), dict(skipped))
+        return DataBatch(tensor, captions, ids, text, (epoch, batch_index), dict(skipped), damaged)
 
     def _embedding(self, shard: Path, group: int, row: int, column: str, cache: _RowGroupCache) -> np.ndarray:
         side = sidecar_path(shard, self.embedding_tag)
@@ -341,6 +424,7 @@ class ShardLoader:
         self.stage: int | None = None
         self.position = (0, 0)  # (epoch, next batch)
         self.skipped: collections.Counter = collections.Counter()
+        self.warned: set[str] = set()
         self._iterator = None
 
     def set_stage(self, stage: int, resolution: int, batch_size: int) -> None:
@@ -364,7 +448,8 @@ class ShardLoader:
     def _start(self) -> None:
         dataset = ShardBatches(self.planner, self.position, self.caption_weights, self.embedding_tag)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                            persistent_workers=False, prefetch_factor=2 if self.num_workers else None)
+                            persistent_workers=False, prefetch_factor=2 if self.num_workers else None,
+                            worker_init_fn=_ignore_stop_signals if self.num_workers else None)
         self._iterator = iter(loader)
 
     def next(self) -> DataBatch:
@@ -372,6 +457,11 @@ class ShardLoader:
         epoch, index = batch.position
         self.position = (epoch, index + 1)
         self.skipped.update(batch.skipped)
+        for message in batch.damaged:
+            if message not in self.warned:
+                self.warned.add(message)
+                print(f"warning: {message}: its samples are skipped and counted (check the data with "
+                      f"`prx data inspect --check all`)", file=sys.stderr, flush=True)
         return batch
 
     @property
