@@ -539,7 +539,7 @@ def load_checkpoint(path: str | Path, state: dict) -> dict:
             raise _damaged(path, f"a tensor file cannot be read ({detail[:160]})") from None
         for marker in ("Size mismatch", "Missing key", "missing key", "Unexpected key"):
             if marker in detail:
-                detail = detail[detail.index(marker):]
+                detail = detail[detail.rindex(marker):]  # the last one: DCP's message after its traceback
                 break
         raise CheckpointError(
             f"checkpoint '{path}' does not fit this model ({detail[:200]}): it was written with a different "

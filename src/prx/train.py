@@ -194,7 +194,11 @@ class Trainer:
             cfg.save(self.run_dir / "config.yaml")
 
     def close(self) -> None:
-        """Release the run directory (the lock); called when :meth:`run` ends, however it ends."""
+        """Stop the data workers and release the run directory (the lock); called when :meth:`run`
+        ends, however it ends."""
+        close_data = getattr(getattr(self, "data", None), "close", None)
+        if close_data is not None:
+            close_data()
         if getattr(self, "lock", None) is not None:
             self.lock.release()
             self.lock = None

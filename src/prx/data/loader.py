@@ -21,6 +21,7 @@ either. A sample that fails to decode is replaced by another of its batch and co
 from __future__ import annotations
 
 import collections
+import os
 import sys
 from pathlib import Path
 
@@ -223,13 +224,28 @@ class DamagedRowGroup(Exception):
         super().__init__(f"{path}: row group {group} cannot be read ({self.detail})")
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C, SIGTERM and SIGUSR1 to the main process, which finishes the
-    step and saves (Slurm and a terminal send them to every process of the job); the workers end with it."""
-    import signal
+class _WorkerSignals:
+    """The stop signals in DataLoader workers. Ctrl-C, SIGTERM and SIGUSR1 ask the *main* process to
+    finish its step and save, but a terminal (Ctrl-C) or Slurm (SIGTERM) sends them to every process
+    of the job: a worker that died of one would take the step, and the checkpoint, with it. Workers
+    therefore ignore them, except SIGTERM once the loader is shutting down (``stopping`` set: the
+    DataLoader's own fallback to end a worker) or once the main process is gone."""
 
-    for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    def __init__(self, stopping):
+        self.stopping = stopping
+
+    def __call__(self, worker_id: int) -> None:
+        import signal
+
+        parent = os.getppid()
+
+        def on_term(signum, frame):
+            if self.stopping.is_set() or os.getppid() != parent:
+                os._exit(0)
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, on_term)
 
 
 class _RowGroupCache:
@@ -426,6 +442,8 @@ class ShardLoader:
         self.skipped: collections.Counter = collections.Counter()
         self.warned: set[str] = set()
         self._iterator = None
+        self._stopping = None
+        self._atexit = False
 
     def set_stage(self, stage: int, resolution: int, batch_size: int) -> None:
         """Switch to a stage (a new stage starts at its own epoch 0)."""
@@ -446,11 +464,30 @@ class ShardLoader:
         self._start()
 
     def _start(self) -> None:
+        import multiprocessing
+
+        self.close()
         dataset = ShardBatches(self.planner, self.position, self.caption_weights, self.embedding_tag)
+        self._stopping = multiprocessing.Event()
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                             persistent_workers=False, prefetch_factor=2 if self.num_workers else None,
-                            worker_init_fn=_ignore_stop_signals if self.num_workers else None)
+                            worker_init_fn=_WorkerSignals(self._stopping) if self.num_workers else None)
         self._iterator = iter(loader)
+        if not self._atexit:  # before multiprocessing's own exit handler terminates the workers
+            import atexit
+            import weakref
+
+            ref = weakref.ref(self)
+            atexit.register(lambda: ref() is not None and ref().close())
+            self._atexit = True
+
+    def close(self) -> None:
+        """Stop the worker processes (also at interpreter exit)."""
+        if self._stopping is not None:
+            self._stopping.set()
+        iterator, self._iterator = self._iterator, None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
 
     def next(self) -> DataBatch:
         batch = next(self._iterator)
@@ -476,4 +513,4 @@ class ShardLoader:
         self.stage = None if state["stage"] < 0 else int(state["stage"])
         self.position = (int(state["epoch"]), int(state["batch"]))
         self.skipped = collections.Counter(state.get("skipped", {}))
-        self._iterator = None
+        self.close()
