@@ -482,8 +482,9 @@ def resume_changes(saved: Config, new: Config, step: int) -> list[tuple[str, Any
     - keys a section lists in its ``FIXED_ON_RESUME`` (text encoder, data source and plan, optimizer
       kind, REPA teacher, seed) and its ``check_resume(saved)`` rules; the model's shape is checked
       with the checkpoint (prx.checkpoint.checkpoint_to_resume);
-    - stages that have started keep their resolution and batch size (the data position counts
-      batches of that plan), finished stages keep their length, and none may be removed.
+    - the stages the run has trained in keep their resolution and batch size (the data position
+      counts batches of that plan), finished ones their length, the current one may not end before
+      the steps already done, and none of them may be removed.
 
     Everything else takes effect: optimizer LR and schedule, step counts, stages not started yet,
     losses and their weights, EMA, sampling, logging, checkpoint cadence, workers, time limit, ...
@@ -498,24 +499,32 @@ def resume_changes(saved: Config, new: Config, step: int) -> list[tuple[str, Any
         if field_name.split(".")[0].split("[")[0] in fixed:
             raise ConfigError(f"{key} cannot change in a resumed run ({before!r} → {after!r}): the run's checkpoints "
                               f"depend on it; set it back, or use --out for a new run")
-    for name in SECTIONS:
-        section = getattr(new, name)
+    for section_name in SECTIONS:
+        section = getattr(new, section_name)
         if hasattr(section, "check_resume"):
-            section.check_resume(getattr(saved, name))
-    index, _ = saved.stage_at(step)
+            section.check_resume(getattr(saved, section_name))
+    if step == 0:
+        return changes
+    index, _ = saved.stage_at(step - 1)  # the stage of the last step the run has done
     where = "train.stages" if new.train.stages or saved.train.stages else None
-    check(len(new.stages) > index or step >= saved.total_steps,
-          f"the run is in stage {index + 1} at step {step}, so its config needs at least {index + 1} stage(s), got "
-          f"{len(new.stages)}: add stages, don't remove them")
-    for i in range(min(index + 1, len(new.stages))):
+
+    def name(i: int, key: str) -> str:
+        return f"{where}[{i}].{key}" if where else {"resolution": "data.resolution"}.get(key, f"train.{key}")
+
+    check(len(new.stages) > index, f"the run has done {step} steps, in stage {index + 1}: its config needs at least "
+                                   f"{index + 1} stage(s), got {len(new.stages)} (add stages, don't remove them)")
+    for i in range(index + 1):
         a, b = saved.stages[i], new.stages[i]
         for key in ("resolution", "batch_size") + (("steps",) if i < index else ()):
             if getattr(a, key) != getattr(b, key):
-                name = f"{where}[{i}].{key}" if where else {"resolution": "data.resolution"}.get(key, f"train.{key}")
                 state = "finished" if i < index else "current"
-                raise ConfigError(f"{name} cannot change in a resumed run ({getattr(a, key)} → {getattr(b, key)}): stage "
-                                  f"{i + 1} is the run's {state} stage at step {step}; change later stages, add one, or "
-                                  f"use --out for a new run")
+                raise ConfigError(f"{name(i, key)} cannot change in a resumed run ({getattr(a, key)} → {getattr(b, key)}): "
+                                  f"stage {i + 1} is the run's {state} stage at step {step}; change later stages, add "
+                                  f"one, or use --out for a new run")
+    end = sum(stage.steps for stage in new.stages[:index + 1])
+    check(index == len(new.stages) - 1 or end >= step,
+          f"{name(index, 'steps')}={new.stages[index].steps} would end stage {index + 1} at step {end}, but the run has "
+          f"done {step} steps in it: give it at least {new.stages[index].steps + step - end} steps")
     return changes
 
 

@@ -162,7 +162,8 @@ def check_memory(params: int, device: torch.device, use: str, what: str, shards:
     available, where = available_memory(device)
     if need > available:
         gib = 2**30
-        raise PrxError(f"{what} has {params / 1e9:.3g}B parameters: {use} needs {need / gib:,.1f} GiB for them "
+        count = next(f"{params / d:.3g}{u}" for u, d in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("", 1)) if params >= d or u == "")
+        raise PrxError(f"{what} has {count} parameters: {use} needs {need / gib:,.1f} GiB for them "
                        f"({BYTES_PER_PARAM[use]} bytes each{', sharded over ' + str(shards) + ' GPUs' if shards > 1 and device.type == 'cuda' else ''}"
                        f", before activations), but {available / gib:,.1f} GiB is {where}: use a smaller model")
 
