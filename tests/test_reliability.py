@@ -237,6 +237,30 @@ def test_sigterm_under_torchrun_saves_on_every_rank_and_resumes_exactly(referenc
         assert resumed[step] == pytest.approx(reference_20[step], rel=1e-5), step
 
 
+def test_under_torchrun_every_rank_learns_that_the_run_directory_is_taken(tmp_path):
+    from prx.runtime import RunLock
+
+    held = RunLock(tmp_path / "run").acquire()  # this process trains there
+    started = time.time()
+    result = subprocess.run([*TORCHRUN, "-m", "prx.cli", "train", "tiny", *QUIET, "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=120)
+    held.release()
+    assert result.returncode != 0 and time.time() - started < 45  # no rank waits for the others to time out
+    assert result.stderr.count(f"in use by another training (PID {os.getpid()} on host") == 2  # both ranks say it
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_each_stop_signal_asks_to_finish_the_step_with_its_own_exit_code():
+    from prx.runtime import StopSignals
+
+    for name, code in (("SIGTERM", 143), ("SIGUSR1", 138), ("SIGINT", 130)):
+        with StopSignals() as stop:
+            os.kill(os.getpid(), getattr(signal, name))
+            time.sleep(0.01)  # the handler runs between bytecodes: training goes on until the step ends
+            assert stop.received == name and stop.exit_code == code
+        assert signal.getsignal(getattr(signal, name)) != stop._handle  # the previous handlers are back
+
+
 def test_the_lock_is_released_by_a_killed_holder_and_is_reentrant_in_one_process(tmp_path):
     from prx.runtime import RunLock
 

@@ -337,6 +337,13 @@ def verify_checkpoint(path: Path) -> dict:
     parse, every tensor file is there with the size it was written with and a well-formed header.
     Returns meta.json; raises :class:`CheckpointDamaged` naming the file otherwise."""
     path = Path(path)
+    try:
+        return _verify(path)
+    except OSError as e:  # unreadable, or moved away while being read
+        raise _damaged(path, f"{Path(e.filename or '?').name} cannot be read ({e.strerror or e})") from None
+
+
+def _verify(path: Path) -> dict:
     meta = _read_json(path / META)
     if not isinstance(meta.get("step"), int) or meta["step"] < 0:
         raise _damaged(path, f"{META} has no valid step")
