@@ -412,6 +412,7 @@ def test_sampling_many_prompts_streams_batch_by_batch(run4, tmp_path, capsys, mo
         return original_noise(n, *args, **kwargs)
 
     def batches(self, *args, **kwargs):
+        assert self.text_encoder.cache_size == 0  # distinct prompts' encodings are not kept either
         for start, images in original_batches(self, *args, **kwargs):
             seen.append(len(list(out.glob("*.png"))))  # what is on disk when the next batch is handed over
             yield start, images

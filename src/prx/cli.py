@@ -97,7 +97,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     # the values that do not need the model fail before it loads (the run's defaults are checked again when used)
     _check_sampling_args(args, len(prompts), args.batch_size)
     out = make_writable_dir(Path(args.out))
-    pipe = Pipeline.from_checkpoint(args.checkpoint, weights=args.weights, device=args.device)
+    # no caption cache: thousands of distinct prompts would keep thousands of encodings in memory
+    pipe = Pipeline.from_checkpoint(args.checkpoint, weights=args.weights, device=args.device, text_cache_size=0)
     width, height = (pipe.size_for_aspect_ratio(args.aspect_ratio) if args.aspect_ratio is not None
                      else pipe.image_size(args.width, args.height))
     started = time.perf_counter()

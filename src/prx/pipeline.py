@@ -27,18 +27,19 @@ class Pipeline:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, weights: str = "ema", device: str = "auto",
-                        text_encoder: TextEncoder | None = None) -> "Pipeline":
+                        text_encoder: TextEncoder | None = None, text_cache_size: int | None = None) -> "Pipeline":
         """Load a checkpoint (or a run directory's latest, or a ``prx export`` file) for sampling;
-        ``weights`` is 'ema' or 'model'."""
+        ``weights`` is 'ema' or 'model'. ``text_cache_size``: captions whose encodings are kept
+        (default: the run's text.cache_size; 0 for many distinct prompts, so memory stays flat)."""
         if weights not in ("ema", "model"):
             raise ValueError("weights must be 'ema' or 'model'")
         if str(path).endswith(".safetensors"):
-            return cls.from_export(path, device, text_encoder)
+            return cls.from_export(path, device, text_encoder, text_cache_size)
         path = find_checkpoint(path)
         config = checkpoint_config(path)
         model = cls._build(config, device, f"checkpoint '{path}'")
         load_weights(path, model, weights)
-        return cls._assemble(model, config, device, text_encoder)
+        return cls._assemble(model, config, device, text_encoder, text_cache_size)
 
     @staticmethod
     def _build(config: Config, device: str, what: str) -> PRX:
@@ -50,7 +51,8 @@ class Pipeline:
         return build_model(config.model)
 
     @classmethod
-    def from_export(cls, path: str | Path, device: str = "auto", text_encoder: TextEncoder | None = None) -> "Pipeline":
+    def from_export(cls, path: str | Path, device: str = "auto", text_encoder: TextEncoder | None = None,
+                    text_cache_size: int | None = None) -> "Pipeline":
         """Load weights written by ``prx export`` (one safetensors file, its config in the metadata)."""
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -81,12 +83,16 @@ class Pipeline:
             model.load_state_dict(load_file(str(path)))
         except Exception as e:  # noqa: BLE001
             raise PrxError(f"export '{path}' does not hold this model's weights ({' '.join(str(e).split())[:160]})") from None
-        return cls._assemble(model, config, device, text_encoder)
+        return cls._assemble(model, config, device, text_encoder, text_cache_size)
 
     @classmethod
-    def _assemble(cls, model: PRX, config: Config, device: str, text_encoder: TextEncoder | None) -> "Pipeline":
+    def _assemble(cls, model: PRX, config: Config, device: str, text_encoder: TextEncoder | None,
+                  text_cache_size: int | None = None) -> "Pipeline":
+        from dataclasses import replace
+
         dev = resolve_device(device)
-        return cls(model.to(dev), text_encoder or TextEncoder.from_config(config.text, dev), config, dev)
+        text = config.text if text_cache_size is None else replace(config.text, cache_size=text_cache_size)
+        return cls(model.to(dev), text_encoder or TextEncoder.from_config(text, dev), config, dev)
 
     def image_size(self, width: int | None = None, height: int | None = None,
                    resolution: int | None = None) -> tuple[int, int]:
