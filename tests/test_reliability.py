@@ -18,7 +18,7 @@ import torch
 from conftest import tiny_config
 from prx.checkpoint import checkpoint_meta, find_checkpoint, step_dir_name
 from prx.cli import main
-from prx.errors import CheckpointDamaged, ConfigError, PrxError
+from prx.errors import PrxError
 from prx.train import Trainer
 
 BIN = Path(sys.executable).parent
