@@ -1,31 +1,49 @@
 """Checkpoints: the one module that knows what a checkpoint holds, under which names, and where.
 
-Written with ``torch.distributed.checkpoint`` (one process, or sharded under FSDP2) and made
-atomic: a checkpoint is written to a hidden temporary directory and renamed into place only when
-complete, then ``checkpoints/latest`` (a symlink) is switched to it. A crash at any moment leaves
-the previous checkpoint intact and reachable.
+Written with ``torch.distributed.checkpoint`` (one process, or sharded under FSDP2) through torch's
+own safetensors storage (``HuggingFaceStorageWriter`` / ``HuggingFaceStorageReader``: every rank
+writes its shards as one ``.safetensors`` file) and made atomic: a checkpoint is written to a
+hidden temporary directory and renamed into place only when complete, then
+``checkpoints/latest`` (a symlink) is switched to it. A crash at any moment leaves the previous
+checkpoint intact and reachable.
+
+**Loading runs no code from the checkpoint.** Tensors are read from safetensors files (a JSON
+header and raw bytes); everything else a run needs (step, data position, counters) is JSON in
+``state.json``. Optimizer hyperparameters are not saved at all: they come from the config, so a
+changed ``optimizer.lr`` takes effect on resume. Checkpoints of older prx versions (DCP's default
+layout: a pickled ``.metadata`` and ``.distcp`` files holding pickled Python values) are still
+read, through an allow-list unpickler that builds only DCP's own metadata classes and
+``torch.load(weights_only=True)`` for the values; anything else is refused as tampered.
 
 Layout::
 
     RUN/config.yaml                   resolved config of the run
-    RUN/checkpoints/step_00001000/    .metadata + *.distcp (DCP), config.yaml, meta.json
+    RUN/.lock                         held (flock) by the training that uses the run directory
+    RUN/checkpoints/step_00001000/    shard-0000R-model-00001-of-00001.safetensors (one per rank),
+                                      state.json, config.yaml, meta.json (step, format, file sizes)
     RUN/checkpoints/latest -> step_00001000
 
 State, by key (:func:`training_state`)::
 
     model.denoiser.*, model.repa_projector.*   the trained modules (the projector only with REPA)
-    optimizer.*                                Muon and Adam state (torch's get_state_dict layout)
-    ema.model.*, ema.num_updates               the EMA copy of the denoiser: what sampling uses
-    trainer.step, trainer.bad_steps
-    data.*                                     the data source's exact position
-    rng.torch
+    optimizer.state.*                          Muon and Adam state tensors (torch's get_state_dict layout)
+    ema.model.*                                the EMA copy of the denoiser: what sampling uses
+    rng.torch                                  the CPU generator's state, as a uint8 tensor
+    state.json: trainer.step, trainer.bad_steps, ema.num_updates, data.* (the data source's exact position)
+
+A damaged checkpoint (a truncated or altered file, unreadable ``meta.json`` / ``state.json`` /
+``config.yaml``) is reported as damaged, naming the file; training then resumes from the newest
+intact checkpoint and moves the damaged ones aside (``checkpoints/.damaged_step_N``).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import shutil
+import struct
 import time
 import warnings
 from dataclasses import replace
@@ -36,9 +54,12 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from prx.config import Config, config_from_dict, read_yaml
-from prx.errors import CheckpointError, PrxError
+from prx.errors import CheckpointDamaged, CheckpointError, ConfigError, PrxError
 
 LATEST = "latest"
+FORMAT = 2  # safetensors shards + state.json; format 1 (no "format" in meta.json): DCP's default pickled layout
+META, STATE, CONFIG = "meta.json", "state.json", "config.yaml"
+DAMAGED_PREFIX = ".damaged_"
 
 
 def step_dir_name(step: int) -> str:
@@ -56,13 +77,15 @@ def step_of(path: Path) -> int:
 
 
 def training_state(trainer) -> dict:
-    """Everything a run needs to continue exactly, in the layout above (tensors stay sharded)."""
+    """Everything a run needs to continue exactly, in the layout above (tensors stay sharded; the
+    values that are not tensors go to state.json). The optimizers' hyperparameters are not part of
+    it: they come from the run's config (a changed ``optimizer.lr`` takes effect on resume)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optim_state = get_state_dict(trainer.trainable, trainer.optimizer.optimizers)
     return {
         "model": model_state,
-        "optimizer": optim_state,
+        "optimizer": {"state": optim_state["state"]},
         "ema": trainer.ema.state_dict(),
         "trainer": {"step": trainer.step, "bad_steps": trainer.bad_steps},
         "data": trainer.data.state_dict(),
@@ -71,27 +94,70 @@ def training_state(trainer) -> dict:
 
 
 def restore_training_state(trainer, path: Path) -> None:
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    state = training_state(trainer)
-    load_checkpoint(path, state)
-    set_state_dict(trainer.trainable, trainer.optimizer.optimizers, model_state_dict=state["model"],
-                   optim_state_dict=state["optimizer"])
-    trainer.ema.load_state_dict(state["ema"])
-    trainer.step = int(state["trainer"]["step"])
-    trainer.bad_steps = int(state["trainer"]["bad_steps"])
-    trainer.data.load_state_dict(state["data"])
-    torch.set_rng_state(state["rng"]["torch"])
+    model_state, optim_state = get_state_dict(trainer.trainable, trainer.optimizer.optimizers)
+    tensors = {"model": model_state, "optimizer": {"state": optim_state["state"]},
+               "ema": {"model": trainer.ema.model.state_dict()}, "rng": {"torch": torch.get_rng_state()}}
+    values = load_checkpoint(path, tensors)
+    # the param groups (lr, base_lr, betas, ...) stay this run's: only the optimizers' state tensors are loaded
+    set_state_dict(trainer.trainable, trainer.optimizer.optimizers, model_state_dict=tensors["model"],
+                   optim_state_dict={"state": tensors["optimizer"]["state"], "param_groups": optim_state["param_groups"]})
+    try:
+        trainer.ema.load_state_dict({"model": tensors["ema"]["model"], "num_updates": int(values["ema"]["num_updates"])})
+        trainer.step = int(values["trainer"]["step"])
+        trainer.bad_steps = int(values["trainer"]["bad_steps"])
+        data = values.get("data", {})
+        if not isinstance(data, dict):
+            raise TypeError("data")
+        trainer.data.load_state_dict(data)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointDamaged(f"checkpoint '{path}' is damaged: {STATE} has no valid {e}") from None
+    torch.set_rng_state(tensors["rng"]["torch"])
 
 
 def load_weights(path: str | Path, model: torch.nn.Module, weights: str = "ema") -> Path:
     """Fill a (full, unsharded) denoiser with a checkpoint's EMA or raw weights, whatever world size
-    wrote it; returns the checkpoint directory. For sampling, export and evaluation."""
+    wrote it; returns the checkpoint directory. For sampling, export and evaluation: tensors only."""
     if weights not in ("ema", "model"):
         raise ValueError("weights must be 'ema' or 'model'")
     tensors = model.state_dict()
     state = {"ema": {"model": tensors}} if weights == "ema" else {"model": {f"denoiser.{k}": v for k, v in tensors.items()}}
-    return load_checkpoint(path, state)
+    path = find_checkpoint(path)
+    load_checkpoint(path, state)
+    return path
+
+
+def split_state(state: dict, where: str = "", _seen: set | None = None) -> tuple[dict, dict]:
+    """(tensors, values): the tensor leaves of a nested state dict (for safetensors, which stores a
+    memory shared by two entries once per entry: such a tensor is copied) and the rest (plain JSON
+    values: numbers, strings, lists, dicts)."""
+    tensors, values = {}, {}
+    seen = set() if _seen is None else _seen
+    for key, value in state.items():
+        name = f"{where}{key}"
+        if isinstance(value, torch.Tensor):
+            if not hasattr(value, "to_local"):  # a DTensor's local shard is its own
+                ptr = value.untyped_storage().data_ptr()
+                if ptr in seen:
+                    value = value.clone()
+                    ptr = value.untyped_storage().data_ptr()
+                seen.add(ptr)
+            tensors[key] = value
+        elif isinstance(value, dict):
+            t, v = split_state(value, name + ".", seen)
+            if t:
+                tensors[key] = t
+            if v or not t:
+                values[key] = v
+        else:
+            try:
+                json.dumps(value, allow_nan=True)
+            except (TypeError, ValueError):
+                raise TypeError(f"checkpoint state '{name}' is a {type(value).__name__}: only tensors and JSON "
+                                f"values (numbers, strings, lists, dicts) can be saved") from None
+            values[key] = value
+    return tensors, values
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,40 +166,68 @@ def load_weights(path: str | Path, model: torch.nn.Module, weights: str = "ema")
 
 
 def _is_complete(path: Path) -> bool:
-    return (path / ".metadata").is_file() and (path / "meta.json").is_file() and (path / "config.yaml").is_file()
+    """Made visible by the writer (everything is written before meta.json and config.yaml)."""
+    return (path / META).is_file() and (path / CONFIG).is_file()
 
 
 def _step_dirs(root: Path) -> list[Path]:
-    dirs = [p for p in root.glob("step_*") if p.is_dir() and _is_complete(p)]
+    dirs = []
+    for p in root.glob("step_*"):
+        try:
+            step_of(p)
+        except (IndexError, ValueError):
+            continue
+        if p.is_dir() and _is_complete(p):
+            dirs.append(p)
     return sorted(dirs, key=step_of)
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory from a checkpoint, a ``checkpoints/`` directory or a run directory."""
+    """A checkpoint directory from a checkpoint, a ``checkpoints/`` directory or a run directory
+    (its newest complete checkpoint)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint '{path}' does not exist: pass a run directory or a checkpoint directory")
     if _is_complete(path):
         return path.resolve()
     for root in (path / "checkpoints", path):
-        latest = root / LATEST
-        if latest.exists() and _is_complete(latest):
-            return latest.resolve()
         steps = _step_dirs(root) if root.is_dir() else []
         if steps:
             return steps[-1].resolve()
     raise CheckpointError(
         f"no complete checkpoint under '{path}': pass a run directory with checkpoints/ or a checkpoint "
-        f"directory (it holds .metadata, meta.json and config.yaml)"
+        f"directory (it holds meta.json and config.yaml)"
     )
 
 
 def has_checkpoint(run_dir: str | Path) -> bool:
-    try:
-        find_checkpoint(Path(run_dir) / "checkpoints")
-        return True
-    except CheckpointError:
-        return False
+    root = Path(run_dir) / "checkpoints"
+    return root.is_dir() and bool(_step_dirs(root))
+
+
+def newest_intact(root: Path, log=print, move_aside: bool = True) -> Path:
+    """The newest checkpoint under ``root`` that :func:`verify_checkpoint` accepts. Damaged newer ones
+    are reported (and, with ``move_aside``, renamed to ``.damaged_step_N`` so nothing reads them again)."""
+    damaged: list[tuple[Path, CheckpointDamaged]] = []
+    for path in reversed(_step_dirs(root)):
+        try:
+            verify_checkpoint(path)
+        except CheckpointDamaged as e:
+            damaged.append((path, e))
+            continue
+        for bad, error in damaged:
+            aside = root / f"{DAMAGED_PREFIX}{bad.name}"
+            if move_aside:
+                shutil.rmtree(aside, ignore_errors=True)
+                try:
+                    os.rename(bad, aside)
+                except OSError:
+                    pass  # another rank moved it
+            log(f"warning: {error}; resuming from {path.name}, the newest intact checkpoint"
+                + (f" (the damaged one is kept as {aside})" if move_aside else ""))
+        return path.resolve()
+    raise CheckpointDamaged(f"no intact checkpoint under '{root}' ({damaged[0][1]}): start a new run with --out, or "
+                            f"restore the files") if damaged else CheckpointError(f"no checkpoint under '{root}'")
 
 
 def migrate_saved_config(data: dict) -> dict:
@@ -150,10 +244,14 @@ def migrate_saved_config(data: dict) -> dict:
     return data
 
 
-def checkpoint_to_resume(run_dir: Path, resume: bool | None, config: Config) -> Path | None:
-    """The run directory's newest checkpoint to continue from (None: a new run), after the checks:
-    ``resume`` True requires one, False forbids one, None takes one if there is one; a checkpoint
-    of another model shape is refused."""
+def checkpoint_to_resume(run_dir: Path, resume: bool | None, config: Config, log=print,
+                         is_main: bool = True) -> tuple[Path | None, list[tuple[str, object, object]]]:
+    """The run directory's newest intact checkpoint to continue from (None: a new run) and the config
+    keys that differ from the run's saved config (key, saved value, new value), after the checks:
+    ``resume`` True requires a checkpoint, False forbids one, None takes one if there is one; a
+    checkpoint of another model shape, or a change of a key that cannot change mid-run, is refused;
+    damaged checkpoints are skipped, saying so."""
+    from prx.config import resume_changes
     from prx.runtime import make_writable_dir
 
     exists = has_checkpoint(run_dir)
@@ -163,37 +261,312 @@ def checkpoint_to_resume(run_dir: Path, resume: bool | None, config: Config) -> 
         raise CheckpointError(f"'{run_dir}' already holds a run: resume it (drop the flag that forbids it) or choose --out")
     make_writable_dir(run_dir, "run directory")
     if not exists:
-        return None
-    path = find_checkpoint(run_dir / "checkpoints")
-    saved, model = checkpoint_config(path).model, config.model
-    model.norm_eps = saved.norm_eps  # the weights' own (1e-5 in runs from before the option)
+        return None, []
+    path = newest_intact(run_dir / "checkpoints", log if is_main else (lambda *a, **k: None), move_aside=is_main)
+    saved, model = checkpoint_config(path), config.model
+    model.norm_eps = saved.model.norm_eps  # the weights' own (1e-5 in runs from before the option)
     shape = dict(text_dim=None, init_from=None)  # init_from says how a run started, not what it is
-    if replace(saved, **shape) != replace(model, **shape) or (
-            model.text_dim is not None and saved.text_dim != model.text_dim):
+    if replace(saved.model, **shape) != replace(model, **shape) or (
+            model.text_dim is not None and saved.model.text_dim != model.text_dim):
         raise CheckpointError(f"'{run_dir}' holds a run with a different model config: use --out for a new run, or the "
                               f"run's own config ({run_dir / 'config.yaml'})")
-    return path
+    return path, resume_changes(saved, config, checkpoint_meta(path)["step"])
 
 
 def checkpoint_config(path: str | Path) -> Config:
     """The config a checkpoint was written with (older prx versions' configs migrated, see migrate_saved_config)."""
     path = find_checkpoint(path)
     try:
-        return config_from_dict(migrate_saved_config(read_yaml(path / "config.yaml")))
+        data = read_yaml(path / CONFIG)
+    except ConfigError as e:
+        raise CheckpointDamaged(f"checkpoint '{path}' is damaged: {CONFIG} cannot be read ({e})") from None
+    try:
+        return config_from_dict(migrate_saved_config(data))
     except PrxError as e:
         raise CheckpointError(f"checkpoint '{path}' has a config this prx cannot read ({e})") from None
 
 
 def checkpoint_meta(path: str | Path) -> dict:
-    return json.loads((find_checkpoint(path) / "meta.json").read_text())
+    """meta.json of a checkpoint (its step, format, files), once the checkpoint is known to be intact."""
+    return verify_checkpoint(find_checkpoint(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Integrity: a damaged or tampered checkpoint is named as such, before anything reads it
+# --------------------------------------------------------------------------------------------
+
+
+def _damaged(path: Path, what: str) -> CheckpointDamaged:
+    return CheckpointDamaged(f"checkpoint '{path}' is damaged: {what}")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise _damaged(path.parent, f"{path.name} is missing") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise _damaged(path.parent, f"{path.name} is not valid JSON ({' '.join(str(e).split())[:120]})") from None
+    if not isinstance(data, dict):
+        raise _damaged(path.parent, f"{path.name} does not hold a JSON object")
+    return data
+
+
+def _check_safetensors(path: Path, size: int) -> None:
+    """The file's JSON header parses and its tensors end exactly at the end of the file."""
+    ckpt = path.parent
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _damaged(ckpt, f"{path.name} is truncated ({size} bytes)")
+        n = struct.unpack("<Q", head)[0]
+        if n > min(size - 8, 256 * 2**20):
+            raise _damaged(ckpt, f"{path.name} has a corrupt header (claims {n} header bytes in a {size}-byte file)")
+        try:
+            header = json.loads(f.read(n))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise _damaged(ckpt, f"{path.name} has a corrupt header (not a safetensors JSON header)") from None
+    if 8 + n + max(ends, default=0) != size:
+        raise _damaged(ckpt, f"{path.name} is truncated or has extra bytes ({size} bytes, its header describes "
+                             f"{8 + n + max(ends, default=0)})")
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """Check a checkpoint's files before reading any tensor: meta.json, config.yaml and state.json
+    parse, every tensor file is there with the size it was written with and a well-formed header.
+    Returns meta.json; raises :class:`CheckpointDamaged` naming the file otherwise."""
+    path = Path(path)
+    try:
+        return _verify(path)
+    except OSError as e:  # unreadable, or moved away while being read
+        raise _damaged(path, f"{Path(e.filename or '?').name} cannot be read ({e.strerror or e})") from None
+
+
+def _verify(path: Path) -> dict:
+    meta = _read_json(path / META)
+    if not isinstance(meta.get("step"), int) or meta["step"] < 0:
+        raise _damaged(path, f"{META} has no valid step")
+    try:
+        read_yaml(path / CONFIG)
+    except ConfigError as e:
+        raise _damaged(path, f"{CONFIG} cannot be read ({e})") from None
+    fmt = meta.get("format", 1)
+    if fmt == FORMAT:
+        _read_json(path / STATE)
+        files = meta.get("files")
+        if not isinstance(files, dict) or not files:
+            raise _damaged(path, f"{META} lists no tensor files")
+        for name, size in files.items():
+            file = path / str(name)
+            if "/" in str(name) or not file.is_file():
+                raise _damaged(path, f"{name} is missing")
+            actual = file.stat().st_size
+            if actual != size:
+                raise _damaged(path, f"{name} is truncated or altered ({actual} bytes, written with {size})")
+            _check_safetensors(file, actual)
+        extra = sorted(p.name for p in path.glob("*.safetensors") if p.name not in files)
+        if extra:
+            raise _damaged(path, f"{extra[0]} was not written with it (an extra tensor file)")
+    elif fmt == 1:
+        metadata = read_legacy_metadata(path)
+        for info in metadata.storage_data.values():
+            name = str(info.relative_path)
+            file = path / name
+            if "/" in name or name.startswith(".") or not file.is_file():
+                raise _damaged(path, f"{name} is missing")
+            if info.offset + info.length > file.stat().st_size:
+                raise _damaged(path, f"{name} is truncated ({file.stat().st_size} bytes, needs "
+                                     f"{info.offset + info.length})")
+    else:
+        raise CheckpointError(f"checkpoint '{path}' has format {fmt!r}, unknown to this prx: use the prx that wrote it")
+    return meta
+
+
+# Checkpoints of prx before format 2: DCP's default layout. Its .metadata is a pickle; read it with
+# an unpickler that builds nothing but the classes DCP writes there.
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+_METADATA_GLOBALS = {(_DCP_METADATA, name) for name in (
+    "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+    "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+    ("pathlib._local", "PosixPath"), ("pathlib._local", "PurePosixPath")}
+
+
+class _MetadataUnpickler(pickle._Unpickler):  # the Python unpickler: its BUILD can be restricted too
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                    torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it asks for {module}.{name}, which DCP never writes there")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("it holds a persistent reference, which DCP never writes there")
+
+    def _load_build(self):
+        if isinstance(self.stack[-2], type):  # BUILD on a class would set attributes of the class itself
+            raise pickle.UnpicklingError("it modifies a class")
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = _load_build
+
+
+def read_legacy_metadata(path: Path):
+    """The ``.metadata`` of a format-1 checkpoint, unpickled with the allow-list above."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    file = Path(path) / ".metadata"
+    try:
+        with open(file, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise _damaged(Path(path), ".metadata is missing") from None
+    except Exception as e:  # noqa: BLE001 - any failure of a tampered or truncated pickle
+        raise _damaged(Path(path), f".metadata is not DCP metadata, refused without running it "
+                                   f"({' '.join(str(e).split())[:160] or type(e).__name__})") from None
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict) or not isinstance(
+            metadata.storage_data, dict):
+        raise _damaged(Path(path), ".metadata is not DCP metadata")
+    return metadata
+
+
+def _legacy_values(path: Path, metadata) -> dict:
+    """The plain values (step, counters, data position) of a format-1 checkpoint. DCP stored each one
+    with torch.save; they are read with torch.load(weights_only=True), which builds plain data only."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    where = {index.fqn: info for index, info in metadata.storage_data.items()}
+    values: dict = {}
+    for key, md in metadata.state_dict_metadata.items():
+        if not isinstance(md, BytesStorageMetadata) or not key.startswith(("trainer.", "ema.num_updates", "data.")):
+            continue
+        info = where.get(key)
+        if info is None:
+            raise _damaged(path, f".metadata has no storage for '{key}'")
+        file = path / str(info.relative_path)
+        with open(file, "rb") as f:
+            f.seek(info.offset)
+            raw = f.read(info.length)
+        try:
+            value = torch.load(io.BytesIO(raw), weights_only=True)
+        except Exception:  # noqa: BLE001
+            raise _damaged(path, f"{file.name} holds a value for '{key}' that is not plain data (refused without "
+                                 f"running it)") from None
+        parts = key.split(".")
+        if parts[0] == "data" and len(parts) > 2 and parts[1] == "skipped":
+            parts = ["data", "skipped", ".".join(parts[2:])]  # skip reasons may hold dots
+        node = values
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return values
+
+
+def _tensor_planner():
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class TensorsOnly(DefaultLoadPlanner):
+        """Reads tensors only: an entry stored as a pickled object is refused, never unpickled."""
+
+        refused: str | None = None
+
+        def load_bytes(self, read_item, value) -> None:
+            self.refused = read_item.dest_index.fqn
+            raise CheckpointError(f"'{self.refused}' is stored as a pickled object")
+
+    return TensorsOnly()
+
+
+def _legacy_reader(path: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class LegacyReader(FileSystemReader):
+        """DCP's reader with the allow-list unpickler for .metadata (tensors: torch.load(weights_only=True))."""
+
+        current_file: str | None = None
+
+        def read_metadata(self, *args, **kwargs):
+            metadata = read_legacy_metadata(Path(self.path))
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+        def _slice_file(self, file, sinfo):
+            self.current_file = Path(getattr(file, "name", "")).name or None
+            return super()._slice_file(file, sinfo)
+
+    return LegacyReader(path)
+
+
+def _tensor_leaves(state: dict) -> dict:
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value
+        elif isinstance(value, dict):
+            inner = _tensor_leaves(value)
+            if inner:
+                out[key] = inner
+    return out
+
+
+def load_checkpoint(path: str | Path, state: dict) -> dict:
+    """Fill the tensors of ``state`` in place from a checkpoint (only the keys present in ``state`` are
+    read); returns the checkpoint's other values (state.json: step, counters, data position)."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    path = find_checkpoint(path)
+    meta = verify_checkpoint(path)
+    legacy = meta.get("format", 1) == 1
+    reader = _legacy_reader(path) if legacy else HuggingFaceStorageReader(str(path))
+    planner = _tensor_planner()
+    try:
+        import torch.distributed as dist
+
+        single = not (dist.is_available() and dist.is_initialized())
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp.load(_tensor_leaves(state), storage_reader=reader, planner=planner, no_dist=single)
+    except (Exception, CheckpointException) as e:  # DCP wraps the cause (size mismatch, missing key); a BaseException
+        if isinstance(e, CheckpointDamaged):
+            raise
+        detail = " ".join(str(e).split())
+        if planner.refused:
+            raise _damaged(path, f"'{planner.refused}' is stored as a pickled object where a tensor belongs "
+                                 f"(refused without running it)") from None
+        if "Weights only load failed" in detail or "UnpicklingError" in detail:
+            raise _damaged(path, f"{getattr(reader, 'current_file', None) or 'a tensor file'} holds something other "
+                                 f"than tensors (refused without running it)") from None
+        if "SafetensorError" in detail or "safetensors" in detail.lower():
+            raise _damaged(path, f"a tensor file cannot be read ({detail[:160]})") from None
+        for marker in ("Size mismatch", "Missing key", "missing key", "Unexpected key"):
+            if marker in detail:
+                detail = detail[detail.rindex(marker):]  # the last one: DCP's message after its traceback
+                break
+        raise CheckpointError(
+            f"checkpoint '{path}' does not fit this model ({detail[:200]}): it was written with a different "
+            f"model config; sample it with its own config or start a new run with --out"
+        ) from None
+    return _legacy_values(path, read_legacy_metadata(path)) if legacy else _read_json(path / STATE)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
 
 
 def _finalize(root: Path, tmp: Path, step: int, config: Config, keep: int, meta: dict) -> Path:
     """Make a fully written checkpoint visible: metadata, rename into place, switch `latest`, prune."""
     name = step_dir_name(step)
     final = root / name
-    config.save(tmp / "config.yaml")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time(), **meta}))
+    files = {p.name: p.stat().st_size for p in sorted(tmp.glob("*.safetensors"))}
+    config.save(tmp / CONFIG)
+    (tmp / META).write_text(json.dumps({"step": step, "time": time.time(), "format": FORMAT, "files": files, **meta}))
     if final.exists():  # the same step written again (e.g. after a resume): replace it
         trash = root / f".old_{name}"
         shutil.rmtree(trash, ignore_errors=True)
@@ -215,9 +588,11 @@ def _finalize(root: Path, tmp: Path, step: int, config: Config, keep: int, meta:
 class CheckpointWriter:
     """Writes checkpoints from every rank (DCP is collective); rank 0 makes them visible.
 
-    With ``asynchronous`` the state is staged in memory and written in the background while
-    training goes on; the checkpoint becomes visible (renamed, `latest` switched) once every rank
-    has finished writing, which :meth:`poll` checks each step. One save is in flight at a time.
+    Tensors go through torch's safetensors storage writer, one file per rank; the state's other
+    values (step, counters, data position) are written by rank 0 as state.json. With
+    ``asynchronous`` the tensors are staged in memory and written in the background while training
+    goes on; the checkpoint becomes visible (renamed, `latest` switched) once every rank has
+    finished writing, which :meth:`poll` checks each step. One save is in flight at a time.
     """
 
     def __init__(self, run_dir: str | Path, info=None, keep: int = 2, asynchronous: bool = False):
@@ -242,21 +617,26 @@ class CheckpointWriter:
 
     def save(self, step: int, state: dict, config: Config, meta: dict | None = None) -> Path | None:
         """Write ``state`` as checkpoint ``step``; ``meta`` (JSON) goes into its meta.json."""
+        from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
         from prx.distributed import barrier
 
         self.wait()
+        tensors, values = split_state(state)
         tmp = self.root / f".tmp_{step_dir_name(step)}"
         if self.info.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
+            (tmp / STATE).write_text(json.dumps(values, indent=1))
         barrier(self.info)
         single = not self.info.enabled  # one process: no collectives (and no warning that there are none)
+        writer = HuggingFaceStorageWriter(str(tmp), save_distributed=True)
         if self.asynchronous:
-            response = dcp.async_save(state, checkpoint_id=tmp, process_group=self.group, no_dist=single)
+            response = dcp.async_save(tensors, storage_writer=writer, process_group=self.group, no_dist=single)
             self.pending = (getattr(response, "upload_completion", response), tmp, step, config, meta or {})
             return None
-        dcp.save(state, checkpoint_id=tmp, no_dist=single)
+        dcp.save(tensors, storage_writer=writer, no_dist=single)
         return self._finish(tmp, step, config, meta or {})
 
     def _finish(self, tmp: Path, step: int, config: Config, meta: dict) -> Path:
@@ -288,26 +668,3 @@ class CheckpointWriter:
         self.pending = None
         future.result()
         return self._finish(tmp, step, config, meta)
-
-
-def load_checkpoint(path: str | Path, state: dict) -> Path:
-    """Fill ``state`` in place from a checkpoint (only the keys present in ``state`` are read)."""
-    path = find_checkpoint(path)
-    try:
-        import torch.distributed as dist
-
-        single = not (dist.is_available() and dist.is_initialized())
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-            dcp.load(state, checkpoint_id=path, no_dist=single)
-    except (Exception, CheckpointException) as e:  # DCP wraps the cause (size mismatch, missing key); a BaseException
-        detail = " ".join(str(e).split())
-        for marker in ("Size mismatch", "Missing key", "missing key", "Unexpected key"):
-            if marker in detail:
-                detail = detail[detail.index(marker):]
-                break
-        raise CheckpointError(
-            f"checkpoint '{path}' does not fit this model ({detail[:200]}): it was written with a different "
-            f"model config; sample it with its own config or start a new run with --out"
-        ) from None
-    return path

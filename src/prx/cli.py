@@ -56,7 +56,15 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         path = Path(args.prompts)
         if not path.exists() or path.is_dir():
             raise PrxError(f"prompts file '{path}' does not exist: give a text file with one prompt per line")
-        prompts = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        data = path.read_bytes()
+        try:
+            if b"\x00" in data:
+                raise UnicodeDecodeError("utf-8", data, data.index(b"\x00"), data.index(b"\x00") + 1, "NUL byte")
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise PrxError(f"prompts file '{path}' is not UTF-8 text (byte {e.start}: {e.reason}): give a text file "
+                           f"with one prompt per line") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
             raise PrxError(f"prompts file '{path}' has no prompts: write one prompt per line")
         return prompts
@@ -65,25 +73,46 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return args.prompt
 
 
+def _check_sampling_args(args: argparse.Namespace, count: int, batch_size: int = 1) -> None:
+    """The sampling options given on the command line, checked before the model loads (the run's own
+    defaults are checked when they are used)."""
+    from prx.sampling import check_request
+
+    def given(value, default):
+        return default if value is None else value
+
+    check_request(count, given(args.steps, 1), given(args.guidance_scale, 1.0), given(args.self_guidance_scale, 1.0),
+                  batch_size, args.seed)
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from prx.images import save_png
     from prx.pipeline import Pipeline
     from prx.runtime import make_writable_dir
-
     prompts = _read_prompts(args)
-    out = make_writable_dir(Path(args.out))
     if args.aspect_ratio is not None and (args.width is not None or args.height is not None):
         raise PrxError("give either --aspect-ratio or --width/--height, not both")
-    pipe = Pipeline.from_checkpoint(args.checkpoint, weights=args.weights, device=args.device)
+    # the values that do not need the model fail before it loads (the run's defaults are checked again when used)
+    _check_sampling_args(args, len(prompts), args.batch_size)
+    out = make_writable_dir(Path(args.out))
+    # no caption cache: thousands of distinct prompts would keep thousands of encodings in memory
+    pipe = Pipeline.from_checkpoint(args.checkpoint, weights=args.weights, device=args.device, text_cache_size=0)
     width, height = (pipe.size_for_aspect_ratio(args.aspect_ratio) if args.aspect_ratio is not None
                      else pipe.image_size(args.width, args.height))
     started = time.perf_counter()
-    images = pipe.generate(prompts, steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler,
-                           seed=args.seed, batch_size=args.batch_size, guidance=args.guidance,
-                           self_guidance_scale=args.self_guidance_scale, width=width, height=height).numpy()
+    batches = pipe.generate_batches(prompts, steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler,
+                                    seed=args.seed, batch_size=args.batch_size, guidance=args.guidance,
+                                    self_guidance_scale=args.self_guidance_scale, width=width, height=height)
+    # each batch is written as soon as it is sampled: memory stays one batch's, whatever the prompt count
+    with tqdm(total=len(prompts), desc="sample", unit="img", dynamic_ncols=True, disable=len(prompts) <= args.batch_size,
+              mininterval=1.0 if sys.stderr.isatty() else 30.0) as bar:
+        for start, images in batches:
+            for i, image in enumerate(images.numpy()):
+                save_png(image, out / f"{start + i:04d}.png")
+            bar.update(len(images))
     seconds = time.perf_counter() - started
-    for i, image in enumerate(images):
-        save_png(image, out / f"{i:04d}.png")
     print(f"sampled {len(prompts)} image(s) of {width}×{height} in {seconds:.2f}s ({seconds / len(prompts):.3f}s each): "
           f"{out / '0000.png'}" + (f" … {out / f'{len(prompts) - 1:04d}.png'}" if len(prompts) > 1 else ""))
     return 0
@@ -101,6 +130,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return run_cli(args)
     if args.metrics:
         raise PrxError("--metrics needs --data (held-out shards); without --data, prx eval judges the shapes world")
+    _check_sampling_args(args, 400_000)  # four prompt sets, seeds seed + 100000·k + i
     ckpt = find_checkpoint(args.checkpoint)
     step = checkpoint_meta(ckpt)["step"]
     out = Path(args.out) if args.out else _run_dir_of(ckpt) / "eval" / f"step_{step:08d}"
@@ -127,6 +157,18 @@ def _parse_size(text: str) -> int:
         return int(float(text))
     except ValueError:
         raise PrxError(f"--shard-size '{text}' is not a size: write e.g. 256MB or 1GB") from None
+
+
+def _check_count(text: str) -> int | str:
+    if text == "all":
+        return "all"
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of samples ≥ 0 or 'all'")
+    return value
 
 
 def _rank(args: argparse.Namespace) -> tuple[int, int]:
@@ -189,7 +231,6 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     import numpy as np
 
     from prx.data.buckets import bucket_indices, make_buckets
-    from prx.data.imageio import BadImage, decode
     from prx.data.loader import ShardIndex
     from prx.data.shards import expand_shards
 
@@ -213,20 +254,18 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     for b, n in zip(buckets, counts):
         print(f"  {b.width:>5}x{b.height:<5} {b.tokens(args.patch_size):>5} tokens  {n:>9} samples")
     if args.check:
-        import pyarrow.parquet as pq
+        from prx.data.loader import check_samples
 
-        reasons = collections.Counter()
-        rng = np.random.default_rng(0)
-        picks = rng.choice(len(index), size=min(args.check, len(index)), replace=False)
-        for i in picks:
-            table = pq.ParquetFile(index.paths[index.shard[i]]).read_row_group(
-                int(index.groups[index.group[i]][1]), columns=index.read_columns([]))
-            row = int(index.row[i]) - index.group_start[index.groups[index.group[i]]]
-            try:
-                decode(index.image(table, row))
-            except BadImage as e:
-                reasons[e.reason] += 1
-        print(f"decoded {len(picks)} random samples: {sum(reasons.values())} failed {dict(reasons) or ''}")
+        picks = None if args.check == "all" else np.random.default_rng(0).choice(
+            len(index), size=min(args.check, len(index)), replace=False)
+        report = check_samples(index, picks)
+        what = "every sample" if picks is None else f"{report['checked']} random samples"
+        print(f"read and decoded {what} ({report['checked']}): {sum(report['failed'].values())} failed "
+              f"{report['failed'] or ''}")
+        for line in report["damaged"]:
+            print(f"  damaged: {line}")
+        for line in report["bad"]:
+            print(f"  bad image: {line}")
     return 0
 
 
@@ -247,19 +286,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     from prx.model import build_model
     from prx.runtime import make_writable_dir
 
-    ckpt = find_checkpoint(args.checkpoint)
-    config = checkpoint_config(ckpt)
-    model = build_model(config.model)
-    load_weights(ckpt, model, args.weights)  # full tensors, whatever world size wrote the checkpoint
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise PrxError(f"--out {out} should end in .safetensors (or use --format diffusers to write a pipeline directory)")
+    if out.is_dir() or out.with_suffix(".yaml").is_dir():
+        raise PrxError(f"--out {out} is a directory: give the path of a new .safetensors file")
+    ckpt = find_checkpoint(args.checkpoint)
+    step = checkpoint_meta(ckpt)["step"]  # a damaged checkpoint stops here, naming the file
+    config = checkpoint_config(ckpt)
+    from prx.model import param_count
+    from prx.runtime import check_memory, resolve_device
+
+    check_memory(param_count(config.model), resolve_device("cpu"), "inference", f"the model of checkpoint '{ckpt}'")
+    model = build_model(config.model)
+    load_weights(ckpt, model, args.weights)  # full tensors, whatever world size wrote the checkpoint
     make_writable_dir(out.parent if str(out.parent) else Path("."))
-    step = checkpoint_meta(ckpt)["step"]
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
-              metadata={"prx_config": config.to_yaml(), "step": str(step), "weights": args.weights})
-    tmp.replace(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
+                  metadata={"prx_config": config.to_yaml(), "step": str(step), "weights": args.weights})
+        tmp.replace(out)
+    except OSError as e:
+        raise PrxError(f"cannot write --out {out} ({e.strerror or e}): choose another path") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     config.save(out.with_suffix(".yaml"))
     n = sum(v.numel() for v in model.state_dict().values())
     print(f"exported {args.weights} weights of step {step} ({n / 1e6:.1f}M parameters): {out} (+ {out.with_suffix('.yaml').name}); "
@@ -455,7 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--id-column", help="downloaded files: a stable id column")
     q.add_argument("--resolution", type=int, default=512, help="stage resolution for the bucket table")
     q.add_argument("--patch-size", type=int, default=32)
-    q.add_argument("--check", type=int, default=0, metavar="N", help="also decode N random samples")
+    q.add_argument("--check", type=_check_count, default=0, metavar="N|all",
+                   help="also read and decode N random samples, or all of them (every row group and image)")
     q.set_defaults(func=cmd_data_inspect)
     data.set_defaults(func=lambda a: data.print_help() or 0)
     return parser

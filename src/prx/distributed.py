@@ -53,6 +53,23 @@ def init_distributed(device: torch.device, timeout_minutes: float = 10.0) -> Dis
     return DistInfo(rank, world, local_rank, device)
 
 
+def world_size_from_env() -> int:
+    """The number of processes torchrun started (1 without torchrun), before joining the job."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def rank0_outcome(message: str | None, info: DistInfo) -> str | None:
+    """Rank 0's ``message`` (an error, or None for success) on every rank."""
+    if not info.enabled:
+        return message
+    box = [message if info.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

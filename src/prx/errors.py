@@ -15,3 +15,7 @@ class CheckpointError(PrxError):
 
 class TrainingError(PrxError):
     """A run that cannot go on (e.g. too many non-finite losses)."""
+
+
+class CheckpointDamaged(CheckpointError):
+    """A checkpoint whose files are truncated, altered or unreadable (not one of another config)."""

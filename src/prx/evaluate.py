@@ -45,6 +45,12 @@ def evaluate(
             f"train at data.resolution ≥ {MIN_JUDGE_RESOLUTION}"
         )
     sets = sets if sets is not None else eval_prompt_sets()
+    from prx.sampling import check_request
+
+    s = pipe.config.sampling  # every value checked once, before any image: set k uses seeds seed + 100000·k + i
+    check_request(100_000 * len(sets), s.steps if steps is None else steps,
+                  s.guidance_scale if guidance_scale is None else guidance_scale,
+                  s.self_guidance_scale if self_guidance_scale is None else self_guidance_scale, batch_size, seed)
     results: dict = {"sets": {}, "settings": {}}
     started = time.monotonic()
     for offset, (name, specs) in enumerate(sets.items()):
@@ -73,9 +79,8 @@ def evaluate(
             save_grid(images[:64], out / f"{name}.png", marks[:64], ncol=8)
         if progress is not None:
             progress(name, results["sets"][name])
-    s = pipe.config.sampling
     results["settings"] = {
-        "steps": steps or s.steps,
+        "steps": s.steps if steps is None else steps,
         "guidance": guidance or s.guidance,
         "guidance_scale": s.guidance_scale if guidance_scale is None else guidance_scale,
         "self_guidance_scale": s.self_guidance_scale if self_guidance_scale is None else self_guidance_scale,

@@ -299,3 +299,13 @@ def model_config_from_dict(data: dict) -> ModelConfig:
 
 def build_model(config: ModelConfig) -> PRX:
     return PRX(config)
+
+
+def param_count(config: ModelConfig) -> int:
+    """The number of parameters a config builds, counted on the meta device (nothing is allocated)."""
+    if config.text_dim is None:
+        from dataclasses import replace
+
+        config = replace(config, text_dim=384)
+    with torch.device("meta"):
+        return sum(p.numel() for p in PRX(config).parameters())

@@ -15,7 +15,7 @@ its configured LR as ``base_lr``; the schedule multiplies it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable
 
 from prx.checks import at_least, check, one_of, positive, within
 from prx.errors import ConfigError
@@ -42,6 +42,10 @@ class OptimizerConfig:
     muon_nesterov: bool = True
     muon_ns_steps: int = at_least(5, 1)
     muon_rms_scale: bool = True  # scale updates by 0.2·√max(m, n) to match Adam's RMS
+
+    # everything else (lr, schedule, betas, clipping, ...) may change when a run resumes: the
+    # hyperparameters come from the config, only the optimizers' state tensors from the checkpoint
+    FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = ("name",)
 
     def check(self, run) -> None:
         check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),

@@ -11,7 +11,7 @@ from prx.config import Config
 from prx.errors import PrxError
 from prx.model import PRX, build_model
 from prx.runtime import autocast_dtype, resolve_device
-from prx.sampling import guided_predictor, initial_noise, sample, to_uint8
+from prx.sampling import check_request, guided_predictor, initial_noise, sample, to_uint8
 from prx.text import TextEncoder
 from prx.tread import TREADRouter
 
@@ -27,21 +27,32 @@ class Pipeline:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, weights: str = "ema", device: str = "auto",
-                        text_encoder: TextEncoder | None = None) -> "Pipeline":
+                        text_encoder: TextEncoder | None = None, text_cache_size: int | None = None) -> "Pipeline":
         """Load a checkpoint (or a run directory's latest, or a ``prx export`` file) for sampling;
-        ``weights`` is 'ema' or 'model'."""
+        ``weights`` is 'ema' or 'model'. ``text_cache_size``: captions whose encodings are kept
+        (default: the run's text.cache_size; 0 for many distinct prompts, so memory stays flat)."""
         if weights not in ("ema", "model"):
             raise ValueError("weights must be 'ema' or 'model'")
         if str(path).endswith(".safetensors"):
-            return cls.from_export(path, device, text_encoder)
+            return cls.from_export(path, device, text_encoder, text_cache_size)
         path = find_checkpoint(path)
         config = checkpoint_config(path)
-        model = build_model(config.model)
+        model = cls._build(config, device, f"checkpoint '{path}'")
         load_weights(path, model, weights)
-        return cls._assemble(model, config, device, text_encoder)
+        return cls._assemble(model, config, device, text_encoder, text_cache_size)
+
+    @staticmethod
+    def _build(config: Config, device: str, what: str) -> PRX:
+        """The model of a saved config, once it is known to fit in memory (a config can say anything)."""
+        from prx.model import param_count
+        from prx.runtime import check_memory
+
+        check_memory(param_count(config.model), resolve_device(device), "inference", f"the model of {what}")
+        return build_model(config.model)
 
     @classmethod
-    def from_export(cls, path: str | Path, device: str = "auto", text_encoder: TextEncoder | None = None) -> "Pipeline":
+    def from_export(cls, path: str | Path, device: str = "auto", text_encoder: TextEncoder | None = None,
+                    text_cache_size: int | None = None) -> "Pipeline":
         """Load weights written by ``prx export`` (one safetensors file, its config in the metadata)."""
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -51,23 +62,37 @@ class Pipeline:
         path = Path(path)
         if not path.is_file():
             raise PrxError(f"export '{path}' does not exist: write one with `prx export --checkpoint RUN --out FILE`")
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception as e:  # noqa: BLE001 - safetensors' own error types vary by version
+            raise PrxError(f"export '{path}' is damaged or not a safetensors file ({' '.join(str(e).split())[:120]})") from None
         if "prx_config" not in meta:
             raise PrxError(f"{path} was not written by `prx export` (no prx_config metadata)")
         import yaml
 
         from prx.checkpoint import migrate_saved_config
 
-        config = config_from_dict(migrate_saved_config(yaml.safe_load(meta["prx_config"])))
-        model = build_model(config.model)
-        model.load_state_dict(load_file(str(path)))
-        return cls._assemble(model, config, device, text_encoder)
+        try:
+            data = yaml.safe_load(meta["prx_config"])
+            config = config_from_dict(migrate_saved_config(data if isinstance(data, dict) else {"": data}))
+        except (yaml.YAMLError, PrxError) as e:
+            raise PrxError(f"export '{path}' has a prx_config this prx cannot read ({' '.join(str(e).split())[:160]})") from None
+        model = cls._build(config, device, f"export '{path}'")
+        try:
+            model.load_state_dict(load_file(str(path)))
+        except Exception as e:  # noqa: BLE001
+            raise PrxError(f"export '{path}' does not hold this model's weights ({' '.join(str(e).split())[:160]})") from None
+        return cls._assemble(model, config, device, text_encoder, text_cache_size)
 
     @classmethod
-    def _assemble(cls, model: PRX, config: Config, device: str, text_encoder: TextEncoder | None) -> "Pipeline":
+    def _assemble(cls, model: PRX, config: Config, device: str, text_encoder: TextEncoder | None,
+                  text_cache_size: int | None = None) -> "Pipeline":
+        from dataclasses import replace
+
         dev = resolve_device(device)
-        return cls(model.to(dev), text_encoder or TextEncoder.from_config(config.text, dev), config, dev)
+        text = config.text if text_cache_size is None else replace(config.text, cache_size=text_cache_size)
+        return cls(model.to(dev), text_encoder or TextEncoder.from_config(text, dev), config, dev)
 
     def image_size(self, width: int | None = None, height: int | None = None,
                    resolution: int | None = None) -> tuple[int, int]:
@@ -104,7 +129,6 @@ class Pipeline:
             self._empty = self.text_encoder.encode([""]).to(self.device)
         return self._empty
 
-    @torch.no_grad()
     def generate(
         self,
         prompts: list[str],
@@ -126,18 +150,41 @@ class Pipeline:
         ``resolution`` (default: the run's last-stage resolution); see also
         :meth:`size_for_aspect_ratio`. ``guidance``: 'cfg' (empty-caption negative), 'self' (TREAD
         self-guidance with the run's routing, a fixed route per image over the image's own token
-        grid) or 'both'; None = the run's sampling.guidance.
+        grid) or 'both'; None = the run's sampling.guidance. For many prompts use
+        :meth:`generate_batches`, which holds one batch at a time.
         """
+        return torch.cat([images for _, images in self.generate_batches(
+            prompts, steps, guidance_scale, guidance_interval, sampler, seed, resolution, batch_size, guidance,
+            self_guidance_scale, width, height)])
+
+    @torch.no_grad()
+    def generate_batches(
+        self,
+        prompts: list[str],
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        sampler: str | None = None,
+        seed: int | None = None,
+        resolution: int | None = None,
+        batch_size: int = 64,
+        guidance: str | None = None,
+        self_guidance_scale: float | None = None,
+        width: int | None = None,
+        height: int | None = None,
+    ):
+        """Yields (index of the first prompt, uint8 images (b, H, W, 3)) batch by batch: memory stays
+        that of one batch whatever the number of prompts. The same images as :meth:`generate`."""
         s = self.config.sampling
-        steps = steps or s.steps
+        steps = s.steps if steps is None else steps
         guidance = guidance or s.guidance
         guidance_scale = s.guidance_scale if guidance_scale is None else guidance_scale
         self_scale = s.self_guidance_scale if self_guidance_scale is None else self_guidance_scale
         interval = tuple(guidance_interval or s.guidance_interval)
         sampler = sampler or s.sampler
         seed = s.seed if seed is None else seed
+        check_request(len(prompts), steps, guidance_scale, self_scale, batch_size, seed)
         width, height = self.image_size(width, height, resolution)
-        noise = initial_noise(len(prompts), height, width, seed, self.config.objective.noise_scale)
         patch = self.config.model.patch_size
         tokens = (height // patch) * (width // patch)
         router = None
@@ -145,9 +192,9 @@ class Pipeline:
             router = TREADRouter.from_config(self.config.tread, seed)
             if router is None:
                 raise PrxError("self-guidance needs the run's TREAD routing, but tread.route_ratio is 0: use --guidance cfg")
-        out = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
+            noise = initial_noise(len(chunk), height, width, seed + start, self.config.objective.noise_scale)
             cond = self.text_encoder.encode(chunk).to(self.device)
             route = None
             if router is not None:  # a fixed route per image for the whole generation
@@ -155,10 +202,9 @@ class Pipeline:
                 route = router.fixed_route(tokens, self.config.model.num_layers, seeds, self.device)
             predict = guided_predictor(self.model, cond, self.empty_caption, guidance, guidance_scale, self_scale,
                                        interval, route, self.autocast)
-            x = sample(predict, noise[start : start + batch_size].to(self.device), steps, sampler,
-                       self.config.sampling_shift, self.config.objective.t_clamp, s.schedule)
-            out.append(to_uint8(x))
-        return torch.cat(out)
+            x = sample(predict, noise.to(self.device), steps, sampler, self.config.sampling_shift,
+                       self.config.objective.t_clamp, s.schedule)
+            yield start, to_uint8(x)
 
 
 def parse_aspect_ratio(ratio: str | float) -> float:

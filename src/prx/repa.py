@@ -12,6 +12,7 @@ not part of the weights used for sampling.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from prx.checks import at_least, check
 
@@ -26,6 +27,16 @@ class REPAConfig:
     weight: float = at_least(0.5, 0, hint=" (0 disables)")
     block: int = 8  # the output of the 8th block (counted from 1, as in the REPA paper)
     projector_dim: int = at_least(2048, 1)
+
+    # a resumed run keeps these: the trained projector maps to this teacher's features
+    FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = ("teacher", "projector_dim")
+
+    def check_resume(self, saved: "REPAConfig") -> None:
+        """REPA cannot be switched on or off in a resumed run: the projector is trained state."""
+        check((saved.weight > 0) == (self.weight > 0),
+              f"repa.weight cannot go from {saved.weight:g} to {self.weight:g} in a resumed run: the REPA projector "
+              f"{'is' if saved.weight > 0 else 'is not'} part of its checkpoints; switch REPA per stage with "
+              f"train.stages[i].repa, or use --out for a new run")
 
     def check(self, run) -> None:
         n = run.model.num_layers

@@ -54,6 +54,121 @@ def make_writable_dir(path: Path, what: str = "output directory") -> Path:
     return path
 
 
+class RunLock:
+    """The run directory's lock: an exclusive ``flock`` on ``RUN/.lock``, held by the training that
+    writes the run for as long as it runs. A second training into the same directory fails at once
+    with the holder's PID and host. The kernel releases the lock when its process ends in any way
+    (a crash, ``kill -9``), so a stale lock never blocks a resume. Under torchrun rank 0 holds it.
+
+    Within one process the lock is re-entrant (a ``Trainer`` set up again in the same Python session
+    reuses it); it is released when the last holder releases it or is garbage-collected.
+    """
+
+    NAME = ".lock"
+    _held: dict[str, list] = {}  # lock file → [fd, holders], this process's locks
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / self.NAME
+        self.key: str | None = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+        import json
+        import socket
+        import time
+        import weakref
+
+        if self.key is not None:
+            return self
+        make_writable_dir(self.run_dir, "run directory")
+        key = os.path.realpath(self.path)
+        if key in self._held:
+            self._held[key][1] += 1
+        else:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = self._holder(fd)
+                os.close(fd)
+                raise PrxError(f"run directory '{self.run_dir}' is in use by another training ({holder}): wait for it "
+                               f"to finish or stop it, or train into another --out") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                      "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+            self._held[key] = [fd, 1]
+        self.key = key
+        self._finalizer = weakref.finalize(self, RunLock._release, key)
+        return self
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        import json
+
+        try:
+            info = json.loads(os.pread(fd, 4096, 0).decode())
+            return f"PID {info['pid']} on host {info['host']}, since {info['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "a process that has not written its PID yet"
+
+    @classmethod
+    def _release(cls, key: str) -> None:
+        import fcntl
+
+        entry = cls._held.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del cls._held[key]
+            try:
+                fcntl.flock(entry[0], fcntl.LOCK_UN)
+            finally:
+                os.close(entry[0])
+
+    def release(self) -> None:
+        if self.key is not None:
+            self._finalizer.detach()
+            RunLock._release(self.key)
+            self.key = None
+
+
+def available_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, where) a process can still allocate: free GPU memory, or the machine's MemAvailable."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return int(free), f"free on {torch.cuda.get_device_name(device)}"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "available RAM"
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "available RAM"
+    except (ValueError, OSError, AttributeError):
+        return 2**62, "available RAM"
+
+
+# bytes per parameter: fp32 weights; training adds gradients, two Adam moments (Muon keeps one) and the EMA copy
+BYTES_PER_PARAM = {"inference": 4, "training": 4 + 4 + 8 + 4}
+
+
+def check_memory(params: int, device: torch.device, use: str, what: str, shards: int = 1) -> None:
+    """Fail before allocating when ``params`` parameters cannot fit: a one-line message with the count,
+    the memory they need (without activations) and what is available. ``shards``: FSDP ranks that
+    share the state on one GPU each (CPU ranks share one machine's RAM)."""
+    need = params * BYTES_PER_PARAM[use] // (shards if device.type == "cuda" else 1)
+    available, where = available_memory(device)
+    if need > available:
+        gib = 2**30
+        count = next(f"{params / d:.3g}{u}" for u, d in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("", 1)) if params >= d or u == "")
+        raise PrxError(f"{what} has {count} parameters: {use} needs {need / gib:,.1f} GiB for them "
+                       f"({BYTES_PER_PARAM[use]} bytes each{', sharded over ' + str(shards) + ' GPUs' if shards > 1 and device.type == 'cuda' else ''}"
+                       f", before activations), but {available / gib:,.1f} GiB is {where}: use a smaller model")
+
+
 class StopSignals:
     """Signals that ask a run to finish its current step, write a checkpoint and exit: Ctrl-C
     (SIGINT), SIGTERM (what Slurm, Kubernetes, spot instances and torchrun send) and SIGUSR1 (Slurm's

@@ -50,6 +50,30 @@ class SamplingConfig:
               f"sampling.guidance={self.guidance} needs TREAD routing (tread.route_ratio > 0) for its routed pass")
 
 
+SEED_LIMIT = 2**63  # seeds are non-negative int64; image i uses seed + i
+
+
+def check_request(count: int, steps: int, guidance_scale: float, self_guidance_scale: float, batch_size: int,
+                  seed: int) -> None:
+    """The values of one sampling request (``prx sample``, ``prx eval``, ``Pipeline.generate``), each
+    refused with a one-line message instead of a default, noise or a crash: ``count`` images from
+    seeds seed .. seed + count − 1."""
+    import math
+
+    from prx.errors import PrxError
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise PrxError(f"--steps must be a whole number ≥ 1 (sampling steps), got {steps}")
+    for name, w in (("--guidance-scale", guidance_scale), ("--self-guidance-scale", self_guidance_scale)):
+        if not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise PrxError(f"{name} must be a finite number ≥ 0 (1 turns that guidance off), got {w}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise PrxError(f"--batch-size must be a whole number ≥ 1, got {batch_size}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_LIMIT - count:
+        raise PrxError(f"--seed must be a whole number in [0, 2**63 − {count}] ({count} image(s) use seeds seed .. "
+                       f"seed + {count - 1}), got {seed}")
+
+
 def sampling_schedule(steps: int, shift: float, kind: str = "linspace") -> Tensor:
     """Times from 1 (noise) to 0 (clean): (steps + 1,).
 

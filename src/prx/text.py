@@ -9,7 +9,7 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from prx.checks import at_least, one_of, positive
 from prx.errors import PrxError
@@ -31,6 +31,9 @@ class TextConfig:
     max_length: int = positive(64)
     dtype: str = one_of("float32", "bfloat16", "float16")
     cache_size: int = at_least(100_000, 0)  # encodings of repeated captions are reused
+
+    # a resumed run keeps these: the model's text projection learned this encoder's tokens
+    FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = ("encoder", "max_length")
 
 
 def text_width(name: str) -> int | None:

@@ -26,24 +26,29 @@ from torch import nn
 
 from prx.checkpoint import (CheckpointWriter, checkpoint_meta, checkpoint_to_resume, restore_training_state, step_of,
                             training_state)
-from prx.config import Config, StageConfig
+from prx.config import Config, StageConfig, describe_changes
 from prx.data.sources import build_source
-from prx.distributed import (all_agree, full_value, init_distributed, mean_across_ranks, min_across_ranks, parallelize,
-                             reshard)
+from prx.distributed import (DistInfo, all_agree, full_value, init_distributed, mean_across_ranks, min_across_ranks, parallelize,
+                             rank0_outcome, reshard, resolve_parallel, world_size_from_env)
 from prx.ema import EMA
 from prx.errors import ConfigError, PrxError, TrainingError
 from prx.flow import add_noise, flow_loss, sample_noise, sample_timesteps, step_seed
 from prx.images import save_grid
 from prx.logger import RunLogger, sample_in_sizes, sample_sizes
-from prx.model import PRX, model_config_from_dict
+from prx.model import PRX, model_config_from_dict, param_count
 from prx.optim import MultiOptimizer, build_optimizer, lr_scale, param_groups_from_config
 from prx.perceptual import PerceptualLoss
 from prx.pipeline import Pipeline
 from prx.repa import REPAAlignment
-from prx.runtime import StopSignals, TimeBudget, autocast_dtype, resolve_device, set_threads
+from prx.runtime import RunLock, StopSignals, TimeBudget, autocast_dtype, check_memory, resolve_device, set_threads
 from prx.seed_api import config_from_components, groups_after_sharding
 from prx.text import TextBatch, TextEncoder
 from prx.tread import TREADRouter
+
+
+def _shape(cfg: Config) -> str:
+    m = cfg.model
+    return f"model.hidden_dim={m.hidden_dim}, model.num_layers={m.num_layers}, model.patch_size={m.patch_size}"
 
 
 @dataclass
@@ -93,6 +98,8 @@ class Trainer:
         self.stop_reason: str | None = None
         self.signals = StopSignals()
         self.timer = NoTimer()  # `prx bench` swaps in a timer that records each phase of the step
+        self.lock: RunLock | None = None
+        self.config_changes: list = []
         self._given = dict(model=model, router=router, repa=repa, perceptual=perceptual_loss,
                            param_groups=param_groups, text_encoder=text_encoder)
 
@@ -101,11 +108,38 @@ class Trainer:
     # ----------------------------------------------------------------------------------------
 
     def setup(self) -> None:
+        """Everything before step 0. Fails before any work (one line) on a batch that does not split
+        over the ranks, a model that cannot fit in memory, a run directory another training holds, a
+        checkpoint of another model or a config change the run cannot take."""
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self) -> None:
         cfg, given = self.config, self._given
-        self.resume_from = checkpoint_to_resume(self.run_dir, self.resume, cfg)
+        world = world_size_from_env()
+        cfg.check_world(world)
+        device = resolve_device(cfg.train.device)
+        if given["model"] is None:  # estimated from the config, before anything is allocated
+            check_memory(param_count(cfg.model), device, "training", f"the model ({_shape(cfg)})",
+                         shards=world if resolve_parallel(cfg.train.parallel, DistInfo(world=world)) == "fsdp" else 1)
         set_threads(cfg.train.num_threads)
-        self.dist = init_distributed(resolve_device(cfg.train.device), cfg.train.timeout_minutes)
+        self.dist = init_distributed(device, cfg.train.timeout_minutes)
         self.device = self.dist.device
+        # The run directory is this training's until it ends: rank 0 locks it before any rank writes there.
+        error = None
+        if self.dist.is_main:
+            try:
+                self.lock = RunLock(self.run_dir).acquire()
+            except PrxError as e:
+                error = str(e)
+        error = rank0_outcome(error, self.dist)
+        if error:
+            raise PrxError(error)
+        self.resume_from, self.config_changes = checkpoint_to_resume(self.run_dir, self.resume, cfg, self.log,
+                                                                     self.dist.is_main)
         self.autocast = autocast_dtype(cfg.train.precision, self.device)
         torch.manual_seed(cfg.train.seed)
 
@@ -159,7 +193,20 @@ class Trainer:
             if self.planned_steps and cfg.train.time_budget_minutes:
                 cfg.train.steps = self.planned_steps
         if self.dist.is_main:
+            if self.config_changes:  # they take effect now; config.yaml records them
+                self.log(f"resuming with a changed config (recorded in {self.run_dir / 'config.yaml'}): "
+                         f"{describe_changes(self.config_changes)}")
             cfg.save(self.run_dir / "config.yaml")
+
+    def close(self) -> None:
+        """Stop the data workers and release the run directory (the lock); called when :meth:`run`
+        ends, however it ends."""
+        close_data = getattr(getattr(self, "data", None), "close", None)
+        if close_data is not None:
+            close_data()
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
+            self.lock = None
 
     # ----------------------------------------------------------------------------------------
     # The training step
@@ -277,6 +324,12 @@ class Trainer:
     def run(self) -> Path:
         """Train to the end of the last stage; returns the newest checkpoint (also ``RUN/checkpoints/latest``)."""
         self.setup()
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> Path:
         cfg, total = self.config, self.config.total_steps
         if not self.dist.is_main:  # one voice: rank 0 prints, logs and writes files
             self.log = lambda *args, **kwargs: None

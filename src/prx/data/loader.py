@@ -21,9 +21,12 @@ either. A sample that fails to decode is replaced by another of its batch and co
 from __future__ import annotations
 
 import collections
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -131,6 +134,43 @@ class ShardIndex:
         return f"{self.paths[int(self.shard[sample])].name}:{int(self.row[sample])}"
 
 
+def check_samples(index: ShardIndex, samples: np.ndarray | None = None, progress: bool = True) -> dict:
+    """Read the row groups of ``samples`` (every sample when None) and decode their images, as
+    training would: {"checked": n, "failed": {reason: count}, "damaged": [row groups that cannot be
+    read], "bad": [file:row of images that cannot be decoded (the first 20)]}."""
+    from tqdm import tqdm
+
+    samples = np.arange(len(index)) if samples is None else np.asarray(samples)
+    failed, damaged, bad = collections.Counter(), [], []
+    cache = _RowGroupCache()
+    order = samples[np.argsort(index.group[samples], kind="stable")]
+    columns = index.read_columns([])
+    with tqdm(total=len(order), desc="checking", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for group in np.unique(index.group[order]):
+            members = order[index.group[order] == group]
+            shard, local = index.groups[int(group)]
+            path = index.paths[shard]
+            try:
+                table = cache.get(path, local, columns)
+            except DamagedRowGroup as e:
+                failed[e.reason] += len(members)
+                damaged.append(f"{e} ({len(members)} samples)")
+                bar.update(len(members))
+                continue
+            for sample in members:
+                row = int(index.row[sample]) - index.group_start[(shard, local)]
+                try:
+                    decode(index.image(table, row))
+                except BadImage as e:
+                    failed[e.reason] += 1
+                    if len(bad) < 20:
+                        bad.append(f"{path}:{int(index.row[sample])} ({e.reason})")
+            bar.update(len(members))
+            cache.items.clear()
+            cache.used = 0
+    return {"checked": len(order), "failed": dict(failed), "damaged": damaged, "bad": bad}
+
+
 class ShardPlanner:
     """The deterministic batch plan of one rank for one stage."""
 
@@ -173,6 +213,41 @@ class ShardPlanner:
         return self._cache[epoch]
 
 
+class DamagedRowGroup(Exception):
+    """A row group pyarrow cannot read (a damaged page or column chunk inside an otherwise valid file)."""
+
+    reason = "damaged row group"
+
+    def __init__(self, path: Path, group: int, error: Exception):
+        self.path, self.group = path, group
+        self.detail = " ".join(str(error).split())[:160] or type(error).__name__
+        super().__init__(f"{path}: row group {group} cannot be read ({self.detail})")
+
+
+class _WorkerSignals:
+    """The stop signals in DataLoader workers. Ctrl-C, SIGTERM and SIGUSR1 ask the *main* process to
+    finish its step and save, but a terminal (Ctrl-C) or Slurm (SIGTERM) sends them to every process
+    of the job: a worker that died of one would take the step, and the checkpoint, with it. Workers
+    therefore ignore them, except SIGTERM once the loader is shutting down (``stopping`` set: the
+    DataLoader's own fallback to end a worker) or once the main process is gone."""
+
+    def __init__(self, stopping):
+        self.stopping = stopping
+
+    def __call__(self, worker_id: int) -> None:
+        import signal
+
+        parent = os.getppid()
+
+        def on_term(signum, frame):
+            if self.stopping.is_set() or os.getppid() != parent:
+                os._exit(0)
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, on_term)
+
+
 class _RowGroupCache:
     """Recently read row groups of a worker, bounded by bytes."""
 
@@ -182,17 +257,25 @@ class _RowGroupCache:
         self.budget, self.used = budget_bytes, 0
         self.items: collections.OrderedDict = collections.OrderedDict()
         self.files: dict[Path, pq.ParquetFile] = {}
+        self.damaged: dict[tuple[Path, int], DamagedRowGroup] = {}
 
     def get(self, path: Path, group: int, columns: list[str]):
+        """The row group's table; :class:`DamagedRowGroup` when pyarrow cannot read it (remembered)."""
         key = (path, group, tuple(columns))
         if key in self.items:
             self.items.move_to_end(key)
             return self.items[key]
-        if path not in self.files:
-            if len(self.files) > 64:
-                self.files.clear()
-            self.files[path] = pq.ParquetFile(path)
-        table = self.files[path].read_row_group(group, columns=columns)
+        if (path, group) in self.damaged:
+            raise self.damaged[(path, group)]
+        try:
+            if path not in self.files:
+                if len(self.files) > 64:
+                    self.files.clear()
+                self.files[path] = pq.ParquetFile(path)
+            table = self.files[path].read_row_group(group, columns=columns)
+        except (OSError, ValueError, pa.ArrowException) as e:  # a damaged page, chunk or footer
+            self.damaged[(path, group)] = DamagedRowGroup(path, group, e)
+            raise self.damaged[(path, group)] from None
         self.items[key] = table
         self.used += table.nbytes
         while self.used > self.budget and len(self.items) > 1:
@@ -219,6 +302,7 @@ class ShardBatches(IterableDataset):
             raise PrxError("the shards have no caption column in common")
         self.caption_names = list(weights)
         self.sidecar_dims: dict[Path, int] = {}
+        self.reported: set[str] = set()  # damaged row groups this process has reported
         total = sum(weights.values())
         self.caption_probs = np.array([weights[c] / total for c in self.caption_names])
 
@@ -248,14 +332,21 @@ class ShardBatches(IterableDataset):
         bucket_index, samples = item
         bucket: Bucket = self.planner.buckets[bucket_index]
         idx = self.planner.index
-        images, captions, ids, embeds, skipped = [], [], [], [], collections.Counter()
+        images, captions, ids, embeds, skipped, damaged = [], [], [], [], collections.Counter(), []
         columns = idx.read_columns(self.caption_names)
         for sample in samples:
             shard, row, group = int(idx.shard[sample]), int(idx.row[sample]), int(idx.group[sample])
             path = idx.paths[shard]
             local_group = idx.groups[group][1]
             r = row - idx.group_start[(shard, local_group)]
-            table = cache.get(path, local_group, columns)
+            try:
+                table = cache.get(path, local_group, columns)
+            except DamagedRowGroup as e:  # skipped and counted like a bad image; the file named once
+                skipped[e.reason] += 1
+                if str(e) not in self.reported:
+                    self.reported.add(str(e))
+                    damaged.append(str(e))
+                continue
             choice = self.choose_caption(epoch, int(sample))
             names = [self.caption_names[choice]] + [n for n in self.caption_names if n != self.caption_names[choice]]
             caption, used = "", None
@@ -278,7 +369,15 @@ class ShardBatches(IterableDataset):
             captions.append(caption)
             ids.append(idx.sample_id(table, r, int(sample)))
             if self.embedding_tag is not None:
-                embeds.append(self._embedding(path, local_group, r, used, cache))
+                try:
+                    embeds.append(self._embedding(path, local_group, r, used, cache))
+                except DamagedRowGroup as e:
+                    skipped[e.reason] += 1
+                    if str(e) not in self.reported:
+                        self.reported.add(str(e))
+                        damaged.append(str(e))
+                    images.pop(), captions.pop(), ids.pop()
+                    continue
         if not images:
             raise PrxError(f"every sample of batch {batch_index} (epoch {epoch}) failed to load "
                            f"({dict(skipped)}): check the shards with `prx data inspect`")
@@ -300,7 +399,7 @@ class ShardBatches(IterableDataset):
                 e[i, : arr.shape[0]] = torch.from_numpy(arr.copy())
                 mask[i, : arr.shape[0]] = True
             text = TextBatch(e, mask)
-        return DataBatch(tensor, captions, ids, text, (epoch, batch_index), dict(skipped))
+        return DataBatch(tensor, captions, ids, text, (epoch, batch_index), dict(skipped), damaged)
 
     def _embedding(self, shard: Path, group: int, row: int, column: str, cache: _RowGroupCache) -> np.ndarray:
         side = sidecar_path(shard, self.embedding_tag)
@@ -341,7 +440,10 @@ class ShardLoader:
         self.stage: int | None = None
         self.position = (0, 0)  # (epoch, next batch)
         self.skipped: collections.Counter = collections.Counter()
+        self.warned: set[str] = set()
         self._iterator = None
+        self._stopping = None
+        self._atexit = False
 
     def set_stage(self, stage: int, resolution: int, batch_size: int) -> None:
         """Switch to a stage (a new stage starts at its own epoch 0)."""
@@ -362,16 +464,41 @@ class ShardLoader:
         self._start()
 
     def _start(self) -> None:
+        import multiprocessing
+
+        self.close()
         dataset = ShardBatches(self.planner, self.position, self.caption_weights, self.embedding_tag)
+        self._stopping = multiprocessing.Event()
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                            persistent_workers=False, prefetch_factor=2 if self.num_workers else None)
+                            persistent_workers=False, prefetch_factor=2 if self.num_workers else None,
+                            worker_init_fn=_WorkerSignals(self._stopping) if self.num_workers else None)
         self._iterator = iter(loader)
+        if not self._atexit:  # before multiprocessing's own exit handler terminates the workers
+            import atexit
+            import weakref
+
+            ref = weakref.ref(self)
+            atexit.register(lambda: ref() is not None and ref().close())
+            self._atexit = True
+
+    def close(self) -> None:
+        """Stop the worker processes (also at interpreter exit)."""
+        if self._stopping is not None:
+            self._stopping.set()
+        iterator, self._iterator = self._iterator, None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
 
     def next(self) -> DataBatch:
         batch = next(self._iterator)
         epoch, index = batch.position
         self.position = (epoch, index + 1)
         self.skipped.update(batch.skipped)
+        for message in batch.damaged:
+            if message not in self.warned:
+                self.warned.add(message)
+                print(f"warning: {message}: its samples are skipped and counted (check the data with "
+                      f"`prx data inspect --check all`)", file=sys.stderr, flush=True)
         return batch
 
     @property
@@ -386,4 +513,4 @@ class ShardLoader:
         self.stage = None if state["stage"] < 0 else int(state["stage"])
         self.position = (int(state["epoch"]), int(state["batch"]))
         self.skipped = collections.Counter(state.get("skipped", {}))
-        self._iterator = None
+        self.close()

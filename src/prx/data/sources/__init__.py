@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from prx.checks import at_least, check, one_of, positive, within
 
@@ -64,6 +64,11 @@ class DataConfig:
     max_aspect: float = at_least(2.0, 1)  # [min_aspect, max_aspect]
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
 
+    # a resumed run keeps these: its saved data position counts batches of this exact plan
+    # (caption weights, dropout, workers and embeddings may change)
+    FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = ("dataset", "shards", "preset", "image_column", "caption_columns",
+                                                   "id_column", "shuffle_window", "min_aspect", "max_aspect", "shapes")
+
     def check(self, run) -> None:
         sources = available_sources()
         check(self.dataset in sources, f"data.dataset='{self.dataset}' is unknown: use {', '.join(sources)}")
@@ -94,6 +99,7 @@ class DataBatch:
     text: TextBatch | None = None  # precomputed caption embeddings, when the data carries them
     position: tuple[int, int] | None = None  # (epoch, batch index) of this batch in the plan
     skipped: dict[str, int] = field(default_factory=dict)  # reason → samples replaced in this batch
+    damaged: list[str] = field(default_factory=list)  # data files found damaged while loading it (warned once)
 
 
 class DataSource(Protocol):

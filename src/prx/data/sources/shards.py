@@ -54,3 +54,7 @@ class Source:
     @property
     def skipped(self) -> dict:
         return dict(self.loader.skipped)
+
+    def close(self) -> None:
+        """Stop the loader's worker processes (the trainer calls it when the run ends)."""
+        self.loader.close()
