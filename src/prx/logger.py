@@ -121,7 +121,9 @@ class RunLogger:
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step)
+            # after a resume, TensorBoard hides what was logged past the checkpoint (as metrics.jsonl drops it);
+            # the checkpoint's own step stays (TensorBoard discards steps ≥ purge_step)
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1 if step else 0)
 
     def line(self, text: str) -> None:
         """A message that does not break the progress bar."""
