@@ -80,8 +80,9 @@ def test_eval_runs_at_the_cadence_and_equals_prx_eval_data(heldout, tmp_path, ca
 
     config = checkpoint_config(run / "checkpoints" / "step_00000006")
     card = model_card(config, 6, "ema", 1, [], None, ("BertModel", "BertTokenizer"), real_results=latest)
-    assert "## Held-out evaluation" in card and "during training at step 6, 4 held-out samples at 48 px" in card
-    assert f"| val_loss | {written[6]['metrics']['val_loss']['value']:.5g} | 4 |" in card
+    assert "## Held-out evaluation" in card and "evaluation (`eval:`) at step 6, 4 held-out samples at 48 px" in card
+    assert f"| val_loss | {written[6]['metrics']['val_loss']['value']:.5g} | 4 |  |" in card
+    assert f"| fd_dinov2 | {written[6]['metrics']['fd_dinov2']['value']:.5g} | 4 | biased upwards: few samples |" in card
 
 
 def test_eval_setup_errors_are_one_line_before_step_0(heldout, tmp_path, capsys, monkeypatch):
@@ -151,6 +152,7 @@ def test_wandb_offline_logs_scalars_grids_and_eval_and_a_resume_continues_the_ru
     monkeypatch.setenv("WANDB_MODE", "offline")  # nothing reaches the W&B servers
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-files"))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")  # no error reports to W&B either
     (tmp_path / "wandb-files").mkdir()
     run = tmp_path / "run"
     common = ["logging.wandb=true", "logging.wandb_project=prx-test", "logging.sample_every=2",

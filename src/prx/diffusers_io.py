@@ -422,19 +422,20 @@ def latest_real_eval_results(run_dir: Path) -> dict | None:
 
 def _real_eval_lines(results: dict, step: int) -> list[str]:
     settings = results.get("settings") or {}
-    where = "during training" if results.get("during_training") else "`prx eval --data`"
+    where = "The run's in-training evaluation (`eval:`)" if results.get("during_training") else "`prx eval --data`"
     lines = ["", "## Held-out evaluation", "",
              f"{where} at step {results.get('step', '?')}" + (" (not the exported step)" if results.get("step") != step else "")
              + f", {settings.get('evaluated', '?')} held-out samples at {settings.get('resolution', '?')} px, "
              f"{results.get('weights', 'ema')} weights, sampling {json.dumps(settings.get('sampling'))}:",
-             "", "| metric | value | samples |", "|---|---|---|"]
+             "", "| metric | value | samples | note |", "|---|---|---|---|"]
     for name, r in results["metrics"].items():
         try:
-            rows = [(name, r["value"], r.get("num_samples", r.get("num_fake")))]
+            note = "biased upwards: few samples" if r.get("warning") else ""
+            rows = [(name, r["value"], r.get("num_samples", r.get("num_fake")), note)]
             if name == "val_loss":
-                rows += [(f"val_loss {bin_name}", b["value"], b["n"]) for bin_name, b in r["bins"].items()]
-            for label, value, n in rows:
-                lines.append(f"| {label} | {'—' if value is None else f'{value:.5g}'} | {n} |")
+                rows += [(f"val_loss {bin_name}", b["value"], b["n"], "") for bin_name, b in r["bins"].items()]
+            for label, value, n, note in rows:
+                lines.append(f"| {label} | {'—' if value is None else f'{value:.5g}'} | {n} | {note} |")
         except (KeyError, TypeError, ValueError, AttributeError):
             continue
     return lines
