@@ -43,8 +43,10 @@ def test_eval_runs_at_the_cadence_and_equals_prx_eval_data(heldout, tmp_path, ca
     run = tmp_path / "run"
     metrics = ["val_loss", "fd_dinov2", "cmmd", "clip_score"]
     # tiny: 6 steps, a checkpoint every 3; eval at step 3 (in the loop) and 6 (the end of the run)
-    Trainer(tiny_config(f"eval.data=[{heldout}]", "eval.every=3", "eval.num_samples=5", "eval.batch_size=2",
-                        f"eval.metrics=[{','.join(metrics)}]", *STAND_INS, *FAST), run).run()
+    trainer = Trainer(tiny_config(f"eval.data=[{heldout}]", "eval.every=3", "eval.num_samples=5", "eval.batch_size=2",
+                                  f"eval.metrics=[{','.join(metrics)}]", *STAND_INS, *FAST), run)
+    trainer.run()
+    assert trainer.text_encoder._cache and not [c for c in trainer.text_encoder._cache if "thing number" in c]
     rows = [r for r in _rows(run) if any(k.startswith("eval/") for k in r)]
     assert [r["step"] for r in rows] == [3, 6]
     bins = ["eval/val_loss_t0.0-0.3", "eval/val_loss_t0.3-0.6", "eval/val_loss_t0.6-1.0"]

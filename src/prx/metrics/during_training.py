@@ -112,7 +112,11 @@ class TrainingEval:
         for extractor in self.extractors.values():
             extractor.to(device)
         try:
-            with gathered_for_inference(ema_model) if sharded else contextlib.nullcontext():
+            with contextlib.ExitStack() as scope:
+                if sharded:
+                    scope.enter_context(gathered_for_inference(ema_model))
+                if hasattr(text_encoder, "cache_scope"):  # held-out captions are encoded anew, not kept in the cache
+                    scope.enter_context(text_encoder.cache_scope())
                 results = evaluate_real(pipe, None, self.names, len(self.heldout), seed=cfg.seed,
                                         batch_size=cfg.batch_size, resolution=cfg.resolution or resolution,
                                         sampling=cfg.sampling(), extractors=self.extractors, heldout=self.heldout)
