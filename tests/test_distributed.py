@@ -22,8 +22,19 @@ def trajectory(run: Path) -> dict[int, float]:
     out = {}
     for line in (run / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
-        out[record["step"]] = record["loss/total"]
+        if "loss/total" in record:  # evaluations (eval/*) have rows of their own
+            out[record["step"]] = record["loss/total"]
     return out
+
+
+def eval_args(root: Path) -> list[str]:
+    """In-training eval of 5 held-out samples (one unreadable) in batches of 1 with a sampled metric: under
+    2 ranks the shares are uneven (3 + 1 readable samples), so the ranks run different numbers of forward passes."""
+    from test_metrics import write_heldout
+
+    shards = root / "heldout" if (root / "heldout").exists() else write_heldout(root / "heldout")
+    return [f"eval.data=[{shards}]", "eval.every=4", "eval.num_samples=5", "eval.batch_size=1",
+            "eval.metrics=[val_loss,cmmd]", "eval.clip_model=tiny-random-clip"]
 
 
 def run(cmd, timeout=300, **kw):
@@ -35,7 +46,7 @@ def run(cmd, timeout=300, **kw):
 @pytest.fixture(scope="module")
 def single_process_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("single")
-    for name, config in (("tiny", ["tiny", "train.steps=8", "train.checkpoint_every=4"]),
+    for name, config in (("tiny", ["tiny", "train.steps=8", "train.checkpoint_every=4", *eval_args(root)]),
                          ("recipe", ["speedrun-tiny"])):
         run([PRX, "train", *config, *COMMON, "--out", str(root / name)])
     return root
@@ -45,11 +56,18 @@ def single_process_runs(tmp_path_factory):
 def test_two_processes_match_one(single_process_runs, tmp_path, parallel):
     out = tmp_path / parallel
     run([*TORCHRUN, "-m", "prx.cli", "train", "tiny", "train.steps=8", "train.checkpoint_every=4", *COMMON,
-         f"train.parallel={parallel}", "--out", str(out)])
+         *eval_args(single_process_runs), f"train.parallel={parallel}", "--out", str(out)])
     one, two = trajectory(single_process_runs / "tiny"), trajectory(out)
     assert one.keys() == two.keys() == set(range(1, 9))
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5), step
+    # in-training eval of the (FSDP2-sharded) EMA weights: every rank its share, the 1-process numbers
+    for step in (4, 8):
+        a, b = (json.loads((r / "eval" / f"step_{step:08d}" / "real" / "results.json").read_text())
+                for r in (single_process_runs / "tiny", out))
+        assert a["settings"]["samples_per_rank"] == [4] and b["settings"]["samples_per_rank"] == [3, 1]
+        for name in ("val_loss", "cmmd"):
+            assert b["metrics"][name]["value"] == pytest.approx(a["metrics"][name]["value"], rel=1e-4), (step, name)
     # the sharded checkpoint loads in one process (another world size) and holds the same weights
     from prx.pipeline import Pipeline
 

@@ -30,6 +30,7 @@ from prx.ema import EMAConfig
 from prx.errors import ConfigError
 from prx.flow import ObjectiveConfig
 from prx.logger import LoggingConfig
+from prx.metrics.config import EvalConfig
 from prx.optim import OptimizerConfig
 from prx.perceptual import PerceptualConfig
 from prx.repa import REPAConfig
@@ -163,6 +164,7 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     name: str = "run"
 
     def to_dict(self) -> dict[str, Any]:
@@ -439,7 +441,7 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | N
 # --------------------------------------------------------------------------------------------
 
 SECTIONS = ("model", "data", "text", "objective", "tread", "repa", "perceptual", "optimizer", "ema", "sampling",
-            "train", "logging")
+            "train", "logging", "eval")
 
 
 def validate(cfg: Config) -> None:

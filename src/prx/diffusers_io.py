@@ -403,6 +403,44 @@ def latest_eval_results(run_dir: Path) -> dict | None:
     return {**results, "_path": str(path)}
 
 
+def latest_real_eval_results(run_dir: Path) -> dict | None:
+    """The newest held-out evaluation, ``RUN/eval/*/real/results.json`` (``prx eval --data`` and the
+    run's ``eval:`` during training write there): highest step, then newest file; or None."""
+    found = []
+    for path in (run_dir / "eval").glob("*/real/results.json"):
+        try:
+            results = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(results, dict) and isinstance(results.get("metrics"), dict):
+            step = results.get("step")
+            found.append((step if isinstance(step, int) else -1, path.stat().st_mtime, path, results))
+    if not found:
+        return None
+    return {**max(found, key=lambda item: item[:2])[3]}
+
+
+def _real_eval_lines(results: dict, step: int) -> list[str]:
+    settings = results.get("settings") or {}
+    where = "The run's in-training evaluation (`eval:`)" if results.get("during_training") else "`prx eval --data`"
+    lines = ["", "## Held-out evaluation", "",
+             f"{where} at step {results.get('step', '?')}" + (" (not the exported step)" if results.get("step") != step else "")
+             + f", {settings.get('evaluated', '?')} held-out samples at {settings.get('resolution', '?')} px, "
+             f"{results.get('weights', 'ema')} weights, sampling {json.dumps(settings.get('sampling'))}:",
+             "", "| metric | value | samples | note |", "|---|---|---|---|"]
+    for name, r in results["metrics"].items():
+        try:
+            note = "biased upwards: few samples" if r.get("warning") else ""
+            rows = [(name, r["value"], r.get("num_samples", r.get("num_fake")), note)]
+            if name == "val_loss":
+                rows += [(f"val_loss {bin_name}", b["value"], b["n"], "") for bin_name, b in r["bins"].items()]
+            for label, value, n, note in rows:
+                lines.append(f"| {label} | {'—' if value is None else f'{value:.5g}'} | {n} | {note} |")
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue
+    return lines
+
+
 def usage_snippet(path: str, config: Config, prompt: str = "a red circle in the top left") -> str:
     s = config.sampling
     binning = "" if config.stages[-1].resolution == 1024 else ", use_resolution_binning=False"
@@ -415,7 +453,8 @@ def usage_snippet(path: str, config: Config, prompt: str = "a red circle in the 
 
 
 def model_card(config: Config, step: int, weights: str, params: int, notes: list[str], eval_results: dict | None,
-               text_classes: tuple[str, str], name: str = "path/to/this/directory") -> str:
+               text_classes: tuple[str, str], name: str = "path/to/this/directory",
+               real_results: dict | None = None) -> str:
     s, m, d, t = config.sampling, config.model, config.data, config.text
     res = config.stages[-1].resolution
     lines = [
@@ -507,6 +546,8 @@ def model_card(config: Config, step: int, weights: str, params: int, notes: list
                              f"{r['count']:.1%} | {r['all_correct']:.1%} |")
             except (KeyError, TypeError, ValueError):
                 continue
+    if real_results is not None:
+        lines += _real_eval_lines(real_results, step)
     lines += ["", "## Full training config", "", "```yaml", config.to_yaml().rstrip(), "```", ""]
     return "\n".join(lines)
 
@@ -569,7 +610,7 @@ def export_pipeline(checkpoint: str | Path, out: str | Path, weights: str = "ema
         })
         params = sum(v.numel() for v in tensors.values())
         card = model_card(config, step, weights, params, notes, latest_eval_results(_run_dir_of(ckpt)), text_classes,
-                          out.name)
+                          out.name, latest_real_eval_results(_run_dir_of(ckpt)))
         (tmp / "README.md").write_text(card)
         (tmp / "prx_config.yaml").write_text(config.to_yaml())
         try:

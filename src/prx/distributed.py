@@ -8,6 +8,7 @@ nodes: with no torchrun environment everything here is a no-op.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -161,6 +162,27 @@ def reshard(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
+
+
+@contextlib.contextmanager
+def gathered_for_inference(model: nn.Module):
+    """Inside, an FSDP2-sharded model (the EMA copy) holds its full parameters on every rank and runs
+    forward passes with no collective at all, so ranks may run different numbers of them (uneven
+    evaluation shares, skipped samples). Entering all-gathers every unit once (a collective: every rank
+    together); leaving reshards and restores resharding after forward (blocks on, the root off, as
+    FSDP2 sets them), so the EMA update sees shards again. A no-op for a model that is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(unit is not model, recurse=False)
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

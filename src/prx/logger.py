@@ -1,19 +1,31 @@
-"""Where a run reports: ``metrics.jsonl`` (one row per logged step), TensorBoard, and a progress
-bar. Only rank 0 writes; the others get a logger that does nothing.
+"""Where a run reports: ``metrics.jsonl`` (one row per logged step), TensorBoard, Weights & Biases
+(``logging.wandb``) and a progress bar. Only rank 0 writes (and talks to W&B); the others get a
+logger that does nothing.
 
 After a resume the rows of steps past the checkpoint (written before the interruption) are
-dropped when the file is opened, so ``metrics.jsonl`` never holds two rows for one step.
+dropped when the file is opened, so ``metrics.jsonl`` never holds two rows of one kind for one step
+(evaluations, ``eval/*``, have rows of their own).
+
+W&B: the run's id is kept in ``RUN/wandb_id``, so a resumed run continues the same W&B run
+(``wandb.init(id=..., resume="allow")``); a run that starts from step 0 gets a new id. ``wandb`` is
+an optional extra, checked before any work (:func:`require_wandb`).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import string
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prx.checks import at_least
+from prx.checks import at_least, check
+from prx.errors import PrxError
+
+WANDB_ID_FILE = "wandb_id"
 
 
 @dataclass
@@ -37,13 +49,64 @@ class LoggingConfig:
     )
     tensorboard: bool = True
     progress_bar: bool = True
+    # Weights & Biases (pip install 'prx-speedrun[wandb]'): every logged scalar, the sample grids, the evaluations
+    wandb: bool = False
+    wandb_project: str = "prx"
+    wandb_entity: str | None = None  # null: your default entity
+    wandb_run_name: str | None = None  # null: the run directory's name
+    wandb_mode: str | None = None  # online | offline | disabled; null: $WANDB_MODE, else online
+
+    def check(self, run) -> None:
+        check(self.wandb_mode in (None, "online", "offline", "disabled"),
+              f"logging.wandb_mode must be 'online', 'offline' or 'disabled' (or null for $WANDB_MODE), "
+              f"got '{self.wandb_mode}'")
+
+
+def require_wandb(cfg: LoggingConfig) -> None:
+    """With ``logging.wandb: true``, a one-line error unless wandb can be imported (call before any work)."""
+    if not cfg.wandb:
+        return
+    import importlib
+
+    try:
+        importlib.import_module("wandb")
+    except ImportError:
+        raise PrxError("logging.wandb is true but wandb is not installed: pip install 'prx-speedrun[wandb]' "
+                       "(or pip install wandb), or set logging.wandb=false") from None
+
+
+def start_wandb(cfg: LoggingConfig, run_dir: Path, step: int, run_config: dict | None):
+    """The W&B run of this run directory: the id in ``RUN/wandb_id`` when resuming (step > 0), else a
+    new one (written before W&B starts, so an interrupted first attempt resumes into it)."""
+    import wandb
+
+    id_file = run_dir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if step > 0 and id_file.is_file() else ""
+    if not run_id:
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # as W&B's own
+        run_dir.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id + "\n")
+    kwargs = dict(project=cfg.wandb_project, entity=cfg.wandb_entity, name=cfg.wandb_run_name or run_dir.resolve().name,
+                  id=run_id, resume="allow", config=run_config,
+                  dir=None if os.environ.get("WANDB_DIR") else str(run_dir))  # W&B's files: RUN/wandb/ by default
+    if cfg.wandb_mode is not None:
+        kwargs["mode"] = cfg.wandb_mode
+    try:
+        return wandb.init(**kwargs)
+    except Exception as e:  # not logged in, no network, a bad entity: one line, before step 0
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise PrxError(f"W&B could not start ({detail}): run `wandb login`, or set logging.wandb_mode=offline "
+                       f"(then `wandb sync` later), or logging.wandb=false") from None
 
 
 class RunLogger:
-    def __init__(self, cfg: LoggingConfig, run_dir: Path, step: int, total: int, enabled: bool = True, log=print):
+    def __init__(self, cfg: LoggingConfig, run_dir: Path, step: int, total: int, enabled: bool = True, log=print,
+                 run_config: dict | None = None):
         self.cfg, self.enabled, self.print = cfg, enabled, log
         self.window: dict[str, list[float]] = defaultdict(list)
-        self.metrics = self.writer = None
+        self.metrics = self.writer = self.wandb = None
+        if enabled and cfg.wandb:  # first: a W&B that cannot start stops the run before anything is opened
+            self.wandb = start_wandb(cfg, Path(run_dir), step, run_config)
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,
@@ -60,7 +123,9 @@ class RunLogger:
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step)
+            # after a resume, TensorBoard hides what was logged past the checkpoint (as metrics.jsonl drops it);
+            # the checkpoint's own step stays (TensorBoard discards steps ≥ purge_step)
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1 if step else 0)
 
     def line(self, text: str) -> None:
         """A message that does not break the progress bar."""
@@ -85,9 +150,11 @@ class RunLogger:
             return
         self.metrics.write(json.dumps({"step": step, **scalars}) + "\n")
         self.metrics.flush()
+        values = {name: value for name, value in scalars.items() if value is not None}  # an empty bin: null
         if self.writer is not None:
-            for name, value in scalars.items():
+            for name, value in values.items():
                 self.writer.add_scalar(name, value, step)
+        self._wandb_log(values, step)
 
     def image(self, tag: str, path: Path, step: int) -> None:
         if self.writer is not None:
@@ -95,8 +162,21 @@ class RunLogger:
             from PIL import Image
 
             self.writer.add_image(tag, np.asarray(Image.open(path)), step, dataformats="HWC")
+        if self.wandb is not None:
+            import wandb
+
+            self._wandb_log({tag: wandb.Image(str(path))}, step)
+
+    def _wandb_log(self, values: dict, step: int) -> None:
+        # W&B drops (with a warning each) what is logged below its current step: after a resume, the
+        # steps it already has from before the interruption (a resumed run reproduces them exactly)
+        if self.wandb is not None and values and step >= self.wandb.step:
+            self.wandb.log(values, step=step)
 
     def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=1 if sys.exc_info()[0] is not None else 0)
+            self.wandb = None
         self.bar.close()
         if self.metrics is not None:
             self.metrics.close()

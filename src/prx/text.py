@@ -5,6 +5,7 @@ embeddings plus a padding mask. The default is MiniLM, shipped inside the
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -175,6 +176,17 @@ class TextEncoder:
         lengths = tokens["attention_mask"].sum(1).tolist()
         self.encoded_count += len(captions)
         return [hidden[i, : max(int(n), 1)].float().cpu() for i, n in enumerate(lengths)]
+
+    @contextlib.contextmanager
+    def cache_scope(self):
+        """Captions first encoded inside are forgotten on leaving (an evaluation's thousands of held-out
+        captions must not stay in a training run's cache); the ones cached before stay as they were."""
+        before = set(self._cache)
+        try:
+            yield self
+        finally:
+            for caption in [c for c in self._cache if c not in before]:
+                del self._cache[caption]
 
     def encode(self, captions: list[str], cache: bool = True) -> TextBatch:
         """Token embeddings (B, L, D) and mask (B, L); L is the longest caption rounded up to 8.

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prx.checkpoint import (CheckpointWriter, checkpoint_meta, checkpoint_to_resume, restore_training_state, step_of,
-                            training_state)
+from prx.checkpoint import (CheckpointWriter, checkpoint_meta, checkpoint_to_resume, restore_training_state,
+                            step_dir_name, step_of, training_state)
 from prx.config import Config, StageConfig, describe_changes
 from prx.data.sources import build_source
 from prx.distributed import (DistInfo, all_agree, full_value, init_distributed, mean_across_ranks, min_across_ranks, parallelize,
@@ -34,7 +34,8 @@ from prx.ema import EMA
 from prx.errors import ConfigError, PrxError, TrainingError
 from prx.flow import add_noise, flow_loss, sample_noise, sample_timesteps, step_seed
 from prx.images import save_grid
-from prx.logger import RunLogger, sample_in_sizes, sample_sizes
+from prx.logger import RunLogger, require_wandb, sample_in_sizes, sample_sizes
+from prx.metrics.during_training import TrainingEval, eval_scalars, summary_line
 from prx.model import PRX, model_config_from_dict, param_count
 from prx.optim import MultiOptimizer, build_optimizer, lr_scale, param_groups_from_config
 from prx.perceptual import PerceptualLoss
@@ -119,6 +120,7 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg, given = self.config, self._given
+        require_wandb(cfg.logging)
         world = world_size_from_env()
         cfg.check_world(world)
         device = resolve_device(cfg.train.device)
@@ -142,6 +144,8 @@ class Trainer:
                                                                      self.dist.is_main)
         self.autocast = autocast_dtype(cfg.train.precision, self.device)
         torch.manual_seed(cfg.train.seed)
+        # Held-out evaluation (eval:): data opened and extractors loaded once, now, so a missing one fails before step 0.
+        self.evaluator = TrainingEval.build(cfg)
 
         self.text_encoder = given["text_encoder"] or TextEncoder.from_config(cfg.text, self.device)
         if cfg.model.text_dim is None:
@@ -338,7 +342,10 @@ class Trainer:
         ranks = f" × {self.dist.world} ranks ({self.parallel})" if self.dist.enabled else ""
         self.log(f"prx: {cfg.name} | {where} | {n_params / 1e6:.2f}M params | {total} steps | {self.device}{ranks}"
                  f"{', bf16 autocast' if self.autocast else ', fp32'} | run dir {self.run_dir}")
-        self.logger = RunLogger(cfg.logging, self.run_dir, self.step, total, self.dist.is_main, self.log)
+        self.logger = RunLogger(cfg.logging, self.run_dir, self.step, total, self.dist.is_main, self.log,
+                                run_config=cfg.to_dict())
+        if self.evaluator is not None:
+            self.log(self.evaluator.describe())
         if self.step >= total:
             return self._finish("already complete")
         started, stage_index = time.monotonic(), None
@@ -370,6 +377,10 @@ class Trainer:
                         self.save()
                     if cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0 and self.step < total:
                         self.sample_grid()
+                    if self.evaluator is not None and self.evaluator.due(self.step) and self.step < total:
+                        paused = time.monotonic()
+                        self.evaluate()
+                        window_start += time.monotonic() - paused  # steps/s counts training time only
                     if self.signals.received:
                         self.stop_reason = f"stopped by {self.signals.received}"
                     limit = cfg.train.time_limit_minutes * 60
@@ -382,6 +393,8 @@ class Trainer:
                     grid = self.sample_grid()
                     if grid is not None:
                         self.log(f"samples: {grid}")
+                if self.stop_reason is None and self.evaluator is not None:
+                    self.evaluate()
                 return self._finish(self.stop_reason or "done")
         finally:
             self.logger.close()
@@ -434,6 +447,23 @@ class Trainer:
         save_grid(images, out, prompts, ncol=min(8, len(prompts)))
         self.logger.image("samples", out, self.step)
         return out
+
+    def evaluate(self) -> dict:
+        """The ``eval:`` metrics of the EMA weights, with ``prx eval --data``'s code, on every rank (each
+        its share of the held-out samples); rank 0 logs them and writes ``RUN/eval/step_N/real/results.json``."""
+        self.checkpoints.wait()  # a checkpoint still being written becomes visible first: eval cannot lose it
+        _, stage = self.config.stage_at(max(self.step - 1, 0))
+        results = self.evaluator.run(self.ema.model, self.text_encoder, self.config, self.device, stage.resolution,
+                                     sharded=self.parallel == "fsdp")
+        if self.dist.is_main:
+            saved = self.step % self.config.train.checkpoint_every == 0 or self.step == self.config.total_steps
+            checkpoint = self.run_dir / "checkpoints" / step_dir_name(self.step) if saved else None
+            path = self.evaluator.write(self.run_dir, self.step, results, checkpoint)
+            self.logger.log(self.step, eval_scalars(results))
+            self.logger.line(f"{summary_line(self.step, results)} → {path}")
+            for warning in self.evaluator.new_warnings(results):  # each one once, not at every evaluation
+                self.logger.line(f"warning: eval: {warning}")
+        return results
 
     def _finish(self, reason: str) -> Path:
         unchanged = self.resume_from is not None and self.step == step_of(self.resume_from)

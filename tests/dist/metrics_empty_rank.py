@@ -22,7 +22,11 @@ if rank == 0:
 got_mmd, got_fd = mmd.compute(), fd.compute()
 xd, yd = x.double(), y.double()
 expected_fd = frechet_distance(*mean_and_covariance(xd.sum(0), xd.T @ xd, 5), *mean_and_covariance(yd.sum(0), yd.T @ yd, 4))[0]
-print(json.dumps({"rank": rank, "mmd": float(got_mmd["value"]), "mmd_expected": 1000 * rbf_mmd(x, y),
+report = json.dumps({"rank": rank, "mmd": float(got_mmd["value"]), "mmd_expected": 1000 * rbf_mmd(x, y),
                   "fd": float(got_fd["value"]), "fd_expected": expected_fd,
-                  "counts": [int(got_mmd["num_real"]), int(got_mmd["num_fake"]), int(got_fd["num_real"])]}), flush=True)
+                  "counts": [int(got_mmd["num_real"]), int(got_mmd["num_fake"]), int(got_fd["num_real"])]})
+for turn in range(dist.get_world_size()):  # one rank at a time: lines of two processes on one pipe can interleave
+    if turn == rank:
+        print(report, flush=True)
+    dist.barrier()
 dist.destroy_process_group()
