@@ -21,7 +21,7 @@ import torch
 
 from prx.bench import PhaseTimer
 from prx.config import load_config
-from prx.muon import fast_newton_schulz_dtype
+from prx.muon import fast_matmul_dtype
 from prx.text import TextEncoder
 from prx.train import Trainer
 
@@ -44,7 +44,7 @@ def main() -> None:
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     kind = "AVX512-BF16" if "avx512_bf16" in flags else ("AMX" if "amx_bf16" in flags else "AVX2-only")
     print(f"CPU: {kind}, {torch.get_num_threads()} threads; bf16 matmuls are "
-          f"{'faster' if fast_newton_schulz_dtype('cpu') == torch.bfloat16 else 'slower'} than fp32 here", flush=True)
+          f"{'faster' if fast_matmul_dtype('cpu') == torch.bfloat16 else 'slower'} than fp32 here", flush=True)
     variants = {k: v for k, v in VARIANTS.items() if not args.only or k in args.only}
     base = load_config("demo", ["logging.sample_every=0", "logging.tensorboard=false", "logging.progress_bar=false",
                                 "train.async_checkpoint=false"])

@@ -17,7 +17,7 @@ import torch
 
 from common import add_model_args, build_bench_model
 from prx.flops import newton_schulz_flops
-from prx.muon import fast_newton_schulz_dtype, newton_schulz
+from prx.muon import fast_matmul_dtype, newton_schulz
 from prx.optim import build_optimizer
 
 
@@ -63,20 +63,23 @@ def main() -> None:
             opt = build_optimizer([{"params": muon, "optimizer": "muon"}, {"params": rest, "optimizer": "adam"}])
             if kind == "torch-bf16":
                 opt.optimizers[0].ns_dtype = torch.bfloat16  # torch.optim.Muon's own step
+            if kind == "prx-fp32":
+                opt.optimizers[0].ns_dtype = torch.float32  # the path of CPUs without fast bf16
         for q in params:
             q.grad = torch.randn_like(q)
         return median_seconds(opt.step, args.repeats), getattr(opt.optimizers[0], "ns_dtype", None)
 
-    picked = fast_newton_schulz_dtype("cpu")
+    picked = fast_matmul_dtype("cpu")
     print(f"{args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {len(shapes)} Muon "
           f"matrices, Newton–Schulz {flops / 1e9:.2f} GFLOP per step; {torch.get_num_threads()} threads")
     print(f"matmul rate on these matrices: fp32 {rate['fp32'] / 1e9:.1f} GFLOP/s, bf16 {rate['bf16'] / 1e9:.1f} "
           f"GFLOP/s → predicted {predicted:.3f} s per step ({best}); prx picks {str(picked).replace('torch.', '')}")
-    for kind in ("prx", "torch-bf16", "adamw"):
+    for kind in ("prx", "prx-fp32", "torch-bf16", "adamw"):
         seconds, dtype = optimizer_step(kind)
-        label = {"prx": f"prx Muon ({str(dtype).replace('torch.', '')}) + Adam",
+        label = {"prx": f"prx Muon ({str(dtype).replace('torch.', '')}) + Adam", "prx-fp32": "prx Muon forced to fp32 + Adam",
                  "torch-bf16": "torch.optim.Muon (bf16) + Adam", "adamw": "AdamW, all parameters"}[kind]
-        ratio = f"  {seconds / predicted:5.2f}× the prediction" if kind != "adamw" else ""
+        rate_used = rate["fp32"] if kind == "prx-fp32" else rate["bf16"] if kind == "torch-bf16" else rate[best]
+        ratio = f"  {seconds * rate_used / flops:5.2f}× its dtype's prediction" if kind != "adamw" else ""
         print(f"  {label:<34} {seconds:8.3f} s{ratio}")
 
 

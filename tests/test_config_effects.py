@@ -23,7 +23,7 @@ CHANGES = {
                   "muon_momentum": 0.5, "muon_nesterov": "false", "muon_ns_steps": 2, "muon_rms_scale": "false"},
     "ema": {"decay": 0.5, "update_every": 2, "warmup": "true"},
     "objective": {"t_mean": 1.0, "t_std": 0.5, "shift": 1.0, "uniform_fraction": 0.9, "t_min": 0.5, "t_clamp": 0.5,
-                  "noise_scale": 2.0},
+                  "noise_scale": 2.0, "noise_offset": 0.1},
 }
 
 

@@ -229,10 +229,10 @@ def test_muon_update_is_nearly_orthogonal_with_adam_rms():
 
 def test_muon_in_fp32_gives_torchs_bf16_update_within_bf16_tolerance():
     """CPUs without fast bf16 orthogonalise in fp32 (prx.muon); elsewhere torch's own bf16 step runs."""
-    from prx.muon import Muon, fast_newton_schulz_dtype
+    from prx.muon import Muon, fast_matmul_dtype
 
-    assert fast_newton_schulz_dtype("cpu") in (torch.float32, torch.bfloat16)  # measured on this machine
-    assert fast_newton_schulz_dtype("cuda") == torch.bfloat16
+    assert fast_matmul_dtype("cpu") in (torch.float32, torch.bfloat16)  # measured on this machine
+    assert fast_matmul_dtype("cuda") == torch.bfloat16
     torch.manual_seed(0)
     for shape in ((64, 192), (192, 64)):
         start = torch.randn(*shape) * 0.02

@@ -114,6 +114,9 @@ def restore_training_state(trainer, path: Path) -> None:
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointDamaged(f"checkpoint '{path}' is damaged: {STATE} has no valid {e}") from None
     torch.set_rng_state(tensors["rng"]["torch"])
+    trainer.planned_steps = checkpoint_meta(path).get("planned_steps")  # a time budget's choice, kept
+    if trainer.planned_steps and trainer.config.train.time_budget_minutes:
+        trainer.config.train.steps = trainer.planned_steps
 
 
 def load_weights(path: str | Path, model: torch.nn.Module, weights: str = "ema") -> Path:
@@ -251,7 +254,7 @@ def checkpoint_to_resume(run_dir: Path, resume: bool | None, config: Config, log
     ``resume`` True requires a checkpoint, False forbids one, None takes one if there is one; a
     checkpoint of another model shape, or a change of a key that cannot change mid-run, is refused;
     damaged checkpoints are skipped, saying so."""
-    from prx.config import resume_changes
+    from prx.resume import resume_changes
     from prx.runtime import make_writable_dir
 
     exists = has_checkpoint(run_dir)
@@ -270,7 +273,10 @@ def checkpoint_to_resume(run_dir: Path, resume: bool | None, config: Config, log
             model.text_dim is not None and saved.model.text_dim != model.text_dim):
         raise CheckpointError(f"'{run_dir}' holds a run with a different model config: use --out for a new run, or the "
                               f"run's own config ({run_dir / 'config.yaml'})")
-    return path, resume_changes(saved, config, checkpoint_meta(path)["step"])
+    meta = checkpoint_meta(path)
+    if meta.get("planned_steps") and config.train.time_budget_minutes:
+        config.train.steps = meta["planned_steps"]  # the step count the run's time budget chose, not a change
+    return path, resume_changes(saved, config, meta["step"])
 
 
 def checkpoint_config(path: str | Path) -> Config:

@@ -376,6 +376,10 @@ def export_notes(config: Config) -> list[str]:
         notes.append("this run samples over shift(linspace(1, 0, N+1)) (sampling.schedule=linspace, a run from before "
                      "the option); FlowMatchEulerDiscreteScheduler's sigmas differ slightly, so images differ slightly "
                      "from `prx sample`'s")
+    if config.objective.noise_offset:
+        notes.append(f"this run trained with offset noise (objective.noise_offset={config.objective.noise_offset}); "
+                     f"PRXPixelPipeline starts from plain randn · noise_scale, so its images vary less in global "
+                     f"brightness than `prx sample`'s: pass prx's starting noise as `latents=` for the same images")
     if config.model.norm_eps != DIFFUSERS_NORM_EPS:
         notes.append(f"this model was trained with LayerNorm eps {config.model.norm_eps} (model.norm_eps); "
                      f"PRXTransformer2DModel's is {DIFFUSERS_NORM_EPS}: its x0 predictions differ by a few 1e-6 (relative)")

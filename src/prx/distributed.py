@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import warnings
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -122,7 +123,14 @@ def parallelize(model: nn.Module, ema_model: nn.Module, projector: nn.Module | N
     """
     mode = resolve_parallel(cfg.parallel, info)
     model.activation_checkpointing = cfg.activation_checkpointing
-    if cfg.compile == "on" or (cfg.compile == "auto" and info.device.type == "cuda"):
+    from prx.runtime import cpp_compiler
+
+    compile_on = cfg.compile == "on" or (cfg.compile == "auto" and info.device.type == "cuda")
+    if compile_on and info.device.type == "cpu" and cpp_compiler() is None:
+        warnings.warn("train.compile=on but no C++ compiler (g++, c++, clang++ or $CXX) is installed for torch.compile's "
+                      "CPU backend: training without compiling", RuntimeWarning, stacklevel=2)
+        compile_on = False
+    if compile_on:
         for block in model.blocks:  # one graph per block shape; the loop over blocks stays in Python
             block.compile()
     if mode == "fsdp":

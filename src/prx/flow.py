@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from prx.checks import positive, within
+from prx.checks import at_least, positive, within
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -30,6 +30,10 @@ class ObjectiveConfig:
     t_min: float = within(1e-3, 0, 1, open_high=True)
     t_clamp: float = within(0.05, 0, 1, open_low=True, open_high=True)  # velocity denominator max(t, t_clamp)
     noise_scale: float = positive(1.0)
+    # offset noise: ε gets a random per-image, per-channel constant of this std on top, in training and
+    # sampling alike. The mean of white noise over an image is tiny (std 1/√pixels), so a model barely
+    # sees it and draws every image with the same global brightness; an offset makes it visible.
+    noise_offset: float = at_least(0.0, 0, hint=" (0 disables)")
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -37,7 +41,17 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + 12_345) % (2**63 - 1)
 
 
-def sample_noise(shape: tuple[int, ...], seed: int, step: int, first: int, device) -> Tensor:
+def image_noise(shape: tuple[int, ...], generator, offset: float = 0.0, device=None) -> Tensor:
+    """One image's ε: white noise, plus a per-channel constant of std ``offset`` (offset noise)."""
+    import torch
+
+    noise = torch.randn(shape, generator=generator, device=device)
+    if offset:
+        noise = noise + offset * torch.randn(shape[0], 1, 1, generator=generator, device=device)
+    return noise
+
+
+def sample_noise(shape: tuple[int, ...], seed: int, step: int, first: int, device, offset: float = 0.0) -> Tensor:
     """Noise of samples first, first+1, … of the step's global batch, each from its own generator:
     a rank draws only its own samples, and the draws do not depend on the world size."""
     import torch
@@ -45,7 +59,7 @@ def sample_noise(shape: tuple[int, ...], seed: int, step: int, first: int, devic
     out = []
     for i in range(shape[0]):
         g = torch.Generator(device=device).manual_seed(step_seed(seed, step) ^ ((first + i + 1) * 0x9E3779B97F4A7C15 % 2**62))
-        out.append(torch.randn(shape[1:], generator=g, device=device))
+        out.append(image_noise(shape[1:], g, offset, device))
     return torch.stack(out)
 
 

@@ -102,7 +102,7 @@ def start_wandb(cfg: LoggingConfig, run_dir: Path, step: int, run_config: dict |
 class RunLogger:
     def __init__(self, cfg: LoggingConfig, run_dir: Path, step: int, total: int, enabled: bool = True, log=print,
                  run_config: dict | None = None):
-        self.cfg, self.enabled, self.print = cfg, enabled, log
+        self.cfg, self.enabled, self.print, self.run_dir = cfg, enabled, log, Path(run_dir)
         self.window: dict[str, list[float]] = defaultdict(list)
         self.metrics = self.writer = self.wandb = None
         if enabled and cfg.wandb:  # first: a W&B that cannot start stops the run before anything is opened
@@ -155,6 +155,16 @@ class RunLogger:
             for name, value in values.items():
                 self.writer.add_scalar(name, value, step)
         self._wandb_log(values, step)
+
+    def grid(self, images: list, prompts: list[str], step: int) -> Path:
+        """A sample grid: ``RUN/samples/step_N.png``, TensorBoard and W&B."""
+        from prx.images import save_grid
+
+        out = self.run_dir / "samples" / f"step_{step:08d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_grid(images, out, prompts, ncol=min(8, len(prompts)))
+        self.image("samples", out, step)
+        return out
 
     def image(self, tag: str, path: Path, step: int) -> None:
         if self.writer is not None:

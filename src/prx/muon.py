@@ -19,8 +19,9 @@ from torch.optim._muon import _adjust_lr
 
 
 @functools.cache
-def fast_newton_schulz_dtype(device_type: str) -> torch.dtype:
-    """bf16 where bf16 matmuls are at least as fast as fp32 (GPUs, AVX512-BF16/AMX CPUs), else fp32."""
+def fast_matmul_dtype(device_type: str) -> torch.dtype:
+    """bf16 where bf16 matmuls are at least as fast as fp32 (GPUs, AVX512-BF16/AMX CPUs), else fp32:
+    measured once per process (also what ``train.precision: auto`` trains in on a CPU)."""
     if device_type != "cpu":
         return torch.bfloat16
     rates = {}
@@ -52,13 +53,13 @@ def newton_schulz(grad: torch.Tensor, coefficients: tuple[float, float, float], 
 
 class Muon(torch.optim.Muon):
     """``torch.optim.Muon`` with the orthogonalisation in ``ns_dtype`` (None: the parameters'
-    device decides, see :func:`fast_newton_schulz_dtype`). In bf16 it is torch's own step."""
+    device decides, see :func:`fast_matmul_dtype`). In bf16 it is torch's own step."""
 
     def __init__(self, params, ns_dtype: torch.dtype | None = None, **kwargs):
         super().__init__(params, **kwargs)
         if ns_dtype is None:
             first = next((p for g in self.param_groups for p in g["params"]), None)
-            ns_dtype = fast_newton_schulz_dtype(first.device.type if first is not None else "cpu")
+            ns_dtype = fast_matmul_dtype(first.device.type if first is not None else "cpu")
         self.ns_dtype = ns_dtype
 
     @torch.no_grad()

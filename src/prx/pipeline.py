@@ -22,7 +22,7 @@ class Pipeline:
         self.text_encoder = text_encoder
         self.config = config
         self.device = device or next(model.parameters()).device
-        self.autocast = autocast_dtype(config.train.precision, self.device)
+        self.autocast = autocast_dtype(config.train.precision, self.device, training=False)
         self._empty = None
 
     @classmethod
@@ -194,7 +194,8 @@ class Pipeline:
                 raise PrxError("self-guidance needs the run's TREAD routing, but tread.route_ratio is 0: use --guidance cfg")
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            noise = initial_noise(len(chunk), height, width, seed + start, self.config.objective.noise_scale)
+            noise = initial_noise(len(chunk), height, width, seed + start, self.config.objective.noise_scale,
+                                  self.config.objective.noise_offset)
             cond = self.text_encoder.encode(chunk).to(self.device)
             route = None
             if router is not None:  # a fixed route per image for the whole generation

@@ -21,14 +21,33 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on GPUs that support it ('auto'), never by default on CPU (slow without AMX)."""
+def autocast_dtype(precision: str, device: torch.device, training: bool = True) -> torch.dtype | None:
+    """The autocast dtype of ``train.precision`` ('auto', 'bf16', 'fp32'); None = fp32.
+
+    'auto': bf16 on GPUs that support it; on a CPU, bf16 for training where bf16 matmuls are
+    measured faster than fp32 (AVX512-BF16 / AMX; on AVX2-only CPUs they are ~130× slower), and
+    fp32 for inference (sampling is cheap, and fp32 keeps images equal to diffusers' fp32 pipeline).
+    """
     if precision == "fp32":
         return None
     if precision == "bf16":
         return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu" and training:
+        from prx.muon import fast_matmul_dtype
+
+        return fast_matmul_dtype("cpu") if fast_matmul_dtype("cpu") == torch.bfloat16 else None
+    return None
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend (inductor) would use, if there is one."""
+    import shutil
+
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
     return None
 
 
@@ -71,6 +90,23 @@ class RunLock:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / self.NAME
         self.key: str | None = None
+
+    @classmethod
+    def for_run(cls, run_dir: str | Path, info) -> "RunLock | None":
+        """Rank 0 takes the lock (before any rank writes in the run directory); every rank learns the
+        outcome and fails alike when another training holds it. The lock on rank 0, None elsewhere."""
+        from prx.distributed import rank0_outcome
+
+        lock, error = None, None
+        if info.is_main:
+            try:
+                lock = cls(run_dir).acquire()
+            except PrxError as e:
+                error = str(e)
+        error = rank0_outcome(error, info)
+        if error:
+            raise PrxError(error)
+        return lock
 
     def acquire(self) -> "RunLock":
         import fcntl
@@ -243,3 +279,22 @@ class TimeBudget:
             left = self.seconds - (time.monotonic() - self.started)
             return step + max(0, int(left * rate))
         return None
+
+
+def preflight(cfg, model_given: bool = False) -> torch.device:
+    """What can fail before any work, in one line each: W&B missing, a batch that does not split over
+    torchrun's ranks, a model that cannot fit in memory (estimated from the config). The device."""
+    from prx.distributed import DistInfo, resolve_parallel, world_size_from_env
+    from prx.logger import require_wandb
+    from prx.model import param_count
+
+    require_wandb(cfg.logging)
+    world = world_size_from_env()
+    cfg.check_world(world)
+    device = resolve_device(cfg.train.device)
+    if not model_given:
+        m = cfg.model
+        sharded = resolve_parallel(cfg.train.parallel, DistInfo(world=world)) == "fsdp"
+        check_memory(param_count(m), device, "training", f"the model (model.hidden_dim={m.hidden_dim}, "
+                     f"model.num_layers={m.num_layers}, model.patch_size={m.patch_size})", shards=world if sharded else 1)
+    return device

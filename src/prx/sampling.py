@@ -97,13 +97,16 @@ def sampling_schedule(steps: int, shift: float, kind: str = "linspace") -> Tenso
     return torch.cat([torch.from_numpy(sigmas).float(), torch.zeros(1)])
 
 
-def initial_noise(num_images: int, height: int, width: int, seed: int, noise_scale: float = 1.0) -> Tensor:
-    """Image i's starting noise depends only on (seed + i), never on the batch it is sampled in."""
+def initial_noise(num_images: int, height: int, width: int, seed: int, noise_scale: float = 1.0,
+                  noise_offset: float = 0.0) -> Tensor:
+    """Image i's starting noise depends only on (seed + i), never on the batch it is sampled in;
+    drawn like the training noise (``objective.noise_scale``, ``noise_offset``)."""
     import torch
 
-    noise = [
-        torch.randn(3, height, width, generator=torch.Generator().manual_seed(seed + i)) for i in range(num_images)
-    ]
+    from prx.flow import image_noise
+
+    noise = [image_noise((3, height, width), torch.Generator().manual_seed(seed + i), noise_offset)
+             for i in range(num_images)]
     return torch.stack(noise) * noise_scale
 
 

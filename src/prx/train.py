@@ -24,32 +24,27 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prx.checkpoint import (CheckpointWriter, checkpoint_meta, checkpoint_to_resume, restore_training_state,
-                            step_dir_name, step_of, training_state)
-from prx.config import Config, StageConfig, describe_changes
+from prx.checkpoint import (CheckpointWriter, checkpoint_to_resume, restore_training_state, step_dir_name, step_of,
+                            training_state)
+from prx.config import Config, StageConfig
 from prx.data.sources import build_source
-from prx.distributed import (DistInfo, all_agree, full_value, init_distributed, mean_across_ranks, min_across_ranks, parallelize,
-                             rank0_outcome, reshard, resolve_parallel, world_size_from_env)
+from prx.distributed import (all_agree, full_value, init_distributed, mean_across_ranks, min_across_ranks, parallelize,
+                             reshard)
 from prx.ema import EMA
 from prx.errors import ConfigError, PrxError, TrainingError
 from prx.flow import add_noise, flow_loss, sample_noise, sample_timesteps, step_seed
-from prx.images import save_grid
-from prx.logger import RunLogger, require_wandb, sample_in_sizes, sample_sizes
-from prx.metrics.during_training import TrainingEval, eval_scalars, summary_line
-from prx.model import PRX, model_config_from_dict, param_count
+from prx.logger import RunLogger, sample_in_sizes, sample_sizes
+from prx.metrics.during_training import TrainingEval
+from prx.model import PRX, model_config_from_dict
 from prx.optim import MultiOptimizer, build_optimizer, lr_scale, param_groups_from_config
 from prx.perceptual import PerceptualLoss
 from prx.pipeline import Pipeline
 from prx.repa import REPAAlignment
-from prx.runtime import RunLock, StopSignals, TimeBudget, autocast_dtype, check_memory, resolve_device, set_threads
+from prx.resume import describe_changes
+from prx.runtime import RunLock, StopSignals, TimeBudget, autocast_dtype, preflight, set_threads
 from prx.seed_api import config_from_components, groups_after_sharding
 from prx.text import TextBatch, TextEncoder
 from prx.tread import TREADRouter
-
-
-def _shape(cfg: Config) -> str:
-    m = cfg.model
-    return f"model.hidden_dim={m.hidden_dim}, model.num_layers={m.num_layers}, model.patch_size={m.patch_size}"
 
 
 @dataclass
@@ -120,26 +115,11 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg, given = self.config, self._given
-        require_wandb(cfg.logging)
-        world = world_size_from_env()
-        cfg.check_world(world)
-        device = resolve_device(cfg.train.device)
-        if given["model"] is None:  # estimated from the config, before anything is allocated
-            check_memory(param_count(cfg.model), device, "training", f"the model ({_shape(cfg)})",
-                         shards=world if resolve_parallel(cfg.train.parallel, DistInfo(world=world)) == "fsdp" else 1)
+        device = preflight(cfg, model_given=given["model"] is not None)  # batch split, memory, wandb: before any work
         set_threads(cfg.train.num_threads)
         self.dist = init_distributed(device, cfg.train.timeout_minutes)
         self.device = self.dist.device
-        # The run directory is this training's until it ends: rank 0 locks it before any rank writes there.
-        error = None
-        if self.dist.is_main:
-            try:
-                self.lock = RunLock(self.run_dir).acquire()
-            except PrxError as e:
-                error = str(e)
-        error = rank0_outcome(error, self.dist)
-        if error:
-            raise PrxError(error)
+        self.lock = RunLock.for_run(self.run_dir, self.dist)  # this training's until it ends; rank 0 holds it
         self.resume_from, self.config_changes = checkpoint_to_resume(self.run_dir, self.resume, cfg, self.log,
                                                                      self.dist.is_main)
         self.autocast = autocast_dtype(cfg.train.precision, self.device)
@@ -193,9 +173,6 @@ class Trainer:
         self.planned_steps = None  # the step count a time budget chose (kept in checkpoints' meta.json)
         if self.resume_from is not None:
             restore_training_state(self, self.resume_from)
-            self.planned_steps = checkpoint_meta(self.resume_from).get("planned_steps")
-            if self.planned_steps and cfg.train.time_budget_minutes:
-                cfg.train.steps = self.planned_steps
         if self.dist.is_main:
             if self.config_changes:  # they take effect now; config.yaml records them
                 self.log(f"resuming with a changed config (recorded in {self.run_dir / 'config.yaml'}): "
@@ -242,7 +219,8 @@ class Trainer:
 
         # Noise: x_t = (1 − t)·x0 + t·ε.
         t = sample_timesteps(stage.batch_size, cfg.objective, gen)[rows]
-        noise = sample_noise(tuple(images.shape), cfg.train.seed, step, rows.start, dev) * cfg.objective.noise_scale
+        noise = sample_noise(tuple(images.shape), cfg.train.seed, step, rows.start, dev,
+                             cfg.objective.noise_offset) * cfg.objective.noise_scale
 
         # The token grid is the batch's own: aspect-ratio buckets are not square (12×21 at 512 px, ...).
         grid = (images.shape[-2] // cfg.model.patch_size, images.shape[-1] // cfg.model.patch_size)
@@ -389,7 +367,8 @@ class Trainer:
                     if not all_agree(self.stop_reason is None, self.dist):  # ranks stop at the same step
                         self.stop_reason = self.stop_reason or "stopped with the other ranks"
                         break
-                if self.stop_reason is None and cfg.logging.sample_every:
+                # a last grid, for runs long enough to have a sampling schedule (not a 3-step smoke test)
+                if self.stop_reason is None and 0 < cfg.logging.sample_every <= total:
                     grid = self.sample_grid()
                     if grid is not None:
                         self.log(f"samples: {grid}")
@@ -440,13 +419,8 @@ class Trainer:
                                  self.config.sampling.seed)
         if self.parallel == "fsdp":
             reshard(self.ema.model)  # the EMA update works on shards
-        if not self.dist.is_main:  # every rank samples (FSDP gathers the weights), rank 0 writes
-            return None
-        out = self.run_dir / "samples" / f"step_{self.step:08d}.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_grid(images, out, prompts, ncol=min(8, len(prompts)))
-        self.logger.image("samples", out, self.step)
-        return out
+        # every rank samples (FSDP gathers the weights), rank 0 writes
+        return self.logger.grid(images, prompts, self.step) if self.dist.is_main else None
 
     def evaluate(self) -> dict:
         """The ``eval:`` metrics of the EMA weights, with ``prx eval --data``'s code, on every rank (each
@@ -458,11 +432,7 @@ class Trainer:
         if self.dist.is_main:
             saved = self.step % self.config.train.checkpoint_every == 0 or self.step == self.config.total_steps
             checkpoint = self.run_dir / "checkpoints" / step_dir_name(self.step) if saved else None
-            path = self.evaluator.write(self.run_dir, self.step, results, checkpoint)
-            self.logger.log(self.step, eval_scalars(results))
-            self.logger.line(f"{summary_line(self.step, results)} → {path}")
-            for warning in self.evaluator.new_warnings(results):  # each one once, not at every evaluation
-                self.logger.line(f"warning: eval: {warning}")
+            self.evaluator.report(self.logger, self.run_dir, self.step, results, checkpoint)
         return results
 
     def _finish(self, reason: str) -> Path:

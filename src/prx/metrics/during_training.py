@@ -125,6 +125,16 @@ class TrainingEval:
                 extractor.to("cpu")
         return results
 
+    def report(self, logger, run_dir: Path, step: int, results: dict, checkpoint: Path | None) -> Path:
+        """Rank 0: the results into metrics.jsonl / TensorBoard / W&B, a log line, new warnings once,
+        and ``RUN/eval/step_N/real/results.json``."""
+        path = self.write(run_dir, step, results, checkpoint)
+        logger.log(step, eval_scalars(results))
+        logger.line(f"{summary_line(step, results)} → {path}")
+        for warning in self.new_warnings(results):  # each one once, not at every evaluation
+            logger.line(f"warning: eval: {warning}")
+        return path
+
     def new_warnings(self, results: dict) -> list[str]:
         new = [w for w in results["warnings"] if w not in self.warned]
         self.warned.update(new)

@@ -33,11 +33,15 @@ def sample_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state >> np.uint64(1)))
 
 
-def fixed_noise_and_time(index: int, shape: tuple[int, ...], seed: int, t_min: float) -> tuple[Tensor, float]:
+def fixed_noise_and_time(index: int, shape: tuple[int, ...], seed: int, t_min: float,
+                         offset: float = 0.0) -> tuple[Tensor, float]:
+    """Sample ``index``'s ε (drawn like the training noise, offset included) and t, from its own generator."""
+    from prx.flow import image_noise
+
     g = sample_generator(seed, index)
     u = float(torch.rand((), generator=g, dtype=torch.float64))
     t = min(t_min + (1 - t_min) * u, 1 - 1e-6)
-    return torch.randn(shape, generator=g), t
+    return image_noise(shape, g, offset), t
 
 
 def encode_batch(text_encoder, captions: list[str]) -> TextBatch:
@@ -68,7 +72,8 @@ class ValLoss(PrxMetric):
         model, text_encoder = self._parts
         device = next(model.parameters()).device
         x0 = images.float().to(device) / 127.5 - 1.0
-        draws = [fixed_noise_and_time(i, tuple(x0.shape[1:]), self.seed, self.objective.t_min) for i in indices]
+        draws = [fixed_noise_and_time(i, tuple(x0.shape[1:]), self.seed, self.objective.t_min,
+                                      self.objective.noise_offset) for i in indices]
         noise = torch.stack([d[0] for d in draws]).to(device) * self.objective.noise_scale
         t = torch.tensor([d[1] for d in draws], dtype=torch.float32, device=device)
         x_t = add_noise(x0, noise, t)
