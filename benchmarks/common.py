@@ -1,6 +1,8 @@
 """What the benchmark scripts share: the model options and building the model from them."""
 
 import argparse
+import statistics
+import time
 
 from prx.config import MODEL_PRESETS, ModelConfig
 from prx.model import build_model
@@ -21,3 +23,14 @@ def build_bench_model(args: argparse.Namespace):
         preset["patch_size"] = args.patch_size
     cfg = ModelConfig(preset=args.preset, text_dim=args.text_dim, **preset)
     return cfg, build_model(cfg)
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """The median wall-clock time of ``fn()`` over ``repeats`` calls, after one untimed warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

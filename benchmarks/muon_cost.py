@@ -10,25 +10,13 @@ one run: torch.optim.Muon (bf16 always), prx's Muon in the dtype it picks for th
 """
 
 import argparse
-import statistics
-import time
 
 import torch
 
-from common import add_model_args, build_bench_model
+from common import add_model_args, build_bench_model, median_seconds
 from prx.flops import newton_schulz_flops
 from prx.muon import fast_matmul_dtype, newton_schulz
 from prx.optim import build_optimizer
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

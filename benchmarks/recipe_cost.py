@@ -11,12 +11,10 @@ real sizes with random weights (same FLOPs as the real ones; no download needed)
 """
 
 import argparse
-import statistics
-import time
 
 import torch
 
-from common import add_model_args, build_bench_model
+from common import add_model_args, build_bench_model, median_seconds
 from prx.flops import training_step_flops
 from prx.flow import add_noise, flow_loss
 from prx.optim import build_optimizer
@@ -33,16 +31,6 @@ def random_teacher(name: str) -> VisionTeacher:
     shape = TEACHER_SHAPES[TEACHER_IDS[name]]  # the real architecture, random weights: the same FLOPs
     cfg = tf.DINOv3ViTConfig(**shape) if name == "dinov3" else tf.Dinov2WithRegistersConfig(**shape)
     return VisionTeacher(tf.AutoModel.from_config(cfg))
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -104,7 +92,7 @@ def main() -> None:
         ("TREAD + DINOv2-B perceptual", step(use_route=True, perc=dino_only)),
         ("TREAD + all three (the recipe)", step(use_route=True, use_repa=True, perc=perceptual)),
     ]
-    results = {name: timed(fn, args.repeats) for name, fn in rows}
+    results = {name: median_seconds(fn, args.repeats) for name, fn in rows}
     dense, tread = results[rows[0][0]], results[rows[1][0]]
     kept = router.num_kept(tokens)
     start, end = router.blocks(cfg.num_layers)
@@ -137,7 +125,7 @@ def main() -> None:
                 torch.cuda.synchronize()
         return run
 
-    t_muon, t_adam = timed(opt_step(muon), args.repeats), timed(opt_step(adam), args.repeats)
+    t_muon, t_adam = median_seconds(opt_step(muon), args.repeats), median_seconds(opt_step(adam), args.repeats)
     print(f"\noptimizer step: Muon + Adam {t_muon:.3f} s, AdamW {t_adam:.3f} s ({t_muon / t_adam:.2f}×); "
           f"as a share of the recipe step: {t_muon / results[rows[-1][0]]:.1%} vs {t_adam / results[rows[-1][0]]:.1%}")
 

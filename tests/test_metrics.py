@@ -303,11 +303,14 @@ def test_val_loss_is_bitwise_repeatable_and_binned(pipe, heldout):
 
 
 def test_two_processes_give_the_one_process_result(run_dir, heldout, tmp_path, capsys):
-    common = ["eval", "--checkpoint", str(run_dir), "--data", str(heldout), "--metrics", ALL, "--num-samples", "5",
+    # FID leaves this comparison: its full-size (random) Inception costs ~20 s per process, and it shares
+    # the Fréchet statistics and their reduction across ranks with fd_dinov2, compared here
+    common = ["eval", "--checkpoint", str(run_dir), "--data", str(heldout), "--metrics", "fd_dinov2,cmmd,clip_score,val_loss",
+              "--num-samples", "5",
               "--batch-size", "2", "--device", "cpu", *STAND_INS]
     assert main([*common, "--out", str(tmp_path / "one")]) == 0
     out = capsys.readouterr().out
-    assert "fid" in out and "val_loss t in [0.6, 1.0]" in out and "biased" in out
+    assert "fd_dinov2" in out and "val_loss t in [0.6, 1.0]" in out and "biased" in out
     result = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "prx.cli", *common,
                              "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -318,12 +321,11 @@ def test_two_processes_give_the_one_process_result(run_dir, heldout, tmp_path, c
     assert two["settings"]["samples_per_rank"] == [3, 1] and two["settings"]["world_size"] == 2
     assert one["settings"]["skipped"] == two["settings"]["skipped"] == {"not an image": 1}
     assert one["metrics"]["val_loss"] == two["metrics"]["val_loss"]  # bitwise
-    for name in ("fid", "fd_dinov2", "cmmd", "clip_score"):
+    for name in ("fd_dinov2", "cmmd", "clip_score"):
         a, b = one["metrics"][name], two["metrics"][name]
         assert (a["num_real"], a["num_fake"]) == (b["num_real"], b["num_fake"]) == (4, 4), name
         assert b["value"] == pytest.approx(a["value"], rel=1e-5, abs=1e-9), name
     assert two["metrics"]["clip_score"]["real_images"] == pytest.approx(one["metrics"]["clip_score"]["real_images"])
-    assert one["settings"]["extractors"]["inception"]["size"] == 299
 
 
 # --------------------------------------------------------------------------------------------
