@@ -63,7 +63,7 @@ def test_lr_schedule_warmup_stable_decay():
 def test_a_time_budget_sets_the_step_count_the_schedule_ends_with_it_and_resume_keeps_it(tmp_path):
     from prx.checkpoint import checkpoint_meta
 
-    overrides = ("train.steps=100000", "train.time_budget_minutes=0.08", "optimizer.decay_fraction=0.5",
+    overrides = ("train.steps=100000", "train.time_budget_minutes=0.15", "optimizer.decay_fraction=0.5",
                  "train.checkpoint_every=100000", "logging.log_every=1")
     trainer = Trainer(tiny_config(*overrides), tmp_path / "run")
     trainer.run()

@@ -254,7 +254,7 @@ def checkpoint_to_resume(run_dir: Path, resume: bool | None, config: Config, log
     ``resume`` True requires a checkpoint, False forbids one, None takes one if there is one; a
     checkpoint of another model shape, or a change of a key that cannot change mid-run, is refused;
     damaged checkpoints are skipped, saying so."""
-    from prx.resume import resume_changes
+    from prx.resume import describe_changes, resume_changes
     from prx.runtime import make_writable_dir
 
     exists = has_checkpoint(run_dir)
@@ -276,7 +276,10 @@ def checkpoint_to_resume(run_dir: Path, resume: bool | None, config: Config, log
     meta = checkpoint_meta(path)
     if meta.get("planned_steps") and config.train.time_budget_minutes:
         config.train.steps = meta["planned_steps"]  # the step count the run's time budget chose, not a change
-    return path, resume_changes(saved, config, meta["step"])
+    changes = resume_changes(saved, config, meta["step"])
+    if changes and is_main:  # they take effect; the trainer's config.yaml records them
+        log(f"resuming with a changed config (recorded in {run_dir / 'config.yaml'}): {describe_changes(changes)}")
+    return path, changes
 
 
 def checkpoint_config(path: str | Path) -> Config:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any, ClassVar
 
 import yaml
 
-from prx.checks import at_least, check, check_fields, one_of, positive, within
+from prx.checks import at_least, check, check_fields, coerce, one_of, positive, unknown_key, within
 from prx.data.sources import DataConfig
 from prx.ema import EMAConfig
 from prx.errors import ConfigError
@@ -227,84 +226,6 @@ class Config:
 # --------------------------------------------------------------------------------------------
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        return f"a list of {_type_name(inner)}"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false", type(None): "null"}.get(
-        tp, getattr(tp, "__name__", str(tp))
-    )
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` (with the few safe conversions YAML needs)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(tp):
-            try:
-                return _coerce(value, option, key)
-            except ConfigError as e:
-                errors.append(e)
-        raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
-    if tp is type(None):
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
-            return None
-        raise ConfigError(f"{key} must be null, got {value!r}")
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r} (write it as [a, b, ...])")
-        if dataclasses.is_dataclass(inner):
-            return [v if isinstance(v, inner) else build_section(inner, v, f"{key}[{i}].") for i, v in enumerate(value)]
-        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(float(value)) if float(value).is_integer() else int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} must be a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, bool):  # YAML 1.1 reads an unquoted on/off (train.compile=off) as a boolean
-            return "on" if value else "off"
-        if isinstance(value, (int, float)):
-            return str(value)
-        raise ConfigError(f"{key} must be a string, got {value!r}")
-    raise TypeError(f"unsupported annotation {tp} for {key}")
-
-
-def _unknown_key(key: str, prefix: str, known: list[str]) -> ConfigError:
-    full = f"{prefix}{key}"
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f"did you mean '{prefix}{close[0]}'?" if close else f"known keys here: {', '.join(known)}"
-    return ConfigError(f"unknown config key '{full}': {hint}")
-
-
 def build_section(cls: type, data: dict[str, Any], prefix: str) -> Any:
     """A config dataclass from a plain dict, every key and type checked (presets applied to ``model``)."""
     if not isinstance(data, dict):
@@ -313,7 +234,7 @@ def build_section(cls: type, data: dict[str, Any], prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in fields]
     if unknown:
-        raise _unknown_key(str(unknown[0]), prefix, list(fields))
+        raise unknown_key(str(unknown[0]), prefix, list(fields))
     if cls is ModelConfig and data.get("preset") is not None:
         preset = data["preset"]
         if preset not in MODEL_PRESETS:
@@ -327,10 +248,14 @@ def build_section(cls: type, data: dict[str, Any], prefix: str) -> Any:
     for name, value in data.items():
         tp = hints[name]
         key = f"{prefix}{name}"
+        inner = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
         if dataclasses.is_dataclass(tp):
             kwargs[name] = build_section(tp, value if value is not None else {}, f"{key}.")
+        elif dataclasses.is_dataclass(inner) and isinstance(value, (list, tuple)):  # train.stages
+            kwargs[name] = [v if isinstance(v, inner) else build_section(inner, v, f"{key}[{i}].")
+                            for i, v in enumerate(value)]
         else:
-            kwargs[name] = _coerce(value, tp, key)
+            kwargs[name] = coerce(value, tp, key)
     return cls(**kwargs)
 
 

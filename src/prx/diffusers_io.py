@@ -267,9 +267,9 @@ def read_transformer_weights(directory: Path) -> dict[str, Tensor]:
 
 
 def _coerce_field(key: str, value):
-    from prx.config import _coerce
+    from prx.checks import coerce
 
-    return _coerce(value, typing.get_type_hints(ModelConfig)[key], f"model.{key}")
+    return coerce(value, typing.get_type_hints(ModelConfig)[key], f"model.{key}")
 
 
 def fill_model_config(model: dict) -> dict:

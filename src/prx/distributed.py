@@ -142,6 +142,18 @@ def parallelize(model: nn.Module, ema_model: nn.Module, projector: nn.Module | N
     return mode, model, projector
 
 
+def gradient_sync(modules: list[nn.Module], mode: str, last_micro_batch: bool) -> contextlib.ExitStack:
+    """Gradient accumulation: communicate only in the backward pass of the step's last micro-batch
+    (``modules`` as :func:`parallelize` returned them)."""
+    stack = contextlib.ExitStack()
+    for module in modules:
+        if mode == "fsdp":
+            module.set_requires_gradient_sync(last_micro_batch)
+        elif mode == "ddp" and not last_micro_batch:
+            stack.enter_context(module.no_sync())
+    return stack
+
+
 def _fully_shard(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | None) -> None:
     """FSDP2: each block its own unit (if the module has blocks), then the root. Parameters stay
     fp32 (the master weights); compute runs in ``param_dtype`` and gradients are reduced in fp32."""

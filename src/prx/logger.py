@@ -156,6 +156,16 @@ class RunLogger:
                 self.writer.add_scalar(name, value, step)
         self._wandb_log(values, step)
 
+    def sample_grid(self, pipe, data_sizes: list[tuple[int, int]], step: int, seed: int) -> Path | None:
+        """``logging.sample_prompts`` sampled with ``pipe`` in the data's two most common bucket shapes
+        (square and wide, say), alternating over the prompts; every rank samples (FSDP gathers the
+        weights), rank 0 writes the grid. None without prompts."""
+        prompts = self.cfg.sample_prompts
+        if not prompts:
+            return None
+        images = sample_in_sizes(pipe, prompts, sample_sizes(data_sizes), self.cfg.sample_steps, seed)
+        return self.grid(images, prompts, step) if self.enabled else None
+
     def grid(self, images: list, prompts: list[str], step: int) -> Path:
         """A sample grid: ``RUN/samples/step_N.png``, TensorBoard and W&B."""
         from prx.images import save_grid

@@ -254,31 +254,51 @@ class StopSignals:
         self._previous.clear()
 
 
-class TimeBudget:
-    """``train.time_budget_minutes``: train for about that long. The first ``SKIP`` steps of a
-    process (compilation, caches) are not timed; the next ``MEASURE`` give the step rate, and the
-    steps that fit the rest of the budget become the run's step count (at most ``train.steps``),
-    so the LR schedule, whose decay covers the last part of the run, ends with the budget. The
-    count is printed and kept in every checkpoint: ``train.time_budget_minutes=0 train.steps=N``
-    trains exactly the same run again."""
+class RunClock:
+    """The run's two clocks. ``train.time_limit_minutes``: a safety net, the run stops (and saves)
+    after that long. ``train.time_budget_minutes``: train for about that long. The first ``SKIP``
+    steps of a process (compilation, caches) are not timed; the next ``MEASURE`` give the step rate,
+    and the steps that fit the rest of the budget become the run's step count (at most
+    ``train.steps``), so the LR schedule, whose decay covers the last part of the run, ends with the
+    budget. The count is printed and kept in every checkpoint: ``train.time_budget_minutes=0
+    train.steps=N`` trains exactly the same run again, and a resumed run keeps it."""
 
     SKIP, MEASURE = 10, 30
 
-    def __init__(self, minutes: float, first_step: int):
-        self.seconds, self.first_step = minutes * 60, first_step
-        self.started = time.monotonic()
+    def __init__(self, train_cfg, first_step: int, steps_planned: bool):
+        self.started, self.first_step = time.monotonic(), first_step
+        self.limit_minutes = train_cfg.time_limit_minutes
+        self.budget_seconds = 0.0 if steps_planned else train_cfg.time_budget_minutes * 60
         self.window_start: float | None = None
 
+    def limit_reached(self) -> str | None:
+        if self.limit_minutes and time.monotonic() - self.started > self.limit_minutes * 60:
+            return f"time limit of {self.limit_minutes:g} min reached"
+        return None
+
     def plan(self, step: int) -> int | None:
-        """Call after each step (``step`` steps done); the run's step count once it is known, else None."""
+        """Call after each step (``step`` steps done): the budget's step count, once, when it is known."""
         done = step - self.first_step
+        if not self.budget_seconds:
+            return None
         if done == self.SKIP:
             self.window_start = time.monotonic()
         if done == self.SKIP + self.MEASURE and self.window_start is not None:
             rate = self.MEASURE / (time.monotonic() - self.window_start)
-            left = self.seconds - (time.monotonic() - self.started)
+            left = self.budget_seconds - (time.monotonic() - self.started)
+            self.budget_seconds = 0.0  # planned
             return step + max(0, int(left * rate))
         return None
+
+    @staticmethod
+    def set_steps(cfg, steps: int, step: int, dist) -> str:
+        """The budget's step count becomes the run's ``train.steps`` (ranks take the smallest, never
+        fewer than ``step`` done, never more than configured); returns the line that says so."""
+        from prx.distributed import min_across_ranks
+
+        cfg.train.steps = max(step, min(cfg.train.steps, min_across_ranks(steps, dist)))
+        return (f"time budget of {cfg.train.time_budget_minutes:g} min: {cfg.total_steps} steps in all (the LR schedule "
+                f"ends there; train.time_budget_minutes=0 train.steps={cfg.total_steps} repeats it)")
 
 
 def preflight(cfg, model_given: bool = False) -> torch.device:

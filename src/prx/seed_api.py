@@ -18,6 +18,31 @@ from prx.repa import REPAConfig
 from prx.tread import TreadConfig
 
 
+COMPONENTS = ("model", "router", "repa", "perceptual_loss", "param_groups", "text_encoder")
+SCHEDULE = ("batch_size", "steps_512", "steps_1024", "batch_size_1024")
+
+
+def resolve_components(config: Config | None, given: dict) -> tuple[Config, dict]:
+    """``Trainer(config)`` or ``Trainer(model=..., router=..., ...)``: the run's config (built from the
+    components when there is none) and the components given (None for the rest: built from the config)."""
+    unknown = sorted(set(given) - set(COMPONENTS) - set(SCHEDULE))
+    if unknown:
+        raise TypeError(f"Trainer() got an unexpected keyword argument '{unknown[0]}' "
+                        f"(it takes {', '.join(COMPONENTS + SCHEDULE)})")
+    components = {name: given.get(name) for name in COMPONENTS}
+    if isinstance(components["model"], dict):
+        from prx.model import PRX, model_config_from_dict
+
+        components["model"] = PRX(model_config_from_dict(components["model"]))
+    if config is None:
+        if components["model"] is None:
+            raise ConfigError("Trainer needs a config or a model")
+        config = config_from_components(components["model"], components["router"], components["repa"],
+                                        components["perceptual_loss"], components["param_groups"],
+                                        *(given.get(name) for name in SCHEDULE))
+    return config, components
+
+
 def config_from_components(model, router, repa, perceptual_loss, param_groups, batch_size, steps_512, steps_1024,
                            batch_size_1024) -> Config:
     """The config of a run assembled from components."""

@@ -129,6 +129,15 @@ def _load_encoder(path: str, dtype, local_files_only: bool):
     return AutoTokenizer.from_pretrained(path, **kw), cls.from_pretrained(path, dtype=dtype, **extra, **kw)
 
 
+def fit_text_dim(model_cfg, encoder: "TextEncoder", name: str) -> None:
+    """``model.text_dim`` is the encoder's width when unset; a one-line error when the two disagree."""
+    if model_cfg.text_dim is None:
+        model_cfg.text_dim = encoder.dim
+    if model_cfg.text_dim != encoder.dim:
+        raise PrxError(f"the model takes {model_cfg.text_dim}-wide text tokens but text encoder '{name}' gives "
+                       f"{encoder.dim}: set model.text_dim={encoder.dim} (or leave it unset)")
+
+
 class TextEncoder:
     """Frozen text encoder with an LRU cache of per-caption encodings."""
 

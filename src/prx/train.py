@@ -28,22 +28,22 @@ from prx.checkpoint import (CheckpointWriter, checkpoint_to_resume, restore_trai
                             training_state)
 from prx.config import Config, StageConfig
 from prx.data.sources import build_source
-from prx.distributed import (all_agree, full_value, init_distributed, mean_across_ranks, min_across_ranks, parallelize,
+from prx.diffusers_io import load_init_weights
+from prx.distributed import (all_agree, full_value, gradient_sync, init_distributed, mean_across_ranks, parallelize,
                              reshard)
 from prx.ema import EMA
-from prx.errors import ConfigError, PrxError, TrainingError
+from prx.errors import TrainingError
 from prx.flow import add_noise, flow_loss, sample_noise, sample_timesteps, step_seed
-from prx.logger import RunLogger, sample_in_sizes, sample_sizes
+from prx.logger import RunLogger
 from prx.metrics.during_training import TrainingEval
-from prx.model import PRX, model_config_from_dict
+from prx.model import PRX
 from prx.optim import MultiOptimizer, build_optimizer, lr_scale, param_groups_from_config
 from prx.perceptual import PerceptualLoss
 from prx.pipeline import Pipeline
 from prx.repa import REPAAlignment
-from prx.resume import describe_changes
-from prx.runtime import RunLock, StopSignals, TimeBudget, autocast_dtype, preflight, set_threads
-from prx.seed_api import config_from_components, groups_after_sharding
-from prx.text import TextBatch, TextEncoder
+from prx.runtime import RunClock, RunLock, StopSignals, autocast_dtype, preflight, set_threads
+from prx.seed_api import groups_after_sharding, resolve_components
+from prx.text import TextEncoder, fit_text_dim
 from prx.tread import TREADRouter
 
 
@@ -57,56 +57,32 @@ class StepResult:
     image_size: tuple[int, int] = (0, 0)  # (height, width) of this step's images: its bucket
 
 
-class NoTimer:
-    """The step's phase timer when nobody is measuring: free."""
-
-    def __call__(self, phase: str):
-        return contextlib.nullcontext()
-
-
 class Trainer:
-    """Trains a run into ``run_dir``, from a :class:`Config` or from components (the seed's API)::
-
-        Trainer(model=PRX({...}) or {...}, router=TREADRouter(), repa=REPAAlignment(),
-                perceptual_loss=PerceptualLoss(), param_groups=[...], batch_size=..., steps_512=...,
-                steps_1024=...).run()
+    """Trains a run into ``run_dir``, from a :class:`Config` or from components, the seed's API
+    (``Trainer(model=PRX(...), router=TREADRouter(...), ..., steps_512=...)``, see :mod:`prx.seed_api`).
 
     ``resume``: None resumes when the run directory has a checkpoint (the same command continues
     a run); True requires one; False refuses to touch a run directory that has one.
     """
 
     def __init__(self, config: Config | None = None, run_dir: str | Path | None = None, resume: bool | None = None, *,
-                 model: PRX | dict | None = None, router: TREADRouter | None = None, repa: REPAAlignment | None = None,
-                 perceptual_loss: PerceptualLoss | None = None, param_groups: list[dict] | None = None,
-                 batch_size: int | None = None, steps_512: int | None = None, steps_1024: int | None = None,
-                 batch_size_1024: int | None = None, text_encoder: TextEncoder | None = None, log=print):
-        if isinstance(model, dict):
-            model = PRX(model_config_from_dict(model))
-        if config is None:
-            if model is None:
-                raise ConfigError("Trainer needs a config or a model")
-            config = config_from_components(model, router, repa, perceptual_loss, param_groups, batch_size,
-                                            steps_512, steps_1024, batch_size_1024)
-        self.config = config
-        self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / config.name
+                 log=print, **components):
+        self.config, self._given = resolve_components(config, components)
+        self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / self.config.name
         self.resume = resume
         self.log = log
         self.stop_reason: str | None = None
         self.signals = StopSignals()
-        self.timer = NoTimer()  # `prx bench` swaps in a timer that records each phase of the step
+        self.timer = lambda phase: contextlib.nullcontext()  # `prx bench` swaps in one that times each phase
         self.lock: RunLock | None = None
-        self.config_changes: list = []
-        self._given = dict(model=model, router=router, repa=repa, perceptual=perceptual_loss,
-                           param_groups=param_groups, text_encoder=text_encoder)
 
     # ----------------------------------------------------------------------------------------
     # Set-up
     # ----------------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        """Everything before step 0. Fails before any work (one line) on a batch that does not split
-        over the ranks, a model that cannot fit in memory, a run directory another training holds, a
-        checkpoint of another model or a config change the run cannot take."""
+        """Everything before step 0. Fails before any work (one line) on a batch that does not split over the ranks,
+        a model too big for memory, a run directory in use, another model's checkpoint or a change it cannot take."""
         try:
             self._setup()
         except BaseException:
@@ -120,23 +96,16 @@ class Trainer:
         self.dist = init_distributed(device, cfg.train.timeout_minutes)
         self.device = self.dist.device
         self.lock = RunLock.for_run(self.run_dir, self.dist)  # this training's until it ends; rank 0 holds it
-        self.resume_from, self.config_changes = checkpoint_to_resume(self.run_dir, self.resume, cfg, self.log,
-                                                                     self.dist.is_main)
+        self.resume_from, _ = checkpoint_to_resume(self.run_dir, self.resume, cfg, self.log, self.dist.is_main)
         self.autocast = autocast_dtype(cfg.train.precision, self.device)
         torch.manual_seed(cfg.train.seed)
         # Held-out evaluation (eval:): data opened and extractors loaded once, now, so a missing one fails before step 0.
         self.evaluator = TrainingEval.build(cfg)
 
         self.text_encoder = given["text_encoder"] or TextEncoder.from_config(cfg.text, self.device)
-        if cfg.model.text_dim is None:
-            cfg.model.text_dim = self.text_encoder.dim
-        if cfg.model.text_dim != self.text_encoder.dim:
-            raise PrxError(f"the model takes {cfg.model.text_dim}-wide text tokens but text encoder '{cfg.text.encoder}' "
-                           f"gives {self.text_encoder.dim}: set model.text_dim={self.text_encoder.dim} (or leave it unset)")
+        fit_text_dim(cfg.model, self.text_encoder, cfg.text.encoder)
         self.model = (given["model"] or PRX(cfg.model)).to(self.device)
         if cfg.model.init_from and self.resume_from is None:  # fine-tuning: a new run starts from diffusers weights
-            from prx.diffusers_io import load_init_weights
-
             message = load_init_weights(self.model, cfg.model.init_from)
             if self.dist.is_main:
                 self.log(message)
@@ -147,7 +116,7 @@ class Trainer:
         self.repa = given["repa"] or REPAAlignment.from_config(cfg.repa)
         if self.repa is not None:
             self.repa.setup(cfg.model.hidden_dim, cfg.model.num_layers, dtype=teacher_dtype).to(self.device)
-        self.perceptual = given["perceptual"] or PerceptualLoss.from_config(cfg.perceptual)
+        self.perceptual = given["perceptual_loss"] or PerceptualLoss.from_config(cfg.perceptual)
         if self.perceptual is not None:
             self.perceptual.load(teacher_dtype).to(self.device)
         self.ema = EMA.from_config(self.model, cfg.ema)  # a copy, before sharding
@@ -161,6 +130,7 @@ class Trainer:
             self.model, self.ema.model, self.repa.projector if self.repa else None, cfg.train, self.dist, self.autocast)
         if self.repa is not None:
             self.repa.projector = projector
+        self.wrapped = [self.forward_model] + ([projector] if projector is not None else [])  # what syncs gradients
         self.optimizer: MultiOptimizer = build_optimizer(
             groups_after_sharding(given["param_groups"], self.model, names) or param_groups_from_config(
                 self.model, cfg.optimizer),
@@ -174,17 +144,13 @@ class Trainer:
         if self.resume_from is not None:
             restore_training_state(self, self.resume_from)
         if self.dist.is_main:
-            if self.config_changes:  # they take effect now; config.yaml records them
-                self.log(f"resuming with a changed config (recorded in {self.run_dir / 'config.yaml'}): "
-                         f"{describe_changes(self.config_changes)}")
-            cfg.save(self.run_dir / "config.yaml")
+            cfg.save(self.run_dir / "config.yaml")  # with the config changes a resume made (they take effect now)
 
     def close(self) -> None:
         """Stop the data workers and release the run directory (the lock); called when :meth:`run`
         ends, however it ends."""
-        close_data = getattr(getattr(self, "data", None), "close", None)
-        if close_data is not None:
-            close_data()
+        if hasattr(getattr(self, "data", None), "close"):
+            self.data.close()
         if getattr(self, "lock", None) is not None:
             self.lock.release()
             self.lock = None
@@ -211,11 +177,7 @@ class Trainer:
         # Caption dropout: the empty caption's encoding teaches the unconditional model for CFG.
         # (Drawn for the whole global batch, then sliced: the same samples whatever the world size.)
         drop = (torch.rand(stage.batch_size, generator=gen) < cfg.data.caption_dropout)[rows]
-        captions = ["" if d else c for c, d in zip(data.captions, drop.tolist())]
-        if data.text is not None:  # precomputed embeddings: dropped rows take the empty caption's
-            empty = self.data.empty_embedding
-            data.text = data.text.with_rows_replaced(drop, TextBatch(torch.from_numpy(empty.copy())[None],
-                                                                       torch.ones(1, empty.shape[0], dtype=torch.bool)))
+        captions = data.drop_captions(drop, self.data.empty_embedding)
 
         # Noise: x_t = (1 − t)·x0 + t·ε.
         t = sample_timesteps(stage.batch_size, cfg.objective, gen)[rows]
@@ -238,8 +200,8 @@ class Trainer:
             with self.timer("text encoder"):
                 text = (data.text[part] if data.text is not None else self.text_encoder.encode(captions[part])).to(dev)
             x_t = add_noise(x0, noise[part], t_part)
-            with self._gradient_sync(last), torch.autocast(dev.type, dtype=self.autocast or torch.float32,
-                                                           enabled=self.autocast is not None):
+            with gradient_sync(self.wrapped, self.parallel, last), torch.autocast(
+                    dev.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
                 with self.timer("denoiser forward"):
                     out = self.forward_model(x_t, t_part, text.embeds, text.mask,
                                              route=route.slice(part) if route else None,
@@ -274,29 +236,15 @@ class Trainer:
         return StepResult(sum(totals.values()), dict(totals), grad_norm.item(), scale * cfg.optimizer.lr,
                           image_size=tuple(images.shape[-2:]))
 
-    def _gradient_sync(self, last_micro_batch: bool):
-        """Accumulate without communicating until the last micro-batch of the step."""
-        wrapped = [self.forward_model] + ([self.repa.projector] if self.repa is not None else [])
-        if self.parallel == "fsdp":
-            for module in wrapped:
-                module.set_requires_gradient_sync(last_micro_batch)
-        stack = contextlib.ExitStack()
-        if self.parallel == "ddp" and not last_micro_batch:
-            for module in wrapped:
-                stack.enter_context(module.no_sync())
-        return stack
-
     def _skip(self, value: torch.Tensor, losses: dict) -> StepResult:
         """A non-finite loss or gradient: drop the update, count it, stop if it keeps happening."""
         self.optimizer.zero_grad(set_to_none=True)
         self.bad_steps += 1
         which = ", ".join(f"{k}={float(v.detach()):.3g}" for k, v in losses.items()) or f"grad norm {float(value):.3g}"
         if self.bad_steps > self.config.train.max_bad_steps:
-            raise TrainingError(
-                f"{self.bad_steps} steps had a non-finite loss or gradient (last: {which}; limit train.max_bad_steps="
-                f"{self.config.train.max_bad_steps}): lower optimizer.lr or raise optimizer.warmup_steps, "
-                f"then resume from {self.run_dir / 'checkpoints' / 'latest'}"
-            )
+            raise TrainingError(f"{self.bad_steps} steps had a non-finite loss or gradient (last: {which}; limit "
+                                f"train.max_bad_steps={self.config.train.max_bad_steps}): lower optimizer.lr or raise "
+                                f"optimizer.warmup_steps, then resume from {self.run_dir / 'checkpoints' / 'latest'}")
         return StepResult(float(value.detach()), {}, skipped=True)
 
     # ----------------------------------------------------------------------------------------
@@ -326,9 +274,7 @@ class Trainer:
             self.log(self.evaluator.describe())
         if self.step >= total:
             return self._finish("already complete")
-        started, stage_index = time.monotonic(), None
-        budget = (TimeBudget(cfg.train.time_budget_minutes, self.step)
-                  if cfg.train.time_budget_minutes and not self.planned_steps else None)
+        clock, stage_index = RunClock(cfg.train, self.step, steps_planned=bool(self.planned_steps)), None
         window_start, window_steps = time.monotonic(), 0
         try:
             with self.signals:
@@ -340,9 +286,9 @@ class Trainer:
                     result = self.train_step(self.step)
                     self.step += 1
                     self.logger.bar.update(1)
-                    if budget is not None and (steps := budget.plan(self.step)) is not None:
-                        total = self._plan_steps(steps)
-                        budget = None
+                    if (steps := clock.plan(self.step)) is not None:  # train.time_budget_minutes
+                        self.logger.line(clock.set_steps(cfg, steps, self.step, self.dist))
+                        self.planned_steps = total = self.logger.bar.total = cfg.total_steps
                     window_steps += 1
                     if not result.skipped:
                         self.logger.add({"total": result.loss, **result.losses})
@@ -359,42 +305,27 @@ class Trainer:
                         paused = time.monotonic()
                         self.evaluate()
                         window_start += time.monotonic() - paused  # steps/s counts training time only
-                    if self.signals.received:
-                        self.stop_reason = f"stopped by {self.signals.received}"
-                    limit = cfg.train.time_limit_minutes * 60
-                    if limit and time.monotonic() - started > limit:
-                        self.stop_reason = f"time limit of {cfg.train.time_limit_minutes:g} min reached"
+                    self.stop_reason = f"stopped by {self.signals.received}" if self.signals.received else (
+                        clock.limit_reached())
                     if not all_agree(self.stop_reason is None, self.dist):  # ranks stop at the same step
                         self.stop_reason = self.stop_reason or "stopped with the other ranks"
                         break
-                # a last grid, for runs long enough to have a sampling schedule (not a 3-step smoke test)
-                if self.stop_reason is None and 0 < cfg.logging.sample_every <= total:
-                    grid = self.sample_grid()
-                    if grid is not None:
+                if self.stop_reason is None:  # a last grid (if the run is long enough to have a schedule), eval
+                    if 0 < cfg.logging.sample_every <= total and (grid := self.sample_grid()) is not None:
                         self.log(f"samples: {grid}")
-                if self.stop_reason is None and self.evaluator is not None:
-                    self.evaluate()
+                    if self.evaluator is not None:
+                        self.evaluate()
                 return self._finish(self.stop_reason or "done")
         finally:
             self.logger.close()
-
-    def _plan_steps(self, steps: int) -> int:
-        """A time budget chose ``steps`` (ranks take the smallest); it becomes the run's step count."""
-        cfg = self.config
-        self.planned_steps = cfg.train.steps = max(self.step, min(cfg.train.steps, min_across_ranks(steps, self.dist)))
-        self.logger.bar.total = cfg.total_steps
-        self.logger.line(f"time budget of {cfg.train.time_budget_minutes:g} min: {cfg.total_steps} steps in all (the LR "
-                         f"schedule ends there; train.time_budget_minutes=0 train.steps={cfg.total_steps} repeats it)")
-        return cfg.total_steps
 
     def _log_scalars(self, result: StepResult, stage: StageConfig, index: int, steps_per_s: float) -> None:
         means = mean_across_ranks(self.logger.take_window(), self.dist)
         self.logger.bar.set_postfix(loss=f"{means.get('total', float('nan')):.4f}", lr=f"{result.lr:.1e}", refresh=False)
         self.logger.log(self.step, {**{f"loss/{k}": v for k, v in means.items()}, "lr": result.lr,
                                     "grad_norm": result.grad_norm, "train/steps_per_s": steps_per_s,
-                                    "train/images_per_s": steps_per_s * stage.batch_size,
+                                    "train/images_per_s": steps_per_s * stage.batch_size, "train/stage": index + 1,
                                     "train/bad_steps": self.bad_steps, "train/ema_decay": self.ema.current_decay(),
-                                    "train/stage": index + 1,
                                     "data/skipped_samples": sum(self.data.skipped.values())})
 
     @property
@@ -408,19 +339,13 @@ class Trainer:
         return self.checkpoints.wait() if wait and path is None else path
 
     def sample_grid(self) -> Path | None:
-        """A grid of ``logging.sample_prompts`` with the EMA weights, in the data's two most common
-        bucket shapes (square and wide, say), alternating over the prompts."""
-        prompts = self.config.logging.sample_prompts
-        if not prompts:
-            return None
+        """A grid of ``logging.sample_prompts`` with the EMA weights (:meth:`RunLogger.sample_grid`)."""
         _, stage = self.config.stage_at(max(self.step - 1, 0))
         pipe = Pipeline(self.ema.model, self.text_encoder, self.config, self.device)
-        images = sample_in_sizes(pipe, prompts, sample_sizes(self.data.sizes(stage)), self.config.logging.sample_steps,
-                                 self.config.sampling.seed)
+        path = self.logger.sample_grid(pipe, self.data.sizes(stage), self.step, self.config.sampling.seed)
         if self.parallel == "fsdp":
             reshard(self.ema.model)  # the EMA update works on shards
-        # every rank samples (FSDP gathers the weights), rank 0 writes
-        return self.logger.grid(images, prompts, self.step) if self.dist.is_main else None
+        return path
 
     def evaluate(self) -> dict:
         """The ``eval:`` metrics of the EMA weights, with ``prx eval --data``'s code, on every rank (each
@@ -431,8 +356,8 @@ class Trainer:
                                      sharded=self.parallel == "fsdp")
         if self.dist.is_main:
             saved = self.step % self.config.train.checkpoint_every == 0 or self.step == self.config.total_steps
-            checkpoint = self.run_dir / "checkpoints" / step_dir_name(self.step) if saved else None
-            self.evaluator.report(self.logger, self.run_dir, self.step, results, checkpoint)
+            self.evaluator.report(self.logger, self.run_dir, self.step, results,
+                                  self.run_dir / "checkpoints" / step_dir_name(self.step) if saved else None)
         return results
 
     def _finish(self, reason: str) -> Path:

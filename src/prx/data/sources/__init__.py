@@ -101,6 +101,18 @@ class DataBatch:
     skipped: dict[str, int] = field(default_factory=dict)  # reason → samples replaced in this batch
     damaged: list[str] = field(default_factory=list)  # data files found damaged while loading it (warned once)
 
+    def drop_captions(self, drop: Tensor, empty_embedding: np.ndarray | None) -> list[str]:
+        """Caption dropout: the ``drop`` (bool, (B,)) rows get the empty caption (and its precomputed
+        encoding, when the batch carries encodings); returns the captions to encode."""
+        if self.text is not None and empty_embedding is not None:
+            import torch
+
+            from prx.text import TextBatch
+
+            empty = torch.from_numpy(empty_embedding.copy())[None]
+            self.text = self.text.with_rows_replaced(drop, TextBatch(empty, torch.ones(1, empty.shape[1], dtype=torch.bool)))
+        return ["" if d else c for c, d in zip(self.captions, drop.tolist())]
+
 
 class DataSource(Protocol):
     """What the trainer needs from a source. Step n's batch must depend only on (seed, n) and the
