@@ -475,3 +475,19 @@ def test_training_on_shards_resumes_exactly(tmp_path):
     assert rest.data.state_dict()["batch"] == full.data.state_dict()["batch"]
     for a, b in zip(full.model.parameters(), rest.model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_caption_dropout_gives_dropped_rows_the_empty_captions_precomputed_encoding():
+    from prx.data.sources import DataBatch
+    from prx.text import TextBatch
+
+    embeds, mask = torch.randn(3, 5, 4), torch.ones(3, 5, dtype=torch.bool)
+    mask[0, 3:] = False
+    empty = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)  # (tokens, dim), as sidecars hold it
+    batch = DataBatch(torch.zeros(3, 3, 8, 8, dtype=torch.uint8), ["a", "b", "c"], text=TextBatch(embeds, mask))
+    captions = batch.drop_captions(torch.tensor([False, True, False]), empty)
+    assert captions == ["a", "", "c"]
+    assert torch.equal(batch.text.embeds[1, :2], torch.from_numpy(empty)) and batch.text.mask[1].tolist() == [1, 1, 0, 0, 0]
+    assert torch.equal(batch.text.embeds[[0, 2]], embeds[[0, 2]]) and torch.equal(batch.text.mask[[0, 2]], mask[[0, 2]])
+    online = DataBatch(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), ["x"])  # no encodings: only the captions change
+    assert online.drop_captions(torch.tensor([True]), None) == [""] and online.text is None
