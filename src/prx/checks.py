@@ -6,7 +6,8 @@
 
 :func:`check_fields` tests them all and raises a one-line :class:`ConfigError` that names the key,
 the rule and the value; a section's own ``check(run)`` method adds the rules that involve other
-fields. :func:`coerce` checks a YAML value against its field's annotation. Nothing here imports torch: config errors answer before any heavy import.
+fields. :func:`coerce` checks a YAML value against its field's annotation. Nothing here imports
+torch: config errors answer before any heavy import.
 """
 
 from __future__ import annotations
