@@ -248,9 +248,9 @@ def migrate_saved_config(data: dict) -> dict:
 
 
 def checkpoint_to_resume(run_dir: Path, resume: bool | None, config: Config, log=print,
-                         is_main: bool = True) -> tuple[Path | None, list[tuple[str, object, object]]]:
-    """The run directory's newest intact checkpoint to continue from (None: a new run) and the config
-    keys that differ from the run's saved config (key, saved value, new value), after the checks:
+                         is_main: bool = True) -> Path | None:
+    """The run directory's newest intact checkpoint to continue from (None: a new run), after the checks
+    (the config keys that differ from the run's saved config are printed; they take effect):
     ``resume`` True requires a checkpoint, False forbids one, None takes one if there is one; a
     checkpoint of another model shape, or a change of a key that cannot change mid-run, is refused;
     damaged checkpoints are skipped, saying so."""
@@ -264,7 +264,7 @@ def checkpoint_to_resume(run_dir: Path, resume: bool | None, config: Config, log
         raise CheckpointError(f"'{run_dir}' already holds a run: resume it (drop the flag that forbids it) or choose --out")
     make_writable_dir(run_dir, "run directory")
     if not exists:
-        return None, []
+        return None
     path = newest_intact(run_dir / "checkpoints", log if is_main else (lambda *a, **k: None), move_aside=is_main)
     saved, model = checkpoint_config(path), config.model
     model.norm_eps = saved.model.norm_eps  # the weights' own (1e-5 in runs from before the option)
@@ -279,7 +279,7 @@ def checkpoint_to_resume(run_dir: Path, resume: bool | None, config: Config, log
     changes = resume_changes(saved, config, meta["step"])
     if changes and is_main:  # they take effect; the trainer's config.yaml records them
         log(f"resuming with a changed config (recorded in {run_dir / 'config.yaml'}): {describe_changes(changes)}")
-    return path, changes
+    return path
 
 
 def checkpoint_config(path: str | Path) -> Config:

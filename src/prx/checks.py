@@ -102,12 +102,11 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` (with the few safe conversions YAML needs)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for option in typing.get_args(tp):
             try:
                 return coerce(value, option, key)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                pass
         raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
     if tp is type(None):
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):

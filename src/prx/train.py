@@ -96,7 +96,7 @@ class Trainer:
         self.dist = init_distributed(device, cfg.train.timeout_minutes)
         self.device = self.dist.device
         self.lock = RunLock.for_run(self.run_dir, self.dist)  # this training's until it ends; rank 0 holds it
-        self.resume_from, _ = checkpoint_to_resume(self.run_dir, self.resume, cfg, self.log, self.dist.is_main)
+        self.resume_from = checkpoint_to_resume(self.run_dir, self.resume, cfg, self.log, self.dist.is_main)
         self.autocast = autocast_dtype(cfg.train.precision, self.device)
         torch.manual_seed(cfg.train.seed)
         # Held-out evaluation (eval:): data opened and extractors loaded once, now, so a missing one fails before step 0.
