@@ -29,6 +29,22 @@ def test_shapes_and_zero_init():
     assert torch.equal(out.x0, torch.zeros_like(x))  # adaLN-zero + zero final layer: x0 = 0 exactly
 
 
+def test_a_patch_bias_lets_the_blocks_tell_flat_greys_apart():
+    """Without a bias a flat patch of grey g embeds to g·v: LayerNorm gives one token for every grey."""
+    import torch.nn.functional as F
+
+    def normalised_tokens(model):
+        pixels = torch.ones(3 * model.config.patch_size ** 2)
+        tokens = [model.img_in(g * pixels) for g in (0.76, 0.92)]  # greys 225 and 245 in [-1, 1]
+        return [F.layer_norm(t, t.shape) for t in tokens]
+
+    with torch.no_grad():
+        plain = normalised_tokens(tiny_model())
+        biased = normalised_tokens(tiny_model(patch_bias_std=1.0))
+    assert torch.allclose(plain[0], plain[1], atol=1e-5)
+    assert F.cosine_similarity(*biased, dim=0) < 0.999  # 1.0 without the bias
+
+
 def test_any_size_multiple_of_patch():
     model = tiny_model()
     _randomise(model)

@@ -60,6 +60,39 @@ def test_lr_schedule_warmup_stable_decay():
     assert lr_scale(99, 100, wsd) == pytest.approx(0.1)  # the last step uses the floor
 
 
+def run_budget_clock(seconds_per_step, budget_minutes=10.0):
+    """A 10-minute budget on a fake clock: ([(step, count set)], seconds the run took, its config)."""
+    from prx.distributed import DistInfo
+    from prx.runtime import RunClock
+
+    cfg = tiny_config("train.steps=100000", f"train.time_budget_minutes={budget_minutes}", "optimizer.decay_fraction=0.3")
+    now = [0.0]
+    clock = RunClock(cfg.train, 0, steps_planned=False, now=lambda: now[0])
+    counts, step = [], 0
+    while step < cfg.train.steps:
+        now[0] += seconds_per_step(step)
+        step += 1
+        if (steps := clock.plan(step)) is not None:
+            clock.set_steps(cfg, steps, step, DistInfo())
+            counts.append((step, cfg.train.steps))
+    return counts, now[0], cfg
+
+
+def test_a_time_budget_measures_the_rate_again_halfway_and_fixes_the_count_before_the_decay():
+    from prx.optim import decay_start
+
+    # The first 100 steps are slow (caches filling): the first estimate (600 steps) is pessimistic; the
+    # rate measured again over steps 170..300 sets 1,100, which fills the 600 s budget exactly.
+    counts, seconds, cfg = run_budget_clock(lambda step: 1.0 if step < 100 else 0.5)
+    assert counts == [(40, 600), (300, 1100)] and seconds == 600
+    # the LR schedule of the steps already taken is the same under the final count: the run is `train.steps=1100`
+    assert all(lr_scale(s, 600, cfg.optimizer) == lr_scale(s, 1100, cfg.optimizer) for s in range(300))
+    # a machine that slows down gets fewer steps, but never a decay that should have begun already
+    counts, _, cfg = run_budget_clock(lambda step: 1.0 if step < 100 else 2.0)
+    (_, first), (replan, final) = counts
+    assert final < first and decay_start(final, cfg.optimizer) > replan
+
+
 def test_a_time_budget_sets_the_step_count_the_schedule_ends_with_it_and_resume_keeps_it(tmp_path):
     from prx.checkpoint import checkpoint_meta
 

@@ -268,7 +268,7 @@ def checkpoint_to_resume(run_dir: Path, resume: bool | None, config: Config, log
     path = newest_intact(run_dir / "checkpoints", log if is_main else (lambda *a, **k: None), move_aside=is_main)
     saved, model = checkpoint_config(path), config.model
     model.norm_eps = saved.model.norm_eps  # the weights' own (1e-5 in runs from before the option)
-    shape = dict(text_dim=None, init_from=None)  # init_from says how a run started, not what it is
+    shape = dict(text_dim=None, init_from=None, patch_bias_std=0.0)  # how a run started, not what it is
     if replace(saved.model, **shape) != replace(model, **shape) or (
             model.text_dim is not None and saved.model.text_dim != model.text_dim):
         raise CheckpointError(f"'{run_dir}' holds a run with a different model config: use --out for a new run, or the "

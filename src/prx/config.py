@@ -60,6 +60,10 @@ class ModelConfig:
     norm_eps: float = within(1e-6, 0, 1, open_low=True, open_high=True, hint=": 1e-6 (new runs) or 1e-5")
     # add an embedding of the image's (height, width) in pixels to the timestep vector (diffusers' `resolution_embeds`)
     resolution_embeds: bool = False
+    # std of the patch embedding's initial bias (0: zeros, as PRX). Without a bias a flat patch of grey g embeds
+    # to g times one vector, and every LayerNorm after it sees the same token for every grey: the model cannot
+    # tell a flat 225 from a flat 245 (benchmarks/brightness_probe.py). Initialisation only: not a shape field.
+    patch_bias_std: float = at_least(0.0, 0)
     # a diffusers PRX pixel checkpoint (a transformer/ or a whole pipeline directory) a new run starts from;
     # shape fields not set in the config come from its config.json (prx.diffusers_io)
     init_from: str | None = None

@@ -194,6 +194,8 @@ class PRX(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+        if self.config.patch_bias_std:  # flat patches of different greys then embed to different directions
+            nn.init.normal_(self.img_in[1].bias, std=self.config.patch_bias_std)
         for lin in [*self.time_in, *(self.resolution_in or [])]:
             if isinstance(lin, nn.Linear):
                 nn.init.normal_(lin.weight, std=0.02)

@@ -52,13 +52,18 @@ class OptimizerConfig:
               f"optimizer.betas must be two numbers in [0, 1), got {self.betas}")
 
 
+def decay_start(total_steps: int, cfg: OptimizerConfig) -> int:
+    """The first step of the LR decay (``total_steps`` when there is none)."""
+    return total_steps - int(round(cfg.decay_fraction * total_steps))
+
+
 def lr_scale(step: int, total_steps: int, cfg: OptimizerConfig) -> float:
     """The LR schedule: linear warm-up, constant, then (optionally) a linear decay over the last
     ``decay_fraction`` of the run to ``min_lr_ratio``. Multiplies every group's base LR."""
     scale = 1.0 if cfg.warmup_steps <= 0 else min(1.0, (step + 1) / cfg.warmup_steps)
-    decay_steps = int(round(cfg.decay_fraction * total_steps))
-    if decay_steps > 0 and step >= total_steps - decay_steps:
-        progress = (step - (total_steps - decay_steps) + 1) / decay_steps
+    start = decay_start(total_steps, cfg)
+    if start < total_steps and step >= start:
+        progress = (step - start + 1) / (total_steps - start)
         scale *= 1.0 - (1.0 - cfg.min_lr_ratio) * progress
     return scale
 

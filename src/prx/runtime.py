@@ -257,48 +257,64 @@ class StopSignals:
 class RunClock:
     """The run's two clocks. ``train.time_limit_minutes``: a safety net, the run stops (and saves)
     after that long. ``train.time_budget_minutes``: train for about that long. The first ``SKIP``
-    steps of a process (compilation, caches) are not timed; the next ``MEASURE`` give the step rate,
-    and the steps that fit the rest of the budget become the run's step count (at most
-    ``train.steps``), so the LR schedule, whose decay covers the last part of the run, ends with the
-    budget. The count is printed and kept in every checkpoint: ``train.time_budget_minutes=0
-    train.steps=N`` trains exactly the same run again, and a resumed run keeps it."""
+    steps of a process (compilation, caches) are not timed; the next ``MEASURE`` give a first step
+    rate and an estimated step count. A step rate that early is pessimistic (caches still filling), so
+    halfway through that estimate the rate is measured again over the steps since a quarter of it, and
+    the steps that fit the rest of the budget become the run's step count (at most ``train.steps``).
+    Both counts are fixed before the LR schedule's decay, which covers the last part of the run, can
+    begin, so the run is exactly the run ``train.time_budget_minutes=0 train.steps=N`` trains with its
+    final count N (printed, and kept in every checkpoint; a resumed run keeps the count its checkpoint
+    holds). ``now`` is the clock (a fake one in tests)."""
 
     SKIP, MEASURE = 10, 30
 
-    def __init__(self, train_cfg, first_step: int, steps_planned: bool):
-        self.started, self.first_step = time.monotonic(), first_step
+    def __init__(self, train_cfg, first_step: int, steps_planned: bool, now=time.monotonic):
+        self.now = now
+        self.started, self.first_step = now(), first_step
         self.limit_minutes = train_cfg.time_limit_minutes
         self.budget_seconds = 0.0 if steps_planned else train_cfg.time_budget_minutes * 60
+        self.max_steps = train_cfg.steps  # the configured count: the budget's count never exceeds it
+        self.window_from = first_step + self.SKIP  # the step whose end opens the rate's window
         self.window_start: float | None = None
+        self.replan_step: int | None = None  # when the first estimate is measured again (None: not yet known)
 
     def limit_reached(self) -> str | None:
-        if self.limit_minutes and time.monotonic() - self.started > self.limit_minutes * 60:
+        if self.limit_minutes and self.now() - self.started > self.limit_minutes * 60:
             return f"time limit of {self.limit_minutes:g} min reached"
         return None
 
     def plan(self, step: int) -> int | None:
-        """Call after each step (``step`` steps done): the budget's step count, once, when it is known."""
-        done = step - self.first_step
+        """Call after each step (``step`` steps done): a step count for :meth:`set_steps` when the
+        budget has one (the first estimate, then the final count), else None."""
         if not self.budget_seconds:
             return None
-        if done == self.SKIP:
-            self.window_start = time.monotonic()
-        if done == self.SKIP + self.MEASURE and self.window_start is not None:
-            rate = self.MEASURE / (time.monotonic() - self.window_start)
-            left = self.budget_seconds - (time.monotonic() - self.started)
-            self.budget_seconds = 0.0  # planned
-            return step + max(0, int(left * rate))
+        if step == self.window_from:
+            self.window_start = self.now()
+        first = self.replan_step is None and step == self.first_step + self.SKIP + self.MEASURE
+        if (first or step == self.replan_step) and self.window_start is not None:
+            rate = (step - self.window_from) / max(self.now() - self.window_start, 1e-9)
+            return step + max(0, int((self.budget_seconds - (self.now() - self.started)) * rate))
         return None
 
-    @staticmethod
-    def set_steps(cfg, steps: int, step: int, dist) -> str:
-        """The budget's step count becomes the run's ``train.steps`` (ranks take the smallest, never
-        fewer than ``step`` done, never more than configured); returns the line that says so."""
+    def set_steps(self, cfg, steps: int, step: int, dist) -> str:
+        """The budget's count becomes the run's ``train.steps``: ranks take the smallest, never fewer
+        than ``step`` done, never more than configured, never so few that the LR decay would have
+        begun already. Returns the line that says so."""
         from prx.distributed import min_across_ranks
+        from prx.optim import decay_start
 
-        cfg.train.steps = max(step, min(cfg.train.steps, min_across_ranks(steps, dist)))
-        return (f"time budget of {cfg.train.time_budget_minutes:g} min: {cfg.total_steps} steps in all (the LR schedule "
-                f"ends there; train.time_budget_minutes=0 train.steps={cfg.total_steps} repeats it)")
+        steps = max(step, min(self.max_steps, min_across_ranks(steps, dist)))
+        while steps < self.max_steps and decay_start(steps, cfg.optimizer) <= step:
+            steps += 1
+        cfg.train.steps = steps
+        budget = f"time budget of {cfg.train.time_budget_minutes:g} min"
+        replan = steps // 2
+        if self.replan_step is None and replan - step >= 2 * self.MEASURE and decay_start(steps, cfg.optimizer) > replan:
+            self.replan_step, self.window_from = replan, (step + replan) // 2  # the same steps on every rank
+            return f"{budget}: about {steps} steps (the step rate is measured again at step {replan}, then the count is fixed)"
+        self.budget_seconds = 0.0  # planned
+        return (f"{budget}: {steps} steps in all (the LR schedule ends there; train.time_budget_minutes=0 "
+                f"train.steps={steps} repeats it)")
 
 
 def preflight(cfg, model_given: bool = False) -> torch.device:
