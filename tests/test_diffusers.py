@@ -222,7 +222,9 @@ def test_exported_demo_model_samples_the_same_images_in_diffusers(tmp_path, caps
     out = tmp_path / "shared" / "prx-demo"
     code, stdout, err = run_cli(capsys, "export", "--format", "diffusers", "--checkpoint", run, "--out", out)
     assert code == 0, err
-    assert "note:" not in stdout and "PRXPixelPipeline.from_pretrained" in stdout
+    notes = [line for line in stdout.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and "offset noise" in notes[0] and "latents=" in notes[0], stdout  # the demo's only one
+    assert "PRXPixelPipeline.from_pretrained" in stdout
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "model_index.json", "prx_config.yaml", "scheduler",
                                                      "text_encoder", "tokenizer", "transformer"]
     assert not list(out.parent.glob(".*tmp*"))  # written in a temporary directory, renamed into place
@@ -237,7 +239,9 @@ def test_exported_demo_model_samples_the_same_images_in_diffusers(tmp_path, caps
     prompts = ["a red circle in the top left", "a blue square in the bottom right"]
     ours = pipe.generate(prompts, steps=steps, guidance_scale=scale, seed=3).float()
     ours_plain = pipe.generate(prompts, steps=steps, guidance_scale=1.0, seed=3).float()
-    torch.save(initial_noise(2, 64, 64, 3, config.objective.noise_scale), tmp_path / "noise.pt")
+    # prx's starting noise (with the demo's offset noise) as `latents=`, as the export's note says
+    torch.save(initial_noise(2, 64, 64, 3, config.objective.noise_scale, config.objective.noise_offset),
+               tmp_path / "noise.pt")
     result = subprocess.run([sys.executable, "-c", DIFFUSERS_SIDE, str(out), str(tmp_path / "noise.pt"),
                              str(tmp_path / "images.pt"), str(steps), str(scale)],
                             capture_output=True, text=True, timeout=300)
