@@ -7,6 +7,10 @@
    patch embedding gives a token proportional to g, and every LayerNorm after it sees the same
    normalised token whatever g. Prints the embedding's scaled and bias parts and the cosine of the
    normalised tokens of the two greys (1.0 = the blocks cannot tell them apart).
+3. Where a sample's background is decided: 32 seeds of one prompt sampled with the run's settings
+   (``--guidance-scale`` to change CFG); at each step the spread of the predicted background grey
+   across seeds and its correlation with the global mean of x_t (which is all the starting noise
+   can say about the background). The world's own spread is 6.1 grey levels.
 
     python benchmarks/brightness_probe.py runs/demo
 """
@@ -24,6 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a run directory or checkpoint")
     parser.add_argument("--greys", type=int, nargs=2, default=[215, 245], help="two background greys (0..255)")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="CFG scale for part 3 (default: the run's)")
     args = parser.parse_args()
     pipe = Pipeline.from_checkpoint(args.checkpoint)
     model, resolution = pipe.model, pipe.config.stages[-1].resolution
@@ -55,6 +60,31 @@ def main() -> None:
                   f"(norm {(token - scaled).norm():.2f})")
             tokens.append(torch.nn.functional.layer_norm(token, token.shape))
     print(f"cosine of the two LayerNorm-ed tokens: {torch.nn.functional.cosine_similarity(*tokens, dim=0).item():.6f}")
+    background_decision(pipe, scene.caption, corner, args.guidance_scale)
+
+
+def background_decision(pipe: Pipeline, caption: str, corner: slice, guidance_scale: float | None, n: int = 32) -> None:
+    from prx.sampling import guided_predictor, initial_noise, sampling_schedule, velocity
+
+    cfg = pipe.config
+    resolution = cfg.stages[-1].resolution
+    scale = cfg.sampling.guidance_scale if guidance_scale is None else guidance_scale
+    predict = guided_predictor(pipe.model, pipe.text_encoder.encode([caption] * n), pipe.text_encoder.encode([""]),
+                               "cfg", scale)
+    times = sampling_schedule(cfg.sampling.steps, cfg.sampling_shift, cfg.sampling.schedule)
+    x = initial_noise(n, resolution, resolution, 0, cfg.objective.noise_scale, cfg.objective.noise_offset)
+    grey = lambda images: (images[:, :, corner, corner].mean((1, 2, 3)) + 1) * 127.5  # noqa: E731
+    print(f"{n} seeds of '{caption}', CFG {scale:g}: the predicted background grey per sampling step")
+    with torch.no_grad():
+        for i in range(cfg.sampling.steps):
+            t = times[i]
+            x0 = predict(x, t)
+            corr = torch.corrcoef(torch.stack([grey(x0), x.mean((1, 2, 3))]))[0, 1].item()
+            if i % 3 == 0 or i == cfg.sampling.steps - 1:
+                print(f"  t = {t.item():.3f}  mean {grey(x0).mean():6.1f}  spread (std) {grey(x0).std():5.2f}  "
+                      f"correlation with the mean of x_t {corr:5.2f}")
+            x = x + (times[i + 1] - t) * velocity(x, x0, t.expand(n), cfg.objective.t_clamp)
+    print(f"final images: background spread {grey(x).std():.2f} grey levels (the world's: 6.1)")
 
 
 if __name__ == "__main__":
