@@ -64,27 +64,28 @@ def main() -> None:
 
 
 def background_decision(pipe: Pipeline, caption: str, corner: slice, guidance_scale: float | None, n: int = 32) -> None:
-    from prx.sampling import guided_predictor, initial_noise, sampling_schedule, velocity
+    from prx.sampling import guided_predictor, initial_noise, sample
 
-    cfg = pipe.config
+    cfg, s = pipe.config, pipe.config.sampling
     resolution = cfg.stages[-1].resolution
-    scale = cfg.sampling.guidance_scale if guidance_scale is None else guidance_scale
+    scale = s.guidance_scale if guidance_scale is None else guidance_scale
     predict = guided_predictor(pipe.model, pipe.text_encoder.encode([caption] * n), pipe.text_encoder.encode([""]),
                                "cfg", scale)
-    times = sampling_schedule(cfg.sampling.steps, cfg.sampling_shift, cfg.sampling.schedule)
-    x = initial_noise(n, resolution, resolution, 0, cfg.objective.noise_scale, cfg.objective.noise_offset)
     grey = lambda images: (images[:, :, corner, corner].mean((1, 2, 3)) + 1) * 127.5  # noqa: E731
+    rows = []
+
+    def recording(x, t):  # the run's own sampler calls this once per step (twice with Heun)
+        x0 = predict(x, t)
+        corr = torch.corrcoef(torch.stack([grey(x0), x.mean((1, 2, 3))]))[0, 1].item()
+        rows.append(f"  t = {float(t):.3f}  mean {grey(x0).mean():6.1f}  spread (std) {grey(x0).std():5.2f}  "
+                    f"correlation with the mean of x_t {corr:5.2f}")
+        return x0
+
+    noise = initial_noise(n, resolution, resolution, 0, cfg.objective.noise_scale, cfg.objective.noise_offset)
+    images = sample(recording, noise, s.steps, s.sampler, cfg.sampling_shift, cfg.objective.t_clamp, s.schedule)
     print(f"{n} seeds of '{caption}', CFG {scale:g}: the predicted background grey per sampling step")
-    with torch.no_grad():
-        for i in range(cfg.sampling.steps):
-            t = times[i]
-            x0 = predict(x, t)
-            corr = torch.corrcoef(torch.stack([grey(x0), x.mean((1, 2, 3))]))[0, 1].item()
-            if i % 3 == 0 or i == cfg.sampling.steps - 1:
-                print(f"  t = {t.item():.3f}  mean {grey(x0).mean():6.1f}  spread (std) {grey(x0).std():5.2f}  "
-                      f"correlation with the mean of x_t {corr:5.2f}")
-            x = x + (times[i + 1] - t) * velocity(x, x0, t.expand(n), cfg.objective.t_clamp)
-    print(f"final images: background spread {grey(x).std():.2f} grey levels (the world's: 6.1)")
+    print("\n".join(row for i, row in enumerate(rows) if i % 3 == 0 or i == len(rows) - 1))
+    print(f"final images: background spread {grey(images).std():.2f} grey levels (the world's: 6.1)")
 
 
 if __name__ == "__main__":
