@@ -8,6 +8,14 @@ cache fills), so the other rows measure the model's step.
 
     python benchmarks/demo_speed.py                      # all variants, 3 rounds of 8 steps
     python benchmarks/demo_speed.py --rounds 5 --steps 10
+
+The AVX2-only CPU of a machine without AVX512-BF16, on a machine that has it: restrict torch's own
+kernels, oneDNN and inductor's code generation to AVX2, with an inductor cache of its own (the
+cache is not keyed on these variables: kernels compiled for one ISA would be reused for the other
+and give NaNs)::
+
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) \
+        python benchmarks/demo_speed.py
 """
 
 import argparse
@@ -25,11 +33,11 @@ from prx.muon import fast_matmul_dtype
 from prx.text import TextEncoder
 from prx.train import Trainer
 
-VARIANTS = {  # name → config overrides on top of the demo
-    "baseline (fp32, eager)": [],
-    "online text encoding": [],
-    "torch.compile (inductor C++)": ["train.compile=on"],
-    "bf16 autocast": ["train.precision=bf16"],
+VARIANTS = {  # name → config overrides on top of the demo (which itself trains with compile and precision: auto)
+    "baseline (fp32, eager)": ["train.precision=fp32", "train.compile=off"],
+    "online text encoding": ["train.precision=fp32", "train.compile=off"],
+    "torch.compile (inductor C++)": ["train.precision=fp32", "train.compile=on"],
+    "bf16 autocast": ["train.precision=bf16", "train.compile=off"],
     "bf16 autocast + compile": ["train.precision=bf16", "train.compile=on"],
 }
 
@@ -43,6 +51,9 @@ def main() -> None:
     args = ap.parse_args()
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     kind = "AVX512-BF16" if "avx512_bf16" in flags else ("AMX" if "amx_bf16" in flags else "AVX2-only")
+    restricted = os.environ.get("ATEN_CPU_CAPABILITY") or os.environ.get("ONEDNN_MAX_CPU_ISA")
+    if restricted:
+        kind += f" restricted to {torch.backends.cpu.get_cpu_capability()} kernels (ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA)"
     print(f"CPU: {kind}, {torch.get_num_threads()} threads; bf16 matmuls are "
           f"{'faster' if fast_matmul_dtype('cpu') == torch.bfloat16 else 'slower'} than fp32 here", flush=True)
     variants = {k: v for k, v in VARIANTS.items() if not args.only or k in args.only}

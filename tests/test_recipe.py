@@ -252,6 +252,22 @@ def test_muon_in_fp32_gives_torchs_bf16_update_within_bf16_tolerance():
         assert rel < 0.03, rel  # the same update up to bf16 rounding
 
 
+def test_a_cpu_without_fast_bf16_trains_and_orthogonalises_in_fp32():
+    """An AVX2-only CPU, emulated on any x86 CPU by restricting torch's kernels and oneDNN to AVX2 (bf16
+    matmuls there run ~130× slower than fp32): precision 'auto' and Muon both measure that and pick fp32."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("ISA restriction by environment is an x86 feature")
+    code = ("import torch; from prx.muon import Muon, fast_matmul_dtype; from prx.runtime import autocast_dtype; "
+            "p = torch.nn.Parameter(torch.zeros(8, 8)); "
+            "print(torch.backends.cpu.get_cpu_capability(), fast_matmul_dtype('cpu'), "
+            "autocast_dtype('auto', torch.device('cpu')), Muon([p], lr=0.1).ns_dtype)")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["AVX2", "torch.float32", "None", "torch.float32"], out
+
+
 def test_seed_param_groups_and_their_errors():
     model = tiny_model()
     groups = [
