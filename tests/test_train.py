@@ -78,16 +78,24 @@ def run_budget_clock(seconds_per_step, budget_minutes=10.0):
     return counts, now[0], cfg
 
 
-def test_a_time_budget_measures_the_rate_again_halfway_and_fixes_the_count_before_the_decay():
+def test_a_time_budget_measures_the_rate_again_halfway_and_late_and_fixes_the_count_before_the_decay():
     from prx.optim import decay_start
 
     # The first 100 steps are slow (caches filling): the first estimate (600 steps) is pessimistic; the
-    # rate measured again over steps 170..300 sets 1,100, which fills the 600 s budget exactly.
+    # rate measured again over steps 170..300 sets 1,100, which fills the 600 s budget exactly, and the
+    # late measurement (steps 300..692; 692 is the last step before a run of 990 would decay) keeps it.
     counts, seconds, cfg = run_budget_clock(lambda step: 1.0 if step < 100 else 0.5)
-    assert counts == [(40, 600), (300, 1100)] and seconds == 600
-    # the LR schedule of the steps already taken is the same under the final count: the run is `train.steps=1100`
+    assert counts == [(40, 600), (300, 1100), (692, 1100)] and seconds == 600
+    # the LR schedule of the steps already taken is the same under each new count: the run is `train.steps=1100`
     assert all(lr_scale(s, 600, cfg.optimizer) == lr_scale(s, 1100, cfg.optimizer) for s in range(300))
-    # a machine that slows down gets fewer steps, but never a decay that should have begun already
+    # a machine that speeds up after the halfway measurement gets the steps it can now fit (1100 steps
+    # would have ended at 530 s), one that slows down fewer; neither gets a decay that should have begun
+    for after_400, final in ((0.4, 1240), (0.6, 996)):
+        counts, seconds, cfg = run_budget_clock(lambda step: 1.0 if step < 100 else 0.5 if step < 400 else after_400)
+        assert counts[-1] == (692, final) and decay_start(final, cfg.optimizer) > 692
+        assert all(lr_scale(s, 1100, cfg.optimizer) == lr_scale(s, final, cfg.optimizer) for s in range(692))
+        assert 0.97 * 600 < seconds < 1.02 * 600
+    # a machine that halves its speed before the halfway measurement: fewer steps, the count fixed there
     counts, _, cfg = run_budget_clock(lambda step: 1.0 if step < 100 else 2.0)
     (_, first), (replan, final) = counts
     assert final < first and decay_start(final, cfg.optimizer) > replan

@@ -138,7 +138,8 @@ class TrainConfig:
     keep_checkpoints: int = at_least(2, 1)
     time_limit_minutes: float = at_least(0.0, 0)  # stop (with a checkpoint) after this long; 0 = no limit
     # train for about this long: the measured step rate sets the step count (at most train.steps; estimated
-    # after 40 steps, fixed halfway), so the LR schedule's decay ends with the budget; 0 = exactly train.steps
+    # after 40 steps, measured again halfway and late, fixed before the decay), so the LR schedule's decay
+    # ends with the budget; 0 = exactly train.steps
     time_budget_minutes: float = at_least(0.0, 0)
     max_bad_steps: int = at_least(20, 0)  # non-finite losses tolerated (skipped) before the run stops
 

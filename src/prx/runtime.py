@@ -259,12 +259,15 @@ class RunClock:
     after that long. ``train.time_budget_minutes``: train for about that long. The first ``SKIP``
     steps of a process (compilation, caches) are not timed; the next ``MEASURE`` give a first step
     rate and an estimated step count. A step rate that early is pessimistic (caches still filling), so
-    halfway through that estimate the rate is measured again over the steps since a quarter of it, and
-    the steps that fit the rest of the budget become the run's step count (at most ``train.steps``).
-    Both counts are fixed before the LR schedule's decay, which covers the last part of the run, can
-    begin, so the run is exactly the run ``train.time_budget_minutes=0 train.steps=N`` trains with its
-    final count N (printed, and kept in every checkpoint; a resumed run keeps the count its checkpoint
-    holds). ``now`` is the clock (a fake one in tests)."""
+    halfway through that estimate the rate is measured again over the steps since a quarter of it,
+    and once more, over the steps since then, at the last step where a run 10% shorter would not yet
+    have begun its LR decay (a machine that sped up or slowed down since is seen, and the count can
+    still shrink by 10% without a decay that should have begun already). Then the steps that fit the
+    rest of the budget become the run's step count (at most ``train.steps``). Every count is fixed
+    before the LR schedule's decay, which covers the last part of the run, can begin, so the run is
+    exactly the run ``train.time_budget_minutes=0 train.steps=N`` trains with its final count N
+    (printed, and kept in every checkpoint; a resumed run keeps the count its checkpoint holds).
+    ``now`` is the clock (a fake one in tests)."""
 
     SKIP, MEASURE = 10, 30
 
@@ -276,7 +279,8 @@ class RunClock:
         self.max_steps = train_cfg.steps  # the configured count: the budget's count never exceeds it
         self.window_from = first_step + self.SKIP  # the step whose end opens the rate's window
         self.window_start: float | None = None
-        self.replan_step: int | None = None  # when the first estimate is measured again (None: not yet known)
+        self.replan_step: int | None = None  # when the rate is measured next (None: not yet known)
+        self.remeasures = 0  # how many measurements after the first have been planned (at most 2)
 
     def limit_reached(self) -> str | None:
         if self.limit_minutes and self.now() - self.started > self.limit_minutes * 60:
@@ -285,7 +289,7 @@ class RunClock:
 
     def plan(self, step: int) -> int | None:
         """Call after each step (``step`` steps done): a step count for :meth:`set_steps` when the
-        budget has one (the first estimate, then the final count), else None."""
+        budget has one (an estimate, measured again twice, then the final count), else None."""
         if not self.budget_seconds:
             return None
         if step == self.window_from:
@@ -308,10 +312,16 @@ class RunClock:
             steps += 1
         cfg.train.steps = steps
         budget = f"time budget of {cfg.train.time_budget_minutes:g} min"
-        replan = steps // 2
-        if self.replan_step is None and replan - step >= 2 * self.MEASURE and decay_start(steps, cfg.optimizer) > replan:
-            self.replan_step, self.window_from = replan, (step + replan) // 2  # the same steps on every rank
-            return f"{budget}: about {steps} steps (the step rate is measured again at step {replan}, then the count is fixed)"
+        if self.remeasures == 0:  # halfway through the estimate, over the steps since a quarter of it
+            at, window_from, room = steps // 2, (step + steps // 2) // 2, 2 * self.MEASURE
+        else:  # late, over the steps since the last measurement: a run 10% shorter would not decay yet
+            at, window_from, room = decay_start(int(0.9 * steps), cfg.optimizer) - 1, step, self.MEASURE
+        if self.remeasures < 2 and at - step >= room and decay_start(steps, cfg.optimizer) > at:
+            self.remeasures += 1
+            self.replan_step, self.window_from = at, window_from  # the same steps on every rank
+            self.window_start = self.now() if window_from == step else None
+            return (f"{budget}: about {steps} steps (the step rate is measured again at step {at}"
+                    f"{', then the count is fixed' if self.remeasures == 2 else ''})")
         self.budget_seconds = 0.0  # planned
         return (f"{budget}: {steps} steps in all (the LR schedule ends there; train.time_budget_minutes=0 "
                 f"train.steps={steps} repeats it)")
