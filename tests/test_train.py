@@ -81,21 +81,21 @@ def run_budget_clock(seconds_per_step, budget_minutes=10.0):
 def test_a_time_budget_measures_the_rate_again_halfway_and_late_and_fixes_the_count_before_the_decay():
     from prx.optim import decay_start
 
-    # The first 100 steps are slow (caches filling): the first estimate (588 steps: the count aims 2% short
-    # of the budget) is pessimistic; the rate measured again over steps 167..294 sets 1,076, which fills
-    # 588 s exactly, and the late measurement (steps 294..677; 677 is the last step before a run of 968
+    # The first 100 steps are slow (caches filling): the first estimate (570 steps: the count aims 5% short
+    # of the budget) is pessimistic; the rate measured again over steps 162..285 sets 1,040, which fills
+    # 570 s exactly, and the late measurement (steps 285..654; 654 is the last step before a run of 936
     # would decay) keeps it.
     counts, seconds, cfg = run_budget_clock(lambda step: 1.0 if step < 100 else 0.5)
-    assert counts == [(40, 588), (294, 1076), (677, 1076)] and seconds == 588
-    # the LR schedule of the steps already taken is the same under each new count: the run is `train.steps=1076`
-    assert all(lr_scale(s, 588, cfg.optimizer) == lr_scale(s, 1076, cfg.optimizer) for s in range(294))
-    # a machine that speeds up after the halfway measurement gets the steps it can now fit (1076 steps
-    # would have ended at 520 s), one that slows down fewer; neither gets a decay that should have begun
-    for after_400, final in ((0.4, 1208), (0.6, 977)):
+    assert counts == [(40, 570), (285, 1040), (654, 1040)] and seconds == 570
+    # the LR schedule of the steps already taken is the same under each new count: the run is `train.steps=1040`
+    assert all(lr_scale(s, 570, cfg.optimizer) == lr_scale(s, 1040, cfg.optimizer) for s in range(285))
+    # a machine that speeds up after the halfway measurement gets the steps it can now fit (1040 steps
+    # would have ended at 506 s), one that slows down fewer; neither gets a decay that should have begun
+    for after_400, final in ((0.4, 1160), (0.6, 948)):
         counts, seconds, cfg = run_budget_clock(lambda step: 1.0 if step < 100 else 0.5 if step < 400 else after_400)
-        assert counts[-1] == (677, final) and decay_start(final, cfg.optimizer) > 677
-        assert all(lr_scale(s, 1076, cfg.optimizer) == lr_scale(s, final, cfg.optimizer) for s in range(677))
-        assert 0.95 * 600 < seconds <= 600
+        assert counts[-1] == (654, final) and decay_start(final, cfg.optimizer) > 654
+        assert all(lr_scale(s, 1040, cfg.optimizer) == lr_scale(s, final, cfg.optimizer) for s in range(654))
+        assert 0.9 * 600 < seconds <= 600
     # a machine that halves its speed before the halfway measurement: fewer steps, the count fixed there
     counts, _, cfg = run_budget_clock(lambda step: 1.0 if step < 100 else 2.0)
     (_, first), (replan, final) = counts
