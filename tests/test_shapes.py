@@ -112,3 +112,37 @@ def test_diversity_of_the_worlds_own_renders_is_one_and_of_a_collapsed_model_zer
             for row in scene_factors(render(make_scene(spec, np.random.default_rng(7)), 64), spec) * 4]
     collapsed = diversity(np.array(rows), world)
     assert collapsed["spread"]["background"] == 0 and collapsed["fd"] > 1
+
+
+def test_two_object_prompts_are_broken_down_by_layout():
+    from prx.data.shapes import LAYOUTS, Relation, layout_of
+    from prx.evaluate import format_table, layout_breakdown
+
+    def two(a, b, relation=None):
+        return SceneSpec((ShapeObject("red", "circle", a), ShapeObject("blue", "square", b)), relation)
+
+    assert layout_of(two("top left", "bottom right")) == "diagonal"
+    assert layout_of(two("top left", "top right")) == layout_of(two("top right", "bottom right")) == "same row or column"
+    assert layout_of(two("center", "bottom left")) == "with the centre"
+    assert layout_of(two("top left", "top right", Relation("left of", 0, 1))) == "relational"
+    assert layout_of(SceneSpec((ShapeObject("red", "circle", "center"),))) is None
+    specs = eval_prompt_sets()["two_objects"]
+    assert {layout_of(s) for s in specs} == set(LAYOUTS)  # the eval set has every layout
+    # The world's own renders: every layout all-correct. The same diagonal prompt drawn with the
+    # objects in the two other corners (what a model that reads "top" and "left" apart may draw) fails.
+    rng = np.random.default_rng(0)
+    verdicts = [judge(render(make_scene(s, rng), 64), s) for s in specs]
+    table = layout_breakdown(specs, verdicts)
+    assert set(table) == set(LAYOUTS) and sum(r["n"] for r in table.values()) == len(specs)
+    assert all(r["count"] == r["all_correct"] == 1.0 for r in table.values())
+    assert table["relational"]["objects_elsewhere"] is None
+    assert all(table[layout]["objects_elsewhere"] == 0 for layout in LAYOUTS[:3])
+    diagonal = two("top left", "bottom right")
+    swapped = render(make_scene(two("bottom left", "top right"), rng), 64)
+    wrong = layout_breakdown([diagonal], [judge(swapped, diagonal)])
+    assert wrong == {"diagonal": {"n": 1, "count": 1.0, "all_correct": 0.0, "objects_elsewhere": 2.0}}
+    assert layout_breakdown(eval_prompt_sets()["single_held_in"], verdicts[:1]) == {}
+    results = {"sets": {"two_objects": {"n": len(specs), "color": 1, "shape": 1, "position": 1, "count": 1,
+                                        "all_correct": 1, "diversity": {"objects": 0, "spread": {f: None for f in
+                                        ("size", "dx", "dy", "background")}, "fd": None}, "by_layout": table}}}
+    assert "two_objects, by layout" in format_table(results) and "diagonal" in format_table(results)

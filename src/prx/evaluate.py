@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prx.data.shapes import FACTORS, canonical_caption, eval_prompt_sets, judge, scene_factors, world_factors
+from prx.data.shapes import (FACTORS, LAYOUTS, canonical_caption, eval_prompt_sets, judge, layout_of, scene_factors,
+                             world_factors)
 from prx.errors import PrxError
 from prx.images import save_grid
 from prx.pipeline import Pipeline
@@ -72,6 +73,9 @@ def evaluate(
             "failures": [p for p, v in zip(prompts, verdicts) if not v.correct][:20],
             "diversity": diversity(generated, world_factors(specs, res, seed=seed + offset)),
         }
+        by_layout = layout_breakdown(specs, verdicts)
+        if by_layout:
+            results["sets"][name]["by_layout"] = by_layout
         if out_dir is not None:
             out = Path(out_dir)
             out.mkdir(parents=True, exist_ok=True)
@@ -90,6 +94,25 @@ def evaluate(
         "seconds": round(time.monotonic() - started, 1),
     }
     return results
+
+
+def layout_breakdown(specs: list, verdicts: list) -> dict:
+    """Two-object prompts split by how they place their objects (``shapes.layout_of``): count right,
+    all-correct, and, where the prompt names both positions, the objects drawn per image at positions
+    it did not name (for diagonal prompts: a model that reads "top" and "left" apart fills the two
+    other corners). Empty when the set has no two-object prompt."""
+    out = {}
+    for layout in LAYOUTS:
+        rows = [(spec, v) for spec, v in zip(specs, verdicts) if layout_of(spec) == layout]
+        if not rows:
+            continue
+        elsewhere = None
+        if layout != "relational":
+            elsewhere = float(np.mean([sum(b.position not in {o.position for o in spec.objects} for b in v.blobs)
+                                       for spec, v in rows]))
+        out[layout] = {"n": len(rows), "count": float(np.mean([v.count for _, v in rows])),
+                       "all_correct": float(np.mean([v.correct for _, v in rows])), "objects_elsewhere": elsewhere}
+    return out
 
 
 def diversity(generated: np.ndarray, world: np.ndarray) -> dict:
@@ -124,6 +147,13 @@ def format_table(results: dict) -> str:
         spread = " ".join(f"{d['spread'][f]:>10.2f}" if d["spread"][f] is not None else f"{'—':>10}" for f in FACTORS)
         lines.append(f"{name:<16} {d['objects']:>7} {spread} {d['fd']:>8.2f}" if d["fd"] is not None
                      else f"{name:<16} {d['objects']:>7} {spread} {'—':>8}")
+    layouts = {name: r["by_layout"] for name, r in results["sets"].items() if r.get("by_layout")}
+    for name, by_layout in layouts.items():
+        header = (f"{name + ', by layout':<28} {'n':>4} {'count':>7} {'all-correct':>12} {'objects elsewhere':>18}")
+        lines += ["", header + "   (per image, at positions the prompt did not name)", "-" * len(header)]
+        for layout, r in by_layout.items():
+            elsewhere = f"{r['objects_elsewhere']:>18.2f}" if r["objects_elsewhere"] is not None else f"{'—':>18}"
+            lines.append(f"{layout:<28} {r['n']:>4} {r['count']:>7.1%} {r['all_correct']:>12.1%} {elsewhere}")
     return "\n".join(lines)
 
 

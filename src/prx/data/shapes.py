@@ -272,6 +272,25 @@ def multi_specs(count: int, n: int, seed: int = 1234) -> list[SceneSpec]:
     return specs
 
 
+LAYOUTS = ("diagonal", "same row or column", "with the centre", "relational")
+
+
+def layout_of(spec: SceneSpec) -> str | None:
+    """How a two-object prompt places its objects (None for other counts): opposite corners
+    ("diagonal"), two corners sharing a row or column, a corner and the centre, or only a relation
+    ("to the left of", ...). Diagonal pairs are the hardest to bind: a position word read on its own
+    ("top", "left") fits the two empty corners as well."""
+    if len(spec.objects) != 2:
+        return None
+    if spec.relation is not None:
+        return "relational"
+    a, b = (o.position for o in spec.objects)
+    if "center" in (a, b):
+        return "with the centre"
+    (ay, ax), (by, bx) = a.split(), b.split()
+    return "same row or column" if ay == by or ax == bx else "diagonal"
+
+
 def eval_prompt_sets(repeats_held_in: int = 2, repeats_held_out: int = 6, n_two: int = 64, n_three: int = 32):
     """name → list of specs. Repeats are sampled with different seeds."""
     return {
