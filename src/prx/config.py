@@ -152,6 +152,10 @@ class TrainConfig:
               f"train.device must be auto, cpu, cuda or cuda:N, got '{self.device}'")
         check(not (self.time_budget_minutes and self.stages), "train.time_budget_minutes sets the step count of a "
               "single-stage run: drop train.stages or set the stages' steps yourself")
+        check(not (self.time_limit_minutes and self.time_limit_minutes < self.time_budget_minutes),
+              f"train.time_limit_minutes={self.time_limit_minutes:g} (the safety net that stops a run) is shorter than "
+              f"train.time_budget_minutes={self.time_budget_minutes:g}: the run would stop before its LR decay ends. "
+              f"Raise it too (e.g. train.time_limit_minutes={self.time_budget_minutes * 1.3:g}) or set 0 for no limit")
 
 
 @dataclass
