@@ -165,3 +165,24 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_autocast_keeps_the_qk_norms_fused_and_their_fp32_values():
+    """Under bf16 autocast the QK RMSNorms get bf16 inputs: their weights follow the input's dtype (no
+    "Mismatch dtype" warning, the fused kernel), and in fp32 the block computes exactly nn.RMSNorm."""
+    import warnings
+
+    from prx.model import rms_norm
+
+    model = tiny_model()
+    _randomise(model)
+    x, t, txt, mask = _inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any dtype-mismatch warning fails the test
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, t, txt, mask).x0
+        out.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.blocks[0].q_norm.parameters())
+    norm = model.blocks[0].k_norm
+    v = torch.randn(2, 4, 9, norm.normalized_shape[0])
+    assert torch.equal(rms_norm(norm, v), norm(v))

@@ -109,6 +109,12 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
 
 
+def rms_norm(norm: nn.RMSNorm, x: Tensor) -> Tensor:
+    """``norm(x)`` with the weight in x's dtype: under bf16 autocast nn.RMSNorm would get a bf16 input and an
+    fp32 weight, warn ("Mismatch dtype between input and weight") and skip its fused kernel. Same values."""
+    return F.rms_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.eps)
+
+
 class PRXBlock(nn.Module):
     """Image tokens attend to [text; image]; text tokens are read, never written."""
 
@@ -135,10 +141,10 @@ class PRXBlock(nn.Module):
 
         h = modulate(F.layer_norm(x, (d,), eps=self.norm_eps), shift1, scale1)
         q, k, v = self.img_qkv(h).view(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
-        q = apply_rope(self.q_norm(q), cos, sin)
-        k = apply_rope(self.k_norm(k), cos, sin)
+        q = apply_rope(rms_norm(self.q_norm, q), cos, sin)
+        k = apply_rope(rms_norm(self.k_norm, k), cos, sin)
         txt_k, txt_v = self.txt_kv(txt).view(b, -1, 2, heads, hd).permute(2, 0, 3, 1, 4)
-        k = torch.cat([self.txt_k_norm(txt_k), k], dim=2)
+        k = torch.cat([rms_norm(self.txt_k_norm, txt_k), k], dim=2)
         v = torch.cat([txt_v, v], dim=2)
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         x = x + gate1 * self.attn_out(attn.transpose(1, 2).reshape(b, n, d))
