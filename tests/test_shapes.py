@@ -141,7 +141,7 @@ def test_two_object_prompts_are_broken_down_by_layout():
     swapped = render(make_scene(two("bottom left", "top right"), rng), 64)
     wrong = layout_breakdown([diagonal], [judge(swapped, diagonal)])
     assert wrong == {"diagonal": {"n": 1, "count": 1.0, "all_correct": 0.0, "objects_elsewhere": 2.0}}
-    assert layout_breakdown(eval_prompt_sets()["single_held_in"], verdicts[:1]) == {}
+    assert layout_breakdown(eval_prompt_sets()["single_held_in"], verdicts[:1]) == {}  # no two-object prompt
     results = {"sets": {"two_objects": {"n": len(specs), "color": 1, "shape": 1, "position": 1, "count": 1,
                                         "all_correct": 1, "diversity": {"objects": 0, "spread": {f: None for f in
                                         ("size", "dx", "dy", "background")}, "fd": None}, "by_layout": table}}}
