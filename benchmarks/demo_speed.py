@@ -34,11 +34,13 @@ from prx.text import TextEncoder
 from prx.train import Trainer
 
 VARIANTS = {  # name → config overrides on top of the demo (which itself trains with compile and precision: auto)
-    "baseline (fp32, eager)": ["train.precision=fp32", "train.compile=off"],
-    "online text encoding": ["train.precision=fp32", "train.compile=off"],
-    "torch.compile (inductor C++)": ["train.precision=fp32", "train.compile=on"],
-    "bf16 autocast": ["train.precision=bf16", "train.compile=off"],
-    "bf16 autocast + compile": ["train.precision=bf16", "train.compile=on"],
+    "baseline (fp32, eager)": ["train.precision=fp32", "train.compile=off", "train.attention=sdpa"],
+    "online text encoding": ["train.precision=fp32", "train.compile=off", "train.attention=sdpa"],
+    "torch.compile (inductor C++)": ["train.precision=fp32", "train.compile=on", "train.attention=sdpa"],
+    "bf16 autocast": ["train.precision=bf16", "train.compile=off", "train.attention=sdpa"],
+    "bf16 autocast + compile": ["train.precision=bf16", "train.compile=on", "train.attention=sdpa"],
+    "compile + math attention": ["train.precision=fp32", "train.compile=on", "train.attention=math"],
+    "bf16 + compile + math attention": ["train.precision=bf16", "train.compile=on", "train.attention=math"],
 }
 
 

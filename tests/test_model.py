@@ -186,3 +186,54 @@ def test_bf16_autocast_keeps_the_qk_norms_fused_and_their_fp32_values():
     norm = model.blocks[0].k_norm
     v = torch.randn(2, 4, 9, norm.normalized_shape[0])
     assert torch.equal(rms_norm(norm, v), norm(v))
+
+
+def test_written_out_attention_is_sdpa_with_its_gradients():
+    """``train.attention: math`` computes the same function as torch's fused kernel: a model switched to
+    it gives the same x0 and gradients (fp32) with text padding masked, routed or not."""
+    model = tiny_model()
+    _randomise(model)
+    x, t, txt, mask = _inputs()
+    route = Route(1, 2, torch.tensor([[0, 2, 4, 6, 8], [1, 3, 5, 7, 8]]))
+    results = []
+    for kernel in ("sdpa", "math"):
+        for block in model.blocks:
+            block.attention = kernel
+        model.zero_grad()
+        out = model(x, t, txt, mask, route=route).x0
+        out.square().mean().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    (out_sdpa, grads_sdpa), (out_math, grads_math) = results
+    assert torch.allclose(out_sdpa, out_math, atol=1e-5, rtol=1e-4)
+    for a, b in zip(grads_sdpa, grads_math):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_written_out_attention_in_bf16_and_padding():
+    """Under bf16 autocast the written-out attention stays within bf16 rounding of the fused kernel, and a
+    padded text key gets no weight (changing its value changes nothing)."""
+    from prx.model import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 32, generator=g) for _ in range(3))
+    mask = torch.ones(2, 1, 1, 16, dtype=torch.bool)
+    mask[0, ..., :5] = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, written = attention(q, k, v, mask, "sdpa"), attention(q, k, v, mask, "math")
+    assert (fused.float() - written.float()).abs().max() < 0.05
+    k2, v2 = k.clone(), v.clone()
+    k2[0, :, :5], v2[0, :, :5] = 1e3, -1e3
+    assert torch.equal(attention(q, k, v, mask, "math"), attention(q, k2, v2, mask, "math"))
+
+
+def test_attention_auto_is_math_only_for_short_cpu_sequences_compiled_or_bf16():
+    from prx.runtime import attention_kernel
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert attention_kernel("auto", cpu, True, None, 16) == "math"  # the demo on an AVX2-only CPU
+    assert attention_kernel("auto", cpu, True, torch.bfloat16, 16) == "math"  # the demo with AVX512-BF16
+    assert attention_kernel("auto", cpu, False, torch.bfloat16, 64) == "math"
+    assert attention_kernel("auto", cpu, False, None, 16) == "sdpa"  # fp32 eager: the fused kernel is faster
+    assert attention_kernel("auto", cpu, True, torch.bfloat16, 256) == "sdpa"
+    assert attention_kernel("auto", cuda, True, torch.bfloat16, 16) == "sdpa"
+    assert attention_kernel("math", cuda, False, None, 4096) == "math"

@@ -35,6 +35,18 @@ def test_training_reduces_the_loss(tmp_path):
     assert sum(last) / 3 < 0.5 * sum(first) / 3
 
 
+def test_the_attention_kernel_follows_train_attention(tmp_path):
+    """auto keeps torch's fused kernel for an fp32 eager CPU run (tiny: 9 tokens, fp32, not compiled);
+    train.attention=math switches every block, and the step trains with it."""
+    auto = Trainer(tiny_config("train.steps=1"), tmp_path / "auto")
+    auto.setup()
+    assert {b.attention for b in auto.model.blocks} == {"sdpa"}
+    written = Trainer(tiny_config("train.steps=1", "train.attention=math"), tmp_path / "math")
+    written.setup()
+    assert {b.attention for b in written.model.blocks} == {"math"}
+    assert abs(written.train_step(0).loss - auto.train_step(0).loss) < 1e-4  # the same function
+
+
 def test_non_finite_losses_are_skipped_counted_and_stop_the_run(tmp_path):
     trainer = Trainer(tiny_config("optimizer.lr=1e30", "optimizer.warmup_steps=0", "optimizer.grad_clip=0",
                                   "train.max_bad_steps=2", "train.steps=20"), tmp_path / "run")

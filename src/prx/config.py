@@ -130,6 +130,9 @@ class TrainConfig:
     precision: str = one_of("auto", "bf16", "fp32")  # auto: bf16 on GPU, fp32 on CPU; weights stay fp32
     parallel: str = one_of("auto", "fsdp", "ddp", "none")  # auto: FSDP2 when torchrun starts several processes
     compile: str = one_of("auto", "on", "off")  # torch.compile each block: auto = on GPU
+    # the attention kernel: sdpa (torch's fused kernel) or math (written out, fused by inductor). auto: math on a
+    # CPU for ≤ 64 image tokens when compiled or in bf16, where the fused kernel's backward is slow; sdpa elsewhere
+    attention: str = one_of("auto", "sdpa", "math")
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     async_checkpoint: bool = True  # write checkpoints in the background (visible once complete)
     timeout_minutes: float = positive(10.0)  # a collective that waits longer (a dead rank) fails the job

@@ -113,7 +113,7 @@ def resolve_parallel(mode: str, info: DistInfo) -> str:
 
 
 def parallelize(model: nn.Module, ema_model: nn.Module, projector: nn.Module | None, cfg, info: DistInfo,
-                param_dtype: torch.dtype | None) -> tuple[str, nn.Module, nn.Module | None]:
+                param_dtype: torch.dtype | None, image_tokens: int) -> tuple[str, nn.Module, nn.Module | None]:
     """The one place a run's modules are made parallel, in torchtitan's order: activation
     checkpointing → compile each block → FSDP2 per block, then the root (the EMA copy and the REPA
     projector alike) — or DDP. ``cfg`` is the run's ``train:`` section.
@@ -130,6 +130,11 @@ def parallelize(model: nn.Module, ema_model: nn.Module, projector: nn.Module | N
         warnings.warn("train.compile=on but no C++ compiler (g++, c++, clang++ or $CXX) is installed for torch.compile's "
                       "CPU backend: training without compiling", RuntimeWarning, stacklevel=2)
         compile_on = False
+    from prx.runtime import attention_kernel
+
+    kernel = attention_kernel(cfg.attention, info.device, compile_on, param_dtype, image_tokens)
+    for block in model.blocks:
+        block.attention = kernel
     if compile_on:
         for block in model.blocks:  # one graph per block shape; the loop over blocks stays in Python
             block.compile()

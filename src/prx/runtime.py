@@ -41,6 +41,18 @@ def autocast_dtype(precision: str, device: torch.device, training: bool = True) 
     return None
 
 
+def attention_kernel(choice: str, device: torch.device, compiled: bool, dtype: torch.dtype | None,
+                     image_tokens: int) -> str:
+    """``train.attention`` resolved: 'auto' is 'math' on a CPU for short sequences (≤ 64 image tokens)
+    when the blocks are compiled or run in bf16 — there the fused kernel's backward costs 2-4× the
+    written-out attention's (``benchmarks/demo_speed.py``) — and 'sdpa' everywhere else (GPUs, long
+    sequences, fp32 eager)."""
+    if choice != "auto":
+        return choice
+    short_cpu = device.type == "cpu" and image_tokens <= 64
+    return "math" if short_cpu and (compiled or dtype == torch.bfloat16) else "sdpa"
+
+
 def cpp_compiler() -> str | None:
     """The C++ compiler torch.compile's CPU backend (inductor) would use, if there is one."""
     import shutil

@@ -126,8 +126,10 @@ class Trainer:
         if self.repa is not None:
             self.trainable["repa_projector"] = self.repa.projector
         names = {id(p): name for name, p in self.model.named_parameters()}  # the seed's groups hold these
+        image_tokens = max((stage.resolution // cfg.model.patch_size) ** 2 for stage in cfg.stages)
         self.parallel, self.forward_model, projector = parallelize(
-            self.model, self.ema.model, self.repa.projector if self.repa else None, cfg.train, self.dist, self.autocast)
+            self.model, self.ema.model, self.repa.projector if self.repa else None, cfg.train, self.dist, self.autocast,
+            image_tokens)
         if self.repa is not None:
             self.repa.projector = projector
         self.wrapped = [self.forward_model] + ([projector] if projector is not None else [])  # what syncs gradients
@@ -267,7 +269,8 @@ class Trainer:
         where = f"resuming {self.resume_from} at step {self.step}" if self.resume_from else "new run"
         ranks = f" × {self.dist.world} ranks ({self.parallel})" if self.dist.enabled else ""
         self.log(f"prx: {cfg.name} | {where} | {n_params / 1e6:.2f}M params | {total} steps | {self.device}{ranks}"
-                 f"{', bf16 autocast' if self.autocast else ', fp32'} | run dir {self.run_dir}")
+                 f"{', bf16 autocast' if self.autocast else ', fp32'}"
+                 f"{', math attention' if self.model.blocks[0].attention == 'math' else ''} | run dir {self.run_dir}")
         self.logger = RunLogger(cfg.logging, self.run_dir, self.step, total, self.dist.is_main, self.log,
                                 run_config=cfg.to_dict())
         if self.evaluator is not None:
