@@ -190,10 +190,10 @@ def test_bf16_autocast_keeps_the_qk_norms_fused_and_their_fp32_values():
 
 def test_written_out_attention_is_sdpa_with_its_gradients():
     """``train.attention: math`` computes the same function as torch's fused kernel: a model switched to
-    it gives the same x0 and gradients (fp32) with text padding masked, routed or not."""
+    it gives the same x0 and gradients (fp32) with text padding masked, on a non-square token grid, routed."""
     model = tiny_model()
     _randomise(model)
-    x, t, txt, mask = _inputs()
+    x, t, txt, mask = _inputs(h=48, w=80)  # a 3×5 grid
     route = Route(1, 2, torch.tensor([[0, 2, 4, 6, 8], [1, 3, 5, 7, 8]]))
     results = []
     for kernel in ("sdpa", "math"):

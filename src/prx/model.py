@@ -119,8 +119,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, kernel: str = "
     """softmax(q·kᵀ/√d, keys masked)·v for q (B, H, N, d), k and v (B, H, L, d), key_mask (B, 1, 1, L).
 
     sdpa: torch's fused kernel (flash attention on GPUs and CPUs). math: the same function written out,
-    which inductor fuses; on a CPU its backward is 2-4× faster than the fused kernel's at a few dozen
-    tokens (``train.attention``). Both need at least one unmasked key per row (image keys always are).
+    which inductor fuses; on a CPU its forward and backward are 2-3× faster than the fused kernel's at a
+    few dozen tokens (``train.attention``). Both need at least one unmasked key per row (image keys always are).
     """
     if kernel == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)

@@ -44,8 +44,8 @@ def autocast_dtype(precision: str, device: torch.device, training: bool = True) 
 def attention_kernel(choice: str, device: torch.device, compiled: bool, dtype: torch.dtype | None,
                      image_tokens: int) -> str:
     """``train.attention`` resolved: 'auto' is 'math' on a CPU for short sequences (≤ 64 image tokens)
-    when the blocks are compiled or run in bf16 — there the fused kernel's backward costs 2-4× the
-    written-out attention's (``benchmarks/demo_speed.py``) — and 'sdpa' everywhere else (GPUs, long
+    when the blocks are compiled or run in bf16 — there the fused kernel's forward and backward cost 2-3×
+    the written-out attention's (``benchmarks/demo_speed.py``) — and 'sdpa' everywhere else (GPUs, long
     sequences, fp32 eager)."""
     if choice != "auto":
         return choice
