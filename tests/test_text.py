@@ -28,6 +28,24 @@ def test_repeated_captions_are_not_reencoded(text_encoder):
     assert torch.equal(a.embeds[0, : a.mask[0].sum()], b.embeds[1, : b.mask[1].sum()])
 
 
+def test_min_length_pads_every_batch_to_one_length(text_encoder):
+    """text.min_length: a batch of short captions is padded (masked) to the floor, so a compiled model
+    sees the same text length; the real tokens are unchanged and a longer batch still grows."""
+    from prx.config import load_config
+    from prx.errors import ConfigError
+
+    short = text_encoder.encode(["a red circle"])
+    floor = TextEncoder("minilm", max_length=48, min_length=24)
+    padded = floor.encode(["a red circle"])
+    assert short.embeds.shape[1] == 8 and padded.embeds.shape[1] == 24
+    assert torch.equal(padded.mask.sum(1), short.mask.sum(1))
+    assert torch.equal(padded.embeds[:, :8], short.embeds) and torch.all(padded.embeds[:, 8:] == 0)
+    assert floor.encode(["a red circle in the top left and " * 3]).embeds.shape[1] == 32
+    assert load_config("demo").text.min_length == 24
+    with pytest.raises(ConfigError, match="text.min_length"):
+        load_config("demo", ["text.min_length=64"])
+
+
 def _tokenizer_dir(tmp_path):
     """Any saved tokenizer works with any tiny model whose vocab covers it: reuse MiniLM's."""
     from transformers import AutoTokenizer
@@ -45,13 +63,13 @@ def test_hf_encoders_from_local_directories(tmp_path, kind):
 
     vocab = _tokenizer_dir(tmp_path)
     if kind == "bert":
-        model = tf.BertModel(tf.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+        model = tf.BertModel(tf.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64))
     elif kind == "t5":
-        model = tf.T5EncoderModel(tf.T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4))
+        model = tf.T5EncoderModel(tf.T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4))
     elif kind == "clip":
-        model = tf.CLIPTextModel(tf.CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64))
+        model = tf.CLIPTextModel(tf.CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64))
     else:  # the real T5Gemma checkpoints are encoder-decoder; we load the encoder only
-        enc = tf.T5GemmaModuleConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        enc = tf.T5GemmaModuleConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=2, num_key_value_heads=1, head_dim=16)
         model = tf.T5GemmaModel(tf.T5GemmaConfig(encoder=enc, decoder=enc))
     model.save_pretrained(tmp_path)
@@ -61,6 +79,19 @@ def test_hf_encoders_from_local_directories(tmp_path, kind):
     assert batch.embeds.shape[0] == 2 and batch.embeds.shape[2] == 32
     assert batch.mask[1].sum() > batch.mask[0].sum() and batch.mask[1].sum() <= 16  # max_length truncates
     assert torch.isfinite(batch.embeds).all()
+    # text.num_layers: only the first layer is built and run; BERT's output is then the full model's layer-1 state
+    first = TextEncoder(str(tmp_path), max_length=16, num_layers=1)
+    inner = getattr(first.model.config, "encoder", first.model.config)
+    assert getattr(inner, "num_hidden_layers", getattr(inner, "num_layers", None)) == 1
+    assert sum(p.numel() for p in first.model.parameters()) < sum(p.numel() for p in encoder.model.parameters())
+    one = first.encode(["hello world"], cache=False)
+    assert torch.isfinite(one.embeds).all() and not torch.allclose(one.embeds, encoder.encode(["hello world"], cache=False).embeds)
+    if kind == "bert":
+        tokens = encoder.tokenizer(["hello world"], return_tensors="pt")
+        states = encoder.model(**tokens, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(one.embeds[0, : one.mask[0].sum()], states[1][0])
+    with pytest.raises(PrxError, match="has 2 layers"):
+        TextEncoder(str(tmp_path), num_layers=3)
 
 
 def test_missing_encoder_says_what_to_do(tmp_path):

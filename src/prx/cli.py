@@ -208,7 +208,8 @@ def cmd_data_embed(args: argparse.Namespace) -> int:
     length = args.max_length or (config.text.max_length if config else 64)
     device = resolve_device(args.device)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    encoder = TextEncoder(name, length, dtype, device, cache_size=0)
+    layers = config.text.num_layers if config and not args.encoder else None  # the config's encoder, as it trains
+    encoder = TextEncoder(name, length, dtype, device, cache_size=0, num_layers=layers)
     rank, world = _rank(args)
     stats = embed_shards(args.shards, encoder, args.columns.split(",") if args.columns else None, args.batch_size,
                          rank, world)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from prx.checks import at_least, one_of, positive
+from prx.checks import at_least, check, one_of, positive
 from prx.errors import PrxError
 
 if TYPE_CHECKING:
@@ -29,12 +29,23 @@ class TextConfig:
     """``text:`` the frozen text encoder."""
 
     encoder: str = MINILM  # "minilm" (bundled, offline), a Hugging Face hub id, or a local directory
+    # keep only the encoder's first N layers (None: all). The rest are never run (saved with the export as
+    # an N-layer encoder): cheaper encoding, and a middle layer's tokens can be the better condition
+    num_layers: int | None = positive(None)
     max_length: int = positive(64)
     dtype: str = one_of("float32", "bfloat16", "float16")
     cache_size: int = at_least(100_000, 0)  # encodings of repeated captions are reused
+    # a batch's caption tokens are padded to at least this many (masked, so the result is the same): a
+    # compiled model sees one text length. The demo's batches are 24 tokens long; the one batch of
+    # short captions at step 504 was 16 and recompiled the blocks for ~19 s
+    min_length: int = at_least(0, 0)
 
     # a resumed run keeps these: the model's text projection learned this encoder's tokens
-    FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = ("encoder", "max_length")
+    FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = ("encoder", "max_length", "num_layers")
+
+    def check(self, run) -> None:
+        check(self.min_length <= self.max_length, f"text.min_length ({self.min_length}) pads caption tokens up to "
+              f"at most text.max_length ({self.max_length}): lower it or raise text.max_length")
 
 
 def text_width(name: str) -> int | None:
@@ -106,7 +117,21 @@ def resolve_encoder(name: str) -> str:
     return os.path.expanduser(name)
 
 
-def _load_encoder(path: str, dtype, local_files_only: bool):
+def _truncate(config, num_layers: int, path: str) -> None:
+    """Set the encoder's layer count in its config: ``from_pretrained`` then builds and loads only the
+    first ``num_layers`` layers (the checkpoint's later layers are left unread)."""
+    inner = config.encoder if getattr(config, "model_type", "") == "t5gemma" else config
+    attr = next((a for a in ("num_hidden_layers", "num_layers") if hasattr(inner, a)), None)
+    if attr is None:
+        raise PrxError(f"text.num_layers: cannot tell how many layers the encoder at {path} has (its config has "
+                       f"neither num_hidden_layers nor num_layers): leave text.num_layers unset")
+    if num_layers > getattr(inner, attr):
+        raise PrxError(f"text.num_layers={num_layers} but the encoder at {path} has {getattr(inner, attr)} layers: "
+                       f"set text.num_layers to at most {getattr(inner, attr)}")
+    setattr(inner, attr, num_layers)
+
+
+def _load_encoder(path: str, dtype, local_files_only: bool, num_layers: int | None = None):
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -115,18 +140,21 @@ def _load_encoder(path: str, dtype, local_files_only: bool):
     kw = {"local_files_only": local_files_only}
     config = AutoConfig.from_pretrained(path, **kw)
     model_type = getattr(config, "model_type", "")
-    extra = {}
     if model_type in ("t5", "mt5", "umt5"):
         from transformers import T5EncoderModel as cls
     elif model_type == "t5gemma":  # released as encoder-decoder; keep the encoder only
         from transformers import T5GemmaEncoderModel as cls
 
-        extra = {"is_encoder_decoder": False}
+        config.is_encoder_decoder = False
     elif model_type in ("clip", "clip_text_model"):
         from transformers import CLIPTextModel as cls
+
+        config = getattr(config, "text_config", config)  # a whole CLIP directory: its text tower
     else:
         cls = AutoModel
-    return AutoTokenizer.from_pretrained(path, **kw), cls.from_pretrained(path, dtype=dtype, **extra, **kw)
+    if num_layers is not None:
+        _truncate(config, num_layers, path)
+    return AutoTokenizer.from_pretrained(path, **kw), cls.from_pretrained(path, config=config, dtype=dtype, **kw)
 
 
 def fit_text_dim(model_cfg, encoder: "TextEncoder", name: str) -> None:
@@ -142,21 +170,22 @@ class TextEncoder:
     """Frozen text encoder with an LRU cache of per-caption encodings."""
 
     def __init__(self, name: str = MINILM, max_length: int = 64, dtype="float32", device="cpu",
-                 cache_size: int = 100_000):
+                 cache_size: int = 100_000, min_length: int = 0, num_layers: int | None = None):
         import torch
 
         self.name = name
         self.max_length = max_length
+        self.min_length = min_length
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         path = resolve_encoder(name)
         try:  # the local directory or Hugging Face cache first: no network needed once downloaded
-            self.tokenizer, self.model = _load_encoder(path, self.dtype, local_files_only=True)
+            self.tokenizer, self.model = _load_encoder(path, self.dtype, True, num_layers)
         except (OSError, ValueError):
             self.tokenizer = None
         try:
             if self.tokenizer is None:
-                self.tokenizer, self.model = _load_encoder(path, self.dtype, local_files_only=False)
+                self.tokenizer, self.model = _load_encoder(path, self.dtype, False, num_layers)
         except (OSError, ValueError) as e:
             where = "a local directory" if Path(path).exists() else "not a local directory"
             raise PrxError(
@@ -172,7 +201,7 @@ class TextEncoder:
 
     @classmethod
     def from_config(cls, cfg: TextConfig, device) -> "TextEncoder":
-        return cls(cfg.encoder, cfg.max_length, cfg.dtype, device, cfg.cache_size)
+        return cls(cfg.encoder, cfg.max_length, cfg.dtype, device, cfg.cache_size, cfg.min_length, cfg.num_layers)
 
     def _encode_uncached(self, captions: list[str]) -> list[Tensor]:
         import torch
@@ -198,7 +227,8 @@ class TextEncoder:
                 del self._cache[caption]
 
     def encode(self, captions: list[str], cache: bool = True) -> TextBatch:
-        """Token embeddings (B, L, D) and mask (B, L); L is the longest caption rounded up to 8.
+        """Token embeddings (B, L, D) and mask (B, L); L is the longest caption rounded up to 8, and at
+        least ``min_length``.
 
         ``cache=False`` encodes the captions together, now: an embedding then depends only on this
         batch (the cache returns whatever batch a caption first came in; padding moves the last bits).
@@ -219,7 +249,7 @@ class TextEncoder:
         else:
             encodings = self._encode_uncached(captions)
         longest = max(e.shape[0] for e in encodings)
-        length = min(-(-longest // 8) * 8, max(self.max_length, longest))
+        length = max(min(-(-longest // 8) * 8, max(self.max_length, longest)), self.min_length)
         embeds = torch.zeros(len(captions), length, self.dim)
         mask = torch.zeros(len(captions), length, dtype=torch.bool)
         for i, e in enumerate(encodings):
