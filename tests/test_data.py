@@ -439,6 +439,7 @@ def test_precomputed_embeddings_match_online_encoding(tmp_path, text_encoder):
     assert stats["captions"] == 12
     assert embed_shards(paths, text_encoder, progress=False)["skipped_existing"] == 2  # resumable
     tag = encoder_tag(text_encoder.name, text_encoder.max_length)
+    assert encoder_tag(text_encoder.name, text_encoder.max_length, 3) != tag  # text.num_layers: other tokens
     loader = ShardLoader(paths, patch=16, seed=0, caption_weights={}, num_workers=0, embedding_tag=tag)
     loader.set_stage(0, 32, 4)
     batch = loader.next()

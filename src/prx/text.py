@@ -176,6 +176,7 @@ class TextEncoder:
         self.name = name
         self.max_length = max_length
         self.min_length = min_length
+        self.num_layers = num_layers
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         path = resolve_encoder(name)

@@ -23,7 +23,7 @@ from prx.text import TextEncoder
 def embed_shards(shards: list[str] | list[Path], encoder: TextEncoder, columns: list[str] | None = None,
                  batch_size: int = 64, rank: int = 0, world_size: int = 1, progress: bool = True) -> dict:
     paths = expand_shards([str(s) for s in shards])
-    tag = encoder_tag(encoder.name, encoder.max_length)
+    tag = encoder_tag(encoder.name, encoder.max_length, encoder.num_layers)
     mine = paths[rank::world_size]
     todo = [p for p in mine if not sidecar_path(p, tag).exists()]
     empty = encoder._encode_uncached([""])[0].numpy()

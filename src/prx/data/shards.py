@@ -97,9 +97,10 @@ def expand_shards(patterns: list[str] | str) -> list[Path]:
 # --------------------------------------------------------------------------------------------
 
 
-def encoder_tag(encoder: str, max_length: int) -> str:
+def encoder_tag(encoder: str, max_length: int, num_layers: int | None = None) -> str:
+    """The sidecar's name part: which encoder (and how many of its layers) at which token limit."""
     name = re.sub(r"[^A-Za-z0-9]+", "-", os.path.basename(encoder.rstrip("/")) or encoder).strip("-").lower()
-    return f"{name}-{max_length}"
+    return f"{name}-{max_length}" + (f"-{num_layers}layers" if num_layers else "")
 
 
 def sidecar_path(shard: str | Path, tag: str) -> Path:

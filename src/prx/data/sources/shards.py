@@ -22,7 +22,7 @@ class Source:
     def __init__(self, cfg: Config, rank: int = 0, world: int = 1, mapping: Mapping | None = None):
         d = cfg.data
         shards = expand_shards(d.shards)
-        tag = encoder_tag(cfg.text.encoder, cfg.text.max_length)
+        tag = encoder_tag(cfg.text.encoder, cfg.text.max_length, cfg.text.num_layers)
         use_embeddings = mapping is None and d.embeddings == "auto" and all(sidecar_path(p, tag).exists() for p in shards)
         weights = {c.column: c.weight for c in d.captions}
         self.loader = ShardLoader(shards, cfg.model.patch_size, cfg.train.seed, weights, d.num_workers, rank, world,
