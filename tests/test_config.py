@@ -51,7 +51,7 @@ def test_yaml_round_trip(tmp_path):
         (["model.bottleneck_dim=1000"], "model.bottleneck_dim=1000 is larger than the patch dimension"),
         (["optimizer.lr=-1e-3"], "optimizer.lr must be positive"),
         (["model.preset=huge"], "unknown model preset 'huge'"),
-        (["model.num_heads=3"], "not divisible by model.num_heads=3"),
+        (["model.num_heads=5"], "not divisible by model.num_heads=5"),
         (["sampling.sampler=ddim"], "sampling.sampler must be 'euler' or 'heun'"),
         (["data.caption_dropout=1.5"], "data.caption_dropout must be in [0, 1)"),
         (["train.steps"], "is not of the form section.key=value"),
