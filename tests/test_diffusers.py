@@ -228,6 +228,8 @@ def test_exported_demo_model_samples_the_same_images_in_diffusers(tmp_path, caps
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "model_index.json", "prx_config.yaml", "scheduler",
                                                      "text_encoder", "tokenizer", "transformer"]
     assert not list(out.parent.glob(".*tmp*"))  # written in a temporary directory, renamed into place
+    # the demo's text.num_layers=3: the encoder is exported cut to 3 layers, and diffusers samples with it below
+    assert json.loads((out / "text_encoder" / "config.json").read_text())["num_hidden_layers"] == 3
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == "PRXPixelPipeline" and index["transformer"] == ["diffusers", "PRXTransformer2DModel"]
     card = (out / "README.md").read_text()

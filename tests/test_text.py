@@ -41,7 +41,7 @@ def test_min_length_pads_every_batch_to_one_length(text_encoder):
     assert torch.equal(padded.mask.sum(1), short.mask.sum(1))
     assert torch.equal(padded.embeds[:, :8], short.embeds) and torch.all(padded.embeds[:, 8:] == 0)
     assert floor.encode(["a red circle in the top left and " * 3]).embeds.shape[1] == 32
-    assert load_config("demo").text.min_length == 24
+    assert load_config("demo").text.min_length == 24 and load_config("demo").text.num_layers == 3
     with pytest.raises(ConfigError, match="text.min_length"):
         load_config("demo", ["text.min_length=64"])
 
