@@ -114,6 +114,30 @@ def test_a_time_budget_measures_the_rate_again_halfway_and_late_and_fixes_the_co
     assert final < first and decay_start(final, cfg.optimizer) > replan
 
 
+def test_a_budget_that_buys_fewer_steps_than_the_config_recommends_says_which_budget_would():
+    from prx.distributed import DistInfo
+    from prx.runtime import RunClock
+
+    lines = []
+    for recommended in (0, 1000, 2000):
+        cfg = tiny_config("train.steps=100000", "train.time_budget_minutes=10", "train.time_limit_minutes=13",
+                          "optimizer.decay_fraction=0.3", f"train.recommended_steps={recommended}")
+        now, step, clock = [0.0], 0, None
+        clock = RunClock(cfg.train, 0, steps_planned=False, now=lambda: now[0])
+        while step < cfg.train.steps:
+            now[0] += 0.5
+            step += 1
+            if (steps := clock.plan(step)) is not None:
+                line = clock.set_steps(cfg, steps, step, DistInfo())
+        assert cfg.train.steps == 1140  # 570 s at 0.5 s per step
+        lines.append(line)
+    assert "note" not in lines[0] and "note" not in lines[1]  # none stated, or the budget buys enough
+    # 10 min × 2000 / 1140 = 17.5 → 18 min, and a safety net 1.3× that
+    assert lines[2].endswith("\nnote: this CPU fits 1140 steps in 10 min, fewer than the 2000 this config is tuned for "
+                             "(its results need them); train.time_budget_minutes=18 train.time_limit_minutes=24 would "
+                             "buy them here")
+
+
 def test_a_time_budget_sets_the_step_count_the_schedule_ends_with_it_and_resume_keeps_it(tmp_path):
     from prx.checkpoint import checkpoint_meta
 

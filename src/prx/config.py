@@ -144,6 +144,9 @@ class TrainConfig:
     # after 40 steps, measured again halfway and late, fixed before the decay), so the LR schedule's decay
     # ends with the budget; 0 = exactly train.steps
     time_budget_minutes: float = at_least(0.0, 0)
+    # the steps this config needs to reach its published quality (0 = not stated): when the time budget buys
+    # fewer on this machine, the line that fixes the count says so, with the budget that would buy them
+    recommended_steps: int = at_least(0, 0)
     max_bad_steps: int = at_least(20, 0)  # non-finite losses tolerated (skipped) before the run stops
 
     # a resumed run keeps its seed: the randomness of step n (data, noise, routes) derives from it.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -338,8 +339,22 @@ class RunClock:
             return (f"{budget}: about {steps} steps (the step rate is measured again at step {at}"
                     f"{', then the count is fixed' if self.remeasures == 2 else ''})")
         self.budget_seconds = 0.0  # planned
-        return (f"{budget}: {steps} steps in all (the LR schedule ends there; train.time_budget_minutes=0 "
+        line = (f"{budget}: {steps} steps in all (the LR schedule ends there; train.time_budget_minutes=0 "
                 f"train.steps={steps} repeats it)")
+        return line + budget_advice(cfg.train, steps)
+
+
+def budget_advice(train_cfg, steps: int) -> str:
+    """What to add to the line that fixes a budget's step count when it is below the config's
+    ``train.recommended_steps``: that this machine is slow for the config, and the budget (and time limit) that
+    would buy those steps at the rate the count came from. Empty when the budget buys enough."""
+    wanted, minutes = train_cfg.recommended_steps, train_cfg.time_budget_minutes
+    if not wanted or steps >= wanted or not minutes:
+        return ""
+    needed = math.ceil(minutes * wanted / max(steps, 1))
+    limit = f" train.time_limit_minutes={math.ceil(needed * 1.3)}" if train_cfg.time_limit_minutes else ""
+    return (f"\nnote: this CPU fits {steps} steps in {minutes:g} min, fewer than the {wanted} this config is tuned for "
+            f"(its results need them); train.time_budget_minutes={needed}{limit} would buy them here")
 
 
 def preflight(cfg, model_given: bool = False) -> torch.device:
