@@ -3,6 +3,8 @@ the same step on the full matrix in one process and with orthogonalising each sh
 for both Newton–Schulz precisions (bf16: torch's own step; fp32: prx's, for CPUs without fast bf16)."""
 
 import json
+import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -44,4 +46,8 @@ for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
 if info.rank == 0:
     print(json.dumps(report))
 dist.barrier()  # both ranks done before teardown
-dist.destroy_process_group()
+# No destroy_process_group: on a 2-core AMX machine gloo's teardown after fully_shard + DTensor aborted one
+# rank in about 1 run of 10 ("terminate called without an active exception"), after the report was complete.
+# The teardown is not what this script checks; both ranks leave through the barrier.
+sys.stdout.flush()
+os._exit(0)
