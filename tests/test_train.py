@@ -72,12 +72,14 @@ def test_lr_schedule_warmup_stable_decay():
     assert lr_scale(99, 100, wsd) == pytest.approx(0.1)  # the last step uses the floor
 
 
-def run_budget_clock(seconds_per_step, budget_minutes=10.0):
-    """A 10-minute budget on a fake clock: ([(step, count set)], seconds the run took, its config)."""
+def run_budget_clock(seconds_per_step, budget_minutes=10.0, *overrides):
+    """A 10-minute budget on a fake clock: ([(step, count set)], seconds the run took, its config); the
+    last line the clock printed is ``cfg.last_budget_line``."""
     from prx.distributed import DistInfo
     from prx.runtime import RunClock
 
-    cfg = tiny_config("train.steps=100000", f"train.time_budget_minutes={budget_minutes}", "optimizer.decay_fraction=0.3")
+    cfg = tiny_config("train.steps=100000", f"train.time_budget_minutes={budget_minutes}", "optimizer.decay_fraction=0.3",
+                      *overrides)
     now = [0.0]
     clock = RunClock(cfg.train, 0, steps_planned=False, now=lambda: now[0])
     counts, step = [], 0
@@ -85,7 +87,7 @@ def run_budget_clock(seconds_per_step, budget_minutes=10.0):
         now[0] += seconds_per_step(step)
         step += 1
         if (steps := clock.plan(step)) is not None:
-            clock.set_steps(cfg, steps, step, DistInfo())
+            cfg.last_budget_line = clock.set_steps(cfg, steps, step, DistInfo())
             counts.append((step, cfg.train.steps))
     return counts, now[0], cfg
 
@@ -115,22 +117,12 @@ def test_a_time_budget_measures_the_rate_again_halfway_and_late_and_fixes_the_co
 
 
 def test_a_budget_that_buys_fewer_steps_than_the_config_recommends_says_which_budget_would():
-    from prx.distributed import DistInfo
-    from prx.runtime import RunClock
-
     lines = []
     for recommended in (0, 1000, 2000):
-        cfg = tiny_config("train.steps=100000", "train.time_budget_minutes=10", "train.time_limit_minutes=13",
-                          "optimizer.decay_fraction=0.3", f"train.recommended_steps={recommended}")
-        now, step, clock = [0.0], 0, None
-        clock = RunClock(cfg.train, 0, steps_planned=False, now=lambda: now[0])
-        while step < cfg.train.steps:
-            now[0] += 0.5
-            step += 1
-            if (steps := clock.plan(step)) is not None:
-                line = clock.set_steps(cfg, steps, step, DistInfo())
+        _, _, cfg = run_budget_clock(lambda step: 0.5, 10.0, "train.time_limit_minutes=13",
+                                     f"train.recommended_steps={recommended}")
         assert cfg.train.steps == 1140  # 570 s at 0.5 s per step
-        lines.append(line)
+        lines.append(cfg.last_budget_line)
     assert "note" not in lines[0] and "note" not in lines[1]  # none stated, or the budget buys enough
     # 10 min × 2000 / 1140 = 17.5 → 18 min, and a safety net 1.3× that
     assert lines[2].endswith("\nnote: this CPU fits 1140 steps in 10 min, fewer than the 2000 this config is tuned for "
