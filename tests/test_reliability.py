@@ -462,3 +462,23 @@ def test_a_damaged_row_group_is_skipped_counted_named_once_and_inspected(tmp_pat
     assert code == 0, err
     assert "read and decoded every sample (96): 32 failed {'damaged row group': 32}" in out
     assert f"damaged: {shard}: row group 1 cannot be read" in out
+
+
+def test_a_refused_training_waits_a_moment_for_the_holder_to_write_its_pid(tmp_path):
+    import json
+    import threading
+
+    from prx.runtime import RunLock
+
+    path = tmp_path / ".lock"
+    path.write_bytes(b"")  # the holder has the lock but has not written yet (a loaded machine)
+    writer = threading.Timer(0.2, lambda: path.write_text(json.dumps({"pid": 4242, "host": "h", "since": "now"})))
+    writer.start()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert RunLock._holder(fd) == "PID 4242 on host h, since now"
+        path.write_bytes(b"")
+        assert RunLock._holder(fd, wait_seconds=0.05) == "a process that has not written its PID yet"
+    finally:
+        os.close(fd)
+        writer.join()

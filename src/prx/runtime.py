@@ -152,14 +152,21 @@ class RunLock:
         return self
 
     @staticmethod
-    def _holder(fd: int) -> str:
+    def _holder(fd: int, wait_seconds: float = 1.0) -> str:
+        """Who holds the lock. The holder writes its PID just after taking the lock; on a loaded machine
+        that can take a moment (seen on 2 cores with two trainings starting together), so read again for
+        up to ``wait_seconds`` before saying it has not."""
         import json
 
-        try:
-            info = json.loads(os.pread(fd, 4096, 0).decode())
-            return f"PID {info['pid']} on host {info['host']}, since {info['since']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            return "a process that has not written its PID yet"
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            try:
+                info = json.loads(os.pread(fd, 4096, 0).decode())
+                return f"PID {info['pid']} on host {info['host']}, since {info['since']}"
+            except (OSError, ValueError, KeyError, TypeError):
+                if time.monotonic() > deadline:
+                    return "a process that has not written its PID yet"
+                time.sleep(0.02)
 
     @classmethod
     def _release(cls, key: str) -> None:
