@@ -35,7 +35,8 @@ from prx.train import Trainer
 
 WIDE = ["model.hidden_dim=256", "model.num_heads=4"]  # the demo's model until it became 192 wide
 VARIANTS = {  # name → config overrides on top of the demo (which itself trains with compile and precision: auto)
-    # the demo's step when issue #11 measured it: 256 wide, fp32, eager, torch's attention kernel, AdamW's per-parameter loop
+    # the demo's step when issue #11 measured it: 256 wide, fp32, eager, torch's attention kernel, AdamW's
+    # per-parameter loop, the batch rendered in the step
     "as first measured (AdamW loop)": [*WIDE, "train.precision=fp32", "train.compile=off", "train.attention=sdpa"],
     "baseline (fp32, eager)": [*WIDE, "train.precision=fp32", "train.compile=off", "train.attention=sdpa"],
     "online text encoding": [*WIDE, "train.precision=fp32", "train.compile=off", "train.attention=sdpa"],
@@ -77,9 +78,10 @@ def main() -> None:
             online = name == "online text encoding"
             trainer = Trainer(cfg, f"{tmp}/{i}", text_encoder=None if online else warm_text, log=lambda *a, **k: None)
             trainer.setup()
-            if name.startswith("as first measured"):  # AdamW as it was: one parameter at a time, not fused
+            if name.startswith("as first measured"):  # AdamW as it was: one parameter at a time, not fused,
                 for group in trainer.optimizer.param_groups:
                     group["fused"], group["foreach"] = False, False
+                trainer.data.render_ahead = False  # and each batch rendered when its step asks for it
             if not online:  # every caption of the timed steps encoded beforehand
                 for step in range(args.start - 2, args.start + total):
                     warm_text.encode(trainer.data.batch(step, 0, cfg.stages[0]).captions + [""])

@@ -237,3 +237,26 @@ def test_attention_auto_is_math_only_for_short_cpu_sequences_compiled_or_bf16():
     assert attention_kernel("auto", cpu, True, torch.bfloat16, 256) == "sdpa"
     assert attention_kernel("auto", cuda, True, torch.bfloat16, 16) == "sdpa"
     assert attention_kernel("math", cuda, False, None, 4096) == "math"
+
+
+def test_the_compiled_gelu_is_torchs_tanh_gelu_with_its_gradient():
+    """Compiled, the MLP's GELU is written as x·σ(2z) (cheaper in inductor's CPU code): the same function and
+    gradient as F.gelu(approximate="tanh") within fp32 rounding, in fp32 and under bf16 autocast. The "eager"
+    backend traces the function as torch.compile does (the compiled branch) without building C++ kernels."""
+    import torch.nn.functional as F
+
+    from prx.model import gelu_tanh
+
+    x = (torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 4).requires_grad_()
+    traced = torch.compile(gelu_tanh, backend="eager", fullgraph=True)
+    (expected_grad,) = torch.autograd.grad(F.gelu(x, approximate="tanh").sum(), x)
+    y = traced(x)
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    assert not torch.equal(y, F.gelu(x, approximate="tanh"))  # the traced branch ran (it rounds differently)
+    assert torch.allclose(y, F.gelu(x, approximate="tanh"), atol=2e-6, rtol=1e-6)
+    assert torch.allclose(grad, expected_grad, atol=1e-5, rtol=1e-5)
+    assert torch.equal(gelu_tanh(x), F.gelu(x, approximate="tanh"))  # eager: torch's own kernel
+    xb = x.detach().bfloat16()
+    yb, expected_b = traced(xb), F.gelu(xb, approximate="tanh")
+    assert yb.dtype == torch.bfloat16
+    assert ((yb.float() - expected_b.float()).abs() <= expected_b.float().abs() * 2**-8 + 1e-6).all()  # ≤ 1 bf16 ulp

@@ -146,3 +146,22 @@ def test_two_object_prompts_are_broken_down_by_layout():
                                         "all_correct": 1, "diversity": {"objects": 0, "spread": {f: None for f in
                                         ("size", "dx", "dy", "background")}, "fd": None}, "by_layout": table}}}
     assert "two_objects, by layout" in format_table(results) and "diagonal" in format_table(results)
+
+
+def test_the_shapes_source_renders_the_next_batch_ahead_and_gives_the_same_batches():
+    """The next step's batch renders in a thread: in order, out of order, repeated and across a stage change,
+    every batch equals the one rendered in place."""
+    import torch
+
+    from prx.config import load_config
+    from prx.data.sources import build_source
+
+    cfg = load_config("demo", ["train.time_budget_minutes=0", "train.stages=[{resolution: 32, batch_size: 4, steps: 3}, "
+                               "{resolution: 48, batch_size: 2, steps: 3}]"])
+    ahead, inline = build_source(cfg), build_source(cfg)
+    inline.render_ahead = False
+    for step in (0, 1, 2, 3, 4, 4, 1, 5, 7):
+        index, stage = cfg.stage_at(step)
+        a, b = ahead.batch(step, index, stage), inline.batch(step, index, stage)
+        assert torch.equal(a.images, b.images) and a.captions == b.captions and a.ids == b.ids
+        assert a.images.shape == (stage.batch_size, 3, stage.resolution, stage.resolution) and a.images.is_contiguous()

@@ -115,6 +115,18 @@ def rms_norm(norm: nn.RMSNorm, x: Tensor) -> Tensor:
     return F.rms_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.eps)
 
 
+def gelu_tanh(x: Tensor) -> Tensor:
+    """GELU, tanh approximation (PRX's MLP). Compiled, it is written as x·σ(2z), z = √(2/π)(x + 0.044715x³):
+    the same function (½(1 + tanh z) = σ(2z), fp32 rounding apart), and the exp in σ costs inductor's CPU code
+    half what tanh does (the demo's MLP activation, forward + backward: 2.2 → 1.4 ms on AVX2, 1.6 → 0.9 ms on
+    AVX-512). Eager, torch's one fused kernel is the faster of the two."""
+    if not torch.compiler.is_compiling():
+        return F.gelu(x, approximate="tanh")
+    x32 = x.float()
+    z = math.sqrt(2 / math.pi) * (x32 + 0.044715 * x32 * x32 * x32)
+    return (x32 * torch.sigmoid(2 * z)).to(x.dtype)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, kernel: str = "sdpa") -> Tensor:
     """softmax(q·kᵀ/√d, keys masked)·v for q (B, H, N, d), k and v (B, H, L, d), key_mask (B, 1, 1, L).
 
@@ -167,7 +179,7 @@ class PRXBlock(nn.Module):
 
         h = modulate(F.layer_norm(x, (d,), eps=self.norm_eps), shift2, scale2)
         gate, up = self.mlp_in(h).chunk(2, dim=-1)
-        return x + gate2 * self.mlp_out(F.gelu(gate, approximate="tanh") * up)
+        return x + gate2 * self.mlp_out(gelu_tanh(gate) * up)
 
 
 class FinalLayer(nn.Module):

@@ -6,6 +6,8 @@ its slice of them. The position is the step itself, so there is no state to save
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -23,6 +25,11 @@ class Source:
         self.worlds = {s.resolution: ShapesWorld(s.resolution, shapes.seed, "train", shapes.object_count_weights)
                        for s in cfg.stages}
         self.empty_embedding = None
+        # The next step's batch renders in a thread while this step computes (PIL and numpy release the GIL
+        # for most of it); a batch is a function of its step alone, so any other request renders in place.
+        self.render_ahead = True
+        self._ahead: ThreadPoolExecutor | None = None
+        self._next: tuple[tuple[int, int, int], Future] | None = None
 
     def offset(self, step: int) -> int:
         offset, start = 0, 0
@@ -34,12 +41,26 @@ class Source:
         return offset + (step - start) * self.cfg.stages[-1].batch_size
 
     def batch(self, step: int, stage_index: int, stage: StageConfig) -> DataBatch:
+        key = (step, stage.resolution, stage.batch_size)
+        if self._next is not None and self._next[0] == key:
+            batch = self._next[1].result()
+        else:
+            batch = self._render(step, stage)
+        if not self.render_ahead:
+            return batch
+        if self._ahead is None:
+            self._ahead = ThreadPoolExecutor(1, thread_name_prefix="prx-shapes")
+        self._next = ((step + 1, stage.resolution, stage.batch_size), self._ahead.submit(self._render, step + 1, stage))
+        return batch
+
+    def _render(self, step: int, stage: StageConfig) -> DataBatch:
         per_rank = stage.batch_size // self.world
         first = self.offset(step) + self.rank * per_rank
         world = self.worlds[stage.resolution]
         scenes = [world.scene(i) for i in range(first, first + per_rank)]
-        images = torch.from_numpy(np.stack([render(s, stage.resolution) for s in scenes]))
-        return DataBatch(images.permute(0, 3, 1, 2).contiguous(), [s.caption for s in scenes],
+        images = np.stack([render(s, stage.resolution) for s in scenes]).transpose(0, 3, 1, 2)
+        # numpy's copy, not torch's: a torch op in the render thread would start its own OpenMP team
+        return DataBatch(torch.from_numpy(np.ascontiguousarray(images)), [s.caption for s in scenes],
                          [f"shapes:{first + i}" for i in range(per_rank)])
 
     def sizes(self, stage: StageConfig) -> list[tuple[int, int]]:
