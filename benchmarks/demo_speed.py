@@ -9,12 +9,12 @@ cache fills), so the other rows measure the model's step.
     python benchmarks/demo_speed.py                      # all variants, 3 rounds of 8 steps
     python benchmarks/demo_speed.py --rounds 5 --steps 10
 
-The AVX2-only CPU of a machine without AVX512-BF16, on a machine that has it: restrict torch's own
-kernels, oneDNN and inductor's code generation to AVX2, with an inductor cache of its own (the
-cache is not keyed on these variables: kernels compiled for one ISA would be reused for the other
-and give NaNs)::
+The AVX2-only CPU of a machine without AVX512-BF16, on a machine that has it: restrict MKL (torch's
+fp32 matmuls), torch's own kernels, oneDNN and inductor's code generation to AVX2, with an inductor
+cache of its own (the cache is not keyed on these variables: kernels compiled for one ISA would be
+reused for the other and give NaNs)::
 
-    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) \
+    MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) \
         python benchmarks/demo_speed.py
 """
 
@@ -60,9 +60,12 @@ def main() -> None:
     args = ap.parse_args()
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     kind = "AVX512-BF16" if "avx512_bf16" in flags else ("AMX" if "amx_bf16" in flags else "AVX2-only")
-    restricted = os.environ.get("ATEN_CPU_CAPABILITY") or os.environ.get("ONEDNN_MAX_CPU_ISA")
+    restricted = [v for v in ("MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if os.environ.get(v)]
     if restricted:
-        kind += f" restricted to {torch.backends.cpu.get_cpu_capability()} kernels (ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA)"
+        kind += f" restricted to {torch.backends.cpu.get_cpu_capability()} kernels ({' / '.join(restricted)})"
+        if "MKL_ENABLE_INSTRUCTIONS" not in restricted:
+            print("warning: MKL_ENABLE_INSTRUCTIONS is not set: fp32 matmuls still use this CPU's widest vectors",
+                  file=sys.stderr)
     print(f"CPU: {kind}, {torch.get_num_threads()} threads; bf16 matmuls are "
           f"{'faster' if fast_matmul_dtype('cpu') == torch.bfloat16 else 'slower'} than fp32 here", flush=True)
     variants = {k: v for k, v in VARIANTS.items() if not args.only or k in args.only}

@@ -253,7 +253,7 @@ def test_muon_in_fp32_gives_torchs_bf16_update_within_bf16_tolerance():
 
 
 def test_a_cpu_without_fast_bf16_trains_and_orthogonalises_in_fp32():
-    """An AVX2-only CPU, emulated on any x86 CPU by restricting torch's kernels and oneDNN to AVX2 (bf16
+    """An AVX2-only CPU, emulated on any x86 CPU by restricting MKL, torch's kernels and oneDNN to AVX2 (bf16
     matmuls there run ~130× slower than fp32): precision 'auto' and Muon both measure that and pick fp32."""
     import platform
 
@@ -263,7 +263,7 @@ def test_a_cpu_without_fast_bf16_trains_and_orthogonalises_in_fp32():
             "p = torch.nn.Parameter(torch.zeros(8, 8)); "
             "print(torch.backends.cpu.get_cpu_capability(), fast_matmul_dtype('cpu'), "
             "autocast_dtype('auto', torch.device('cpu')), Muon([p], lr=0.1).ns_dtype)")
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    env = {**os.environ, "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["AVX2", "torch.float32", "None", "torch.float32"], out
 
