@@ -36,8 +36,9 @@ from prx.train import Trainer
 WIDE = ["model.hidden_dim=256", "model.num_heads=4"]  # the demo's model until it became 192 wide
 VARIANTS = {  # name → config overrides on top of the demo (which itself trains with compile and precision: auto)
     # the demo's step when issue #11 measured it: 256 wide, fp32, eager, torch's attention kernel, AdamW's
-    # per-parameter loop, the batch rendered in the step
-    "as first measured (AdamW loop)": [*WIDE, "train.precision=fp32", "train.compile=off", "train.attention=sdpa"],
+    # per-parameter loop, the batch rendered in the step, an EMA averaged every step
+    "as first measured (AdamW loop)": [*WIDE, "ema.decay=0.999", "ema.warmup=true", "train.precision=fp32",
+                                       "train.compile=off", "train.attention=sdpa"],
     "baseline (fp32, eager)": [*WIDE, "train.precision=fp32", "train.compile=off", "train.attention=sdpa"],
     "online text encoding": [*WIDE, "train.precision=fp32", "train.compile=off", "train.attention=sdpa"],
     "torch.compile (inductor C++)": [*WIDE, "train.precision=fp32", "train.compile=on", "train.attention=sdpa"],
