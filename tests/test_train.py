@@ -13,18 +13,22 @@ def _params(module):
     return [p.detach().clone() for p in module.parameters()]
 
 
-def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
-    full = Trainer(tiny_config("train.steps=6"), tmp_path / "full")
+@pytest.mark.parametrize("ema", [[], ["ema.decay=0", "ema.update_every=1"]], ids=["average", "demo-copy-when-read"])
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, ema):
+    full = Trainer(tiny_config("train.steps=6", *ema), tmp_path / "full")
     full.run()
-    part = Trainer(tiny_config("train.steps=3"), tmp_path / "split")
+    part = Trainer(tiny_config("train.steps=3", *ema), tmp_path / "split")
     part.run()
-    rest = Trainer(tiny_config("train.steps=6"), tmp_path / "split", resume=True)
+    rest = Trainer(tiny_config("train.steps=6", *ema), tmp_path / "split", resume=True)
     rest.run()
     assert rest.step == 6
     for a, b in zip(_params(full.model), _params(rest.model)):
         assert torch.equal(a, b)
     for a, b in zip(_params(full.ema.model), _params(rest.ema.model)):
         assert torch.equal(a, b)
+    if ema:  # decay 0: the copy read at the end is the trained weights
+        for a, b in zip(_params(rest.model), _params(rest.ema.model)):
+            assert torch.equal(a, b)
 
 
 def test_training_reduces_the_loss(tmp_path):
