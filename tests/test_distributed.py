@@ -79,11 +79,19 @@ def test_two_processes_match_one(single_process_runs, tmp_path, parallel):
 
 
 def test_full_recipe_under_fsdp_matches_one_process(single_process_runs, tmp_path):
-    run([*TORCHRUN, "-m", "prx.cli", "train", "speedrun-tiny", *RECIPE, *COMMON, "train.parallel=fsdp", "--out", str(tmp_path / "r")])
+    # with the demo's EMA (decay 0: a copy of the sharded weights, made when read); it does not change training
+    run([*TORCHRUN, "-m", "prx.cli", "train", "speedrun-tiny", *RECIPE, *COMMON, "train.parallel=fsdp",
+         "ema.decay=0", "--out", str(tmp_path / "r")])
     one, two = trajectory(single_process_runs / "recipe"), trajectory(tmp_path / "r")
     assert one.keys() == two.keys()
     for step in one:  # Muon's bf16 Newton–Schulz on gathered matrices amplifies fp32 reduction-order noise
         assert two[step] == pytest.approx(one[step], rel=2e-3), step
+    from prx.pipeline import Pipeline  # the checkpoint's EMA copy is the final sharded weights
+
+    ema = Pipeline.from_checkpoint(tmp_path / "r", weights="ema", device="cpu")
+    raw = Pipeline.from_checkpoint(tmp_path / "r", weights="model", device="cpu", text_encoder=ema.text_encoder)
+    for p, q in zip(ema.model.parameters(), raw.model.parameters(), strict=True):
+        assert torch.equal(p, q)
 
 
 def test_muon_orthogonalises_the_full_matrix_under_fsdp():

@@ -27,8 +27,8 @@ class EMA:
     steps would otherwise keep mostly its random initialisation.
 
     ``decay: 0`` with ``update_every: 1`` (the CPU demo) makes the copy equal the weights after every
-    step: it is then made when the copy is read (sampling, saving), not every step (1.4% of the demo's
-    step on an AVX2 CPU).
+    step: it is then made when the copy is read (sampling, saving), not every step (about 0.6% of the
+    demo's step on an AVX2 CPU).
     """
 
     def __init__(self, model, decay: float = 0.999, update_every: int = 10, warmup: bool = False):
