@@ -176,3 +176,26 @@ def test_export_samples_anywhere_and_bench_reports(trained_run, tmp_path, capsys
             "REPA forward (teacher + projector)", "data"} <= set(result["phases"])
     assert {"denoiser", "REPA teacher", "LPIPS-VGG", "DINO perceptual", "Muon Newton–Schulz"} <= set(result["flops_per_step"])
     assert "MFU" in stdout and "step time by phase" in stdout
+
+
+def test_bench_finds_the_largest_micro_batch_that_fits(tmp_path, capsys, monkeypatch):
+    """``prx bench --largest-micro-batch``: largest first, an out-of-memory step (simulated: a CPU has none to
+    run out of) moves on to the next, the first that runs is the answer, and the trainer keeps working after."""
+    from prx.train import Trainer
+
+    real_step, seen = Trainer.train_step, []
+
+    def step_that_runs_out_above_2(self, step):
+        seen.append(self.config.train.micro_batch_size)
+        if self.config.train.micro_batch_size > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_step(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", step_that_runs_out_above_2)
+    code, stdout, err = run_cli(capsys, "bench", "speedrun-tiny", "train.micro_batch_size=1", "--largest-micro-batch",
+                                "2,4,1", "--json", str(tmp_path / "mb.json"))
+    assert code == 0, err
+    result = json.loads((tmp_path / "mb.json").read_text())
+    assert result["largest_micro_batch"] == 2 and seen == [4, 2, 2]
+    assert [(t["micro_batch"], t["fits"]) for t in result["tried"]] == [(4, False), (2, True)]
+    assert "the largest micro-batch that fits is 2" in stdout

@@ -165,3 +165,19 @@ def test_the_shapes_source_renders_the_next_batch_ahead_and_gives_the_same_batch
         a, b = ahead.batch(step, index, stage), inline.batch(step, index, stage)
         assert torch.equal(a.images, b.images) and a.captions == b.captions and a.ids == b.ids
         assert a.images.shape == (stage.batch_size, 3, stage.resolution, stage.resolution) and a.images.is_contiguous()
+
+
+def test_the_shapes_source_renders_large_batches_on_several_threads_alike():
+    """Where cores are plenty (a GPU host) a large batch renders on a thread pool: the same batch, in order."""
+    import torch
+
+    from prx.config import load_config
+    from prx.data.sources import build_source
+
+    cfg = load_config("demo", ["train.time_budget_minutes=0", "train.stages=[{resolution: 256, batch_size: 8, steps: 2}]"])
+    pooled, serial = build_source(cfg), build_source(cfg)
+    pooled.render_threads, serial.render_threads = 3, 1
+    index, stage = cfg.stage_at(1)
+    a, b = pooled.batch(1, index, stage), serial.batch(1, index, stage)
+    assert pooled._pool is not None and serial._pool is None
+    assert torch.equal(a.images, b.images) and a.captions == b.captions

@@ -12,6 +12,7 @@ runs).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import resource
 import tempfile
 import time
@@ -123,6 +124,67 @@ def run_bench(config: Config, steps: int = 5, warmup: int = 2, peak_tflops: floa
             "memory_kind": memory_kind,
         }
     return result
+
+
+def largest_micro_batch(config: Config, candidates: list[int], log=print) -> dict:
+    """The largest of ``candidates`` whose training step runs without running out of device memory.
+
+    One trainer, built once with the config's first stage; each candidate (largest first) sets
+    ``train.micro_batch_size`` and runs two steps of a batch of the largest candidate (the first
+    compiles). Reports each candidate's outcome, peak memory and the step time of the one that fits.
+    """
+    import gc
+
+    from prx.train import Trainer
+
+    candidates = sorted(set(candidates), reverse=True)
+    config.train.async_checkpoint = False
+    config.logging.sample_every = 0
+    config.logging.tensorboard = False
+    config.logging.progress_bar = False
+    steps = 2 * len(candidates)  # all in the first stage, with a batch of the largest candidate
+    if config.train.stages:
+        config.train.stages = [dataclasses.replace(config.stages[0], batch_size=candidates[0],
+                                                   steps=max(steps, config.stages[0].steps))]
+    else:
+        config.train.batch_size, config.train.steps = candidates[0], max(steps, config.train.steps)
+    tried = []
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(config, tmp, log=lambda *a, **k: None)
+        trainer.setup()
+        device, step = trainer.device, 0
+        for micro in candidates:
+            trainer.config.train.micro_batch_size = micro
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            outcome: dict = {"micro_batch": micro}
+            try:
+                trainer.train_step(step)  # compiles for the new shape
+                PhaseTimer(device).sync()
+                start = time.perf_counter()
+                trainer.train_step(step + 1)
+                PhaseTimer(device).sync()
+                outcome.update(fits=True, step_seconds=time.perf_counter() - start)
+            except torch.OutOfMemoryError:
+                outcome["fits"] = False
+            step += 2
+            # after the except block, so the failed step's tensors (held by the traceback) are gone
+            trainer.optimizer.zero_grad(set_to_none=True)
+            gc.collect()
+            outcome["peak_memory_gib"] = peak_memory_gib(device)[0]
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                outcome["device_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
+            tried.append(outcome)
+            log(f"micro-batch {micro}: " + (f"fits, peak {outcome['peak_memory_gib']:.1f} GiB, "
+                                             f"{outcome['step_seconds']:.3f} s per step of {config.stages[0].batch_size}"
+                                             if outcome["fits"] else "out of memory"))
+            if outcome["fits"]:
+                break
+        trainer.close()
+    fitting = [t["micro_batch"] for t in tried if t["fits"]]
+    return {"config": config.name, "resolution": config.stages[0].resolution, "largest_micro_batch":
+            fitting[0] if fitting else None, "tried": tried}
 
 
 def format_bench(r: dict) -> str:

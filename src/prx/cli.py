@@ -324,8 +324,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from prx.config import load_config
 
     config = load_config(args.config, args.overrides)
-    from prx.bench import format_bench, run_bench  # torch loads here, after the config is known to be good
+    from prx.bench import format_bench, largest_micro_batch, run_bench  # torch loads here, after the config is good
 
+    if args.largest_micro_batch:
+        result = largest_micro_batch(config, args.largest_micro_batch)
+        best = result["largest_micro_batch"]
+        print(f"{config.name} at {result['resolution']} px: " + (f"the largest micro-batch that fits is {best} of "
+              f"{', '.join(str(c) for c in sorted(args.largest_micro_batch, reverse=True))}" if best else
+              "none of the micro-batches tried fits: try smaller ones or train.activation_checkpointing=true"))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return 0
     result = run_bench(config, steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops)
     import torch.distributed as dist
 
@@ -420,7 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and MFU from an explicit FLOP count that includes routing and every teacher. "
                                    "Under torchrun it measures the distributed step.",
                        epilog="examples:\n  prx bench demo\n  prx bench speedrun-tiny\n"
-                              "  prx bench speedrun train.stages[0].batch_size=32 train.micro_batch_size=32   # on a GPU",
+                              "  prx bench speedrun train.stages[0].batch_size=32 train.micro_batch_size=32   # on a GPU\n"
+                              "  prx bench speedrun 'train.stages=[{resolution: 1024, steps: 100, batch_size: 64}]' "
+                              "--largest-micro-batch 64,48,32,16",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", default=None, metavar="CONFIG", help="a YAML config or built-in name (default demo)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -429,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU (default: known GPUs, "
                                                                     "or a measured matmul on CPU)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--largest-micro-batch", type=lambda s: [int(x) for x in s.split(",")], metavar="N,N,...",
+                   help="instead: find the largest of these micro-batch sizes whose step fits in device memory "
+                        "(one process, largest first, the first stage's resolution), e.g. 64,48,32,24,16")
     p.set_defaults(func=cmd_bench)
 
     data = sub.add_parser("data", help="prepare datasets: convert, embed, shapes, inspect",

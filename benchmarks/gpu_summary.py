@@ -1,0 +1,56 @@
+"""The table of ``benchmarks/gpu_bench.sh``'s results: python benchmarks/gpu_summary.py OUT_DIR."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def load(out: Path, name: str):
+    path = out / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def main(out: str) -> int:
+    out = Path(out)
+    rows = [("seed512_recipe", "512 px, full recipe, compiled"), ("seed512_eager", "512 px, full recipe, eager"),
+            ("seed512_dense", "512 px, recipe without TREAD, compiled"),
+            ("seed512_fsdp1", "512 px, full recipe, compiled, FSDP2 (torchrun, 1 GPU)")]
+    results = {name: load(out, name) for name, _ in rows}
+    print(f"{'run':<56} {'s/step':>7} {'images/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}")
+    for name, label in rows:
+        r = results[name]
+        if r is None:
+            print(f"{label:<56} {'(no result: see the log)':>42}")
+            continue
+        print(f"{label:<56} {r['step_seconds']:7.3f} {r['images_per_s']:9.1f} {r['achieved_tflops']:8.1f} "
+              f"{r['mfu']:6.1%} {r['peak_memory_gib']:9.1f}")
+    recipe, eager, dense = results["seed512_recipe"], results["seed512_eager"], results["seed512_dense"]
+    if recipe and eager:
+        print(f"compile speed-up (eager / compiled step time): {eager['step_seconds'] / recipe['step_seconds']:.2f}×")
+    if recipe and dense:
+        print(f"TREAD speed-up (dense / routed step time): {dense['step_seconds'] / recipe['step_seconds']:.2f}×")
+    if recipe:
+        phases = ", ".join(f"{k} {v / recipe['step_seconds']:.0%}" for k, v in
+                           sorted(recipe["phases"].items(), key=lambda kv: -kv[1]))
+        print(f"512 px recipe step by phase: {phases}")
+        print(f"MFU peak: {recipe['peak']}")
+    probe = load(out, "seed1024_micro_batch")
+    if probe:
+        tried = ", ".join(f"{t['micro_batch']}: " + (f"fits ({t['peak_memory_gib']:.1f} GiB, {t['step_seconds']:.2f} s)"
+                                                      if t["fits"] else "out of memory") for t in probe["tried"])
+        print(f"1024 px, largest micro-batch: {probe['largest_micro_batch']} ({tried})")
+    attention = load(out, "attention")
+    if attention:
+        for case in dict.fromkeys(r["case"] for r in attention):
+            times = {r["kernel"]: r["ms"] for r in attention if r["case"] == case and "ms" in r}
+            if times:
+                best = min((k for k in times if "floor" not in k), key=times.get)
+                print(f"attention, {case}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in times.items())
+                      + f"; fastest masked: {best}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1] if len(sys.argv) > 1 else "bench-gpu"))
