@@ -4,11 +4,14 @@
 # reported as skipped, never guessed):
 #   1. the seed config with the full recipe at 512 px, compiled: images/s, MFU with honest FLOPs
 #   2. the same eager (the compile speed-up)       3. the same without TREAD (the TREAD speed-up)
-#   4. the attention kernels the text padding mask allows (benchmarks/attention_kernels.py)
-#   5. the largest micro-batch at 1024 px           6. FSDP2 on one GPU (torchrun, 1 process)
+#   4. twice the batch per GPU (Muon and the step's fixed costs amortised)
+#   5. the attention kernels the text padding mask allows (benchmarks/attention_kernels.py)
+#   6. the largest micro-batch at 1024 px           7. FSDP2 on one GPU (torchrun, 1 process)
 # Teachers are full-size with random weights (same FLOPs); every batch carries 256 text tokens
 # (text.min_length=256, as long captions do: the FLOP count assumes them).
-#   bash benchmarks/gpu_bench.sh [OUT_DIR]     # BUDGET=seconds (default 600); TEXT=encoder (default minilm)
+#   bash benchmarks/gpu_bench.sh [OUT_DIR]     # BUDGET=seconds (default 600); TEXT=encoder (default minilm);
+#                                              # SKIP="attention ..." leaves parts out
+# Captions are encoded before the timed steps (a long run's cache, or `prx data embed`, serves them).
 # Everything lands in OUT_DIR: log.txt (all output, the summary last) and the per-part JSON files.
 set -uo pipefail
 OUT=${1:-${OUT:-bench-gpu}}
@@ -40,6 +43,10 @@ fi
 part() {
   local name=$1 limit=$2
   shift 2
+  if [[ " ${SKIP:-} " == *" $name "* ]]; then
+    echo "== $name: skipped (SKIP)" | tee -a "$SUMMARY"
+    return
+  fi
   local left=$((BUDGET - (SECONDS - START)))
   ((left < limit)) && limit=$left
   if ((limit < 20)); then
@@ -57,11 +64,13 @@ part() {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   $PY -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
   part seed512_recipe 180 $PRX bench speedrun $TEACHERS $TEXTOPT "$S512" train.micro_batch_size=$MB \
-    --steps 10 --warmup 3 --json "$OUT/seed512_recipe.json"
+    --steps 20 --warmup 3 --json "$OUT/seed512_recipe.json"
   part seed512_eager 90 $PRX bench speedrun $TEACHERS $TEXTOPT "$S512" train.micro_batch_size=$MB train.compile=off \
     --steps 5 --warmup 2 --json "$OUT/seed512_eager.json"
   part seed512_dense 120 $PRX bench speedrun $TEACHERS $TEXTOPT "$S512" train.micro_batch_size=$MB \
-    tread.route_ratio=0 sampling.guidance=cfg --steps 10 --warmup 3 --json "$OUT/seed512_dense.json"
+    tread.route_ratio=0 sampling.guidance=cfg --steps 20 --warmup 3 --json "$OUT/seed512_dense.json"
+  part seed512_batch64 120 $PRX bench speedrun $TEACHERS $TEXTOPT "${S512/batch_size: $MB/batch_size: $((2 * MB))}" \
+    train.micro_batch_size=$((2 * MB)) --steps 10 --warmup 3 --json "$OUT/seed512_batch64.json"
   part attention 90 $PY benchmarks/attention_kernels.py $ATTN --json "$OUT/attention.json"
   part seed1024_micro_batch 150 $PRX bench speedrun $TEACHERS $TEXTOPT \
     "$S1024" train.micro_batch_size=$MB --largest-micro-batch $PROBE --json "$OUT/seed1024_micro_batch.json"

@@ -16,7 +16,8 @@ def main(out: str) -> int:
     out = Path(out)
     rows = [("seed512_recipe", "512 px, full recipe, compiled"), ("seed512_eager", "512 px, full recipe, eager"),
             ("seed512_dense", "512 px, recipe without TREAD, compiled"),
-            ("seed512_fsdp1", "512 px, full recipe, compiled, FSDP2 (torchrun, 1 GPU)")]
+            ("seed512_fsdp1", "512 px, full recipe, compiled, FSDP2 (torchrun, 1 GPU)"),
+            ("seed512_batch64", "512 px, full recipe, compiled, batch 64")]
     results = {name: load(out, name) for name, _ in rows}
     print(f"{'run':<56} {'s/step':>7} {'images/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}")
     for name, label in rows:

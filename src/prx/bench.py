@@ -79,7 +79,8 @@ def peak_memory_gib(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process RSS"
 
 
-def run_bench(config: Config, steps: int = 5, warmup: int = 2, peak_tflops: float | None = None, log=print) -> dict:
+def run_bench(config: Config, steps: int = 5, warmup: int = 2, peak_tflops: float | None = None, log=print,
+              warm_text: bool = True) -> dict:
     from prx.train import Trainer
 
     config.train.async_checkpoint = False
@@ -92,6 +93,13 @@ def run_bench(config: Config, steps: int = 5, warmup: int = 2, peak_tflops: floa
         timer = PhaseTimer(trainer.device)
         trainer.timer = timer
         stage_index, stage = config.stage_at(0)
+        if warm_text and trainer.data.empty_embedding is None:
+            # The timed steps' captions encoded first: a long run's cache (or `prx data embed`) serves them, and
+            # a few steps of fresh captions would time the text encoder instead of the training step.
+            for step in range(warmup, warmup + steps):
+                batch = trainer.data.batch(step, *config.stage_at(step))
+                if batch.text is None:
+                    trainer.text_encoder.encode(batch.captions + [""])
         for step in range(warmup):  # compile, allocator, caches
             trainer.train_step(step)
         if trainer.device.type == "cuda":
@@ -118,6 +126,7 @@ def run_bench(config: Config, steps: int = 5, warmup: int = 2, peak_tflops: floa
             "batch_per_device": per_rank, "micro_batch": config.train.micro_batch_size or per_rank,
             "precision": str(trainer.autocast or torch.float32).replace("torch.", ""),
             "compile": config.train.compile, "tread": config.tricks(stage).tread,
+            "text": "cached" if warm_text else "encoded in the step",
             "step_seconds": seconds, "images_per_s": per_rank / seconds, "tokens_per_s": per_rank * tokens / seconds,
             "phases": phases, "flops_per_step": flops, "achieved_tflops": sum(flops.values()) / seconds / 1e12,
             "mfu": sum(flops.values()) / seconds / peak, "peak": peak_source, "peak_memory_gib": memory,
@@ -191,7 +200,8 @@ def format_bench(r: dict) -> str:
     ranks = f" × {r['world']} ranks" if r["world"] > 1 else ""
     lines = [
         f"{r['config']}: {r['resolution']} px, batch {r['batch_per_device']} per device (micro {r['micro_batch']}), "
-        f"{r['precision']}, {r['device']}{ranks}, TREAD {'on' if r['tread'] else 'off'}, compile {r['compile']}",
+        f"{r['precision']}, {r['device']}{ranks}, TREAD {'on' if r['tread'] else 'off'}, compile {r['compile']}, "
+        f"captions {r.get('text', 'encoded in the step')}",
         f"  {r['step_seconds']:.3f} s/step | {r['images_per_s']:.2f} images/s | {r['tokens_per_s']:.0f} image tokens/s "
         f"per device | peak {r['memory_kind']} {r['peak_memory_gib']:.2f} GiB",
         "  step time by phase:",

@@ -335,7 +335,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
         return 0
-    result = run_bench(config, steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops)
+    result = run_bench(config, steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops,
+                       warm_text=not args.encode_text)
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -440,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU (default: known GPUs, "
                                                                     "or a measured matmul on CPU)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--encode-text", action="store_true",
+                   help="time the text encoder on the timed steps' captions too (default: they are encoded before "
+                        "timing, as a long run's caption cache or `prx data embed` would serve them)")
     p.add_argument("--largest-micro-batch", type=lambda s: [int(x) for x in s.split(",")], metavar="N,N,...",
                    help="instead: find the largest of these micro-batch sizes whose step fits in device memory "
                         "(one process, largest first, the first stage's resolution), e.g. 64,48,32,24,16")

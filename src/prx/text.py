@@ -214,7 +214,8 @@ class TextEncoder:
             hidden = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
         lengths = tokens["attention_mask"].sum(1).tolist()
         self.encoded_count += len(captions)
-        return [hidden[i, : max(int(n), 1)].float().cpu() for i, n in enumerate(lengths)]
+        hidden = hidden.float().cpu()  # one copy off the device, not one per caption
+        return [hidden[i, : max(int(n), 1)].clone() for i, n in enumerate(lengths)]
 
     @contextlib.contextmanager
     def cache_scope(self):
