@@ -286,3 +286,28 @@ def test_traced_blocks_give_the_eager_model_on_a_wide_grid_routed():
     assert torch.allclose(out_eager, out_traced, atol=1e-4, rtol=1e-4)
     for a, b in zip(grads_eager, grads_traced):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_the_attention_benchmark_compares_kernels_that_compute_the_masked_attention(tmp_path):
+    """benchmarks/attention_kernels.py (run on the GPU): every masked kernel it times equals the float64
+    definition, the unsupported ones are reported, not fatal, and the no-mask floor is not the same function."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "attention_kernels.py"
+    spec = importlib.util.spec_from_file_location("attention_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "a.json"
+    assert bench.main(["--batch", "2", "--heads", "2", "--text-tokens", "16", "--image-tokens", "16",
+                       "--repeats", "1", "--device", "cpu", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    timed = {(r["case"], r["kernel"]): r for r in rows if "ms" in r}
+    assert {k for _, k in timed} >= {"sdpa+mask", "sdpa+mask/math", "math", "sdpa, no mask (floor)"}
+    for (case, kernel), r in timed.items():
+        if "floor" in kernel:
+            assert r["rel_error"] > 1e-2  # padding keys attended: a different function
+        else:
+            assert r["rel_error"] < 1e-5, (case, kernel)
+    assert all("ms" in r or r["error"] for r in rows)  # an unsupported kernel (FlexAttention's CPU backward) says why
