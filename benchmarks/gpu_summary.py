@@ -33,7 +33,8 @@ def main(out: str) -> int:
     if recipe and dense:
         print(f"TREAD speed-up (dense / routed step time): {dense['step_seconds'] / recipe['step_seconds']:.2f}×")
     if recipe:
-        phases = ", ".join(f"{k} {v / recipe['step_seconds']:.0%}" for k, v in
+        phased = recipe.get("phased_step_seconds", recipe["step_seconds"])
+        phases = ", ".join(f"{k} {v / phased:.0%}" for k, v in
                            sorted(recipe["phases"].items(), key=lambda kv: -kv[1]))
         print(f"512 px recipe step by phase: {phases}")
         print(f"MFU peak: {recipe['peak']}")

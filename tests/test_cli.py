@@ -178,6 +178,27 @@ def test_export_samples_anywhere_and_bench_reports(trained_run, tmp_path, capsys
     assert "MFU" in stdout and "step time by phase" in stdout
 
 
+def test_bench_times_the_step_without_phase_syncs_and_the_phases_in_more_steps(monkeypatch):
+    """On a GPU the step time comes from steps without the phase timer (whose syncs training does not do) and the
+    breakdown from as many more steps; each step runs once, in order, and the timed captions are cached first."""
+    from prx.bench import format_bench, run_bench
+    from prx.config import load_config
+    from prx.train import Trainer
+
+    real_step, ran, timer_on = Trainer.train_step, [], []
+
+    def recording_step(self, step):
+        ran.append(step)
+        timer_on.append(self.timer.enabled)
+        return real_step(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", recording_step)
+    result = run_bench(load_config("speedrun-tiny"), steps=2, warmup=1, separate_phase_pass=True)
+    assert ran == [0, 1, 2, 3, 4] and timer_on == [False, False, False, True, True]
+    assert result["phased_step_seconds"] > 0 and result["step_seconds"] > 0 and "other" in result["phases"]
+    assert "with a sync around each phase" in format_bench(result)
+
+
 def test_bench_finds_the_largest_micro_batch_that_fits(tmp_path, capsys, monkeypatch):
     """``prx bench --largest-micro-batch``: largest first, an out-of-memory step (simulated: a CPU has none to
     run out of) moves on to the next, the first that runs is the answer, and the trainer keeps working after."""
