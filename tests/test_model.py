@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from conftest import tiny_model
@@ -288,6 +289,7 @@ def test_traced_blocks_give_the_eager_model_on_a_wide_grid_routed():
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own import
 def test_the_attention_benchmark_compares_kernels_that_compute_the_masked_attention(tmp_path):
     """benchmarks/attention_kernels.py (run on the GPU): every masked kernel it times equals the float64
     definition, the unsupported ones are reported, not fatal, and the no-mask floor is not the same function."""
