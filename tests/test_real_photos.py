@@ -85,3 +85,14 @@ def test_the_same_photo_run_under_two_processes_with_fsdp(photo_shards, tmp_path
     assert main(["sample", "--checkpoint", str(run), "--prompt", "a motorcycle", "--aspect-ratio", "2:1",
                  "--steps", "1", "--out", str(tmp_path / "s")]) == 0
     assert Image.open(tmp_path / "s" / "0000.png").size == (176, 96)
+
+
+def test_bench_on_the_photos_runs_their_buckets_and_says_how_captions_were_encoded(photo_shards, tmp_path, capsys):
+    """`prx bench` on converted photos: the loader reads batches in order (not a function of the step), so the
+    captions cannot be encoded ahead of the timed steps and the result says they were encoded in the step."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", *RECIPE, f"data.shards=[{photo_shards}]", "--steps", "2", "--warmup", "1",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["text"] == "encoded in the step" and "captions encoded in the step" in capsys.readouterr().out
+    assert result["images_per_s"] > 0 and result["flops_per_step"]["denoiser"] > 0

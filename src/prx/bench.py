@@ -101,9 +101,12 @@ def run_bench(config: Config, steps: int = 5, warmup: int = 2, peak_tflops: floa
         timed = [(False, range(warmup, warmup + steps)), (True, range(warmup + steps, warmup + 2 * steps))]
         if not separate_phase_pass:
             timed = [(True, range(warmup, warmup + steps))]
-        if warm_text and trainer.data.empty_embedding is None:
-            # The timed steps' captions encoded first: a long run's cache (or `prx data embed`) serves them, and
-            # a few steps of fresh captions would time the text encoder instead of the training step.
+        # Captions: precomputed by the data (`prx data embed`), or encoded first for a source whose batches are a
+        # function of the step (the shapes world: a long run's cache serves them, and a few steps of fresh captions
+        # would time the text encoder instead of the training step), or else encoded in the step.
+        text = ("precomputed" if trainer.data.empty_embedding is not None else
+                "cached" if warm_text and not trainer.data.state_dict() else "encoded in the step")
+        if text == "cached":
             for step in range(warmup, timed[-1][1].stop):
                 batch = trainer.data.batch(step, *config.stage_at(step))
                 if batch.text is None:
@@ -137,7 +140,7 @@ def run_bench(config: Config, steps: int = 5, warmup: int = 2, peak_tflops: floa
             "batch_per_device": per_rank, "micro_batch": config.train.micro_batch_size or per_rank,
             "precision": str(trainer.autocast or torch.float32).replace("torch.", ""),
             "compile": config.train.compile, "tread": config.tricks(stage).tread,
-            "text": "cached" if warm_text else "encoded in the step",
+            "text": text,
             "step_seconds": seconds, "images_per_s": per_rank / seconds, "tokens_per_s": per_rank * tokens / seconds,
             "phases": phases, "phased_step_seconds": phased_seconds, "flops_per_step": flops, "achieved_tflops": sum(flops.values()) / seconds / 1e12,
             "mfu": sum(flops.values()) / seconds / peak, "peak": peak_source, "peak_memory_gib": memory,
