@@ -28,6 +28,20 @@ GPU_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PC
                    "A100": 312.0, "L40S": 362.0, "B200": 2250.0, "GH200": 989.0}
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a CPU's work is done when its call returns)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _quiet(config: Config) -> None:
+    """No samples, logs, progress bar or background checkpoint writes while measuring."""
+    config.train.async_checkpoint = False
+    config.logging.sample_every = 0
+    config.logging.tensorboard = False
+    config.logging.progress_bar = False
+
+
 class PhaseTimer:
     """Wall-clock per phase of the step, synchronising the GPU around each one."""
 
@@ -37,8 +51,7 @@ class PhaseTimer:
         self.enabled = False
 
     def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        sync(self.device)
 
     @contextlib.contextmanager
     def __call__(self, phase: str):
@@ -83,10 +96,7 @@ def run_bench(config: Config, steps: int = 5, warmup: int = 2, peak_tflops: floa
               warm_text: bool = True, separate_phase_pass: bool | None = None) -> dict:
     from prx.train import Trainer
 
-    config.train.async_checkpoint = False
-    config.logging.sample_every = 0
-    config.logging.tensorboard = False
-    config.logging.progress_bar = False
+    _quiet(config)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(config, tmp, log=lambda *a, **k: None)
         trainer.setup()
@@ -142,7 +152,8 @@ def run_bench(config: Config, steps: int = 5, warmup: int = 2, peak_tflops: floa
             "compile": config.train.compile, "tread": config.tricks(stage).tread,
             "text": text,
             "step_seconds": seconds, "images_per_s": per_rank / seconds, "tokens_per_s": per_rank * tokens / seconds,
-            "phases": phases, "phased_step_seconds": phased_seconds, "flops_per_step": flops, "achieved_tflops": sum(flops.values()) / seconds / 1e12,
+            "phases": phases, "phased_step_seconds": phased_seconds, "flops_per_step": flops,
+            "achieved_tflops": sum(flops.values()) / seconds / 1e12,
             "mfu": sum(flops.values()) / seconds / peak, "peak": peak_source, "peak_memory_gib": memory,
             "memory_kind": memory_kind,
         }
@@ -161,10 +172,7 @@ def largest_micro_batch(config: Config, candidates: list[int], log=print) -> dic
     from prx.train import Trainer
 
     candidates = sorted(set(candidates), reverse=True)
-    config.train.async_checkpoint = False
-    config.logging.sample_every = 0
-    config.logging.tensorboard = False
-    config.logging.progress_bar = False
+    _quiet(config)
     steps = 2 * len(candidates)  # all in the first stage, with a batch of the largest candidate
     if config.train.stages:
         config.train.stages = [dataclasses.replace(config.stages[0], batch_size=candidates[0],
@@ -183,10 +191,10 @@ def largest_micro_batch(config: Config, candidates: list[int], log=print) -> dic
             outcome: dict = {"micro_batch": micro}
             try:
                 trainer.train_step(step)  # compiles for the new shape
-                PhaseTimer(device).sync()
+                sync(device)
                 start = time.perf_counter()
                 trainer.train_step(step + 1)
-                PhaseTimer(device).sync()
+                sync(device)
                 outcome.update(fits=True, step_seconds=time.perf_counter() - start)
             except torch.OutOfMemoryError:
                 outcome["fits"] = False

@@ -442,8 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                     "or a measured matmul on CPU)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--encode-text", action="store_true",
-                   help="time the text encoder on the timed steps' captions too (default: they are encoded before "
-                        "timing, as a long run's caption cache or `prx data embed` would serve them)")
+                   help="time the text encoder on the timed steps' captions too (default on the shapes world: they "
+                        "are encoded before timing, as a long run's caption cache serves them)")
     p.add_argument("--largest-micro-batch", type=lambda s: [int(x) for x in s.split(",")], metavar="N,N,...",
                    help="instead: find the largest of these micro-batch sizes whose step fits in device memory "
                         "(one process, largest first, the first stage's resolution), e.g. 64,48,32,24,16")
