@@ -26,13 +26,14 @@ LOG="$OUT/log.txt"
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
 
-TEACHERS="repa.teacher=random-dinov3-vitl16 perceptual.dino_model=random-dinov2-base perceptual.lpips_vgg_weights=random-vgg16"
+# options every run shares: full-size random-weight teachers (the smoke run: the tiny model and teachers)
+SHARED="repa.teacher=random-dinov3-vitl16 perceptual.dino_model=random-dinov2-base perceptual.lpips_vgg_weights=random-vgg16"
 TEXTOPT="text.encoder=$TEXT text.max_length=256 text.min_length=256"
 S512="train.stages=[{resolution: 512, steps: 100, batch_size: 32}]"
 MB=32 S1024="train.stages=[{resolution: 1024, steps: 100, batch_size: 64, repa: false}]" PROBE=64,48,32,24,16,8
 ATTN="--image-tokens 256 1024"
 if [[ ${SMOKE:-0} == 1 ]]; then  # the script's own check on a CPU: toy sizes, same parts
-  TEACHERS="model.preset=tiny repa.teacher=tiny-random-dinov3 perceptual.dino_model=tiny-random-dinov2 perceptual.lpips_vgg_weights=tiny-random-vgg16 perceptual.dino_resolution=28 repa.block=2 tread.start_block=1 tread.end_block=-1"
+  SHARED="model.preset=tiny repa.teacher=tiny-random-dinov3 perceptual.dino_model=tiny-random-dinov2 perceptual.lpips_vgg_weights=tiny-random-vgg16 perceptual.dino_resolution=28 repa.block=2 tread.start_block=1 tread.end_block=-1"
   TEXTOPT="text.encoder=$TEXT text.max_length=32 text.min_length=32"
   S512="train.stages=[{resolution: 64, steps: 100, batch_size: 4}]"
   MB=4 S1024="train.stages=[{resolution: 128, steps: 100, batch_size: 4, repa: false}]" PROBE=4,2
@@ -63,19 +64,19 @@ part() {
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   $PY -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
-  part seed512_recipe 180 $PRX bench speedrun $TEACHERS $TEXTOPT "$S512" train.micro_batch_size=$MB \
+  part seed512_recipe 180 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
     --steps 20 --warmup 3 --json "$OUT/seed512_recipe.json"
-  part seed512_eager 90 $PRX bench speedrun $TEACHERS $TEXTOPT "$S512" train.micro_batch_size=$MB train.compile=off \
+  part seed512_eager 90 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB train.compile=off \
     --steps 5 --warmup 2 --json "$OUT/seed512_eager.json"
-  part seed512_dense 120 $PRX bench speedrun $TEACHERS $TEXTOPT "$S512" train.micro_batch_size=$MB \
+  part seed512_dense 120 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
     tread.route_ratio=0 sampling.guidance=cfg --steps 20 --warmup 3 --json "$OUT/seed512_dense.json"
-  part seed512_batch64 120 $PRX bench speedrun $TEACHERS $TEXTOPT "${S512/batch_size: $MB/batch_size: $((2 * MB))}" \
+  part seed512_batch64 120 $PRX bench speedrun $SHARED $TEXTOPT "${S512/batch_size: $MB/batch_size: $((2 * MB))}" \
     train.micro_batch_size=$((2 * MB)) --steps 10 --warmup 3 --json "$OUT/seed512_batch64.json"
   part attention 90 $PY benchmarks/attention_kernels.py $ATTN --json "$OUT/attention.json"
-  part seed1024_micro_batch 150 $PRX bench speedrun $TEACHERS $TEXTOPT \
+  part seed1024_micro_batch 150 $PRX bench speedrun $SHARED $TEXTOPT \
     "$S1024" train.micro_batch_size=$MB --largest-micro-batch $PROBE --json "$OUT/seed1024_micro_batch.json"
   part seed512_fsdp1 120 $PY -m torch.distributed.run --standalone --nproc_per_node 1 -m prx bench speedrun \
-    $TEACHERS $TEXTOPT "$S512" train.micro_batch_size=$MB train.parallel=fsdp --steps 10 --warmup 3 \
+    $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB train.parallel=fsdp --steps 10 --warmup 3 \
     --json "$OUT/seed512_fsdp1.json"
   echo "== summary (${SECONDS}s)"
   cat "$SUMMARY"
