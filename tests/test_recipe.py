@@ -227,29 +227,44 @@ def test_muon_update_is_nearly_orthogonal_with_adam_rms():
     assert singular.min() > 0.5 and singular.max() < 1.5  # quintic Newton–Schulz: ≈ U·Vᵀ
 
 
-def test_muon_in_fp32_gives_torchs_bf16_update_within_bf16_tolerance():
-    """CPUs without fast bf16 orthogonalise in fp32 (prx.muon); elsewhere torch's own bf16 step runs."""
+def test_muon_gives_torchs_update_stacked_and_in_fp32():
+    """prx's Muon orthogonalises same-shape matrices as one stack, in bf16 (GPUs, fast-bf16 CPUs) or fp32 (CPUs
+    without fast bf16): the same update as torch.optim.Muon's matrix-by-matrix bf16 step, up to bf16 rounding."""
     from prx.muon import Muon, fast_matmul_dtype
 
     assert fast_matmul_dtype("cpu") in (torch.float32, torch.bfloat16)  # measured on this machine
     assert fast_matmul_dtype("cuda") == torch.bfloat16
     torch.manual_seed(0)
-    for shape in ((64, 192), (192, 64)):
-        start = torch.randn(*shape) * 0.02
-        updates = {}
-        for name, make in (("torch", lambda p: torch.optim.Muon([p], **options)),
-                           ("fp32", lambda p: Muon([p], ns_dtype=torch.float32, **options)),
-                           ("bf16", lambda p: Muon([p], ns_dtype=torch.bfloat16, **options))):
-            options = dict(lr=1.0, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
-            p = torch.nn.Parameter(start.clone())
-            opt = make(p)
-            for step in range(2):  # the second step goes through the momentum buffer
-                p.grad = torch.randn(*shape, generator=torch.Generator().manual_seed(step))
-                opt.step()
-            updates[name] = p.detach() - start
-        assert torch.equal(updates["bf16"], updates["torch"])  # bf16: torch's own code path
-        rel = (updates["fp32"] - updates["torch"]).norm() / updates["torch"].norm()
-        assert rel < 0.03, rel  # the same update up to bf16 rounding
+    shapes = [(64, 192), (192, 64), (64, 192), (64, 192), (192, 64), (32, 32)]  # stacks of 3, 2 and a single one
+    starts = [torch.randn(*s) * 0.02 for s in shapes]
+    options = dict(lr=1.0, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    updates = {}
+    for name, make in (("torch", lambda ps: torch.optim.Muon(ps, **options)),
+                       ("fp32", lambda ps: Muon(ps, ns_dtype=torch.float32, **options)),
+                       ("bf16", lambda ps: Muon(ps, ns_dtype=torch.bfloat16, **options))):
+        params = [torch.nn.Parameter(s.clone()) for s in starts]
+        opt = make(params)
+        for step in range(2):  # the second step goes through the momentum buffer
+            gen = torch.Generator().manual_seed(step)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        updates[name] = [p.detach() - s for p, s in zip(params, starts)]
+    assert torch.equal(updates["bf16"][-1], updates["torch"][-1])  # a matrix alone: torch's own operations
+    for name in ("fp32", "bf16"):
+        for mine, theirs in zip(updates[name], updates["torch"]):
+            rel = (mine - theirs).norm() / theirs.norm()
+            assert rel < 0.03, (name, rel)  # the same update up to bf16 rounding
+
+
+def test_newton_schulz_on_a_stack_is_each_matrix_on_its_own():
+    from prx.muon import newton_schulz
+
+    for shape in ((4, 48, 80), (3, 80, 48)):
+        stack = torch.randn(*shape)
+        each = torch.stack([newton_schulz(g, (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.float32) for g in stack])
+        together = newton_schulz(stack, (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.float32)
+        torch.testing.assert_close(together, each, rtol=1e-5, atol=1e-5)
 
 
 def test_a_cpu_without_fast_bf16_trains_and_orthogonalises_in_fp32():
