@@ -1,4 +1,5 @@
 import json
+import sys
 
 import pytest
 import torch
@@ -149,3 +150,48 @@ def test_a_time_budget_sets_the_step_count_the_schedule_ends_with_it_and_resume_
     again = Trainer(tiny_config(*overrides), tmp_path / "run")  # the same command: already complete
     again.run()
     assert again.step == planned and again.config.train.steps == planned
+
+
+def test_the_step_reads_the_device_once(tmp_path, monkeypatch):
+    """A GPU must not wait for its host: the step's losses and gradient norm come back in one read (`.tolist()`),
+    with no `.item()` or `bool(tensor)` per loss or micro-batch (each drains the launch queue). TREAD, REPA and
+    the perceptual losses on, two micro-batches, captions cached (encoding new ones reads their lengths)."""
+    from prx.config import load_config
+
+    trainer = Trainer(load_config("speedrun-tiny", ["train.micro_batch_size=2"]), tmp_path / "run")
+    trainer.setup()
+    trainer.text_encoder.encode(trainer.data.batch(0, *trainer.config.stage_at(0)).captions + [""])
+    reads = []
+    real_tolist = torch.Tensor.tolist
+
+    def refuse(self, *args):
+        raise AssertionError("a device read in the step")
+
+    def counted_tolist(self):  # the step's own reads (the data's host tensors, e.g. caption dropout, are not the device's)
+        if sys._getframe(1).f_code.co_filename.endswith("train.py"):
+            reads.append(self.shape)
+        return real_tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", refuse)
+    monkeypatch.setattr(torch.Tensor, "__bool__", refuse)
+    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+    result = trainer.train_step(0)
+    assert len(reads) == 1 and set(result.losses) == {"flow", "lpips", "dino", "repa"}
+    assert result.loss == pytest.approx(sum(result.losses.values())) and result.grad_norm > 0
+
+
+def test_teachers_compile_where_the_blocks_do_on_a_gpu_and_cuda_graphs_need_one(tmp_path):
+    """train.compile_teachers: auto compiles the frozen networks only where the blocks compile on a GPU (not on this
+    CPU), on compiles them anywhere; train.cuda_graphs on a CPU warns and trains without."""
+    from prx.config import load_config
+
+    def frozen(trainer):
+        return [trainer.perceptual.lpips, trainer.perceptual.dino, trainer.repa.teacher]
+
+    auto = Trainer(load_config("speedrun-tiny", ["train.compile=on"]), tmp_path / "auto")
+    auto.setup()
+    assert all(getattr(net, "_compiled_call_impl", None) is None for net in frozen(auto))
+    on = Trainer(load_config("speedrun-tiny", ["train.compile_teachers=on", "train.cuda_graphs=true"]), tmp_path / "on")
+    with pytest.warns(RuntimeWarning, match="cuda_graphs=true needs compiled blocks on a GPU"):
+        on.setup()
+    assert all(getattr(net, "_compiled_call_impl", None) is not None for net in frozen(on))

@@ -112,6 +112,19 @@ def resolve_parallel(mode: str, info: DistInfo) -> str:
     return mode
 
 
+def compiled(cfg, device: torch.device) -> bool:
+    """Whether ``train.compile`` (``cfg`` is the ``train:`` section) compiles on ``device``: auto = on GPUs; on
+    a CPU only with a C++ compiler for inductor's backend (else a warning, and eager)."""
+    from prx.runtime import cpp_compiler
+
+    compile_on = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    if compile_on and device.type == "cpu" and cpp_compiler() is None:
+        warnings.warn("train.compile=on but no C++ compiler (g++, c++, clang++ or $CXX) is installed for torch.compile's "
+                      "CPU backend: training without compiling", RuntimeWarning, stacklevel=3)
+        return False
+    return compile_on
+
+
 def parallelize(model: nn.Module, ema_model: nn.Module, projector: nn.Module | None, cfg, info: DistInfo,
                 param_dtype: torch.dtype | None, image_tokens: int) -> tuple[str, nn.Module, nn.Module | None]:
     """The one place a run's modules are made parallel, in torchtitan's order: activation
@@ -123,13 +136,16 @@ def parallelize(model: nn.Module, ema_model: nn.Module, projector: nn.Module | N
     """
     mode = resolve_parallel(cfg.parallel, info)
     model.activation_checkpointing = cfg.activation_checkpointing
-    from prx.runtime import cpp_compiler
+    compile_on = compiled(cfg, info.device)
+    graphs = cfg.cuda_graphs and compile_on and info.device.type == "cuda"
+    if cfg.cuda_graphs and not graphs:
+        warnings.warn("train.cuda_graphs=true needs compiled blocks on a GPU: training without CUDA graphs",
+                      RuntimeWarning, stacklevel=2)
+    if graphs and mode == "fsdp":
+        from prx.errors import ConfigError
 
-    compile_on = cfg.compile == "on" or (cfg.compile == "auto" and info.device.type == "cuda")
-    if compile_on and info.device.type == "cpu" and cpp_compiler() is None:
-        warnings.warn("train.compile=on but no C++ compiler (g++, c++, clang++ or $CXX) is installed for torch.compile's "
-                      "CPU backend: training without compiling", RuntimeWarning, stacklevel=2)
-        compile_on = False
+        raise ConfigError("train.cuda_graphs=true does not work with FSDP (it communicates inside the blocks): "
+                          "use train.parallel=ddp or train.cuda_graphs=false")
     from prx.runtime import attention_kernel
 
     kernel = attention_kernel(cfg.attention, info.device, compile_on, param_dtype, image_tokens)
@@ -137,7 +153,7 @@ def parallelize(model: nn.Module, ema_model: nn.Module, projector: nn.Module | N
         block.attention = kernel
     if compile_on:
         for block in model.blocks:  # one graph per block shape; the loop over blocks stays in Python
-            block.compile()
+            block.compile(mode="reduce-overhead" if graphs else None)
     if mode == "fsdp":
         for module in (model, ema_model, projector):
             if module is not None:

@@ -22,6 +22,15 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``. To a GPU through pinned memory without waiting: a copy from pageable
+    memory synchronises the stream first, so every such copy at the start of a step (images, times, text,
+    routes) left the GPU idle until the host had launched work again."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
+
+
 def autocast_dtype(precision: str, device: torch.device, training: bool = True) -> torch.dtype | None:
     """The autocast dtype of ``train.precision`` ('auto', 'bf16', 'fp32'); None = fp32.
 

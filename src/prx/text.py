@@ -69,7 +69,12 @@ class TextBatch:
     mask: Tensor  # (B, L) bool, True = real token
 
     def to(self, device) -> "TextBatch":
-        return TextBatch(self.embeds.to(device), self.mask.to(device))
+        import torch
+
+        from prx.runtime import to_device
+
+        device = torch.device(device)
+        return TextBatch(to_device(self.embeds, device), to_device(self.mask, device))
 
     def pad_to(self, length: int) -> "TextBatch":
         import torch.nn.functional as F

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,8 +28,8 @@ from prx.checkpoint import (CheckpointWriter, checkpoint_to_resume, restore_trai
 from prx.config import Config, StageConfig
 from prx.data.sources import build_source
 from prx.diffusers_io import load_init_weights
-from prx.distributed import (all_agree, full_value, gradient_sync, init_distributed, mean_across_ranks, parallelize,
-                             reshard)
+from prx.distributed import (all_agree, compiled, full_value, gradient_sync, init_distributed, mean_across_ranks,
+                             parallelize, reshard)
 from prx.ema import EMA
 from prx.errors import TrainingError
 from prx.flow import add_noise, flow_loss, sample_noise, sample_timesteps, step_seed
@@ -41,7 +40,7 @@ from prx.optim import MultiOptimizer, build_optimizer, lr_scale, param_groups_fr
 from prx.perceptual import PerceptualLoss
 from prx.pipeline import Pipeline
 from prx.repa import REPAAlignment
-from prx.runtime import RunClock, RunLock, StopSignals, autocast_dtype, preflight, set_threads
+from prx.runtime import RunClock, RunLock, StopSignals, autocast_dtype, preflight, set_threads, to_device
 from prx.seed_api import groups_after_sharding, resolve_components
 from prx.text import TextEncoder, fit_text_dim
 from prx.tread import TREADRouter
@@ -119,6 +118,12 @@ class Trainer:
         self.perceptual = given["perceptual_loss"] or PerceptualLoss.from_config(cfg.perceptual)
         if self.perceptual is not None:
             self.perceptual.load(teacher_dtype).to(self.device)
+        if cfg.train.compile_teachers == "on" or (cfg.train.compile_teachers == "auto" and self.device.type == "cuda"
+                                                  and compiled(cfg.train, self.device)):  # each called as before
+            for net in (getattr(self.perceptual, "lpips", None), getattr(self.perceptual, "dino", None),
+                        getattr(self.repa, "teacher", None)):
+                if net is not None:
+                    net.compile()
         self.ema = EMA.from_config(self.model, cfg.ema)  # a copy, before sharding
 
         # Everything the optimizer updates (and checkpoints hold): the denoiser and the REPA projector.
@@ -132,6 +137,7 @@ class Trainer:
             image_tokens)
         if self.repa is not None:
             self.repa.projector = projector
+        self.cuda_graphs = cfg.train.cuda_graphs and self.device.type == "cuda"
         self.wrapped = [self.forward_model] + ([projector] if projector is not None else [])  # what syncs gradients
         self.optimizer: MultiOptimizer = build_optimizer(
             groups_after_sharding(given["param_groups"], self.model, names) or param_groups_from_config(
@@ -170,10 +176,12 @@ class Trainer:
             raise TrainingError(f"the batch size {stage.batch_size} does not split over {world} ranks: use a multiple")
         per_rank = stage.batch_size // world
         rows = slice(rank * per_rank, (rank + 1) * per_rank)  # this rank's share of the global batch
+        if self.cuda_graphs:  # the blocks' CUDA graphs may reuse the memory of the last step's outputs
+            torch.compiler.cudagraph_mark_step_begin()
 
         with self.timer("data"):
             data = self.data.batch(step, stage_index, stage)  # this rank's samples of the step
-        images = data.images  # uint8: a quarter of float32's bytes to copy to the device
+        images = to_device(data.images, dev)  # uint8: a quarter of float32's bytes to copy
         micro = cfg.train.micro_batch_size or per_rank
 
         # Caption dropout: the empty caption's encoding teaches the unconditional model for CFG.
@@ -182,7 +190,7 @@ class Trainer:
         captions = data.drop_captions(drop, self.data.empty_embedding)
 
         # Noise: x_t = (1 − t)·x0 + t·ε.
-        t = sample_timesteps(stage.batch_size, cfg.objective, gen)[rows]
+        t = to_device(sample_timesteps(stage.batch_size, cfg.objective, gen)[rows], dev)
         noise = sample_noise(tuple(images.shape), cfg.train.seed, step, rows.start, dev,
                              cfg.objective.noise_offset) * cfg.objective.noise_scale
 
@@ -194,11 +202,13 @@ class Trainer:
             route = self.router.route(step, rows.start, per_rank, grid[0] * grid[1], cfg.model.num_layers, device=dev)
         use_repa, use_perceptual = on.repa and self.repa is not None, on.perceptual and self.perceptual is not None
 
-        totals: dict[str, float] = defaultdict(float)
+        # The losses stay on the device until the step's one sync, below: a GPU whose host launches work no
+        # faster than it runs it must never wait for the host (an `.item()` per loss per micro-batch drained its queue).
+        totals: dict[str, torch.Tensor] = {}
         for start in range(0, per_rank, micro):
             part = slice(start, start + micro)
             last = start + micro >= per_rank
-            x0, t_part = images[part].to(dev).float() / 127.5 - 1.0, t[part].to(dev)  # uint8 → [-1, 1]
+            x0, t_part = images[part].float() / 127.5 - 1.0, t[part]  # uint8 → [-1, 1]
             with self.timer("text encoder"):
                 text = (data.text[part] if data.text is not None else self.text_encoder.encode(captions[part])).to(dev)
             x_t = add_noise(x0, noise[part], t_part)
@@ -215,18 +225,19 @@ class Trainer:
                 if use_repa:
                     with self.timer("REPA forward (teacher + projector)"):
                         losses["repa"] = self.repa(out.hidden, x0, grid, out.hidden_index)
-                loss = sum(losses.values())
-                if not all_agree(bool(torch.isfinite(loss)), self.dist):  # every rank skips together
-                    return self._skip(loss, losses)
-                with self.timer("backward"):
-                    (loss * (x0.shape[0] / per_rank)).backward()  # mean over this rank; DDP/FSDP average ranks
+                with self.timer("backward"):  # a non-finite loss makes non-finite gradients: the step is dropped below
+                    (sum(losses.values()) * (x0.shape[0] / per_rank)).backward()  # mean over this rank; DDP/FSDP average ranks
             for name, value in losses.items():
-                totals[name] += value.item() * x0.shape[0] / per_rank
+                totals[name] = totals.get(name, 0.0) + value.detach().float() * (x0.shape[0] / per_rank)
 
         clip = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip > 0 else math.inf
         grad_norm = full_value(torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), clip))
-        if not torch.isfinite(grad_norm):  # the norm is global: every rank sees the same value
-            return self._skip(grad_norm, {})
+        # The step's one sync: the losses and the (global) gradient norm. Every rank drops a step any rank found
+        # non-finite, before the optimizer sees its gradients.
+        grad_norm, *values = torch.stack([grad_norm.float(), *totals.values()]).tolist()
+        losses = dict(zip(totals, values))
+        if not all_agree(all(map(math.isfinite, [grad_norm, *values])), self.dist):
+            return self._skip(losses, grad_norm)
 
         scale = lr_scale(step, cfg.total_steps, cfg.optimizer)
         self.optimizer.set_lr_scale(scale)
@@ -235,19 +246,19 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         with self.timer("EMA"):
             self.ema.update(self.model, step + 1)
-        return StepResult(sum(totals.values()), dict(totals), grad_norm.item(), scale * cfg.optimizer.lr,
-                          image_size=tuple(images.shape[-2:]))
+        return StepResult(sum(values), losses, grad_norm, scale * cfg.optimizer.lr, image_size=tuple(images.shape[-2:]))
 
-    def _skip(self, value: torch.Tensor, losses: dict) -> StepResult:
+    def _skip(self, losses: dict[str, float], grad_norm: float) -> StepResult:
         """A non-finite loss or gradient: drop the update, count it, stop if it keeps happening."""
         self.optimizer.zero_grad(set_to_none=True)
         self.bad_steps += 1
-        which = ", ".join(f"{k}={float(v.detach()):.3g}" for k, v in losses.items()) or f"grad norm {float(value):.3g}"
+        bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
+        which = ", ".join(f"{k}={v:.3g}" for k, v in bad.items()) or f"grad norm {grad_norm:.3g}"
         if self.bad_steps > self.config.train.max_bad_steps:
             raise TrainingError(f"{self.bad_steps} steps had a non-finite loss or gradient (last: {which}; limit "
                                 f"train.max_bad_steps={self.config.train.max_bad_steps}): lower optimizer.lr or raise "
                                 f"optimizer.warmup_steps, then resume from {self.run_dir / 'checkpoints' / 'latest'}")
-        return StepResult(float(value.detach()), {}, skipped=True)
+        return StepResult(sum(losses.values()) if bad else grad_norm, {}, skipped=True)
 
     # ----------------------------------------------------------------------------------------
     # The loop

@@ -101,7 +101,9 @@ class TREADRouter:
             return None
         keep = [torch.rand(num_tokens, generator=torch.Generator().manual_seed(s)).argsort()[:kept].sort().values
                 for s in seeds]  # a uniform random subset per sample, in token order
-        return Route(start, end, torch.stack(keep).to(device))
+        from prx.runtime import to_device
+
+        return Route(start, end, to_device(torch.stack(keep), torch.device(device)))
 
     def sample_seed(self, step: int, sample: int) -> int:
         return (self.seed * 1_000_003 + step * 104_729 + sample * 7_919 + 0x9E3779B9) % (2**63 - 1)
