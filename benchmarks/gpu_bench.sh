@@ -2,11 +2,16 @@
 # The GPU measurements of issue #11, as one script for a lent H100/H200 (no network needed), in order of
 # importance, each part under its own time limit inside one overall budget (parts that no longer fit are
 # reported as skipped, never guessed):
-#   1. the seed config with the full recipe at 512 px, compiled: images/s, MFU with honest FLOPs
-#   2. the same eager (the compile speed-up)       3. the same without TREAD (the TREAD speed-up)
-#   4. twice the batch per GPU (Muon and the step's fixed costs amortised)
-#   5. the attention kernels the text padding mask allows (benchmarks/attention_kernels.py)
-#   6. the largest micro-batch at 1024 px           7. FSDP2 on one GPU (torchrun, 1 process)
+#   0. the optimizer step alone: prx's Muon (same-shape matrices stacked) against torch.optim.Muon
+#   1. the seed config with the full recipe at 512 px, compiled: images/s, MFU with honest FLOPs, then a
+#      profile (OUT/seed512_recipe.profile.txt: how busy the GPU is, launches and host waits per step)
+#   2. the same with the blocks replayed as CUDA graphs (train.cuda_graphs=true), profiled too
+#   3. FSDP2 on one GPU (torchrun, 1 process)       4. the same with the teachers not compiled
+#   5. the same with the captions encoded in the step
+#   6. the same eager (the compile speed-up)        7. the same without TREAD (the TREAD speed-up)
+#   8. twice the batch per GPU (Muon and the step's fixed costs amortised)
+#   9. the attention kernels the text padding mask allows (benchmarks/attention_kernels.py)
+#  10. the largest micro-batch at 1024 px
 # Teachers are full-size with random weights (same FLOPs); every batch carries 256 text tokens
 # (text.min_length=256, as long captions do: the FLOP count assumes them).
 #   bash benchmarks/gpu_bench.sh [OUT_DIR]     # BUDGET=seconds (default 600); TEXT=encoder (default minilm);
@@ -32,12 +37,14 @@ TEXTOPT="text.encoder=$TEXT text.max_length=256 text.min_length=256"
 S512="train.stages=[{resolution: 512, steps: 100, batch_size: 32}]"
 MB=32 S1024="train.stages=[{resolution: 1024, steps: 100, batch_size: 64, repa: false}]" PROBE=64,48,32,24,16,8
 ATTN="--image-tokens 256 1024"
+MUON="--preset seed --text-dim 384 --device cuda"
 if [[ ${SMOKE:-0} == 1 ]]; then  # the script's own check on a CPU: toy sizes, same parts
   SHARED="model.preset=tiny repa.teacher=tiny-random-dinov3 perceptual.dino_model=tiny-random-dinov2 perceptual.lpips_vgg_weights=tiny-random-vgg16 perceptual.dino_resolution=28 repa.block=2 tread.start_block=1 tread.end_block=-1"
   TEXTOPT="text.encoder=$TEXT text.max_length=32 text.min_length=32"
   S512="train.stages=[{resolution: 64, steps: 100, batch_size: 4}]"
   MB=4 S1024="train.stages=[{resolution: 128, steps: 100, batch_size: 4, repa: false}]" PROBE=4,2
   ATTN="--batch 2 --heads 2 --text-tokens 32 --image-tokens 64 --repeats 3"
+  MUON="--preset tiny --text-dim 32 --device cpu --repeats 2"
 fi
 
 # part NAME LIMIT_SECONDS COMMAND...: run under the smaller of its limit and what is left of the budget
@@ -64,8 +71,19 @@ part() {
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   $PY -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
-  part seed512_recipe 180 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
-    --steps 20 --warmup 3 --json "$OUT/seed512_recipe.json"
+  part muon_step 60 $PY benchmarks/muon_cost.py $MUON
+  part seed512_recipe 240 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
+    --steps 20 --warmup 3 --json "$OUT/seed512_recipe.json" --profile "$OUT/seed512_recipe.profile.txt"
+  part seed512_cuda_graphs 150 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
+    train.cuda_graphs=true --steps 20 --warmup 3 --json "$OUT/seed512_cuda_graphs.json" \
+    --profile "$OUT/seed512_cuda_graphs.profile.txt"
+  part seed512_fsdp1 120 $PY -m torch.distributed.run --standalone --nproc_per_node 1 -m prx bench speedrun \
+    $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB train.parallel=fsdp --steps 10 --warmup 3 \
+    --json "$OUT/seed512_fsdp1.json"
+  part seed512_teachers_eager 120 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
+    train.compile_teachers=off --steps 10 --warmup 3 --json "$OUT/seed512_teachers_eager.json"
+  part seed512_encode_text 90 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
+    --encode-text --steps 10 --warmup 3 --json "$OUT/seed512_encode_text.json"
   part seed512_eager 90 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB train.compile=off \
     --steps 5 --warmup 2 --json "$OUT/seed512_eager.json"
   part seed512_dense 120 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
@@ -75,9 +93,6 @@ part() {
   part attention 90 $PY benchmarks/attention_kernels.py $ATTN --json "$OUT/attention.json"
   part seed1024_micro_batch 150 $PRX bench speedrun $SHARED $TEXTOPT \
     "$S1024" train.micro_batch_size=$MB --largest-micro-batch $PROBE --json "$OUT/seed1024_micro_batch.json"
-  part seed512_fsdp1 120 $PY -m torch.distributed.run --standalone --nproc_per_node 1 -m prx bench speedrun \
-    $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB train.parallel=fsdp --steps 10 --warmup 3 \
-    --json "$OUT/seed512_fsdp1.json"
   echo "== summary (${SECONDS}s)"
   cat "$SUMMARY"
   $PY benchmarks/gpu_summary.py "$OUT"

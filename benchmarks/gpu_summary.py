@@ -14,20 +14,28 @@ def load(out: Path, name: str):
 
 def main(out: str) -> int:
     out = Path(out)
-    rows = [("seed512_recipe", "512 px, full recipe, compiled"), ("seed512_eager", "512 px, full recipe, eager"),
+    rows = [("seed512_recipe", "512 px, full recipe, compiled"),
+            ("seed512_cuda_graphs", "512 px, full recipe, compiled, blocks as CUDA graphs"),
+            ("seed512_teachers_eager", "512 px, full recipe, compiled, teachers not compiled"),
+            ("seed512_encode_text", "512 px, full recipe, compiled, captions encoded in the step"),
+            ("seed512_eager", "512 px, full recipe, eager"),
             ("seed512_dense", "512 px, recipe without TREAD, compiled"),
             ("seed512_fsdp1", "512 px, full recipe, compiled, FSDP2 (torchrun, 1 GPU)"),
             ("seed512_batch64", "512 px, full recipe, compiled, batch 64")]
     results = {name: load(out, name) for name, _ in rows}
-    print(f"{'run':<56} {'s/step':>7} {'images/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}")
+    print(f"{'run':<62} {'s/step':>7} {'images/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}")
     for name, label in rows:
         r = results[name]
         if r is None:
-            print(f"{label:<56} {'(no result: see the log)':>42}")
+            print(f"{label:<62} {'(no result: see the log)':>42}")
             continue
-        print(f"{label:<56} {r['step_seconds']:7.3f} {r['images_per_s']:9.1f} {r['achieved_tflops']:8.1f} "
+        print(f"{label:<62} {r['step_seconds']:7.3f} {r['images_per_s']:9.1f} {r['achieved_tflops']:8.1f} "
               f"{r['mfu']:6.1%} {r['peak_memory_gib']:9.1f}")
     recipe, eager, dense = results["seed512_recipe"], results["seed512_eager"], results["seed512_dense"]
+    if recipe and results["seed512_teachers_eager"]:
+        print(f"compiled teachers' speed-up: {results['seed512_teachers_eager']['step_seconds'] / recipe['step_seconds']:.2f}×")
+    if recipe and results["seed512_cuda_graphs"]:
+        print(f"CUDA graphs' speed-up: {recipe['step_seconds'] / results['seed512_cuda_graphs']['step_seconds']:.2f}×")
     if recipe and eager:
         print(f"compile speed-up (eager / compiled step time): {eager['step_seconds'] / recipe['step_seconds']:.2f}×")
     if recipe and dense:
@@ -38,6 +46,10 @@ def main(out: str) -> int:
                            sorted(recipe["phases"].items(), key=lambda kv: -kv[1]))
         print(f"512 px recipe step by phase: {phases}")
         print(f"MFU peak: {recipe['peak']}")
+    for name, _ in rows:
+        if results[name] and (p := results[name].get("profile")) and "device_busy_fraction" in p:
+            print(f"{name} profiled: {p['seconds_per_step']:.3f} s/step, GPU busy {p['device_busy_fraction']:.0%}, "
+                  f"{p['launches_per_step']:.0f} launches and {p['host_waits_per_step']:.0f} host waits per step")
     probe = load(out, "seed1024_micro_batch")
     if probe:
         tried = ", ".join(f"{t['micro_batch']}: " + (f"fits ({t['peak_memory_gib']:.1f} GiB, {t['step_seconds']:.2f} s)"

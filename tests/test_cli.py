@@ -168,9 +168,12 @@ def test_export_samples_anywhere_and_bench_reports(trained_run, tmp_path, capsys
                           "should end in .safetensors")
 
     code, stdout, err = run_cli(capsys, "bench", "speedrun-tiny", "--steps", "1", "--warmup", "1",
-                                "--json", str(tmp_path / "bench.json"))
+                                "--json", str(tmp_path / "bench.json"), "--profile", str(tmp_path / "profile.txt"))
     assert code == 0, err
     result = json.loads((tmp_path / "bench.json").read_text())
+    profile = (tmp_path / "profile.txt").read_text()  # the ops of one more step, each phase marked
+    assert "by host time" in profile and "denoiser forward" in profile and "aten::mm" in profile
+    assert result["profile"]["seconds_per_step"] > 0 and "profile (" in stdout
     assert result["images_per_s"] > 0 and 0 < result["mfu"] < 1.5
     assert {"denoiser forward", "backward", "optimizer", "EMA", "perceptual forward (LPIPS + DINO)",
             "REPA forward (teacher + projector)", "data"} <= set(result["phases"])

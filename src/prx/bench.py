@@ -28,6 +28,9 @@ GPU_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PC
                    "A100": 312.0, "L40S": 362.0, "B200": 2250.0, "GH200": 989.0}
 
 
+PROFILED_STEPS = 5  # at most, after the timed steps, with --profile
+
+
 def sync(device: torch.device) -> None:
     """Wait for the device's queued work (a CPU's work is done when its call returns)."""
     if device.type == "cuda":
@@ -93,7 +96,7 @@ def peak_memory_gib(device: torch.device) -> tuple[float, str]:
 
 
 def run_bench(config: Config, steps: int = 5, warmup: int = 2, peak_tflops: float | None = None, log=print,
-              warm_text: bool = True, separate_phase_pass: bool | None = None) -> dict:
+              warm_text: bool = True, separate_phase_pass: bool | None = None, profile: str | None = None) -> dict:
     from prx.train import Trainer
 
     _quiet(config)
@@ -111,13 +114,16 @@ def run_bench(config: Config, steps: int = 5, warmup: int = 2, peak_tflops: floa
         timed = [(False, range(warmup, warmup + steps)), (True, range(warmup + steps, warmup + 2 * steps))]
         if not separate_phase_pass:
             timed = [(True, range(warmup, warmup + steps))]
+        last = timed[-1][1].stop
+        # a few steps: the profiler's own bookkeeping of thousands of kernels a step takes longer than they do
+        profiled = range(last, last + min(steps, PROFILED_STEPS)) if profile else range(0)
         # Captions: precomputed by the data (`prx data embed`), or encoded first for a source whose batches are a
         # function of the step (the shapes world: a long run's cache serves them, and a few steps of fresh captions
         # would time the text encoder instead of the training step), or else encoded in the step.
         text = ("precomputed" if trainer.data.empty_embedding is not None else
                 "cached" if warm_text and not trainer.data.state_dict() else "encoded in the step")
         if text == "cached":
-            for step in range(warmup, timed[-1][1].stop):
+            for step in range(warmup, max(last, profiled.stop)):
                 batch = trainer.data.batch(step, *config.stage_at(step))
                 if batch.text is None:
                     trainer.text_encoder.encode(batch.captions + [""])
@@ -134,6 +140,7 @@ def run_bench(config: Config, steps: int = 5, warmup: int = 2, peak_tflops: floa
             timer.sync()
             pass_seconds.append((time.perf_counter() - start) / steps)
         (seconds, sizes), phased_seconds = (pass_seconds[0], pass_sizes[0]), pass_seconds[-1]
+        profiled_steps = profile_steps(trainer, profiled, profile) if profile else None
         world = trainer.dist.world
         per_rank = stage.batch_size // world
         # FLOPs and tokens of the batches actually run: buckets of real photos are not square
@@ -157,6 +164,63 @@ def run_bench(config: Config, steps: int = 5, warmup: int = 2, peak_tflops: floa
             "mfu": sum(flops.values()) / seconds / peak, "peak": peak_source, "peak_memory_gib": memory,
             "memory_kind": memory_kind,
         }
+        if profiled_steps:
+            result["profile"] = profiled_steps
+    return result
+
+
+def profile_steps(trainer, steps: range, path: str) -> dict:
+    """``steps`` more steps under ``torch.profiler``, no syncs but at the ends (each phase marked with
+    ``record_function``): writes the tables of the ops by device time and by host time to ``path`` and
+    returns per step the wall time under the profiler, the time the device was busy running kernels,
+    and the kernel launches the host made (a step whose device is idle part of the time is bound by
+    the host: its launches, syncs or Python)."""
+    from pathlib import Path
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    device = trainer.device
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    marks = set()  # the phases' names, and torch's "Optimizer.step#..." marks
+
+    def mark(phase):
+        marks.add(phase)
+        return record_function(phase)
+
+    trainer.timer = mark
+    sync(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for step in steps:
+            trainer.train_step(step)
+        sync(device)
+    wall = (time.perf_counter() - start) / len(steps)
+    events = prof.events()
+    # the union of the kernels' and copies' intervals (the phases' marks show on the device's timeline too)
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA
+                   and not getattr(e, "is_user_annotation", False) and e.name not in marks
+                   and not e.name.startswith("Optimizer.") and e.time_range.end > e.time_range.start)
+    busy, reach = 0.0, float("-inf")
+    for begin, end in spans:
+        busy += max(0.0, end - max(begin, reach))
+        reach = max(reach, end)
+    busy = busy / 1e6 / len(steps)
+    launches = sum(1 for e in events if e.name.startswith(("cudaLaunch", "cuLaunch"))) / len(steps)
+    waits = sum(1 for e in events if e.name.endswith("Synchronize")) / len(steps)  # the host waiting for the device
+    table = prof.key_averages()
+    sections = [f"{len(steps)} steps profiled: {wall:.4f} s/step under the profiler"
+                + (f", device busy {busy:.4f} s/step ({busy / wall:.0%}), {launches:.0f} kernel launches/step, "
+                   f"{waits:.0f} host waits (…Synchronize)/step"
+                   if device.type == "cuda" else "")]
+    if device.type == "cuda":
+        sections.append("by device time:\n" + table.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=60))
+    sections.append("by host time:\n" + table.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=60))
+    Path(path).write_text("\n\n".join(sections) + "\n")
+    result = {"seconds_per_step": wall, "file": str(path)}
+    if device.type == "cuda":
+        result.update(device_busy_seconds_per_step=busy, device_busy_fraction=busy / wall, launches_per_step=launches,
+                      host_waits_per_step=waits)
     return result
 
 
@@ -237,4 +301,8 @@ def format_bench(r: dict) -> str:
     parts = ", ".join(f"{k} {fmt_flops(v)}" for k, v in r["flops_per_step"].items())
     lines.append(f"  FLOPs per step: {fmt_flops(total)} ({parts}) → {fmt_flops(r['achieved_tflops'] * 1e12)}/s")
     lines.append(f"  MFU {r['mfu']:.1%} of {r['peak']}")
+    if p := r.get("profile"):
+        busy = (f": the device ran kernels {p['device_busy_fraction']:.0%} of the time, {p['launches_per_step']:.0f} "
+                f"launches per step" if "device_busy_fraction" in p else "")
+        lines.append(f"  profile ({p['seconds_per_step']:.3f} s/step under the profiler){busy}: {p['file']}")
     return "\n".join(lines)

@@ -336,7 +336,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             Path(args.json).write_text(json.dumps(result, indent=1))
         return 0
     result = run_bench(config, steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops,
-                       warm_text=not args.encode_text)
+                       warm_text=not args.encode_text, profile=args.profile)
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -444,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encode-text", action="store_true",
                    help="time the text encoder on the timed steps' captions too (default on the shapes world: they "
                         "are encoded before timing, as a long run's caption cache serves them)")
+    p.add_argument("--profile", metavar="FILE", help="then profile a few more steps (torch.profiler, at most 5) and "
+                                                     "write the ops by device and by host time to FILE, with how busy "
+                                                     "the device was and the kernel launches per step")
     p.add_argument("--largest-micro-batch", type=lambda s: [int(x) for x in s.split(",")], metavar="N,N,...",
                    help="instead: find the largest of these micro-batch sizes whose step fits in device memory "
                         "(one process, largest first, the first stage's resolution), e.g. 64,48,32,24,16")
