@@ -251,6 +251,16 @@ def test_muon_gives_torchs_update_stacked_and_in_fp32():
             opt.step()
         updates[name] = [p.detach() - s for p, s in zip(params, starts)]
     assert torch.equal(updates["bf16"][-1], updates["torch"][-1])  # a matrix alone: torch's own operations
+    params = [torch.nn.Parameter(s.clone()) for s in starts]  # stacks capped at two matrices: the same update
+    capped = Muon(params, ns_dtype=torch.float32, **options)
+    capped.MAX_STACK_ELEMENTS = 2 * 64 * 192
+    for step in range(2):
+        gen = torch.Generator().manual_seed(step)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        capped.step()
+    for p, s, whole in zip(params, starts, updates["fp32"]):
+        torch.testing.assert_close(p.detach() - s, whole, rtol=1e-5, atol=1e-6)
     for name in ("fp32", "bf16"):
         for mine, theirs in zip(updates[name], updates["torch"]):
             rel = (mine - theirs).norm() / theirs.norm()

@@ -71,6 +71,10 @@ class Muon(torch.optim.Muon):
     """``torch.optim.Muon``'s update, with same-shape matrices orthogonalised as one stack and the
     iteration in ``ns_dtype`` (None: the parameters' device decides, see :func:`fast_matmul_dtype`)."""
 
+    # A stack holds at most this many elements (1 GiB in fp32; the seed model's largest stack is 176M):
+    # a stack's copies are transient memory, so a bigger model's stacks are split rather than grown.
+    MAX_STACK_ELEMENTS = 2**28
+
     def __init__(self, params, ns_dtype: torch.dtype | None = None, **kwargs):
         super().__init__(params, **kwargs)
         if ns_dtype is None:
@@ -98,7 +102,11 @@ class Muon(torch.optim.Muon):
             stacks: dict[tuple, list[int]] = defaultdict(list)
             for i, param in enumerate(params):
                 stacks[(tuple(param.shape), param.dtype, param.device) if not _is_sharded(param) else i].append(i)
-            for indices in stacks.values():
+            chunks = []
+            for same in stacks.values():
+                size = max(1, self.MAX_STACK_ELEMENTS // params[same[0]].numel())
+                chunks += [same[k:k + size] for k in range(0, len(same), size)]
+            for indices in chunks:
                 shape = params[indices[0]].shape
                 step_size = -_adjust_lr(lr, group["adjust_lr_fn"], shape)
                 ns = functools.partial(newton_schulz, coefficients=group["ns_coefficients"], steps=group["ns_steps"],
