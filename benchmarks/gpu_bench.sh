@@ -14,7 +14,8 @@
 #  10. the largest micro-batch at 1024 px
 # Teachers are full-size with random weights (same FLOPs); every batch carries 256 text tokens
 # (text.min_length=256, as long captions do: the FLOP count assumes them).
-#   bash benchmarks/gpu_bench.sh [OUT_DIR]     # BUDGET=seconds (default 600); TEXT=encoder (default minilm);
+#   bash benchmarks/gpu_bench.sh [OUT_DIR]     # BUDGET=seconds (default 600); TEXT=encoder (default random-minilm:
+#                                              # MiniLM's shape, random weights, built in: no wheel, no network);
 #                                              # SKIP="attention ..." leaves parts out
 # Captions are encoded before the timed steps (a long run's cache, or `prx data embed`, serves them).
 # Everything lands in OUT_DIR: log.txt (all output, the summary last) and the per-part JSON files.
@@ -24,7 +25,7 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PRX="$PY -m prx"
-TEXT=${TEXT:-minilm}
+TEXT=${TEXT:-random-minilm}
 BUDGET=${BUDGET:-600}
 START=$SECONDS
 LOG="$OUT/log.txt"

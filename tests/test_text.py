@@ -19,6 +19,26 @@ def test_minilm_offline(text_encoder):
     assert cos(pooled[0], pooled[1], dim=0) > cos(pooled[0], pooled[2], dim=0)
 
 
+def test_a_stand_in_encoder_is_written_once_and_loads_as_a_real_one(tmp_path, monkeypatch):
+    """text.encoder=random-minilm (MiniLM's shape, random weights; tiny-random-bert here) needs no wheel and no
+    network: written once under $PRX_CACHE, then loaded by the same code as a real encoder; any caption
+    tokenizes (a character vocabulary), and its width is known without loading it."""
+    from prx.text import STAND_IN_ENCODERS, stand_in_encoder, text_width
+
+    monkeypatch.setenv("PRX_CACHE", str(tmp_path))
+    first = TextEncoder("tiny-random-bert", max_length=64)
+    assert first.dim == text_width("tiny-random-bert") == STAND_IN_ENCODERS["tiny-random-bert"]["hidden_size"]
+    batch = first.encode(["A red circle, left of 2 blue squares!", ""], cache=False)
+    lengths = batch.mask.sum(1).tolist()
+    assert lengths == [len("a red circle , left of 2 blue squares !".replace(" ", "")) + 2, 2]  # [CLS] chars [SEP]
+    assert first.tokenizer.unk_token_id not in first.tokenizer("Ünïcode? ok")["input_ids"][1:3]
+    written = (stand_in_encoder("tiny-random-bert") / "model.safetensors").stat().st_mtime_ns
+    again = TextEncoder("tiny-random-bert", max_length=64)  # read back, not rewritten: the same weights
+    assert (stand_in_encoder("tiny-random-bert") / "model.safetensors").stat().st_mtime_ns == written
+    assert torch.equal(again.encode(["a red circle"], cache=False).embeds, first.encode(["a red circle"], cache=False).embeds)
+    assert text_width("random-minilm") == STAND_IN_ENCODERS["random-minilm"]["hidden_size"] == 384
+
+
 def test_repeated_captions_are_not_reencoded(text_encoder):
     before = text_encoder.encoded_count
     a = text_encoder.encode(["a caption seen twice", "a caption seen twice", "another one"])

