@@ -106,11 +106,10 @@ class Muon(torch.optim.Muon):
             for same in stacks.values():
                 size = max(1, self.MAX_STACK_ELEMENTS // params[same[0]].numel())
                 chunks += [same[k:k + size] for k in range(0, len(same), size)]
+            ns = functools.partial(newton_schulz, coefficients=group["ns_coefficients"], steps=group["ns_steps"],
+                                   eps=group["eps"], dtype=self.ns_dtype)
             for indices in chunks:
-                shape = params[indices[0]].shape
-                step_size = -_adjust_lr(lr, group["adjust_lr_fn"], shape)
-                ns = functools.partial(newton_schulz, coefficients=group["ns_coefficients"], steps=group["ns_steps"],
-                                       eps=group["eps"], dtype=self.ns_dtype)
+                step_size = -_adjust_lr(lr, group["adjust_lr_fn"], params[indices[0]].shape)
                 if len(indices) == 1:
                     params[indices[0]].add_(ns(updates[indices[0]]), alpha=step_size)
                     continue
