@@ -78,6 +78,35 @@ def set_threads(num_threads: int) -> None:
         torch.set_num_threads(num_threads)
 
 
+# glibc's mallopt() parameters (malloc.h) and the largest mmap threshold it accepts on 64-bit (HEAP_MAX_SIZE / 2)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MAX_MMAP_THRESHOLD = 32 * 1024 * 1024
+KEPT_FREE_BYTES = 1024 * 1024 * 1024
+
+
+def keep_freed_memory() -> bool:
+    """Make this process's C allocator keep the memory torch frees for its next allocation, as the CUDA
+    caching allocator does on a GPU. Linux with glibc only (elsewhere nothing changes); returns whether it did.
+
+    A CPU training step frees and allocates the same activations every step. By default glibc serves an
+    allocation above 128 KiB with a fresh ``mmap`` and hands a freed heap top back to the OS, so each step
+    faults those pages in again and the kernel zeroes them: 7,500 page faults and 12 ms of system time per
+    demo step on 2 cores, 3% of the step (README, The demo's step on a CPU). With the mmap threshold at its
+    maximum (32 MiB) and up to 1 GiB of free heap kept, the step faults in nothing.
+    """
+    import ctypes
+    import platform
+    import sys
+
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, KEPT_FREE_BYTES))
+
+
 def cache_root() -> Path:
     """Where prx keeps derived files it can rebuild (``$PRX_CACHE``, default ``~/.cache/prx``)."""
     return Path(os.environ.get("PRX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "prx")))

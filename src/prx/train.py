@@ -40,7 +40,8 @@ from prx.optim import MultiOptimizer, build_optimizer, lr_scale, param_groups_fr
 from prx.perceptual import PerceptualLoss
 from prx.pipeline import Pipeline
 from prx.repa import REPAAlignment
-from prx.runtime import RunClock, RunLock, StopSignals, autocast_dtype, preflight, set_threads, to_device
+from prx.runtime import (RunClock, RunLock, StopSignals, autocast_dtype, keep_freed_memory, preflight, set_threads,
+                         to_device)
 from prx.seed_api import groups_after_sharding, resolve_components
 from prx.text import TextEncoder, fit_text_dim
 from prx.tread import TREADRouter
@@ -92,6 +93,8 @@ class Trainer:
         cfg, given = self.config, self._given
         device = preflight(cfg, model_given=given["model"] is not None)  # batch split, memory, wandb: before any work
         set_threads(cfg.train.num_threads)
+        if device.type == "cpu":  # a step's activations reuse the last step's memory instead of faulting in new pages
+            keep_freed_memory()
         self.dist = init_distributed(device, cfg.train.timeout_minutes)
         self.device = self.dist.device
         self.lock = RunLock.for_run(self.run_dir, self.dist)  # this training's until it ends; rank 0 holds it
