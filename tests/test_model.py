@@ -94,6 +94,36 @@ def test_text_padding_is_masked():
     assert not torch.allclose(model(x, t, txt3, mask).x0[0], out[0], atol=1e-4)
 
 
+@pytest.mark.parametrize("multiple, rows", [(1, 3 + 1 + 5), (4, 12)])
+def test_on_a_cpu_only_the_real_text_tokens_are_projected_and_the_model_is_the_same(monkeypatch, multiple, rows):
+    """packs_text: the text projection and every block's K/V run over the real tokens only (rounded up with
+    padding rows to a multiple of PACKED_ROWS_MULTIPLE), then the K/V go back to the padded layout; x0 and
+    every gradient are the padded model's, routed, with captions of 1, 3 and 5 real tokens."""
+    import prx.model
+
+    monkeypatch.setattr(prx.model, "PACKED_ROWS_MULTIPLE", multiple)
+    model = tiny_model()
+    _randomise(model)
+    x, t, txt, mask = _inputs(b=3)
+    mask[1, 1:] = False
+    route = Route(1, 2, torch.tensor([[0, 2, 4, 6, 8], [1, 3, 5, 7, 8], [0, 1, 2, 3, 4]]))
+    projected, results = [], []
+    for packed in (True, False):
+        monkeypatch.setattr(prx.model, "packs_text", lambda device, packed=packed: packed)
+        model.zero_grad()
+        projected.clear()
+        hook = model.blocks[0].txt_kv.register_forward_hook(lambda m, args, out: projected.append(out.shape[0]))
+        out = model(x, t, txt, mask, route=route).x0
+        hook.remove()
+        out.square().mean().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()], projected[0]))
+    (out_packed, grads_packed, rows_packed), (out_padded, grads_padded, rows_padded) = results
+    assert (rows_packed, rows_padded) == (rows, 3)  # (N, dim) rows against (B, L, dim)
+    assert torch.allclose(out_packed, out_padded, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads_packed, grads_padded):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_text_tokens_are_only_keys():
     # image tokens do not depend on other samples' text, and the output has image tokens only
     model = tiny_model()
@@ -138,10 +168,11 @@ def test_route_identity_and_capture():
     assert torch.allclose(model(x, t, txt, mask, route=full).x0, model(x, t, txt, mask).x0, atol=1e-6)
 
 
-def test_flop_formula_matches_torch_flop_counter():
+def test_flop_formula_matches_torch_flop_counter(monkeypatch):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
+    import prx.model
     from prx.flops import denoiser_forward_flops
 
     model = tiny_model()
@@ -151,6 +182,12 @@ def test_flop_formula_matches_torch_flop_counter():
         model(x, t, txt, mask)
     expected = denoiser_forward_flops(model.config, 48, 64, text_tokens=5, batch=2)
     assert abs(counter.get_total_flops() - expected) / expected < 0.02
+    # packed text (packs_text): the projections count the rows they ran over, 3 + 5 of the 2 × 5 tokens
+    monkeypatch.setattr(prx.model, "PACKED_ROWS_MULTIPLE", 1)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(x, t, txt, mask)
+    packed = denoiser_forward_flops(model.config, 48, 64, text_tokens=5, batch=2, projected_text_tokens=8 / 2)
+    assert packed < expected and abs(counter.get_total_flops() - packed) / packed < 0.02
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

@@ -187,8 +187,9 @@ def test_a_cpu_step_reuses_freed_memory_instead_of_faulting_in_new_pages():
         run = subprocess.run([sys.executable, "-c", FAULTS_OF_TEN_ROUNDS, mode], capture_output=True, text=True, check=True)
         return int(run.stdout.split()[-1])
 
-    assert faults("fresh") > 50_000  # the measurement sees pages come fresh from the OS
-    assert faults("keep") < 500  # kept: the pages are reused
+    fresh, kept = faults("fresh"), faults("keep")
+    assert fresh > 50_000  # the measurement sees pages come fresh from the OS
+    assert kept < fresh / 10  # kept: the pages are reused (0 on a quiet machine, 2,800 once in a busy test suite)
 
 
 def test_the_step_reads_the_device_once(tmp_path, monkeypatch):

@@ -131,20 +131,23 @@ def run_bench(config: Config, steps: int = 5, warmup: int = 2, peak_tflops: floa
             trainer.train_step(step)
         if trainer.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(trainer.device)
-        pass_seconds, pass_sizes = [], []
+        pass_seconds, pass_results = [], []
         for phased, step_range in timed:
             timer.enabled = phased
             timer.sync()
             start = time.perf_counter()
-            pass_sizes.append([trainer.train_step(step).image_size for step in step_range])
+            pass_results.append([trainer.train_step(step) for step in step_range])
             timer.sync()
             pass_seconds.append((time.perf_counter() - start) / steps)
-        (seconds, sizes), phased_seconds = (pass_seconds[0], pass_sizes[0]), pass_seconds[-1]
+        (seconds, results), phased_seconds = (pass_seconds[0], pass_results[0]), pass_seconds[-1]
+        sizes = [r.image_size for r in results]
         profiled_steps = profile_steps(trainer, profiled, profile) if profile else None
         world = trainer.dist.world
         per_rank = stage.batch_size // world
-        # FLOPs and tokens of the batches actually run: buckets of real photos are not square
-        per_size = [step_flops(config, stage, batch=per_rank, size=size) for size in sizes]
+        # FLOPs and tokens of the batches actually run: buckets of real photos are not square, captions are padded
+        # to the batch's length and on a CPU only their real tokens are projected
+        per_size = [step_flops(config, stage, batch=per_rank, size=r.image_size, text_tokens=r.text_length or None,
+                               projected_text_tokens=r.text_tokens or None) for r in results]
         flops = {k: sum(f[k] for f in per_size) / steps for k in per_size[0]}
         peak, peak_source = device_peak_flops(trainer.device, trainer.autocast or torch.float32, peak_tflops)
         memory, memory_kind = peak_memory_gib(trainer.device)

@@ -10,15 +10,18 @@ from __future__ import annotations
 from prx.config import ModelConfig
 
 
-def block_forward_flops(cfg: ModelConfig, image_tokens: int, text_tokens: int) -> int:
-    """One PRX block for one sample: image tokens are queries over [text; image] keys."""
+def block_forward_flops(cfg: ModelConfig, image_tokens: int, text_tokens: int,
+                        projected_text_tokens: float | None = None) -> float:
+    """One PRX block for one sample: image tokens are queries over [text; image] keys (``text_tokens``, padding
+    included); ``projected_text_tokens`` (default all) of them go through the K/V projection (packs_text)."""
     d, n, length = cfg.hidden_dim, image_tokens, text_tokens
+    projected = length if projected_text_tokens is None else projected_text_tokens
     mlp = int(round(d * cfg.mlp_ratio))
     keys = length + n
     macs = (
         d * 6 * d  # adaLN modulation (once per sample)
         + n * d * 3 * d  # image q, k, v
-        + length * d * 2 * d  # text k, v
+        + projected * d * 2 * d  # text k, v
         + 2 * n * keys * d  # attention scores and weighted sum
         + n * d * d  # attention output projection
         + n * d * 2 * mlp  # GeGLU gate and up
@@ -28,12 +31,16 @@ def block_forward_flops(cfg: ModelConfig, image_tokens: int, text_tokens: int) -
 
 
 def denoiser_forward_flops(cfg: ModelConfig, height: int, width: int, text_tokens: int, batch: int = 1,
-                           route: tuple[int, int] | None = None, kept_tokens: int | None = None) -> int:
+                           route: tuple[int, int] | None = None, kept_tokens: int | None = None,
+                           projected_text_tokens: float | None = None) -> float:
     """The whole PRX forward pass for ``batch`` images of height × width pixels.
 
     With ``route=(start, end)`` (0-based, inclusive) the blocks start..end see only
-    ``kept_tokens`` image tokens (TREAD); the others see all of them.
+    ``kept_tokens`` image tokens (TREAD); the others see all of them. ``text_tokens`` is the padded
+    caption length, ``projected_text_tokens`` the tokens per sample the text projections run over
+    (default all; on a CPU the real ones only, :func:`prx.model.packs_text`).
     """
+    projected = text_tokens if projected_text_tokens is None else projected_text_tokens
     if cfg.text_dim is None:
         raise ValueError("cfg.text_dim must be set")
     d, p = cfg.hidden_dim, cfg.patch_size
@@ -43,18 +50,19 @@ def denoiser_forward_flops(cfg: ModelConfig, height: int, width: int, text_token
     patch_dim = 3 * p * p
     macs = (
         n * (patch_dim * cfg.bottleneck_dim + cfg.bottleneck_dim * d)  # bottleneck patch embedding
-        + text_tokens * cfg.text_dim * d  # text projection, once
+        + projected * cfg.text_dim * d  # text projection, once
         + 256 * d + d * d  # timestep MLP
         + d * 2 * d + n * d * patch_dim  # final adaLN and projection
     )
-    blocks = (cfg.num_layers - routed) * block_forward_flops(cfg, n, text_tokens) + routed * block_forward_flops(
-        cfg, kept, text_tokens)
+    blocks = ((cfg.num_layers - routed) * block_forward_flops(cfg, n, text_tokens, projected)
+              + routed * block_forward_flops(cfg, kept, text_tokens, projected))
     return batch * (2 * macs + blocks)
 
 
 def training_step_flops(cfg: ModelConfig, height: int, width: int, text_tokens: int, batch: int = 1,
-                        route: tuple[int, int] | None = None, kept_tokens: int | None = None) -> int:
-    return 3 * denoiser_forward_flops(cfg, height, width, text_tokens, batch, route, kept_tokens)
+                        route: tuple[int, int] | None = None, kept_tokens: int | None = None,
+                        projected_text_tokens: float | None = None) -> float:
+    return 3 * denoiser_forward_flops(cfg, height, width, text_tokens, batch, route, kept_tokens, projected_text_tokens)
 
 
 def vgg16_lpips_forward_flops(height: int, width: int) -> int:

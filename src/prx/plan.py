@@ -40,18 +40,22 @@ def fmt_flops(x: float) -> str:
 
 
 def step_flops(cfg: Config, stage, model_cfg=None, batch: int | None = None,
-               size: tuple[int, int] | None = None) -> dict[str, float]:
+               size: tuple[int, int] | None = None, text_tokens: int | None = None,
+               projected_text_tokens: float | None = None) -> dict[str, float]:
     """FLOPs of one optimizer step of ``stage`` for ``batch`` images (default: the stage's global batch)
     of ``size`` (height, width) pixels (default: the stage's square), by part: the denoiser with its
-    routing (3× forward), each teacher, and Muon's Newton–Schulz."""
+    routing (3× forward), each teacher, and Muon's Newton–Schulz. ``text_tokens`` is the captions' padded
+    length (default ``text.max_length``, the longest), ``projected_text_tokens`` the tokens per sample the
+    text projections run over (default all of them; a step's own count in ``prx bench``)."""
     model_cfg = model_cfg or replace(cfg.model, text_dim=cfg.model.text_dim or text_width(cfg.text.encoder) or 384)
     batch = stage.batch_size if batch is None else batch
     height, width = size or (stage.resolution, stage.resolution)
-    text_tokens = cfg.text.max_length
+    text_tokens = text_tokens or cfg.text.max_length
     n = (height // model_cfg.patch_size) * (width // model_cfg.patch_size)
     on = cfg.tricks(stage)
     route, kept = _routing(cfg, stage, model_cfg.num_layers, n)
-    parts = {"denoiser": 3 * denoiser_forward_flops(model_cfg, height, width, text_tokens, 1, route, kept) * batch}
+    parts = {"denoiser": 3 * denoiser_forward_flops(model_cfg, height, width, text_tokens, 1, route, kept,
+                                                    projected_text_tokens) * batch}
     p = cfg.perceptual
     if on.repa and (teacher := teacher_shape(cfg.repa.teacher)) is not None:
         inside = route is not None and route[0] <= block_index(cfg.repa.block - 1, model_cfg.num_layers) <= route[1]

@@ -35,7 +35,7 @@ from prx.errors import TrainingError
 from prx.flow import add_noise, flow_loss, sample_noise, sample_timesteps, step_seed
 from prx.logger import RunLogger
 from prx.metrics.during_training import TrainingEval
-from prx.model import PRX
+from prx.model import PRX, packed_text_rows, packs_text
 from prx.optim import MultiOptimizer, build_optimizer, lr_scale, param_groups_from_config
 from prx.perceptual import PerceptualLoss
 from prx.pipeline import Pipeline
@@ -55,6 +55,8 @@ class StepResult:
     lr: float = 0.0
     skipped: bool = False
     image_size: tuple[int, int] = (0, 0)  # (height, width) of this step's images: its bucket
+    text_length: int = 0  # the captions' padded length this step
+    text_tokens: float = 0.0  # text tokens per sample the denoiser projected: the real ones where packs_text
 
 
 class Trainer:
@@ -208,12 +210,15 @@ class Trainer:
         # The losses stay on the device until the step's one sync, below: a GPU whose host launches work no
         # faster than it runs it must never wait for the host (an `.item()` per loss per micro-batch drained its queue).
         totals: dict[str, torch.Tensor] = {}
+        text_tokens = 0  # FLOP accounting (prx bench): the text rows the denoiser projects
         for start in range(0, per_rank, micro):
             part = slice(start, start + micro)
             last = start + micro >= per_rank
             x0, t_part = images[part].float() / 127.5 - 1.0, t[part]  # uint8 → [-1, 1]
             with self.timer("text encoder"):
                 text = (data.text[part] if data.text is not None else self.text_encoder.encode(captions[part])).to(dev)
+            # (packed on a CPU only, where reading the mask is no device read)
+            text_tokens += packed_text_rows(int(text.mask.sum()), text.mask.numel()) if packs_text(dev) else text.mask.numel()
             x_t = add_noise(x0, noise[part], t_part)
             with gradient_sync(self.wrapped, self.parallel, last), torch.autocast(
                     dev.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
@@ -249,7 +254,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         with self.timer("EMA"):
             self.ema.update(self.model, step + 1)
-        return StepResult(sum(values), losses, grad_norm, scale * cfg.optimizer.lr, image_size=tuple(images.shape[-2:]))
+        return StepResult(sum(values), losses, grad_norm, scale * cfg.optimizer.lr, image_size=tuple(images.shape[-2:]),
+                          text_length=text.mask.shape[1], text_tokens=text_tokens / per_rank)
 
     def _skip(self, losses: dict[str, float], grad_norm: float) -> StepResult:
         """A non-finite loss or gradient: drop the update, count it, stop if it keeps happening."""

@@ -58,6 +58,11 @@ class Source:
         self._next = ((step + 1, stage.resolution, stage.batch_size), self._ahead.submit(self._render, step + 1, stage))
         return batch
 
+    def finish_rendering(self) -> None:
+        """Wait for the batch rendering ahead, if any (a benchmark: nothing of this run computes while another is timed)."""
+        if self._next is not None:
+            self._next[1].result()
+
     def _render(self, step: int, stage: StageConfig) -> DataBatch:
         per_rank = stage.batch_size // self.world
         first = self.offset(step) + self.rank * per_rank
