@@ -98,13 +98,13 @@ def test_text_padding_is_masked():
 def test_on_a_cpu_only_the_real_text_tokens_are_projected_and_the_model_is_the_same(monkeypatch, multiple, rows):
     """packs_text: the text projection and every block's K/V run over the real tokens only (rounded up with
     padding rows to a multiple of PACKED_ROWS_MULTIPLE), then the K/V go back to the padded layout; x0 and
-    every gradient are the padded model's, routed, with captions of 1, 3 and 5 real tokens."""
+    every gradient are the padded model's, on a non-square grid, routed, with captions of 1, 3 and 5 real tokens."""
     import prx.model
 
     monkeypatch.setattr(prx.model, "PACKED_ROWS_MULTIPLE", multiple)
     model = tiny_model()
     _randomise(model)
-    x, t, txt, mask = _inputs(b=3)
+    x, t, txt, mask = _inputs(b=3, h=48, w=80)  # a 3×5 grid
     mask[1, 1:] = False
     route = Route(1, 2, torch.tensor([[0, 2, 4, 6, 8], [1, 3, 5, 7, 8], [0, 1, 2, 3, 4]]))
     projected, results = [], []

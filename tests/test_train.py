@@ -178,7 +178,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="keep_freed_memory sets glibc's mallopt; elsewhere it changes nothing")
 def test_a_cpu_step_reuses_freed_memory_instead_of_faulting_in_new_pages():
     # Each in a process of its own: the allocator setting is the whole process's. 10 rounds of 36 MiB
     # written fault in about 92,000 pages when every one comes fresh from the OS. glibc's default moves its
