@@ -14,8 +14,10 @@ def load(out: Path, name: str):
 
 def main(out: str) -> int:
     out = Path(out)
-    rows = [("seed512_recipe", "512 px, full recipe, compiled"),
-            ("seed512_cuda_graphs", "512 px, full recipe, compiled, blocks as CUDA graphs"),
+    rows = [("seed512_before", "512 px, full recipe, compiled, optimizer eager"),
+            ("seed512_recipe", "512 px, full recipe, compiled (+ optimizer)"),
+            ("seed512_static", "512 px, full recipe, compiled, static shapes"),
+            ("seed512_cuda_graphs", "512 px, ..., static shapes, CUDA graphs"),
             ("seed512_teachers_eager", "512 px, full recipe, compiled, teachers not compiled"),
             ("seed512_encode_text", "512 px, full recipe, compiled, captions encoded in the step"),
             ("seed512_eager", "512 px, full recipe, eager"),
@@ -34,17 +36,23 @@ def main(out: str) -> int:
     recipe, eager, dense = results["seed512_recipe"], results["seed512_eager"], results["seed512_dense"]
     if recipe and results["seed512_teachers_eager"]:
         print(f"compiled teachers' speed-up: {results['seed512_teachers_eager']['step_seconds'] / recipe['step_seconds']:.2f}×")
-    if recipe and results["seed512_cuda_graphs"]:
-        print(f"CUDA graphs' speed-up: {recipe['step_seconds'] / results['seed512_cuda_graphs']['step_seconds']:.2f}×")
+    before, static, graphs = results["seed512_before"], results["seed512_static"], results["seed512_cuda_graphs"]
+    if recipe and before:
+        print(f"compiled optimizer's speed-up: {before['step_seconds'] / recipe['step_seconds']:.2f}×")
+    if recipe and static:
+        print(f"static shapes' speed-up: {recipe['step_seconds'] / static['step_seconds']:.2f}×")
+    if static and graphs:
+        print(f"CUDA graphs' speed-up (static shapes): {static['step_seconds'] / graphs['step_seconds']:.2f}×")
     if recipe and eager:
         print(f"compile speed-up (eager / compiled step time): {eager['step_seconds'] / recipe['step_seconds']:.2f}×")
     if recipe and dense:
         print(f"TREAD speed-up (dense / routed step time): {dense['step_seconds'] / recipe['step_seconds']:.2f}×")
+    for name in ("seed512_before", "seed512_recipe", "seed512_static", "seed512_cuda_graphs"):
+        if r := results[name]:
+            phased = r.get("phased_step_seconds", r["step_seconds"])
+            phases = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in sorted(r["phases"].items(), key=lambda kv: -kv[1]))
+            print(f"{name} by phase (synced, {phased:.3f} s/step): {phases}")
     if recipe:
-        phased = recipe.get("phased_step_seconds", recipe["step_seconds"])
-        phases = ", ".join(f"{k} {v / phased:.0%}" for k, v in
-                           sorted(recipe["phases"].items(), key=lambda kv: -kv[1]))
-        print(f"512 px recipe step by phase: {phases}")
         print(f"MFU peak: {recipe['peak']}")
     for name, _ in rows:
         if results[name] and (p := results[name].get("profile")) and "device_busy_fraction" in p:

@@ -3,8 +3,8 @@
 For a model preset: the Muon matrices' Newton–Schulz FLOPs (``prx.flops.newton_schulz_flops``), the
 rate this device reaches in fp32 and in bf16 on exactly those matmuls (the iteration itself, timed
 alone, matrix by matrix), the prediction (FLOPs ÷ the faster rate), and the measured optimizer step,
-side by side in one run: prx's Muon (same-shape matrices stacked) in the dtype it picks for this device
-and forced to fp32, torch.optim.Muon (matrix by matrix, bf16 always), and AdamW.
+side by side in one run: prx's Muon (same-shape matrices stacked) in the dtype it picks for this device,
+with its memory-bound work compiled (``train.compile_optimizer``) and forced to fp32, torch.optim.Muon (matrix by matrix, bf16 always), and AdamW.
 
     python benchmarks/muon_cost.py --preset demo --patch-size 16     # the 9.4M-parameter demo model
     python benchmarks/muon_cost.py --preset seed --repeats 2          # the 576M seed model (slow on CPU)
@@ -59,7 +59,8 @@ def main() -> None:
         if kind == "adamw":
             opt = build_optimizer([{"params": params, "optimizer": "adam"}])
         else:
-            opt = build_optimizer([{"params": muon, "optimizer": "muon"}, {"params": rest, "optimizer": "adam"}])
+            opt = build_optimizer([{"params": muon, "optimizer": "muon"}, {"params": rest, "optimizer": "adam"}],
+                                  compile_muon=kind == "prx-compiled")
             if kind == "torch-bf16":  # torch.optim.Muon's own step, in place of prx's
                 opt.optimizers[0] = torch.optim.Muon(muon, lr=1e-4, adjust_lr_fn="match_rms_adamw")
             if kind == "prx-fp32":
@@ -75,9 +76,10 @@ def main() -> None:
     print(f"matmul rate on these matrices, one by one: fp32 {rate['fp32'] / 1e9:.1f} GFLOP/s, bf16 "
           f"{rate['bf16'] / 1e9:.1f} GFLOP/s → predicted {predicted:.4f} s per step ({best}); prx picks "
           f"{str(picked).replace('torch.', '')}")
-    for kind in ("prx", "prx-fp32", "torch-bf16", "adamw"):
+    for kind in ("prx", "prx-compiled", "prx-fp32", "torch-bf16", "adamw"):
         seconds, dtype = optimizer_step(kind)
         label = {"prx": f"prx Muon ({str(dtype).replace('torch.', '')}) + Adam", "prx-fp32": "prx Muon forced to fp32 + Adam",
+                 "prx-compiled": "prx Muon, compiled passes + Adam",
                  "torch-bf16": "torch.optim.Muon (bf16) + Adam", "adamw": "AdamW, all parameters"}[kind]
         rate_used = rate["fp32"] if kind == "prx-fp32" else rate["bf16"] if kind == "torch-bf16" else rate[best]
         ratio = f"  {seconds * rate_used / flops:5.2f}× its dtype's prediction" if kind != "adamw" else ""

@@ -133,6 +133,12 @@ class TrainConfig:
     # torch.compile the frozen networks too (LPIPS-VGG, the DINO models): auto = where the blocks compile on a GPU
     # (1.19× the recipe's step on an H200: the teachers' forward and backward took 61 ms of it, then 30)
     compile_teachers: str = one_of("auto", "on", "off")
+    # torch.compile Muon's memory-bound work (momentum, the stacks, casts, the update) into two passes per stack of
+    # same-shape matrices: auto = where the blocks compile on a GPU
+    compile_optimizer: str = one_of("auto", "on", "off")
+    # the compiled blocks' shapes: auto = torch's choice (static, then dynamic once a second shape is seen: TREAD's
+    # routed blocks have fewer tokens than the others); static = one graph per shape (at most 8 shapes)
+    compile_shapes: str = one_of("auto", "static", "dynamic")
     # replay each compiled block as a CUDA graph (torch.compile mode="reduce-overhead"): one launch per block in
     # place of ~50, for a GPU that waits on the host. GPU only; not with FSDP (its hooks communicate in the block)
     cuda_graphs: bool = False

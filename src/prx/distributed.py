@@ -125,6 +125,12 @@ def compiled(cfg, device: torch.device) -> bool:
     return compile_on
 
 
+def compiles_also(choice: str, cfg, device: torch.device) -> bool:
+    """``train.compile_teachers`` / ``train.compile_optimizer`` (``choice``): on, off, or auto = where the
+    blocks compile (:func:`compiled`) on a GPU."""
+    return choice == "on" or (choice == "auto" and device.type == "cuda" and compiled(cfg, device))
+
+
 def parallelize(model: nn.Module, ema_model: nn.Module, projector: nn.Module | None, cfg, info: DistInfo,
                 param_dtype: torch.dtype | None, image_tokens: int) -> tuple[str, nn.Module, nn.Module | None]:
     """The one place a run's modules are made parallel, in torchtitan's order: activation
@@ -152,8 +158,11 @@ def parallelize(model: nn.Module, ema_model: nn.Module, projector: nn.Module | N
     for block in model.blocks:
         block.attention = kernel
     if compile_on:
-        for block in model.blocks:  # one graph per block shape; the loop over blocks stays in Python
-            block.compile(mode="reduce-overhead" if graphs else None)
+        # the loop over blocks stays in Python. Shapes: auto is torch's (a second shape makes the graph dynamic,
+        # and TREAD's routed blocks see a second token count), static compiles one graph per shape
+        dynamic = {"auto": None, "static": False, "dynamic": True}[cfg.compile_shapes]
+        for block in model.blocks:
+            block.compile(mode="reduce-overhead" if graphs else None, dynamic=dynamic)
     if mode == "fsdp":
         for module in (model, ema_model, projector):
             if module is not None:

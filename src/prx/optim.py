@@ -96,7 +96,7 @@ class MultiOptimizer:
 
 
 
-def _muon(group: dict[str, Any]):
+def _muon(group: dict[str, Any], compiled: bool = False):
     from prx.muon import Muon  # torch.optim.Muon, orthogonalising in fp32 on CPUs without fast bf16
 
     params = list(group["params"])
@@ -110,7 +110,7 @@ def _muon(group: dict[str, Any]):
     )
     if "ns_coefficients" in group:
         kwargs["ns_coefficients"] = tuple(group["ns_coefficients"])
-    return Muon(params, **kwargs)
+    return Muon(params, compiled=compiled, **kwargs)
 
 
 def _adam(groups: list[dict[str, Any]]):
@@ -125,9 +125,11 @@ def _adam(groups: list[dict[str, Any]]):
     return torch.optim.AdamW(torch_groups, fused=True)
 
 
-def build_optimizer(param_groups: Iterable[dict[str, Any]], extra_adam_params: list = ()) -> MultiOptimizer:
+def build_optimizer(param_groups: Iterable[dict[str, Any]], extra_adam_params: list = (),
+                    compile_muon: bool = False) -> MultiOptimizer:
     """Build from seed-style param-group dicts. ``extra_adam_params`` (e.g. the REPA projector)
-    join the Adam optimizer with the first Adam group's settings."""
+    join the Adam optimizer with the first Adam group's settings. ``compile_muon``: Muon's memory-bound
+    work in compiled passes (``train.compile_optimizer``)."""
     muon_groups, adam_groups = [], []
     for i, group in enumerate(param_groups):
         kind = str(group.get("optimizer", "adam")).lower()
@@ -151,7 +153,7 @@ def build_optimizer(param_groups: Iterable[dict[str, Any]], extra_adam_params: l
             if id(p) in seen:
                 raise ConfigError("a parameter appears in two param groups: each must be in exactly one")
             seen.add(id(p))
-    optimizers = [_muon(g) for g in muon_groups if g["params"]]
+    optimizers = [_muon(g, compile_muon) for g in muon_groups if g["params"]]
     adam_groups = [g for g in adam_groups if g["params"]]
     if adam_groups:
         optimizers.append(_adam(adam_groups))

@@ -28,7 +28,7 @@ from prx.checkpoint import (CheckpointWriter, checkpoint_to_resume, restore_trai
 from prx.config import Config, StageConfig
 from prx.data.sources import build_source
 from prx.diffusers_io import load_init_weights
-from prx.distributed import (all_agree, compiled, full_value, gradient_sync, init_distributed, mean_across_ranks,
+from prx.distributed import (all_agree, compiles_also, full_value, gradient_sync, init_distributed, mean_across_ranks,
                              parallelize, reshard)
 from prx.ema import EMA
 from prx.errors import TrainingError
@@ -123,8 +123,7 @@ class Trainer:
         self.perceptual = given["perceptual_loss"] or PerceptualLoss.from_config(cfg.perceptual)
         if self.perceptual is not None:
             self.perceptual.load(teacher_dtype).to(self.device)
-        if cfg.train.compile_teachers == "on" or (cfg.train.compile_teachers == "auto" and self.device.type == "cuda"
-                                                  and compiled(cfg.train, self.device)):  # each called as before
+        if compiles_also(cfg.train.compile_teachers, cfg.train, self.device):  # each called as before
             for net in (getattr(self.perceptual, "lpips", None), getattr(self.perceptual, "dino", None),
                         getattr(self.repa, "teacher", None)):
                 if net is not None:
@@ -147,7 +146,8 @@ class Trainer:
         self.optimizer: MultiOptimizer = build_optimizer(
             groups_after_sharding(given["param_groups"], self.model, names) or param_groups_from_config(
                 self.model, cfg.optimizer),
-            list(self.trainable["repa_projector"].parameters()) if self.repa is not None else [])
+            list(self.trainable["repa_projector"].parameters()) if self.repa is not None else [],
+            compile_muon=compiles_also(cfg.train.compile_optimizer, cfg.train, self.device))
 
         self.data = build_source(cfg, self.dist.rank, self.dist.world)
         self.checkpoints = CheckpointWriter(self.run_dir, self.dist, cfg.train.keep_checkpoints,
