@@ -4,12 +4,12 @@
 # reported as skipped, never guessed):
 #   0. the optimizer step alone: prx's Muon (same-shape matrices stacked; eager and with its memory-bound work
 #      compiled) against torch.optim.Muon
-#   1. the seed config with the full recipe at 512 px, compiled, with the optimizer's passes not compiled (the
-#      default until 2026-12-04): the anchor the next parts are ratios to
-#   2. the same, the defaults (the optimizer's passes compiled): images/s, MFU with honest FLOPs
-#   3. the same with the blocks compiled for static shapes (train.compile_shapes=static), then a profile
-#      (OUT/seed512_static.profile.txt: how busy the GPU is, launches and host waits per step)
-#   4. the same with the blocks replayed as CUDA graphs (train.cuda_graphs=true)
+#   1. the seed config with the full recipe at 512 px, compiled as until 2026-12-04 (blocks with torch's dynamic
+#      shapes, the optimizer eager): the anchor the next parts are ratios to (and whose losses they must match)
+#   2. the same with the defaults (blocks compiled for static shapes): images/s, MFU with honest FLOPs, then a
+#      profile (OUT/seed512_recipe.profile.txt: how busy the GPU is, launches and host waits per step)
+#   3. the same with the blocks replayed as CUDA graphs (train.cuda_graphs=true; the optimizer's passes compiled)
+#   4. the same with the optimizer's passes eager
 #   5. FSDP2 on one GPU (torchrun, 1 process)       6. the same with the teachers not compiled
 #   7. the same with the captions encoded in the step
 #   8. the same eager (the compile speed-up)        9. the same without TREAD (the TREAD speed-up)
@@ -78,14 +78,14 @@ part() {
   $PY -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
   part muon_step 60 $PY benchmarks/muon_cost.py $MUON
   part seed512_before 200 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
-    train.compile_optimizer=off --steps 10 --warmup 3 --json "$OUT/seed512_before.json"
-  part seed512_recipe 120 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
-    --steps 10 --warmup 3 --json "$OUT/seed512_recipe.json"
-  part seed512_static 150 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
-    train.compile_shapes=static --steps 10 --warmup 3 --json "$OUT/seed512_static.json" \
-    --profile "$OUT/seed512_static.profile.txt"
+    train.compile_shapes=dynamic train.compile_optimizer=off --steps 10 --warmup 3 --json "$OUT/seed512_before.json"
+  part seed512_recipe 150 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
+    --steps 10 --warmup 3 --json "$OUT/seed512_recipe.json" --profile "$OUT/seed512_recipe.profile.txt"
   part seed512_cuda_graphs 120 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
-    train.compile_shapes=static train.cuda_graphs=true --steps 10 --warmup 3 --json "$OUT/seed512_cuda_graphs.json"
+    train.cuda_graphs=true --steps 10 --warmup 3 --json "$OUT/seed512_cuda_graphs.json"
+  part seed512_graphs_optimizer_eager 90 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
+    train.cuda_graphs=true train.compile_optimizer=off --steps 10 --warmup 3 \
+    --json "$OUT/seed512_graphs_optimizer_eager.json"
   part seed512_fsdp1 120 $PY -m torch.distributed.run --standalone --nproc_per_node 1 -m prx bench speedrun \
     $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB train.parallel=fsdp --steps 10 --warmup 3 \
     --json "$OUT/seed512_fsdp1.json"

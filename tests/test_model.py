@@ -326,6 +326,28 @@ def test_traced_blocks_give_the_eager_model_on_a_wide_grid_routed():
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_blocks_compiled_for_static_shapes_reuse_their_graphs_for_any_caption_length():
+    """train.compile_shapes static: one graph per image shape (the routed blocks' and the others'), and batches of
+    other caption lengths reuse them (the length is marked dynamic); x0 is the eager model's. The "eager" backend
+    traces and guards as inductor does, without building C++ kernels."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model()
+    _randomise(model)
+    route = Route(1, 2, torch.tensor([[0, 2, 4, 6, 8], [1, 3, 5, 7, 8]]))
+    inputs = [_inputs(h=48, w=80, length=n, seed=n) for n in (5, 8, 13)]
+    expected = [model(*batch, route=route).x0 for batch in inputs]
+    model.dynamic_text_length = True
+    torch._dynamo.reset()
+    for block in model.blocks:
+        block.compile(backend="eager", fullgraph=True, dynamic=False)
+    before = counters["stats"]["unique_graphs"]
+    for batch, want in zip(inputs, expected):
+        torch.testing.assert_close(model(*batch, route=route).x0, want, atol=1e-4, rtol=1e-4)
+    assert counters["stats"]["unique_graphs"] - before == 2  # 15 tokens (blocks 0, 3) and 5 routed (1, 2)
+    torch._dynamo.reset()
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own import
 def test_the_attention_benchmark_compares_kernels_that_compute_the_masked_attention(tmp_path):
     """benchmarks/attention_kernels.py (run on the GPU): every masked kernel it times equals the float64

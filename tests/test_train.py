@@ -220,6 +220,39 @@ def test_the_step_reads_the_device_once(tmp_path, monkeypatch):
     assert result.loss == pytest.approx(sum(result.losses.values())) and result.grad_norm > 0
 
 
+def test_block_shapes_decide_static_compilation_and_the_optimizer_compiles_where_asked(tmp_path):
+    """The block calls a run makes (micro-batch, image tokens, routed) over its stages, buckets and ranks;
+    train.compile_shapes auto compiles them static on a GPU when they are few (not on a CPU), static raises
+    dynamo's recompile limit to hold a graph for each; train.compile_optimizer on compiles Muon's passes."""
+    import torch
+
+    from prx.config import load_config
+    from prx.distributed import STATIC_SHAPES_AUTO, static_block_shapes
+    from prx.train import block_shapes
+
+    cfg = load_config("speedrun-tiny", [])
+    trainer = Trainer(load_config("speedrun-tiny", ["train.compile=on", "train.compile_shapes=static",
+                                                    "train.compile_optimizer=on"]), tmp_path / "run")
+    trainer.setup()
+    p = cfg.model.patch_size
+    n64, n128 = (64 // p) ** 2, (128 // p) ** 2
+    # micro-batch 2; stage 2's batch of 2 is one micro-batch on 1 rank and 1 sample on each of 2 ranks
+    assert block_shapes(cfg, trainer.data, trainer.router, 1) == {
+        (2, n64, False), (2, trainer.router.num_kept(n64), True), (2, n128, False), (2, trainer.router.num_kept(n128), True)}
+    assert (1, n128, False) in block_shapes(cfg, trainer.data, trainer.router, 2)
+    assert trainer.model.dynamic_text_length and torch._dynamo.config.recompile_limit >= 8
+    assert trainer.optimizer.optimizers[0].compiled
+    few, many = set(range(STATIC_SHAPES_AUTO)), set(range(STATIC_SHAPES_AUTO + 1))
+    assert static_block_shapes("auto", torch.device("cuda"), few)
+    assert not static_block_shapes("auto", torch.device("cuda"), many)
+    assert not static_block_shapes("auto", torch.device("cpu"), few)  # the CPU demo keeps torch's choice
+    assert static_block_shapes("static", torch.device("cpu"), many)
+    auto = Trainer(load_config("speedrun-tiny", ["train.compile=on"]), tmp_path / "auto")
+    auto.setup()
+    assert not auto.model.dynamic_text_length and not auto.optimizer.optimizers[0].compiled
+    trainer.close(), auto.close()
+
+
 def test_teachers_compile_where_the_blocks_do_on_a_gpu_and_cuda_graphs_need_one(tmp_path):
     """train.compile_teachers: auto compiles the frozen networks only where the blocks compile on a GPU (not on this
     CPU), on compiles them anywhere; train.cuda_graphs on a CPU warns and trains without."""

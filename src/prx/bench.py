@@ -166,6 +166,10 @@ def run_bench(config: Config, steps: int = 5, warmup: int = 2, peak_tflops: floa
             "achieved_tflops": sum(flops.values()) / seconds / 1e12,
             "mfu": sum(flops.values()) / seconds / peak, "peak": peak_source, "peak_memory_gib": memory,
             "memory_kind": memory_kind,
+            # the timed steps' losses and gradient norms, step by step: variants run the same steps from the same
+            # seeds, so theirs must agree up to bf16 rounding (benchmarks/gpu_summary.py compares them)
+            "losses": [r.loss for results in pass_results for r in results],
+            "grad_norms": [r.grad_norm for results in pass_results for r in results],
         }
         if profiled_steps:
             result["profile"] = profiled_steps

@@ -247,6 +247,9 @@ class PRX(nn.Module):
         self.blocks = nn.ModuleList(PRXBlock(dim, config.num_heads, config.mlp_ratio, eps) for _ in range(config.num_layers))
         self.final_layer = FinalLayer(dim, patch_dim, eps)
         self.activation_checkpointing = False  # recompute block activations in backward (set by the trainer)
+        # blocks compiled for static image shapes (set by the trainer: train.compile_shapes): the caption length is
+        # then marked dynamic, so a batch of longer captions reuses the graph
+        self.dynamic_text_length = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -277,6 +280,16 @@ class PRX(nn.Module):
     def adam_params(self) -> list[nn.Parameter]:
         muon = {id(p) for p in self.muon_params}
         return [p for p in self.parameters() if p.requires_grad and id(p) not in muon]
+
+    @staticmethod
+    def _mark_text_length_dynamic(txt: Tensor | None, text_rows: Tensor | None, key_mask: Tensor) -> None:
+        """The sizes that follow the caption length, marked dynamic for blocks compiled for static shapes: the
+        text's rows (packed) or length (padded), and the keys' mask."""
+        if txt is not None:
+            torch._dynamo.maybe_mark_dynamic(txt, 0 if text_rows is not None else 1)
+        if text_rows is not None:
+            torch._dynamo.maybe_mark_dynamic(text_rows, 0)
+        torch._dynamo.maybe_mark_dynamic(key_mask, 3)
 
     def forward(
         self,
@@ -321,6 +334,8 @@ class PRX(nn.Module):
         # Keys are [text; image]: mask out text padding, always attend to every image token.
         text_keys = text_mask.bool()[:, None, None, :]
         key_mask = torch.cat([text_keys, text_keys.new_ones(b, 1, 1, x.shape[1])], dim=-1)
+        if self.dynamic_text_length:
+            self._mark_text_length_dynamic(txt, text_rows, key_mask)
 
         hidden = hidden_index = None
         full_x = full_cos = full_sin = full_mask = None
@@ -331,6 +346,8 @@ class PRX(nn.Module):
                 cos = gather_tokens(cos.expand(b, 1, -1, -1).transpose(1, 2), route.keep).transpose(1, 2)
                 sin = gather_tokens(sin.expand(b, 1, -1, -1).transpose(1, 2), route.keep).transpose(1, 2)
                 key_mask = torch.cat([text_keys, text_keys.new_ones(b, 1, 1, x.shape[1])], dim=-1)
+                if self.dynamic_text_length:
+                    self._mark_text_length_dynamic(None, None, key_mask)
             if self.activation_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, vec, txt, key_mask, cos, sin, text_rows, use_reentrant=False)
             else:
