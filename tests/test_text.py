@@ -117,3 +117,18 @@ def test_hf_encoders_from_local_directories(tmp_path, kind):
 def test_missing_encoder_says_what_to_do(tmp_path):
     with pytest.raises(PrxError, match="could not be loaded.*local directory"):
         TextEncoder(str(tmp_path / "no-such-encoder"))
+
+
+def test_a_padded_batch_places_each_captions_tokens_and_masks_the_rest():
+    """padded_batch (what crosses to a GPU is only the real tokens and their rows): caption i's tokens at rows
+    0..n_i of batch row i, zeros and a False mask after them, for captions of 1 token up to the whole length."""
+    from prx.text import padded_batch
+
+    gen = torch.Generator().manual_seed(0)
+    encodings = [torch.randn(n, 6, generator=gen) for n in (3, 1, 8, 5)]
+    batch = padded_batch(encodings, 8, "cpu")
+    assert batch.embeds.shape == (4, 8, 6) and batch.mask.dtype == torch.bool
+    for i, e in enumerate(encodings):
+        n = e.shape[0]
+        assert torch.equal(batch.embeds[i, :n], e) and not batch.embeds[i, n:].any()
+        assert batch.mask[i, :n].all() and not batch.mask[i, n:].any()
