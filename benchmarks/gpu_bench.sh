@@ -76,7 +76,7 @@ part() {
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   $PY -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
-  part muon_step 60 $PY benchmarks/muon_cost.py $MUON
+  part muon_step 100 $PY benchmarks/muon_cost.py $MUON
   part seed512_before 200 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
     train.compile_shapes=dynamic train.compile_optimizer=off --steps 10 --warmup 3 --json "$OUT/seed512_before.json"
   part seed512_recipe 150 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \

@@ -118,8 +118,12 @@ class Muon(torch.optim.Muon):
         self.ns_dtype = ns_dtype
         self.compiled = compiled  # the memory-bound work around the matmuls compiled (see the module's docstring)
         if compiled:
-            self._momentum_stack = torch.compile(_momentum_stack, fullgraph=True)
-            self._apply_update = torch.compile(_apply_update, fullgraph=True)
+            # torch's shapes (dynamic from a stack's second shape on: a few graphs, as measured), and room in dynamo's
+            # cache for a graph per kind of stack whatever else this process compiled; past it dynamo runs them eager
+            kinds = {(tuple(p.shape), p.dtype) for g in self.param_groups for p in g["params"]}
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(kinds) + 8)
+            self._momentum_stack = torch.compile(_momentum_stack)
+            self._apply_update = torch.compile(_apply_update)
 
     @torch.no_grad()
     def step(self, closure=None):
