@@ -57,6 +57,21 @@ def test_photos_convert_train_the_recipe_sample_and_export(photo_shards, tmp_pat
     sizes64, sizes128 = source.sizes(cfg.stages[0]), source.sizes(cfg.stages[1])
     assert {(80, 48), (64, 64)} <= set(sizes64) and len(sizes128) >= 3
     assert len(sample_sizes(sizes64)) == 2 and sorted(p.name for p in (run / "samples").iterdir())
+    # the block calls of this run: each bucket's tokens, and its routed tokens in the TREAD blocks; too many for
+    # train.compile_shapes auto to compile them static on a GPU (a graph each)
+    import torch
+
+    from prx.distributed import static_block_shapes
+    from prx.tread import TREADRouter
+    from prx.train import block_shapes
+
+    router = TREADRouter.from_config(cfg.tread, cfg.train.seed)
+    shapes = block_shapes(cfg, source, router, 1)
+    p = cfg.model.patch_size
+    tokens = {(w // p) * (h // p) for w, h in sizes64 + sizes128}
+    assert {n for _, n, routed in shapes if not routed} == tokens
+    assert {n for _, n, routed in shapes if routed} == {router.num_kept(n) for n in tokens}
+    assert len(shapes) > 8 and not static_block_shapes("auto", torch.device("cuda"), shapes)
 
     # sampling at two aspect ratios (the nearest 128 px buckets) and an explicit size
     for ratio, size in (("16:9", (176, 96)), ("3:4", (112, 144))):

@@ -154,7 +154,7 @@ def parallelize(model: nn.Module, ema_model: nn.Module, projector: nn.Module | N
     checkpointing → compile each block → FSDP2 per block, then the root (the EMA copy and the REPA
     projector alike) — or DDP. ``cfg`` is the run's ``train:`` section.
 
-    ``block_shapes``: (micro-batch, image tokens, routed) of the block calls the run makes (``train.block_shapes``),
+    ``block_shapes``: (micro-batch, image tokens, routed) of the block calls the run makes (``prx.train.block_shapes``),
     which decide ``train.compile_shapes: auto``. Returns (mode, the module the step calls, the projector the step
     calls). FSDP2 shards in place; DDP wraps, so the step calls the wrappers while checkpoints and the optimizer
     see the modules.

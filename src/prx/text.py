@@ -323,9 +323,10 @@ def padded_batch(encodings: list[Tensor], length: int, device) -> TextBatch:
     """Per-caption encodings (n_i, D) as a batch padded to ``length`` tokens, on ``device``.
 
     Only the real tokens cross to a GPU, with their places in the batch; the padding is made there. A GPU
-    batch padded to 256 tokens is mostly zeros, and building it on the host (a 12.6 MB tensor, a copy and a
-    mask fill per caption, then a copy into pinned memory) made the caption cache's text phase 19-34 ms of
-    the seed recipe's step on an H200, all of it host time in a step the host bounds."""
+    batch padded to 256 tokens is mostly zeros. With every caption cached, the text phase took 19-34 ms of the
+    seed recipe's step on an H200, all host time in a step the host bounds, and its work was building that
+    batch on the host (a 12.6 MB tensor, a copy and a mask fill per caption) and copying it into pinned
+    memory."""
     import torch
 
     from prx.runtime import to_device

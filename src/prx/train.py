@@ -28,8 +28,8 @@ from prx.checkpoint import (CheckpointWriter, checkpoint_to_resume, restore_trai
 from prx.config import Config, StageConfig
 from prx.data.sources import build_source
 from prx.diffusers_io import load_init_weights
-from prx.distributed import (all_agree, compiled, compiles_also, full_value, gradient_sync, init_distributed, mean_across_ranks,
-                             parallelize, reshard)
+from prx.distributed import (all_agree, compiled, compiles_also, full_value, gradient_sync, init_distributed,
+                             mean_across_ranks, parallelize, reshard)
 from prx.ema import EMA
 from prx.errors import TrainingError
 from prx.flow import add_noise, flow_loss, sample_noise, sample_timesteps, step_seed
