@@ -9,13 +9,14 @@
 #   2. the same with the defaults (blocks compiled for static shapes): images/s, MFU with honest FLOPs, then a
 #      profile (OUT/seed512_recipe.profile.txt: how busy the GPU is, launches and host waits per step)
 #   3. the same with the blocks replayed as CUDA graphs (train.cuda_graphs=true; the optimizer's passes compiled)
-#   4. the same with the optimizer's passes eager
-#   5. FSDP2 on one GPU (torchrun, 1 process)       6. the same with the teachers not compiled
-#   7. the same with the captions encoded in the step
-#   8. the same eager (the compile speed-up)        9. the same without TREAD (the TREAD speed-up)
-#  10. twice the batch per GPU (Muon and the step's fixed costs amortised)
-#  11. the attention kernels the text padding mask allows (benchmarks/attention_kernels.py)
-#  12. the largest micro-batch at 1024 px
+#   4. the same with the teachers replayed as CUDA graphs too (train.cuda_graphs_teachers=true)
+#   5. CUDA graphs with the optimizer's passes eager
+#   6. FSDP2 on one GPU (torchrun, 1 process)       7. the same with the teachers not compiled
+#   8. the same with the captions encoded in the step
+#   9. the same eager (the compile speed-up)       10. the same without TREAD (the TREAD speed-up)
+#  11. twice the batch per GPU (Muon and the step's fixed costs amortised)
+#  12. the attention kernels the text padding mask allows (benchmarks/attention_kernels.py)
+#  13. the largest micro-batch at 1024 px
 # Teachers are full-size with random weights (same FLOPs); every batch carries 256 text tokens
 # (text.min_length=256, as long captions do: the FLOP count assumes them).
 #   bash benchmarks/gpu_bench.sh [OUT_DIR]     # BUDGET=seconds (default 600); TEXT=encoder (default random-minilm:
@@ -83,6 +84,9 @@ part() {
     --steps 10 --warmup 3 --json "$OUT/seed512_recipe.json" --profile "$OUT/seed512_recipe.profile.txt"
   part seed512_cuda_graphs 120 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
     train.cuda_graphs=true --steps 10 --warmup 3 --json "$OUT/seed512_cuda_graphs.json"
+  part seed512_graphs_teachers 120 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
+    train.cuda_graphs=true train.cuda_graphs_teachers=true --steps 10 --warmup 3 \
+    --json "$OUT/seed512_graphs_teachers.json"
   part seed512_graphs_optimizer_eager 90 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
     train.cuda_graphs=true train.compile_optimizer=off --steps 10 --warmup 3 \
     --json "$OUT/seed512_graphs_optimizer_eager.json"

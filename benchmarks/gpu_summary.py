@@ -17,6 +17,7 @@ def main(out: str) -> int:
     rows = [("seed512_before", "512 px, full recipe, compiled as before 2026-12-04"),
             ("seed512_recipe", "512 px, full recipe, compiled (the defaults)"),
             ("seed512_cuda_graphs", "512 px, full recipe, compiled, CUDA graphs"),
+            ("seed512_graphs_teachers", "512 px, full recipe, CUDA graphs, teachers' too"),
             ("seed512_graphs_optimizer_eager", "512 px, full recipe, CUDA graphs, optimizer eager"),
             ("seed512_teachers_eager", "512 px, full recipe, compiled, teachers not compiled"),
             ("seed512_encode_text", "512 px, full recipe, compiled, captions encoded in the step"),
@@ -43,6 +44,9 @@ def main(out: str) -> int:
               f"{before['step_seconds'] / recipe['step_seconds']:.2f}×")
     if recipe and graphs:
         print(f"CUDA graphs' speed-up: {recipe['step_seconds'] / graphs['step_seconds']:.2f}×")
+    if graphs and results["seed512_graphs_teachers"]:
+        print(f"the teachers' CUDA graphs' speed-up: "
+              f"{graphs['step_seconds'] / results['seed512_graphs_teachers']['step_seconds']:.2f}×")
     if graphs and graphs_eager:
         print(f"compiled optimizer's speed-up with CUDA graphs: "
               f"{graphs_eager['step_seconds'] / graphs['step_seconds']:.2f}×")
@@ -58,7 +62,7 @@ def main(out: str) -> int:
                 worst = max(abs(a - b) / abs(a) for a, b in zip(before["losses"], other["losses"]))
                 print(f"losses of '{label}' against the first run's, step by step: largest difference "
                       f"{worst:.2%}")
-    for name in ("seed512_before", "seed512_recipe", "seed512_cuda_graphs"):
+    for name in ("seed512_before", "seed512_recipe", "seed512_cuda_graphs", "seed512_graphs_teachers"):
         if r := results[name]:
             phased = r.get("phased_step_seconds", r["step_seconds"])
             phases = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in sorted(r["phases"].items(), key=lambda kv: -kv[1]))

@@ -268,7 +268,8 @@ def test_block_shapes_decide_static_compilation_and_the_optimizer_compiles_where
 
 def test_teachers_compile_where_the_blocks_do_on_a_gpu_and_cuda_graphs_need_one(tmp_path):
     """train.compile_teachers: auto compiles the frozen networks only where the blocks compile on a GPU (not on this
-    CPU), on compiles them anywhere; train.cuda_graphs on a CPU warns and trains without."""
+    CPU), on compiles them anywhere; train.cuda_graphs and train.cuda_graphs_teachers on a CPU warn and train
+    without."""
     from prx.config import load_config
 
     def frozen(trainer):
@@ -277,7 +278,10 @@ def test_teachers_compile_where_the_blocks_do_on_a_gpu_and_cuda_graphs_need_one(
     auto = Trainer(load_config("speedrun-tiny", ["train.compile=on"]), tmp_path / "auto")
     auto.setup()
     assert all(getattr(net, "_compiled_call_impl", None) is None for net in frozen(auto))
-    on = Trainer(load_config("speedrun-tiny", ["train.compile_teachers=on", "train.cuda_graphs=true"]), tmp_path / "on")
-    with pytest.warns(RuntimeWarning, match="cuda_graphs=true needs compiled blocks on a GPU"):
+    on = Trainer(load_config("speedrun-tiny", ["train.compile_teachers=on", "train.cuda_graphs=true",
+                                               "train.cuda_graphs_teachers=true"]), tmp_path / "on")
+    with pytest.warns(RuntimeWarning, match="cuda_graphs=true needs compiled blocks on a GPU"), \
+            pytest.warns(RuntimeWarning, match="cuda_graphs_teachers=true needs compiled teachers on a GPU"):
         on.setup()
+    assert not on.cuda_graphs and not on.teacher_graphs
     assert all(getattr(net, "_compiled_call_impl", None) is not None for net in frozen(on))

@@ -143,6 +143,9 @@ class TrainConfig:
     # replay each compiled block as a CUDA graph (torch.compile mode="reduce-overhead"): one launch per block in
     # place of ~50, for a GPU that waits on the host. GPU only; not with FSDP (its hooks communicate in the block)
     cuda_graphs: bool = False
+    # replay the compiled teachers (LPIPS-VGG, the DINO models) as CUDA graphs too: GPU only, FSDP included (the
+    # teachers are never sharded). Not yet measured: the next GPU measurement's part seed512_graphs_teachers
+    cuda_graphs_teachers: bool = False
     # the attention kernel: sdpa (torch's fused kernel) or math (written out, fused by inductor). auto: math on a
     # CPU for ≤ 64 image tokens when compiled or in bf16, where the fused kernel's backward is slow; sdpa elsewhere
     attention: str = one_of("auto", "sdpa", "math")

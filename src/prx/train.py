@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,11 +142,17 @@ class Trainer:
         self.perceptual = given["perceptual_loss"] or PerceptualLoss.from_config(cfg.perceptual)
         if self.perceptual is not None:
             self.perceptual.load(teacher_dtype).to(self.device)
-        if compiles_also(cfg.train.compile_teachers, cfg.train, self.device):  # each called as before
+        teachers_compiled = compiles_also(cfg.train.compile_teachers, cfg.train, self.device)
+        # train.cuda_graphs_teachers: the compiled teachers replayed as CUDA graphs (they are never sharded)
+        self.teacher_graphs = cfg.train.cuda_graphs_teachers and teachers_compiled and self.device.type == "cuda"
+        if cfg.train.cuda_graphs_teachers and not self.teacher_graphs:
+            warnings.warn("train.cuda_graphs_teachers=true needs compiled teachers on a GPU: training without their "
+                          "CUDA graphs", RuntimeWarning, stacklevel=2)
+        if teachers_compiled:  # each called as before
             for net in (getattr(self.perceptual, "lpips", None), getattr(self.perceptual, "dino", None),
                         getattr(self.repa, "teacher", None)):
                 if net is not None:
-                    net.compile()
+                    net.compile(mode="reduce-overhead" if self.teacher_graphs else None)
         self.ema = EMA.from_config(self.model, cfg.ema)  # a copy, before sharding
 
         # Everything the optimizer updates (and checkpoints hold): the denoiser and the REPA projector.
@@ -201,7 +208,7 @@ class Trainer:
             raise TrainingError(f"the batch size {stage.batch_size} does not split over {world} ranks: use a multiple")
         per_rank = stage.batch_size // world
         rows = slice(rank * per_rank, (rank + 1) * per_rank)  # this rank's share of the global batch
-        if self.cuda_graphs:  # the blocks' CUDA graphs may reuse the memory of the last step's outputs
+        if self.cuda_graphs or self.teacher_graphs:  # CUDA graphs may reuse the memory of the last step's outputs
             torch.compiler.cudagraph_mark_step_begin()
 
         with self.timer("data"):
