@@ -141,6 +141,11 @@ def static_block_shapes(choice: str, device: torch.device, block_shapes: set) ->
     return choice == "static"
 
 
+def block_graphs(cfg, device: torch.device) -> bool:
+    """Whether the compiled blocks replay as CUDA graphs (``train.cuda_graphs``): compiled, on a GPU."""
+    return cfg.cuda_graphs and compiled(cfg, device) and device.type == "cuda"
+
+
 def compiles_also(choice: str, cfg, device: torch.device) -> bool:
     """``train.compile_teachers`` (``choice``): on, off, or auto = where the blocks compile (:func:`compiled`)
     on a GPU."""
@@ -162,7 +167,7 @@ def parallelize(model: nn.Module, ema_model: nn.Module, projector: nn.Module | N
     mode = resolve_parallel(cfg.parallel, info)
     model.activation_checkpointing = cfg.activation_checkpointing
     compile_on = compiled(cfg, info.device)
-    graphs = cfg.cuda_graphs and compile_on and info.device.type == "cuda"
+    graphs = block_graphs(cfg, info.device)
     if cfg.cuda_graphs and not graphs:
         warnings.warn("train.cuda_graphs=true needs compiled blocks on a GPU: training without CUDA graphs",
                       RuntimeWarning, stacklevel=2)

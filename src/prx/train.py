@@ -29,7 +29,7 @@ from prx.checkpoint import (CheckpointWriter, checkpoint_to_resume, restore_trai
 from prx.config import Config, StageConfig
 from prx.data.sources import build_source
 from prx.diffusers_io import load_init_weights
-from prx.distributed import (all_agree, compiled, compiles_also, full_value, gradient_sync, init_distributed,
+from prx.distributed import (all_agree, block_graphs, compiles_also, full_value, gradient_sync, init_distributed,
                              mean_across_ranks, parallelize, reshard)
 from prx.ema import EMA
 from prx.errors import TrainingError
@@ -166,7 +166,7 @@ class Trainer:
             block_shapes(cfg, self.data, self.router, self.dist.world))
         if self.repa is not None:
             self.repa.projector = projector
-        self.cuda_graphs = cfg.train.cuda_graphs and self.device.type == "cuda" and compiled(cfg.train, self.device)
+        self.cuda_graphs = block_graphs(cfg.train, self.device)
         # Muon's memory-bound passes compiled: auto = with the blocks as CUDA graphs. On an H200 that made the seed
         # recipe's step 1.08× faster; without graphs, where the host launches more slowly than the GPU runs, 0.95×.
         compile_muon = cfg.train.compile_optimizer == "on" or (cfg.train.compile_optimizer == "auto" and self.cuda_graphs)
