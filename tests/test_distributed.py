@@ -102,6 +102,15 @@ def test_muon_orthogonalises_the_full_matrix_under_fsdp():
     assert report["bf16"]["vs_per_shard"] > 0.3 and report["fp32"]["vs_per_shard"] > 0.3  # not shard by shard
 
 
+def test_blocks_compiled_for_static_shapes_keep_one_graph_per_shape_under_fsdp():
+    """The caption length stays dynamic when FSDP2 hands the blocks new tensors of their inputs: 4 caption lengths,
+    a routed and an unrouted shape, 2 graphs, x0 the eager model's (packed and padded text)."""
+    result = run([*TORCHRUN, str(Path(__file__).parent / "dist" / "static_text_fsdp.py")])
+    report = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
+    for layout in ("packed", "padded"):
+        assert report[layout]["graphs"] == 2 and report[layout]["error"] < 1e-4, report
+
+
 def test_kill_9_then_the_same_command_reproduces_the_run(tmp_path):
     command = [PRX, "train", "tiny", "train.steps=40", "train.checkpoint_every=5", *COMMON]
     run(command + ["--out", str(tmp_path / "whole")])

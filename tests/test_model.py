@@ -314,7 +314,7 @@ def test_traced_blocks_give_the_eager_model_on_a_wide_grid_routed():
     for traced in (False, True):
         if traced:
             for block in model.blocks:
-                block.compile(backend="eager", fullgraph=True)
+                block.compile_compute(backend="eager", fullgraph=True)
         model.zero_grad()
         out = model(x, t, txt, mask, route=route).x0
         out.square().mean().backward()
@@ -337,10 +337,10 @@ def test_blocks_compiled_for_static_shapes_reuse_their_graphs_for_any_caption_le
     route = Route(1, 2, torch.tensor([[0, 2, 4, 6, 8], [1, 3, 5, 7, 8]]))
     inputs = [_inputs(h=48, w=80, length=n, seed=n) for n in (5, 8, 13)]
     expected = [model(*batch, route=route).x0 for batch in inputs]
-    model.dynamic_text_length = True
     torch._dynamo.reset()
     for block in model.blocks:
-        block.compile(backend="eager", fullgraph=True, dynamic=False)
+        block.dynamic_text_length = True
+        block.compile_compute(backend="eager", fullgraph=True, dynamic=False)
     before = counters["stats"]["unique_graphs"]
     for batch, want in zip(inputs, expected):
         torch.testing.assert_close(model(*batch, route=route).x0, want, atol=1e-4, rtol=1e-4)

@@ -183,11 +183,11 @@ def parallelize(model: nn.Module, ema_model: nn.Module, projector: nn.Module | N
         block.attention = kernel
     if compile_on:  # the loop over blocks stays in Python
         static = static_block_shapes(cfg.compile_shapes, info.device, block_shapes)
-        model.dynamic_text_length = static  # the caption length stays the one dynamic size
         if static:  # a graph per shape, twice where a routed and an unrouted call have the same token count
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(block_shapes))
         for block in model.blocks:  # dynamic: torch's choice, static until a second shape is seen
-            block.compile(mode="reduce-overhead" if graphs else None, dynamic=False if static else None)
+            block.dynamic_text_length = static  # the caption length stays the one dynamic size
+            block.compile_compute(mode="reduce-overhead" if graphs else None, dynamic=False if static else None)
     if mode == "fsdp":
         for module in (model, ema_model, projector):
             if module is not None:

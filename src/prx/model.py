@@ -184,8 +184,31 @@ class PRXBlock(nn.Module):
         self.mlp_in = nn.Linear(dim, 2 * mlp_dim, bias=False)  # GeGLU gate and up, fused
         self.mlp_out = nn.Linear(mlp_dim, dim, bias=False)
         self.attention = "sdpa"  # the attention kernel, "sdpa" or "math" (set by the trainer: train.attention)
+        self.compiled_compute = None  # :meth:`compute` compiled (:meth:`compile_compute`, train.compile)
+        # compiled for static image shapes (train.compile_shapes): the sizes that follow the caption length are
+        # then marked dynamic, so a batch of longer captions reuses the graph
+        self.dynamic_text_length = False
+
+    def compile_compute(self, **options) -> None:
+        """``torch.compile`` the block's computation (``options`` are torch.compile's). What compiles is
+        :meth:`compute`, not the module's call: FSDP2's pre-forward hook hands the block new tensors of its inputs
+        (its post-backward hook's outputs), so sizes marked dynamic on the originals would not reach a compiled
+        call; :meth:`forward` marks them on the tensors it is given, outside the compiled code."""
+        self.compiled_compute = torch.compile(self.compute, **options)
 
     def forward(self, x: Tensor, vec: Tensor, txt: Tensor, key_mask: Tensor, cos: Tensor, sin: Tensor,
+                text_rows: Tensor | None = None) -> Tensor:
+        if self.compiled_compute is None:
+            return self.compute(x, vec, txt, key_mask, cos, sin, text_rows)
+        if text_rows is not None or self.dynamic_text_length:  # packed text: one graph for any number of real tokens
+            torch._dynamo.maybe_mark_dynamic(txt, 0 if text_rows is not None else 1)
+        if self.dynamic_text_length:
+            if text_rows is not None:
+                torch._dynamo.maybe_mark_dynamic(text_rows, 0)
+            torch._dynamo.maybe_mark_dynamic(key_mask, 3)
+        return self.compiled_compute(x, vec, txt, key_mask, cos, sin, text_rows)
+
+    def compute(self, x: Tensor, vec: Tensor, txt: Tensor, key_mask: Tensor, cos: Tensor, sin: Tensor,
                 text_rows: Tensor | None = None) -> Tensor:
         b, n, d = x.shape
         heads, hd = self.num_heads, self.head_dim
@@ -247,9 +270,6 @@ class PRX(nn.Module):
         self.blocks = nn.ModuleList(PRXBlock(dim, config.num_heads, config.mlp_ratio, eps) for _ in range(config.num_layers))
         self.final_layer = FinalLayer(dim, patch_dim, eps)
         self.activation_checkpointing = False  # recompute block activations in backward (set by the trainer)
-        # blocks compiled for static image shapes (set by the trainer: train.compile_shapes): the caption length is
-        # then marked dynamic, so a batch of longer captions reuses the graph
-        self.dynamic_text_length = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -280,16 +300,6 @@ class PRX(nn.Module):
     def adam_params(self) -> list[nn.Parameter]:
         muon = {id(p) for p in self.muon_params}
         return [p for p in self.parameters() if p.requires_grad and id(p) not in muon]
-
-    @staticmethod
-    def _mark_text_length_dynamic(txt: Tensor | None, text_rows: Tensor | None, key_mask: Tensor) -> None:
-        """The sizes that follow the caption length, marked dynamic for blocks compiled for static shapes: the
-        text's rows (packed) or length (padded), and the keys' mask."""
-        if txt is not None:
-            torch._dynamo.maybe_mark_dynamic(txt, 0 if text_rows is not None else 1)
-        if text_rows is not None:
-            torch._dynamo.maybe_mark_dynamic(text_rows, 0)
-        torch._dynamo.maybe_mark_dynamic(key_mask, 3)
 
     def forward(
         self,
@@ -325,7 +335,6 @@ class PRX(nn.Module):
             real = text_mask.bool().flatten()
             text_rows = torch.argsort(~real, stable=True)[:packed_text_rows(int(real.sum()), real.numel())]  # real first
             txt = self.txt_in(text_embeds.flatten(0, 1).index_select(0, text_rows).to(x.dtype))
-            torch._dynamo.maybe_mark_dynamic(txt, 0)  # compiled blocks: one graph for any number of real tokens
         else:
             text_rows, txt = None, self.txt_in(text_embeds.to(x.dtype))
         cos, sin = rope_2d(height // p, width // p, self.config.hidden_dim // self.config.num_heads,
@@ -334,8 +343,6 @@ class PRX(nn.Module):
         # Keys are [text; image]: mask out text padding, always attend to every image token.
         text_keys = text_mask.bool()[:, None, None, :]
         key_mask = torch.cat([text_keys, text_keys.new_ones(b, 1, 1, x.shape[1])], dim=-1)
-        if self.dynamic_text_length:
-            self._mark_text_length_dynamic(txt, text_rows, key_mask)
 
         hidden = hidden_index = None
         full_x = full_cos = full_sin = full_mask = None
@@ -346,8 +353,6 @@ class PRX(nn.Module):
                 cos = gather_tokens(cos.expand(b, 1, -1, -1).transpose(1, 2), route.keep).transpose(1, 2)
                 sin = gather_tokens(sin.expand(b, 1, -1, -1).transpose(1, 2), route.keep).transpose(1, 2)
                 key_mask = torch.cat([text_keys, text_keys.new_ones(b, 1, 1, x.shape[1])], dim=-1)
-                if self.dynamic_text_length:
-                    self._mark_text_length_dynamic(None, None, key_mask)
             if self.activation_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, vec, txt, key_mask, cos, sin, text_rows, use_reentrant=False)
             else:
