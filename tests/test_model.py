@@ -372,3 +372,60 @@ def test_the_attention_benchmark_compares_kernels_that_compute_the_masked_attent
         else:
             assert r["rel_error"] < 1e-5, (case, kernel)
     assert all("ms" in r or r["error"] for r in rows)  # an unsupported kernel (FlexAttention's CPU backward) says why
+
+
+def test_blocks_compiled_with_dynamic_shapes_keep_their_graphs_on_every_bucket():
+    """train.compile_shapes dynamic, what `auto` compiles for bucketed photos: routed calls on a tall, a square and a
+    wide bucket of both stages of the speedrun (512 px, micro-batch 4; 1024 px, micro-batch 2), captions of 4
+    lengths. torch's dynamic shapes made 10 graphs, past dynamo's default limit of 8, beyond which the calls it has no
+    graph for run eagerly; the limit parallelize sets from the run's block shapes holds them, and x0 is the eager
+    model's. The "eager" backend traces and guards as inductor does, without building C++ kernels."""
+    import random
+
+    from torch._dynamo.utils import counters
+
+    from prx.config import load_config
+    from prx.data.buckets import make_buckets
+    from prx.distributed import block_recompile_limit
+    from prx.train import block_shapes
+    from prx.tread import TREADRouter
+
+    stages = [(512, 4), (1024, 2)]
+    buckets = {res: [make_buckets(res, 32)[i] for i in (0, len(make_buckets(res, 32)) // 2, -1)] for res, _ in stages}
+
+    class Sizes:  # the loader's buckets of a stage, as (width, height)
+        def sizes(self, stage):
+            return [(b.width, b.height) for b in buckets[stage.resolution]]
+
+    cfg = load_config("speedrun-tiny", ["model.patch_size=32", "train.micro_batch_size=0", "train.stages=["
+                                        + ", ".join(f"{{resolution: {r}, steps: 1, batch_size: {b}, tread: true}}"
+                                                    for r, b in stages) + "]"])
+    router = TREADRouter(0.5, 1, -2, seed=0)
+    shapes = block_shapes(cfg, Sizes(), router, 1)
+    assert {routed for _, _, routed in shapes} == {False, True} and len(shapes) >= 8  # 3 buckets × 2 stages
+
+    model = tiny_model(patch_size=32)
+    _randomise(model)
+    calls, rng = [], random.Random(0)
+    for res, batch in stages:
+        for bucket in buckets[res]:
+            g = torch.Generator().manual_seed(len(calls))
+            length = rng.choice([8, 16, 24, 32])
+            mask = torch.rand(batch, length, generator=g) < 0.7
+            mask[:, 0] = True
+            inputs = (torch.randn(batch, 3, bucket.height, bucket.width, generator=g), torch.rand(batch, generator=g),
+                      torch.randn(batch, length, 24, generator=g), mask)
+            calls.append((inputs, router.route(len(calls), 0, batch, bucket.tokens(32), len(model.blocks))))
+    expected = [model(*inputs, route=route).x0 for inputs, route in calls]
+    torch._dynamo.reset()
+    for block in model.blocks:
+        block.compile_compute(backend="eager")
+    before = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(recompile_limit=block_recompile_limit(shapes)):  # as parallelize sets it
+        for (inputs, route), want in zip(calls, expected):
+            out = model(*inputs, route=route).x0
+            out.mean().backward()
+            torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+    graphs = counters["stats"]["unique_graphs"] - before
+    assert graphs < block_recompile_limit(shapes), graphs  # every call had its graph: none was left eager
+    torch._dynamo.reset()

@@ -274,7 +274,7 @@ def test_muon_with_compiled_passes_gives_the_eager_update():
     from prx.muon import Muon
 
     torch.manual_seed(0)
-    shapes = [(16, 48), (48, 16), (16, 48), (48, 16), (8, 8)]
+    shapes = [(16, 48), (16, 48), (48, 16)]  # a stack of wide matrices, a lone tall one
     starts = [torch.randn(*s) * 0.02 for s in shapes]
     # bf16: inductor rounds where eager does not (the cast before the norm), and five bf16 iterations amplify it
     for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
