@@ -222,8 +222,8 @@ def test_the_step_reads_the_device_once(tmp_path, monkeypatch):
 
 def test_block_shapes_decide_static_compilation_and_the_optimizer_compiles_where_asked(tmp_path):
     """The block calls a run makes (micro-batch, image tokens, routed) over its stages, buckets and ranks;
-    train.compile_shapes auto compiles them static on a GPU when they are few (not on a CPU), static raises
-    dynamo's recompile limit to hold a graph for each; train.compile_optimizer on compiles Muon's passes."""
+    train.compile_shapes auto compiles them static on a GPU when they are few (not on a CPU), dynamo's recompile
+    limit holds two graphs for each; train.compile_optimizer on compiles Muon's passes."""
     import torch
 
     from prx.config import load_config
@@ -240,7 +240,8 @@ def test_block_shapes_decide_static_compilation_and_the_optimizer_compiles_where
     assert block_shapes(cfg, trainer.data, trainer.router, 1) == {
         (2, n64, False), (2, trainer.router.num_kept(n64), True), (2, n128, False), (2, trainer.router.num_kept(n128), True)}
     assert (1, n128, False) in block_shapes(cfg, trainer.data, trainer.router, 2)
-    assert all(b.dynamic_text_length for b in trainer.model.blocks) and torch._dynamo.config.recompile_limit >= 8
+    assert all(b.dynamic_text_length for b in trainer.model.blocks)
+    assert torch._dynamo.config.recompile_limit >= 2 * len(block_shapes(cfg, trainer.data, trainer.router, 1))
     assert trainer.optimizer.optimizers[0].compiled
     few, many = set(range(STATIC_SHAPES_AUTO)), set(range(STATIC_SHAPES_AUTO + 1))
     assert static_block_shapes("auto", torch.device("cuda"), few)

@@ -146,13 +146,14 @@ def block_graphs(cfg, device: torch.device) -> bool:
     return cfg.cuda_graphs and compiled(cfg, device) and device.type == "cuda"
 
 
-def block_recompile_limit(block_shapes: set[tuple[int, int, bool]]) -> int:
-    """How many graphs the compiled blocks may make: past dynamo's recompile limit (8 by default) the calls it has
-    no graph for run eagerly, unnoticed but for one warning. Compiled for static shapes, the blocks make a graph per
-    shape, twice where a routed and an unrouted call have the same token count. torch's dynamic shapes need fewer,
-    but more than 8 on buckets: a tall, a square and a wide bucket of the speedrun's two stages, routed, with another
-    micro-batch at 1024 px, made 10 graphs (the routed rows' RoPE tables have a batch dimension, the others' do not;
-    some inputs are views; the stage changes the batch)."""
+def recompile_limit(block_shapes: set[tuple[int, int, bool]]) -> int:
+    """How many graphs each compiled function of a run (a block, a teacher) may make: past dynamo's recompile limit
+    (8 by default) the calls it has no graph for run eagerly, unnoticed but for one warning. Compiled for static
+    shapes, the blocks make a graph per shape, twice where a routed and an unrouted call have the same token count.
+    torch's dynamic shapes need fewer, but more than 8 on buckets: a tall, a square and a wide bucket of the
+    speedrun's two stages, routed, with another micro-batch at 1024 px, made 10 block graphs (the routed rows' RoPE
+    tables have a batch dimension, the others' do not; some inputs are views; the stage changes the batch), and the
+    DINOv2 perceptual teacher, called with and without gradients, 10 over all 34 buckets (LPIPS-VGG 4, REPA's 3)."""
     return 2 * len(block_shapes)
 
 
@@ -193,8 +194,6 @@ def parallelize(model: nn.Module, ema_model: nn.Module, projector: nn.Module | N
         block.attention = kernel
     if compile_on:  # the loop over blocks stays in Python
         static = static_block_shapes(cfg.compile_shapes, info.device, block_shapes)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                                   block_recompile_limit(block_shapes))
         for block in model.blocks:  # dynamic: torch's choice, static until a second shape is seen
             block.dynamic_text_length = static  # the caption length stays the one dynamic size
             block.compile_compute(mode="reduce-overhead" if graphs else None, dynamic=False if static else None)

@@ -29,8 +29,8 @@ from prx.checkpoint import (CheckpointWriter, checkpoint_to_resume, restore_trai
 from prx.config import Config, StageConfig
 from prx.data.sources import build_source
 from prx.diffusers_io import load_init_weights
-from prx.distributed import (all_agree, block_graphs, compiles_also, full_value, gradient_sync, init_distributed,
-                             mean_across_ranks, parallelize, reshard)
+from prx.distributed import (all_agree, block_graphs, compiled, compiles_also, full_value, gradient_sync,
+                             init_distributed, mean_across_ranks, parallelize, recompile_limit, reshard)
 from prx.ema import EMA
 from prx.errors import TrainingError
 from prx.flow import add_noise, flow_loss, sample_noise, sample_timesteps, step_seed
@@ -142,7 +142,11 @@ class Trainer:
         self.perceptual = given["perceptual_loss"] or PerceptualLoss.from_config(cfg.perceptual)
         if self.perceptual is not None:
             self.perceptual.load(teacher_dtype).to(self.device)
+        self.data = build_source(cfg, self.dist.rank, self.dist.world)
+        shapes = block_shapes(cfg, self.data, self.router, self.dist.world)  # the calls' shapes: what compiles how
         teachers_compiled = compiles_also(cfg.train.compile_teachers, cfg.train, self.device)
+        if teachers_compiled or compiled(cfg.train, self.device):
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, recompile_limit(shapes))
         # train.cuda_graphs_teachers: the compiled teachers replayed as CUDA graphs (they are never sharded)
         self.teacher_graphs = cfg.train.cuda_graphs_teachers and teachers_compiled and self.device.type == "cuda"
         if cfg.train.cuda_graphs_teachers and not self.teacher_graphs:
@@ -160,10 +164,9 @@ class Trainer:
         if self.repa is not None:
             self.trainable["repa_projector"] = self.repa.projector
         names = {id(p): name for name, p in self.model.named_parameters()}  # the seed's groups hold these
-        self.data = build_source(cfg, self.dist.rank, self.dist.world)
         self.parallel, self.forward_model, projector = parallelize(
             self.model, self.ema.model, self.repa.projector if self.repa else None, cfg.train, self.dist, self.autocast,
-            block_shapes(cfg, self.data, self.router, self.dist.world))
+            shapes)
         if self.repa is not None:
             self.repa.projector = projector
         self.cuda_graphs = block_graphs(cfg.train, self.device)
