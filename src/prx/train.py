@@ -29,8 +29,8 @@ from prx.checkpoint import (CheckpointWriter, checkpoint_to_resume, restore_trai
 from prx.config import Config, StageConfig
 from prx.data.sources import build_source
 from prx.diffusers_io import load_init_weights
-from prx.distributed import (all_agree, block_graphs, compiled, compiles_also, full_value, gradient_sync,
-                             init_distributed, mean_across_ranks, parallelize, recompile_limit, reshard)
+from prx.distributed import (all_agree, block_graphs, compiles_also, full_value, gradient_sync, init_distributed,
+                             mean_across_ranks, parallelize, recompile_limit, reshard)
 from prx.ema import EMA
 from prx.errors import TrainingError
 from prx.flow import add_noise, flow_loss, sample_noise, sample_timesteps, step_seed
@@ -144,9 +144,9 @@ class Trainer:
             self.perceptual.load(teacher_dtype).to(self.device)
         self.data = build_source(cfg, self.dist.rank, self.dist.world)
         shapes = block_shapes(cfg, self.data, self.router, self.dist.world)  # the calls' shapes: what compiles how
+        # room for the graphs the compiled blocks and teachers make (past it they would run eagerly)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, recompile_limit(shapes))
         teachers_compiled = compiles_also(cfg.train.compile_teachers, cfg.train, self.device)
-        if teachers_compiled or compiled(cfg.train, self.device):
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, recompile_limit(shapes))
         # train.cuda_graphs_teachers: the compiled teachers replayed as CUDA graphs (they are never sharded)
         self.teacher_graphs = cfg.train.cuda_graphs_teachers and teachers_compiled and self.device.type == "cuda"
         if cfg.train.cuda_graphs_teachers and not self.teacher_graphs:
