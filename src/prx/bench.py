@@ -240,7 +240,8 @@ def largest_micro_batch(config: Config, candidates: list[int], log=print) -> dic
     """
     import gc
 
-    from prx.train import Trainer
+    from prx.distributed import recompile_limit
+    from prx.train import Trainer, block_shapes
 
     candidates = sorted(set(candidates), reverse=True)
     _quiet(config)
@@ -255,6 +256,10 @@ def largest_micro_batch(config: Config, candidates: list[int], log=print) -> dic
         trainer = Trainer(config, tmp, log=lambda *a, **k: None)
         trainer.setup()
         device, step = trainer.device, 0
+        # each candidate's micro-batch compiles the blocks for shapes of its own: room for them all, as a run has
+        shapes = {(micro, tokens, routed) for micro in candidates
+                  for _, tokens, routed in block_shapes(config, trainer.data, trainer.router, trainer.dist.world)}
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, recompile_limit(shapes))
         for micro in candidates:
             trainer.config.train.micro_batch_size = micro
             if device.type == "cuda":
