@@ -391,7 +391,8 @@ def test_blocks_compiled_with_dynamic_shapes_keep_their_graphs_on_every_bucket()
     from prx.tread import TREADRouter
 
     stages = [(512, 4), (1024, 2)]
-    buckets = {res: [make_buckets(res, 32)[i] for i in (0, len(make_buckets(res, 32)) // 2, -1)] for res, _ in stages}
+    every = {res: make_buckets(res, 32) for res, _ in stages}
+    buckets = {res: [b[0], b[len(b) // 2], b[-1]] for res, b in every.items()}  # tallest, middle, widest
 
     class Sizes:  # the loader's buckets of a stage, as (width, height)
         def sizes(self, stage):
