@@ -6,9 +6,9 @@
 #      compiled) against torch.optim.Muon
 #   1. the seed config with the full recipe at 512 px, compiled as until 2026-12-04 (blocks with torch's dynamic
 #      shapes, the optimizer eager): the anchor the next parts are ratios to (and whose losses they must match)
-#   2. the same with the defaults (blocks compiled for static shapes): images/s, MFU with honest FLOPs, then a
-#      profile (OUT/seed512_recipe.profile.txt: how busy the GPU is, launches and host waits per step)
-#   3. the same with the blocks replayed as CUDA graphs (train.cuda_graphs=true; the optimizer's passes compiled)
+#   2. the same with the defaults (blocks compiled for static shapes): images/s, MFU with honest FLOPs
+#   3. the same with the blocks replayed as CUDA graphs (train.cuda_graphs=true; the optimizer's passes compiled),
+#      then a profile (OUT/seed512_cuda_graphs.profile.txt: how busy the GPU is, launches and host waits per step)
 #   4. the same with the teachers replayed as CUDA graphs too (train.cuda_graphs_teachers=true)
 #   5. CUDA graphs with the optimizer's passes eager
 #   6. FSDP2 on one GPU (torchrun, 1 process)       7. the same with the teachers not compiled
@@ -81,10 +81,11 @@ part() {
   part seed512_before 200 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
     train.compile_shapes=dynamic train.compile_optimizer=off --steps 10 --warmup 3 --json "$OUT/seed512_before.json"
   part seed512_recipe 150 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
-    --steps 10 --warmup 3 --json "$OUT/seed512_recipe.json" --profile "$OUT/seed512_recipe.profile.txt"
-  part seed512_cuda_graphs 120 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
-    train.cuda_graphs=true --steps 10 --warmup 3 --json "$OUT/seed512_cuda_graphs.json"
-  part seed512_graphs_teachers 120 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
+    --steps 10 --warmup 3 --json "$OUT/seed512_recipe.json"
+  part seed512_cuda_graphs 150 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
+    train.cuda_graphs=true --steps 10 --warmup 3 --json "$OUT/seed512_cuda_graphs.json" \
+    --profile "$OUT/seed512_cuda_graphs.profile.txt"
+  part seed512_graphs_teachers 130 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
     train.cuda_graphs=true train.cuda_graphs_teachers=true --steps 10 --warmup 3 \
     --json "$OUT/seed512_graphs_teachers.json"
   part seed512_graphs_optimizer_eager 90 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \

@@ -54,14 +54,16 @@ def main(out: str) -> int:
         print(f"compile speed-up (eager / compiled step time): {eager['step_seconds'] / recipe['step_seconds']:.2f}×")
     if recipe and dense:
         print(f"TREAD speed-up (dense / routed step time): {dense['step_seconds'] / recipe['step_seconds']:.2f}×")
-    if before and before.get("losses"):  # the same steps from the same seeds: the same losses, up to bf16 rounding
-        for name, label in rows[1:]:
+    # the same steps from the same seeds: the same losses, up to bf16 rounding; the base is the first run present
+    base_name = next((name for name, _ in rows if results[name] and results[name].get("losses")), None)
+    if base_name:
+        base = results[base_name]
+        for name, label in rows:
             other = results[name]
-            same_work = other and all(other.get(k) == before.get(k) for k in ("batch_per_device", "tread", "resolution"))
-            if same_work and other.get("losses") and len(other["losses"]) == len(before["losses"]):
-                worst = max(abs(a - b) / abs(a) for a, b in zip(before["losses"], other["losses"]))
-                print(f"losses of '{label}' against the first run's, step by step: largest difference "
-                      f"{worst:.2%}")
+            same_work = other and all(other.get(k) == base.get(k) for k in ("batch_per_device", "tread", "resolution"))
+            if name != base_name and same_work and other.get("losses") and len(other["losses"]) == len(base["losses"]):
+                worst = max(abs(a - b) / abs(a) for a, b in zip(base["losses"], other["losses"]))
+                print(f"losses of '{label}' against '{base_name}', step by step: largest difference {worst:.2%}")
     for name in ("seed512_before", "seed512_recipe", "seed512_cuda_graphs", "seed512_graphs_teachers"):
         if r := results[name]:
             phased = r.get("phased_step_seconds", r["step_seconds"])
