@@ -267,6 +267,42 @@ def test_block_shapes_decide_static_compilation_and_the_optimizer_compiles_where
     assert updates[0].norm() > 0 and (updates[1] - updates[0]).norm() / updates[0].norm() < 1e-3
 
 
+def test_cuda_graphs_auto_only_where_measured_one_gpu_static_steady_shapes():
+    """train.cuda_graphs: auto replays the compiled blocks as CUDA graphs on one GPU (no DDP or FSDP) with static
+    image shapes, one micro-batch a step and one caption length, the case measured on an H200; on takes the others;
+    off and a CPU never. The old booleans read as on/off."""
+    import dataclasses
+
+    import torch
+
+    from prx.config import load_config
+    from prx.distributed import STATIC_SHAPES_AUTO, block_graphs
+    from prx.train import steady_shapes
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    few, many = set(range(STATIC_SHAPES_AUTO)), set(range(STATIC_SHAPES_AUTO + 1))
+    train = load_config("speedrun-tiny", []).train
+    assert train.cuda_graphs == "auto"
+    assert block_graphs(train, gpu, "none", few, steady_shapes=True)
+    assert not block_graphs(train, gpu, "ddp", few, steady_shapes=True)
+    assert not block_graphs(train, gpu, "fsdp", few, steady_shapes=True)
+    assert not block_graphs(train, gpu, "none", few, steady_shapes=False)
+    assert not block_graphs(train, gpu, "none", many, steady_shapes=True)  # bucketed photos: torch's dynamic shapes
+    assert not block_graphs(train, cpu, "none", few, steady_shapes=True)
+    assert not block_graphs(dataclasses.replace(train, compile="off"), gpu, "none", few, steady_shapes=True)
+    on = load_config("speedrun-tiny", ["train.cuda_graphs=true"]).train
+    assert on.cuda_graphs == "on" and block_graphs(on, gpu, "ddp", many, steady_shapes=False)
+    off = load_config("speedrun-tiny", ["train.cuda_graphs=false"]).train
+    assert off.cuda_graphs == "off" and not block_graphs(off, gpu, "none", few, steady_shapes=True)
+    # speedrun-tiny, micro-batch 2: stage 1's batch of 4 takes two micro-batches on one rank, one on each of two;
+    # its captions take any length up to text.max_length unless text.min_length pads them all to it
+    fixed = ["text.min_length=32", "text.max_length=32"]
+    assert not steady_shapes(load_config("speedrun-tiny", fixed), 1)
+    assert steady_shapes(load_config("speedrun-tiny", fixed), 2)
+    assert steady_shapes(load_config("speedrun-tiny", fixed + ["train.micro_batch_size=0"]), 1)
+    assert not steady_shapes(load_config("speedrun-tiny", ["train.micro_batch_size=0"]), 1)
+
+
 def test_teachers_compile_where_the_blocks_do_on_a_gpu_and_cuda_graphs_need_one(tmp_path):
     """train.compile_teachers: auto compiles the frozen networks only where the blocks compile on a GPU (not on this
     CPU), on compiles them anywhere; train.cuda_graphs and train.cuda_graphs_teachers on a CPU warn and train
@@ -281,7 +317,7 @@ def test_teachers_compile_where_the_blocks_do_on_a_gpu_and_cuda_graphs_need_one(
     assert all(getattr(net, "_compiled_call_impl", None) is None for net in frozen(auto))
     on = Trainer(load_config("speedrun-tiny", ["train.compile_teachers=on", "train.cuda_graphs=true",
                                                "train.cuda_graphs_teachers=true"]), tmp_path / "on")
-    with pytest.warns(RuntimeWarning, match="cuda_graphs=true needs compiled blocks on a GPU"), \
+    with pytest.warns(RuntimeWarning, match="cuda_graphs=on needs compiled blocks on a GPU"), \
             pytest.warns(RuntimeWarning, match="cuda_graphs_teachers=true needs compiled teachers on a GPU"):
         on.setup()
     assert not on.cuda_graphs and not on.teacher_graphs

@@ -159,7 +159,7 @@ def run_bench(config: Config, steps: int = 5, warmup: int = 2, peak_tflops: floa
             "config": config.name, "device": str(trainer.device), "world": world, "resolution": stage.resolution,
             "batch_per_device": per_rank, "micro_batch": config.train.micro_batch_size or per_rank,
             "precision": str(trainer.autocast or torch.float32).replace("torch.", ""),
-            "compile": config.train.compile, "tread": config.tricks(stage).tread,
+            "compile": config.train.compile, "cuda_graphs": trainer.cuda_graphs, "tread": config.tricks(stage).tread,
             "text": text,
             "step_seconds": seconds, "images_per_s": per_rank / seconds, "tokens_per_s": per_rank * tokens / seconds,
             "phases": phases, "phased_step_seconds": phased_seconds, "flops_per_step": flops,
@@ -236,7 +236,8 @@ def largest_micro_batch(config: Config, candidates: list[int], log=print) -> dic
 
     One trainer, built once with the config's first stage; each candidate (largest first) sets
     ``train.micro_batch_size`` and runs two steps of a batch of the largest candidate (the first
-    compiles). Reports each candidate's outcome, peak memory and the step time of the one that fits.
+    compiles; with CUDA graphs three, the second records them). Reports each candidate's outcome, peak memory
+    and the step time of the one that fits.
     """
     import gc
 
@@ -245,7 +246,7 @@ def largest_micro_batch(config: Config, candidates: list[int], log=print) -> dic
 
     candidates = sorted(set(candidates), reverse=True)
     _quiet(config)
-    steps = 2 * len(candidates)  # all in the first stage, with a batch of the largest candidate
+    steps = 3 * len(candidates)  # all in the first stage, with a batch of the largest candidate
     if config.train.stages:
         config.train.stages = [dataclasses.replace(config.stages[0], batch_size=candidates[0],
                                                    steps=max(steps, config.stages[0].steps))]
@@ -265,16 +266,20 @@ def largest_micro_batch(config: Config, candidates: list[int], log=print) -> dic
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             outcome: dict = {"micro_batch": micro}
+            # CUDA graphs record in a compiled function's second call and replay from its third
+            warmup = 2 if trainer.cuda_graphs or trainer.teacher_graphs else 1
             try:
-                trainer.train_step(step)  # compiles for the new shape
+                for _ in range(warmup):  # compiles for the new shape
+                    trainer.train_step(step)
+                    step += 1
                 sync(device)
                 start = time.perf_counter()
-                trainer.train_step(step + 1)
+                trainer.train_step(step)
                 sync(device)
                 outcome.update(fits=True, step_seconds=time.perf_counter() - start)
             except torch.OutOfMemoryError:
                 outcome["fits"] = False
-            step += 2
+            step += 1
             # after the except block, so the failed step's tensors (held by the traceback) are gone
             trainer.optimizer.zero_grad(set_to_none=True)
             gc.collect()
@@ -298,7 +303,8 @@ def format_bench(r: dict) -> str:
     ranks = f" × {r['world']} ranks" if r["world"] > 1 else ""
     lines = [
         f"{r['config']}: {r['resolution']} px, batch {r['batch_per_device']} per device (micro {r['micro_batch']}), "
-        f"{r['precision']}, {r['device']}{ranks}, TREAD {'on' if r['tread'] else 'off'}, compile {r['compile']}, "
+        f"{r['precision']}, {r['device']}{ranks}, TREAD {'on' if r['tread'] else 'off'}, compile {r['compile']}"
+        f"{', CUDA graphs' if r.get('cuda_graphs') else ''}, "
         f"captions {r.get('text', 'encoded in the step')}",
         f"  {r['step_seconds']:.3f} s/step | {r['images_per_s']:.2f} images/s | {r['tokens_per_s']:.0f} image tokens/s "
         f"per device | peak {r['memory_kind']} {r['peak_memory_gib']:.2f} GiB",

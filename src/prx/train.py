@@ -29,7 +29,7 @@ from prx.checkpoint import (CheckpointWriter, checkpoint_to_resume, restore_trai
 from prx.config import Config, StageConfig
 from prx.data.sources import build_source
 from prx.diffusers_io import load_init_weights
-from prx.distributed import (all_agree, block_graphs, compiles_also, full_value, gradient_sync, init_distributed,
+from prx.distributed import (all_agree, compiles_also, full_value, gradient_sync, init_distributed,
                              mean_across_ranks, parallelize, recompile_limit, reshard)
 from prx.ema import EMA
 from prx.errors import TrainingError
@@ -76,6 +76,15 @@ def block_shapes(cfg: Config, data, router: TREADRouter | None, world: int) -> s
                 if routed:
                     shapes.add((min(micro, per_rank - start), router.num_kept(tokens), True))
     return shapes
+
+
+def steady_shapes(cfg: Config, world: int) -> bool:
+    """Whether each step calls the blocks with one set of shapes per image shape: one micro-batch per rank in every
+    stage and captions padded to one length (``text.min_length`` ≥ ``text.max_length``), as where CUDA graphs were
+    measured (``train.cuda_graphs: auto``)."""
+    micro = cfg.train.micro_batch_size
+    one_micro_batch = not micro or all(micro >= stage.batch_size // world for stage in cfg.stages)
+    return one_micro_batch and cfg.text.min_length >= cfg.text.max_length
 
 
 class Trainer:
@@ -164,12 +173,11 @@ class Trainer:
         if self.repa is not None:
             self.trainable["repa_projector"] = self.repa.projector
         names = {id(p): name for name, p in self.model.named_parameters()}  # the seed's groups hold these
-        self.parallel, self.forward_model, projector = parallelize(
+        self.parallel, self.forward_model, projector, self.cuda_graphs = parallelize(
             self.model, self.ema.model, self.repa.projector if self.repa else None, cfg.train, self.dist, self.autocast,
-            shapes)
+            shapes, steady_shapes(cfg, self.dist.world))
         if self.repa is not None:
             self.repa.projector = projector
-        self.cuda_graphs = block_graphs(cfg.train, self.device)
         # Muon's memory-bound passes compiled: auto = with the blocks as CUDA graphs. On an H200 that made the seed
         # recipe's step 1.08× faster; without graphs, where the host launches more slowly than the GPU runs, 0.95×.
         compile_muon = cfg.train.compile_optimizer == "on" or (cfg.train.compile_optimizer == "auto" and self.cuda_graphs)
@@ -320,7 +328,8 @@ class Trainer:
         ranks = f" × {self.dist.world} ranks ({self.parallel})" if self.dist.enabled else ""
         self.log(f"prx: {cfg.name} | {where} | {n_params / 1e6:.2f}M params | {total} steps | {self.device}{ranks}"
                  f"{', bf16 autocast' if self.autocast else ', fp32'}"
-                 f"{', math attention' if self.model.blocks[0].attention == 'math' else ''} | run dir {self.run_dir}")
+                 f"{', math attention' if self.model.blocks[0].attention == 'math' else ''}"
+                 f"{', blocks as CUDA graphs' if self.cuda_graphs else ''} | run dir {self.run_dir}")
         self.logger = RunLogger(cfg.logging, self.run_dir, self.step, total, self.dist.is_main, self.log,
                                 run_config=cfg.to_dict())
         if self.evaluator is not None:
