@@ -448,6 +448,21 @@ def test_precomputed_embeddings_match_online_encoding(tmp_path, text_encoder):
     assert torch.equal(batch.text.mask[:, :length], online.mask[:, :length])
     assert torch.allclose(batch.text.embeds[:, :length].float(), online.embeds[:, :length], atol=2e-2)
     assert loader.empty_embedding.shape[0] >= 1
+    # training on them: the batch comes padded to its longest caption, and text.min_length pads it as it pads online
+    # encodings (one caption length: what CUDA graphs need)
+    from conftest import tiny_config
+    from prx.train import Trainer
+
+    data = ["data.dataset=shards", f"data.shards=[{tmp_path}]", "data.num_workers=0", "data.resolution=32"]
+    lengths = {}
+    for min_length in (0, 48):
+        trainer = Trainer(tiny_config(*data, f"text.min_length={min_length}", "train.batch_size=4"),
+                          tmp_path / f"run{min_length}")
+        trainer.setup()
+        assert trainer.data.empty_embedding is not None  # the precomputed encodings, not the encoder
+        lengths[min_length] = trainer.train_step(0).text_length
+        trainer.close()
+    assert lengths == {0: batch.text.embeds.shape[1], 48: 48} and lengths[0] < 48
 
 
 def test_shapes_world_as_shards(tmp_path):
