@@ -4,14 +4,16 @@
 # reported as skipped, never guessed):
 #   0. the optimizer step alone: prx's Muon (same-shape matrices stacked; eager and with its memory-bound work
 #      compiled) against torch.optim.Muon
-#   1. the seed config with the full recipe at 512 px, compiled as until 2026-12-04 (blocks with torch's dynamic
-#      shapes, the optimizer eager): the anchor the next parts are ratios to (and whose losses they must match)
-#   2. the same with the defaults (blocks compiled for static shapes): images/s, MFU with honest FLOPs
-#   3. the same with the blocks replayed as CUDA graphs (train.cuda_graphs=true; the optimizer's passes compiled),
-#      then a profile (OUT/seed512_cuda_graphs.profile.txt: how busy the GPU is, launches and host waits per step)
-#   4. the same with the teachers replayed as CUDA graphs too (train.cuda_graphs_teachers=true)
-#   5. CUDA graphs with the optimizer's passes eager
-#   6. FSDP2 on one GPU (torchrun, 1 process)       7. the same with the teachers not compiled
+#   1. the seed config with the full recipe at 512 px, compiled as until 2026-12-04 (blocks for static shapes, no
+#      CUDA graphs, the optimizer eager: train.cuda_graphs=off): the anchor whose losses the next parts must match
+#   2. the same with the defaults (the blocks replayed as CUDA graphs, the optimizer's passes compiled): images/s,
+#      MFU with honest FLOPs, then a profile (OUT/seed512_recipe.profile.txt: how busy the GPU is, launches and
+#      host waits per step)
+#   3. the same with the teachers replayed as CUDA graphs too (train.cuda_graphs_teachers=true)
+#   4. the same with the optimizer's passes eager
+#   5. the same with THREADS (default 4) CPU threads for torch, not one per core: does the host's own tensor work
+#      (pinned copies, the text batch) wait on threads the data's render threads keep off the cores?
+#   6. FSDP2 on one GPU (torchrun, 1 process: no CUDA graphs)       7. the same with the teachers not compiled
 #   8. the same with the captions encoded in the step
 #   9. the same eager (the compile speed-up)       10. the same without TREAD (the TREAD speed-up)
 #  11. twice the batch per GPU (Muon and the step's fixed costs amortised)
@@ -31,6 +33,7 @@ PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PRX="$PY -m prx"
 TEXT=${TEXT:-random-minilm}
+THREADS=${THREADS:-4}
 BUDGET=${BUDGET:-600}
 START=$SECONDS
 LOG="$OUT/log.txt"
@@ -79,18 +82,15 @@ part() {
   $PY -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
   part muon_step 100 $PY benchmarks/muon_cost.py $MUON
   part seed512_before 200 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
-    train.compile_shapes=dynamic train.compile_optimizer=off --steps 10 --warmup 3 --json "$OUT/seed512_before.json"
-  part seed512_recipe 150 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
-    --steps 10 --warmup 3 --json "$OUT/seed512_recipe.json"
-  part seed512_cuda_graphs 150 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
-    train.cuda_graphs=true --steps 10 --warmup 3 --json "$OUT/seed512_cuda_graphs.json" \
-    --profile "$OUT/seed512_cuda_graphs.profile.txt"
+    train.cuda_graphs=off --steps 10 --warmup 3 --json "$OUT/seed512_before.json"
+  part seed512_recipe 160 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
+    --steps 10 --warmup 3 --json "$OUT/seed512_recipe.json" --profile "$OUT/seed512_recipe.profile.txt"
   part seed512_graphs_teachers 130 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
-    train.cuda_graphs=true train.cuda_graphs_teachers=true --steps 10 --warmup 3 \
-    --json "$OUT/seed512_graphs_teachers.json"
+    train.cuda_graphs_teachers=true --steps 10 --warmup 3 --json "$OUT/seed512_graphs_teachers.json"
   part seed512_graphs_optimizer_eager 90 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
-    train.cuda_graphs=true train.compile_optimizer=off --steps 10 --warmup 3 \
-    --json "$OUT/seed512_graphs_optimizer_eager.json"
+    train.compile_optimizer=off --steps 10 --warmup 3 --json "$OUT/seed512_graphs_optimizer_eager.json"
+  part seed512_host_threads 90 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
+    train.num_threads=$THREADS --steps 10 --warmup 3 --json "$OUT/seed512_host_threads.json"
   part seed512_fsdp1 120 $PY -m torch.distributed.run --standalone --nproc_per_node 1 -m prx bench speedrun \
     $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB train.parallel=fsdp --steps 10 --warmup 3 \
     --json "$OUT/seed512_fsdp1.json"

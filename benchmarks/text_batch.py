@@ -4,9 +4,16 @@ padding is made on the device the batch goes to). Side by side in one run, on th
 
     python benchmarks/text_batch.py                       # the demo's batch: 64 captions, 24 tokens
     python benchmarks/text_batch.py --batch 32 --length 256   # the seed recipe's GPU batch
+    python benchmarks/text_batch.py --batch 32 --length 256 --while-rendering   # the same while the shapes world
+                                                              # renders the next 512 px batch in a thread, as in training
+
+``--while-rendering`` measures padded_batch with 1 torch thread and with torch's default, alone and while a thread
+renders: the host's own tensor work in a GPU step shares the cores with the data's render threads, and an
+OpenMP team with one thread per core then waits for the thread that lost its core.
 """
 
 import argparse
+import time
 
 import torch
 
@@ -29,12 +36,16 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=24, help="the padded length")
     ap.add_argument("--width", type=int, default=384, help="the encoder's token width")
     ap.add_argument("--repeats", type=int, default=300)
+    ap.add_argument("--while-rendering", action="store_true",
+                    help="padded_batch alone and while the shapes world renders, with 1 and the default torch threads")
     args = ap.parse_args()
     gen = torch.Generator().manual_seed(0)
     lengths = torch.randint(8, min(20, args.length) + 1, (args.batch,), generator=gen)
     encodings = [torch.randn(int(n), args.width, generator=gen) for n in lengths]
     a, b = padded_on_the_host(encodings, args.length), padded_batch(encodings, args.length, "cpu")
     assert torch.equal(a.embeds, b.embeds) and torch.equal(a.mask, b.mask)
+    if args.while_rendering:
+        return while_rendering(encodings, args)
     runs = {name: [] for name in ("padded on the host, per caption", "padded_batch")}
     for _ in range(3):  # in turns, so both see the same machine
         runs["padded on the host, per caption"].append(
@@ -44,6 +55,37 @@ def main() -> None:
           f"{args.width} wide; {torch.get_num_threads()} threads")
     for name, times in runs.items():
         print(f"  {name:<34} {min(times) * 1e3:7.3f} ms")
+
+
+def while_rendering(encodings: list[torch.Tensor], args) -> None:
+    import statistics
+
+    from prx.config import load_config
+    from prx.data.sources.shapes import Source
+
+    cfg = load_config("speedrun", ["train.stages=[{resolution: 512, steps: 1000, batch_size: 32}]"])
+    source, stage = Source(cfg), cfg.stages[0]
+    default_threads = torch.get_num_threads()
+    rows = {}
+    for threads in dict.fromkeys((1, default_threads)):
+        torch.set_num_threads(threads)
+        for rendering in (False, True, False, True):  # in turns, so both see the same machine
+            step, times = 0, []
+            while len(times) < args.repeats:
+                if rendering and (source._next is None or source._next[1].done()):
+                    source.batch(step, 0, stage)  # the next batch renders in a thread, as in training
+                    step += 1
+                start = time.perf_counter()
+                padded_batch(encodings, args.length, "cpu")
+                times.append(time.perf_counter() - start)
+            source.finish_rendering()
+            rows.setdefault((threads, rendering), []).append(statistics.mean(times))
+    torch.set_num_threads(default_threads)
+    print(f"padded_batch, {args.batch} captions padded to {args.length}, {args.width} wide: mean ms over "
+          f"{args.repeats} calls (the better of 2 turns), {source.render_threads} render thread(s)")
+    for (threads, rendering), means in rows.items():
+        print(f"  {threads:>2} torch thread(s), {'while a batch renders' if rendering else 'alone':<22} "
+              f"{min(means) * 1e3:7.3f} ms")
 
 
 if __name__ == "__main__":
