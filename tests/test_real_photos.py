@@ -61,7 +61,7 @@ def test_photos_convert_train_the_recipe_sample_and_export(photo_shards, tmp_pat
     # train.compile_shapes auto to compile them static on a GPU (a graph each)
     import torch
 
-    from prx.distributed import static_block_shapes
+    from prx.distributed import block_graphs, static_block_shapes
     from prx.tread import TREADRouter
     from prx.train import block_shapes
 
@@ -72,6 +72,8 @@ def test_photos_convert_train_the_recipe_sample_and_export(photo_shards, tmp_pat
     assert {n for _, n, routed in shapes if not routed} == tokens
     assert {n for _, n, routed in shapes if routed} == {router.num_kept(n) for n in tokens}
     assert len(shapes) > 8 and not static_block_shapes("auto", torch.device("cuda"), shapes)
+    # nor replays them as CUDA graphs (train.cuda_graphs auto), even with one micro-batch and one caption length
+    assert not block_graphs(cfg.train, torch.device("cuda"), "none", shapes, steady_shapes=True)
 
     # sampling at two aspect ratios (the nearest 128 px buckets) and an explicit size
     for ratio, size in (("16:9", (176, 96)), ("3:4", (112, 144))):
