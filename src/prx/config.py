@@ -142,11 +142,12 @@ class TrainConfig:
     compile_shapes: str = one_of("auto", "static", "dynamic")
     # replay each compiled block as a CUDA graph (torch.compile mode="reduce-overhead"): one launch per block in
     # place of ~50, for a GPU that waits on the host. GPU only; not with FSDP (its hooks communicate in the block).
-    # auto = on one GPU with static shapes and one micro-batch a step (1.13-1.21× on an H200, the same losses);
-    # on = also with DDP, micro-batches or dynamic shapes (not measured); true/false read as on/off
+    # auto = on one GPU with static shapes, one micro-batch a step and captions padded to one length (text.min_length
+    # = text.max_length): 1.13-1.21× on an H200, the same losses; on = also with DDP, micro-batches, varying caption
+    # lengths or dynamic shapes (not measured); true/false read as on/off
     cuda_graphs: str = one_of("auto", "on", "off")
     # replay the compiled teachers (LPIPS-VGG, the DINO models) as CUDA graphs too: GPU only, FSDP included (the
-    # teachers are never sharded). Not yet measured: the next GPU measurement's part seed512_graphs_teachers
+    # teachers are never sharded). 1.01× on an H200, peak memory 12.5 → 9.0 GiB
     cuda_graphs_teachers: bool = False
     # the attention kernel: sdpa (torch's fused kernel) or math (written out, fused by inductor). auto: math on a
     # CPU for ≤ 64 image tokens when compiled or in bf16, where the fused kernel's backward is slow; sdpa elsewhere
