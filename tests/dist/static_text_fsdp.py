@@ -5,6 +5,7 @@ version marked the originals: a graph per caption length). Packed text (a CPU) a
 "eager" backend traces and guards as inductor does, without building C++ kernels."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -42,3 +43,9 @@ for layout in ("packed", "padded"):
     report[layout] = {"graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"] - before, "error": max(errors)}
 if info.rank == 0:
     print(json.dumps(report))
+torch.distributed.barrier()  # both ranks done before teardown
+# No destroy_process_group, as in muon_fsdp.py: gloo's teardown after fully_shard sometimes aborts one rank
+# ("terminate called without an active exception", seen once in CI after the report was complete). The teardown
+# is not what this script checks; both ranks leave through the barrier.
+sys.stdout.flush()
+os._exit(0)
