@@ -393,6 +393,7 @@ def test_dry_run_plan(capsys):
     out = capsys.readouterr().out
     assert "stage 1: 512px × 100000 steps | batch 1024 (micro 32" in out
     assert "stage 2: 1024px × 20000 steps | batch 512" in out
+    assert "| 256 image tokens + 256 text" in out  # every caption padded to 256 tokens, as the reference does
     assert "REPA 0.5 (dinov3, block 8, visible tokens only)" in out and "LPIPS 0.1" in out and "DINO 0.01" in out
     assert "Muon 566.2M params" in out and "TREAD 0.5 (blocks 2..22: 128/256 tokens)" in out
     assert "REPA" not in out.split("stage 2:")[1].split("\n")[1]  # stage 2's losses

@@ -90,10 +90,11 @@ def describe_plan(cfg: Config) -> str:
         d = cfg.repa.projector_dim
         projector = (model_cfg.hidden_dim + 1) * d + (d + 1) * d + (d + 1) * repa_teacher.hidden_size
     text_tokens = cfg.text.max_length
+    text_up_to = "" if cfg.text.min_length >= text_tokens else "≤"  # padded to max_length, or to the longest caption
     lines = [
         f"run '{cfg.name}': {len(cfg.stages)} stage(s), {cfg.total_steps} steps, model {model_cfg.preset or 'custom'} "
         f"({model_cfg.num_layers} blocks, hidden {model_cfg.hidden_dim}, patch {model_cfg.patch_size}, "
-        f"{(muon + adam) / 1e6:.1f}M params), text '{cfg.text.encoder}' ({text_dim}-wide, ≤{text_tokens} tokens)",
+        f"{(muon + adam) / 1e6:.1f}M params), text '{cfg.text.encoder}' ({text_dim}-wide, {text_up_to}{text_tokens} tokens)",
     ]
     if cfg.optimizer.name == "muon":
         ns = newton_schulz_flops([tuple(p.shape) for p in model.muon_params], cfg.optimizer.muon_ns_steps)
@@ -128,7 +129,7 @@ def describe_plan(cfg: Config) -> str:
             tokens = f"{counts[0]}–{counts[-1]} image tokens in {len(buckets)} aspect-ratio buckets ({n} square)"
         lines.append(
             f"stage {i + 1}: {res}px × {stage.steps} steps | batch {batch} (micro {micro}, "
-            f"{batch // micro} accumulation step{'s' if batch // micro > 1 else ''}) | {tokens} + ≤{text_tokens} text"
+            f"{batch // micro} accumulation step{'s' if batch // micro > 1 else ''}) | {tokens} + {text_up_to}{text_tokens} text"
         )
         lines.append(f"  losses: {', '.join(terms)}")
         breakdown = ", ".join(f"{k} {fmt_flops(v)}" for k, v in per_step.items())
