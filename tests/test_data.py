@@ -448,7 +448,7 @@ def test_precomputed_embeddings_match_online_encoding(tmp_path, text_encoder):
     assert torch.equal(batch.text.mask[:, :length], online.mask[:, :length])
     assert torch.allclose(batch.text.embeds[:, :length].float(), online.embeds[:, :length], atol=2e-2)
     assert loader.empty_embedding.shape[0] >= 1
-    # training on them: the batch comes padded to its longest caption, and text.min_length pads it as it pads online
+    # training on them: the loader pads a batch to its longest caption, and to text.min_length as the encoder pads online
     # encodings (one caption length: what CUDA graphs need)
     from conftest import tiny_config
     from prx.train import Trainer

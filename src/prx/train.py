@@ -253,9 +253,8 @@ class Trainer:
             part = slice(start, start + micro)
             last = start + micro >= per_rank
             x0, t_part = images[part].float() / 127.5 - 1.0, t[part]  # uint8 → [-1, 1]
-            with self.timer("text encoder"):  # precomputed captions come padded to their longest: text.min_length too
-                text = (data.text[part].pad_to(cfg.text.min_length) if data.text is not None
-                        else self.text_encoder.encode(captions[part])).to(dev)
+            with self.timer("text encoder"):
+                text = (data.text[part] if data.text is not None else self.text_encoder.encode(captions[part])).to(dev)
             # (packed on a CPU only, where reading the mask is no device read)
             text_tokens += packed_text_rows(int(text.mask.sum()), text.mask.numel()) if packs_text(dev) else text.mask.numel()
             x_t = add_noise(x0, noise[part], t_part)

@@ -288,9 +288,10 @@ class ShardBatches(IterableDataset):
     """Yields the plan's batches from ``start`` on; worker w of n takes batches w, w+n, …"""
 
     def __init__(self, planner: ShardPlanner, start: tuple[int, int], caption_weights: dict[str, float],
-                 embedding_tag: str | None = None, max_epochs: int | None = None):
+                 embedding_tag: str | None = None, max_epochs: int | None = None, min_text_length: int = 0):
         super().__init__()
         self.planner, self.start, self.embedding_tag, self.max_epochs = planner, start, embedding_tag, max_epochs
+        self.min_text_length = min_text_length  # text.min_length: precomputed encodings padded as the encoder's are
         columns = planner.index.caption_columns
         weights = {c: w for c, w in caption_weights.items() if c in columns} if caption_weights else {}
         if caption_weights and not weights:
@@ -392,7 +393,7 @@ class ShardBatches(IterableDataset):
         text = None
         if embeds:
             length = max(e.shape[0] for e in embeds)
-            length = -(-length // 8) * 8
+            length = max(-(-length // 8) * 8, self.min_text_length)
             e = torch.zeros(len(embeds), length, embeds[0].shape[1], dtype=torch.float16)
             mask = torch.zeros(len(embeds), length, dtype=torch.bool)
             for i, arr in enumerate(embeds):
@@ -424,12 +425,12 @@ class ShardLoader:
     def __init__(self, shards: list[Path], patch: int, seed: int, caption_weights: dict[str, float],
                  num_workers: int = 2, rank: int = 0, world: int = 1, shuffle_window: int = 16,
                  aspect_range: tuple[float, float] = (0.5, 2.0), embedding_tag: str | None = None,
-                 mapping: Mapping | None = None):
+                 mapping: Mapping | None = None, min_text_length: int = 0):
         self.index = ShardIndex(shards, mapping, progress=rank == 0)
         self.patch, self.seed, self.caption_weights = patch, seed, caption_weights
         self.num_workers, self.rank, self.world = num_workers, rank, world
         self.shuffle_window, self.aspect_range = shuffle_window, aspect_range
-        self.embedding_tag = embedding_tag
+        self.embedding_tag, self.min_text_length = embedding_tag, min_text_length
         self.empty_embedding = None
         if embedding_tag is not None:
             missing = [p for p in self.index.paths if not sidecar_path(p, embedding_tag).exists()]
@@ -467,7 +468,8 @@ class ShardLoader:
         import multiprocessing
 
         self.close()
-        dataset = ShardBatches(self.planner, self.position, self.caption_weights, self.embedding_tag)
+        dataset = ShardBatches(self.planner, self.position, self.caption_weights, self.embedding_tag,
+                               min_text_length=self.min_text_length)
         self._stopping = multiprocessing.Event()
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                             persistent_workers=False, prefetch_factor=2 if self.num_workers else None,

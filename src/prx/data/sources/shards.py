@@ -27,7 +27,7 @@ class Source:
         weights = {c.column: c.weight for c in d.captions}
         self.loader = ShardLoader(shards, cfg.model.patch_size, cfg.train.seed, weights, d.num_workers, rank, world,
                                   d.shuffle_window, (d.min_aspect, d.max_aspect), tag if use_embeddings else None,
-                                  mapping)
+                                  mapping, cfg.text.min_length)
         self.world = world
         self.patch, self.aspect_range = cfg.model.patch_size, (d.min_aspect, d.max_aspect)
         self.empty_embedding = self.loader.empty_embedding
