@@ -9,16 +9,20 @@
 #   2. the same with the defaults (the blocks replayed as CUDA graphs, the optimizer's passes compiled): images/s,
 #      MFU with honest FLOPs, then a profile (OUT/seed512_recipe.profile.txt: how busy the GPU is, launches and
 #      host waits per step)
-#   3. the same with the teachers replayed as CUDA graphs too (train.cuda_graphs_teachers=true)
-#   4. the same with the optimizer's passes eager
-#   5. the same with THREADS (default 4) CPU threads for torch, not one per core: does the host's own tensor work
+#   3. the same with the caption cache on the host (text.cache_device=cpu, the default until 2026-12-04: each
+#      step's text batch built on the host and copied over), against the default's cache on the GPU
+#   3b. the same with the blocks' inputs made in CUDA graphs too (train.cuda_graphs_inputs=true): no copies into
+#      the blocks' graphs
+#   4. the same with the teachers replayed as CUDA graphs too (train.cuda_graphs_teachers=true)
+#   5. the same with the optimizer's passes eager
+#   6. the same with THREADS (default 4) CPU threads for torch, not one per core: does the host's own tensor work
 #      (pinned copies, the text batch) wait on threads the data's render threads keep off the cores?
-#   6. FSDP2 on one GPU (torchrun, 1 process: no CUDA graphs)       7. the same with the teachers not compiled
-#   8. the same with the captions encoded in the step
-#   9. the same eager (the compile speed-up)       10. the same without TREAD (the TREAD speed-up)
-#  11. twice the batch per GPU (Muon and the step's fixed costs amortised)
-#  12. the attention kernels the text padding mask allows (benchmarks/attention_kernels.py)
-#  13. the largest micro-batch at 1024 px
+#   7. FSDP2 on one GPU (torchrun, 1 process: no CUDA graphs)       8. the same with the teachers not compiled
+#   9. the same with the captions encoded in the step
+#  10. the same eager (the compile speed-up)       11. the same without TREAD (the TREAD speed-up)
+#  12. twice the batch per GPU (Muon and the step's fixed costs amortised)
+#  13. the attention kernels the text padding mask allows (benchmarks/attention_kernels.py)
+#  14. the largest micro-batch at 1024 px
 # Teachers are full-size with random weights (same FLOPs); every batch carries 256 text tokens
 # (text.min_length=256, as long captions do: the FLOP count assumes them).
 #   bash benchmarks/gpu_bench.sh [OUT_DIR]     # BUDGET=seconds (default 600); TEXT=encoder (default random-minilm:
@@ -85,6 +89,10 @@ part() {
     train.cuda_graphs=off --steps 10 --warmup 3 --json "$OUT/seed512_before.json"
   part seed512_recipe 160 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
     --steps 10 --warmup 3 --json "$OUT/seed512_recipe.json" --profile "$OUT/seed512_recipe.profile.txt"
+  part seed512_text_on_host 100 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
+    text.cache_device=cpu --steps 10 --warmup 3 --json "$OUT/seed512_text_on_host.json"
+  part seed512_graph_inputs 110 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
+    train.cuda_graphs_inputs=true --steps 10 --warmup 3 --json "$OUT/seed512_graph_inputs.json"
   part seed512_graphs_teachers 130 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
     train.cuda_graphs_teachers=true --steps 10 --warmup 3 --json "$OUT/seed512_graphs_teachers.json"
   part seed512_graphs_optimizer_eager 90 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \

@@ -16,6 +16,8 @@ def main(out: str) -> int:
     out = Path(out)
     rows = [("seed512_before", "512 px, full recipe, compiled as before (no CUDA graphs)"),
             ("seed512_recipe", "512 px, full recipe, the defaults (CUDA graphs)"),
+            ("seed512_text_on_host", "512 px, full recipe, CUDA graphs, caption cache on the host"),
+            ("seed512_graph_inputs", "512 px, full recipe, CUDA graphs, the blocks' inputs' too"),
             ("seed512_graphs_teachers", "512 px, full recipe, CUDA graphs, teachers' too"),
             ("seed512_graphs_optimizer_eager", "512 px, full recipe, CUDA graphs, optimizer eager"),
             ("seed512_host_threads", "512 px, full recipe, CUDA graphs, fewer CPU threads"),
@@ -41,7 +43,11 @@ def main(out: str) -> int:
     if recipe and before:
         print(f"CUDA graphs' speed-up (the defaults over the defaults before): "
               f"{before['step_seconds'] / recipe['step_seconds']:.2f}×")
-    for name, what in (("seed512_graphs_teachers", "the teachers' CUDA graphs' speed-up"),
+    if recipe and results["seed512_text_on_host"]:
+        print(f"the caption cache on the GPU (the default) over the cache on the host: "
+              f"{results['seed512_text_on_host']['step_seconds'] / recipe['step_seconds']:.2f}×")
+    for name, what in (("seed512_graph_inputs", "the blocks' inputs' CUDA graphs' speed-up"),
+                       ("seed512_graphs_teachers", "the teachers' CUDA graphs' speed-up"),
                        ("seed512_host_threads", "fewer CPU threads' speed-up")):
         if recipe and results[name]:
             print(f"{what}: {recipe['step_seconds'] / results[name]['step_seconds']:.2f}×")
@@ -62,11 +68,17 @@ def main(out: str) -> int:
             if name != base_name and same_work and other.get("losses") and len(other["losses"]) == len(base["losses"]):
                 worst = max(abs(a - b) / abs(a) for a, b in zip(base["losses"], other["losses"]))
                 print(f"losses of '{label}' against '{base_name}', step by step: largest difference {worst:.2%}")
-    for name in ("seed512_before", "seed512_recipe", "seed512_graphs_teachers", "seed512_host_threads"):
+    for name in ("seed512_before", "seed512_recipe", "seed512_text_on_host", "seed512_graph_inputs",
+                 "seed512_graphs_teachers", "seed512_host_threads"):
         if r := results[name]:
             phased = r.get("phased_step_seconds", r["step_seconds"])
-            phases = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in sorted(r["phases"].items(), key=lambda kv: -kv[1]))
+            host = r.get("host_phases", {})
+            phases = ", ".join(f"{k} {v * 1e3:.0f} ms" + (f" (host {host[k] * 1e3:.0f})" if k in host else "")
+                               for k, v in sorted(r["phases"].items(), key=lambda kv: -kv[1]))
             print(f"{name} by phase (synced, {phased:.3f} s/step): {phases}")
+            if "host_wait_seconds" in r:
+                print(f"{name}: the host waited {r['host_wait_seconds'] * 1e3:.1f} ms of each {r['step_seconds'] * 1e3:.1f} "
+                      f"ms step for the device")
     if recipe:
         print(f"MFU peak: {recipe['peak']}")
     for name, _ in rows:

@@ -48,6 +48,30 @@ def test_repeated_captions_are_not_reencoded(text_encoder):
     assert torch.equal(a.embeds[0, : a.mask[0].sum()], b.embeds[1, : b.mask[1].sum()])
 
 
+def test_the_caption_cache_keeps_to_its_memory_bound_least_recently_used_first(tmp_path, monkeypatch):
+    """text.cache_gib: the cache's encodings never take more than the bound, however many captions it may hold;
+    the least recently used go first, and a caption it still holds is not encoded again. (On a GPU they stay on
+    the device, text.cache_device=auto; a CPU run's are on the host either way.)"""
+    monkeypatch.setenv("PRX_CACHE", str(tmp_path))
+    probe = TextEncoder("tiny-random-bert", max_length=64)
+    per_caption = probe._encode_uncached(["caption 0"])[0]  # "caption N": the same token count for every N < 10
+    size = per_caption.numel() * per_caption.element_size()
+    encoder = TextEncoder("tiny-random-bert", max_length=64, cache_gib=3.5 * size / 2**30)
+    assert not encoder.cache_on_device
+    encoder.encode(["caption 0", "caption 1", "caption 2"])
+    encoder.encode(["caption 0"])  # now the most recently used
+    encoder.encode(["caption 3"])  # over the bound: caption 1, the least recently used, goes
+    assert list(encoder._cache) == ["caption 2", "caption 0", "caption 3"]
+    assert encoder._cached_bytes == 3 * size <= encoder.cache_bytes
+    count = encoder.encoded_count
+    batch = encoder.encode(["caption 3", "caption 0", "caption 2"])
+    assert encoder.encoded_count == count and batch.embeds.device.type == "cpu"
+    with encoder.cache_scope():  # what a scope adds leaves with it (and pushed caption 3 out), bytes included
+        encoder.encode(["caption 7"])
+    assert list(encoder._cache) == ["caption 0", "caption 2"] and encoder._cached_bytes == 2 * size
+    assert not TextEncoder("tiny-random-bert", max_length=64, cache_device="cpu").cache_on_device
+
+
 def test_min_length_pads_every_batch_to_one_length(text_encoder):
     """text.min_length: a batch of short captions is padded (masked) to the floor, so a compiled model
     sees the same text length; the real tokens are unchanged and a longer batch still grows."""

@@ -28,6 +28,7 @@ GPU_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PC
                    "A100": 312.0, "L40S": 362.0, "B200": 2250.0, "GH200": 989.0}
 
 
+DEVICE_READ = "device read"  # the trainer's phase around the step's one sync (the losses read back)
 PROFILED_STEPS = 5  # at most, after the timed steps, with --profile
 
 
@@ -46,12 +47,20 @@ def _quiet(config: Config) -> None:
 
 
 class PhaseTimer:
-    """Wall-clock per phase of the step, synchronising the GPU around each one."""
+    """Wall-clock per phase of the step, synchronising the GPU around each one; on a GPU also the phase's host
+    time, until its last call returns and before the closing sync (what the host spends launching it: a phase
+    whose host time is close to its whole time keeps the GPU waiting).
+
+    Disabled, it still times the step's one device read (:data:`DEVICE_READ`) when ``count_waits``: without
+    syncs, that is how long the host waits for the device each step, and the rest of the step is host work."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.seconds: dict[str, float] = defaultdict(float)
+        self.host_seconds: dict[str, float] = defaultdict(float)
         self.enabled = False
+        self.count_waits = False
+        self.wait_seconds = 0.0
 
     def sync(self) -> None:
         sync(self.device)
@@ -59,13 +68,19 @@ class PhaseTimer:
     @contextlib.contextmanager
     def __call__(self, phase: str):
         if not self.enabled:
-            yield
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                if self.count_waits and phase == DEVICE_READ:
+                    self.wait_seconds += time.perf_counter() - start
             return
         self.sync()
         start = time.perf_counter()
         try:
             yield
         finally:
+            self.host_seconds[phase] += time.perf_counter() - start
             self.sync()
             self.seconds[phase] += time.perf_counter() - start
 
@@ -133,7 +148,7 @@ def run_bench(config: Config, steps: int = 5, warmup: int = 2, peak_tflops: floa
             torch.cuda.reset_peak_memory_stats(trainer.device)
         pass_seconds, pass_results = [], []
         for phased, step_range in timed:
-            timer.enabled = phased
+            timer.enabled, timer.count_waits = phased, not phased
             timer.sync()
             start = time.perf_counter()
             pass_results.append([trainer.train_step(step) for step in step_range])
@@ -155,6 +170,7 @@ def run_bench(config: Config, steps: int = 5, warmup: int = 2, peak_tflops: floa
         tokens = sum((h // p) * (w // p) for h, w in sizes) / steps
         phases = {k: v / steps for k, v in timer.seconds.items()}
         phases["other"] = max(0.0, phased_seconds - sum(phases.values()))
+        host_phases = {k: v / steps for k, v in timer.host_seconds.items()}
         result = {
             "config": config.name, "device": str(trainer.device), "world": world, "resolution": stage.resolution,
             "batch_per_device": per_rank, "micro_batch": config.train.micro_batch_size or per_rank,
@@ -171,6 +187,10 @@ def run_bench(config: Config, steps: int = 5, warmup: int = 2, peak_tflops: floa
             "losses": [r.loss for results in pass_results for r in results],
             "grad_norms": [r.grad_norm for results in pass_results for r in results],
         }
+        if trainer.device.type == "cuda":
+            # each phase's host time (launches, Python, host tensors) without its wait for the device; and in the
+            # steps without phase timers, how long the host waited for the device at the step's one read
+            result.update(host_phases=host_phases, host_wait_seconds=timer.wait_seconds / steps)
         if profiled_steps:
             result["profile"] = profiled_steps
     return result
@@ -308,13 +328,18 @@ def format_bench(r: dict) -> str:
         f"captions {r.get('text', 'encoded in the step')}",
         f"  {r['step_seconds']:.3f} s/step | {r['images_per_s']:.2f} images/s | {r['tokens_per_s']:.0f} image tokens/s "
         f"per device | peak {r['memory_kind']} {r['peak_memory_gib']:.2f} GiB",
+        *([f"  the host waited {r['host_wait_seconds'] * 1e3:.1f} ms of each step for the device (its one read): "
+           f"the host works {(r['step_seconds'] - r['host_wait_seconds']) * 1e3:.1f} ms a step"]
+          if "host_wait_seconds" in r else []),
         "  step time by phase" + (f" (more steps, with a sync around each phase: {r['phased_step_seconds']:.3f} s/step)"
                                   if abs(r.get("phased_step_seconds", r["step_seconds"]) - r["step_seconds"]) > 1e-9 else "")
         + ":",
     ]
     phased = r.get("phased_step_seconds", r["step_seconds"])
+    host = r.get("host_phases")
     for name, seconds in sorted(r["phases"].items(), key=lambda kv: -kv[1]):
-        lines.append(f"    {name:<38} {seconds:8.3f} s  {seconds / phased:6.1%}")
+        launched = f"   host {host[name] * 1e3:6.1f} ms" if host and name in host else ""
+        lines.append(f"    {name:<38} {seconds:8.3f} s  {seconds / phased:6.1%}{launched}")
     total = sum(r["flops_per_step"].values())
     parts = ", ".join(f"{k} {fmt_flops(v)}" for k, v in r["flops_per_step"].items())
     lines.append(f"  FLOPs per step: {fmt_flops(total)} ({parts}) → {fmt_flops(r['achieved_tflops'] * 1e12)}/s")

@@ -191,6 +191,9 @@ def parallelize(model: nn.Module, ema_model: nn.Module, projector: nn.Module | N
     if cfg.cuda_graphs == "on" and not graphs:
         warnings.warn("train.cuda_graphs=on needs compiled blocks on a GPU: training without CUDA graphs",
                       RuntimeWarning, stacklevel=2)
+    if cfg.cuda_graphs_inputs and not graphs:
+        warnings.warn("train.cuda_graphs_inputs=true needs the blocks as CUDA graphs (train.cuda_graphs): training "
+                      "without", RuntimeWarning, stacklevel=2)
     if graphs and mode == "fsdp":
         from prx.errors import ConfigError
 
@@ -206,6 +209,8 @@ def parallelize(model: nn.Module, ema_model: nn.Module, projector: nn.Module | N
         for block in model.blocks:  # dynamic: torch's choice, static until a second shape is seen
             block.dynamic_text_length = static  # the caption length stays the one dynamic size
             block.compile_compute(mode="reduce-overhead" if graphs else None, dynamic=False if static else None)
+        if graphs and cfg.cuda_graphs_inputs:
+            model.compile_inputs(mode="reduce-overhead", dynamic=False if static else None)
     if mode == "fsdp":
         for module in (model, ema_model, projector):
             if module is not None:

@@ -270,7 +270,18 @@ class PRX(nn.Module):
         self.blocks = nn.ModuleList(PRXBlock(dim, config.num_heads, config.mlp_ratio, eps) for _ in range(config.num_layers))
         self.final_layer = FinalLayer(dim, patch_dim, eps)
         self.activation_checkpointing = False  # recompute block activations in backward (set by the trainer)
+        # what the forward computes outside the blocks, compiled (:meth:`compile_inputs`, train.cuda_graphs_inputs)
+        self.compiled_inputs = self.compiled_route = self.compiled_unroute = None
         self.reset_parameters()
+
+    def compile_inputs(self, **options) -> None:
+        """``torch.compile`` what the forward computes outside the blocks (``options`` are torch.compile's): the
+        blocks' inputs (:meth:`block_inputs`) and TREAD's gather and scatter. As CUDA graphs, their outputs are
+        the graphs' own memory, which the blocks' graphs read in place: from inputs made outside a graph they
+        copy each one (the vector, the text, the key mask and the RoPE tables) into their own, at every call."""
+        self.compiled_inputs = torch.compile(self.block_inputs, **options)
+        self.compiled_route = torch.compile(self.routed_inputs, **options)
+        self.compiled_unroute = torch.compile(scatter_tokens, **options)
 
     def reset_parameters(self) -> None:
         for module in self.modules():
@@ -316,14 +327,43 @@ class PRX(nn.Module):
         ``route`` sends only ``route.keep`` image tokens through blocks start..end;
         ``capture_block`` returns the hidden state after that block (negative counts from the end).
         """
-        b, _, height, width = x_t.shape
+        _, _, height, width = x_t.shape
         p = self.config.patch_size
         if height % p or width % p:
             raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {p}")
         num_layers = len(self.blocks)
         if capture_block is not None:
             capture_block = block_index(capture_block, num_layers)
+        block_inputs = self.compiled_inputs or self.block_inputs
+        x, vec, txt, text_rows, cos, sin, text_keys, key_mask = block_inputs(x_t, t, text_embeds, text_mask)
 
+        hidden = hidden_index = None
+        full_x = full_cos = full_sin = full_mask = None
+        for i, block in enumerate(self.blocks):
+            if route is not None and i == route.start % num_layers:
+                full_x, full_cos, full_sin, full_mask = x, cos, sin, key_mask
+                x, cos, sin, key_mask = (self.compiled_route or self.routed_inputs)(x, cos, sin, text_keys, route.keep)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, vec, txt, key_mask, cos, sin, text_rows, use_reentrant=False)
+            else:
+                x = block(x, vec, txt, key_mask, cos, sin, text_rows)
+            if i == capture_block:
+                hidden = x
+                hidden_index = route.keep if full_x is not None else None
+            if route is not None and i == route.end % num_layers:
+                # Routed tokens re-enter exactly as they left.
+                x = (self.compiled_unroute or scatter_tokens)(full_x, route.keep, x)
+                cos, sin, key_mask = full_cos, full_sin, full_mask
+                full_x = None
+
+        out = self.final_layer(x, vec)
+        return PRXOutput(x0=unpatchify(out, p, height, width).float(), hidden=hidden, hidden_index=hidden_index)
+
+    def block_inputs(self, x_t: Tensor, t: Tensor, text_embeds: Tensor, text_mask: Tensor) -> tuple:
+        """What every block reads: the image tokens, the conditioning vector, the projected text (and its rows, where
+        :func:`packs_text`), the RoPE tables, the text keys' mask and the [text; image] key mask."""
+        b, _, height, width = x_t.shape
+        p = self.config.patch_size
         x = self.img_in(patchify(x_t, p))
         vec = self.time_in(timestep_embedding(t).to(x.dtype))
         if self.resolution_in is not None:
@@ -343,31 +383,18 @@ class PRX(nn.Module):
         # Keys are [text; image]: mask out text padding, always attend to every image token.
         text_keys = text_mask.bool()[:, None, None, :]
         key_mask = torch.cat([text_keys, text_keys.new_ones(b, 1, 1, x.shape[1])], dim=-1)
+        return x, vec, txt, text_rows, cos, sin, text_keys, key_mask
 
-        hidden = hidden_index = None
-        full_x = full_cos = full_sin = full_mask = None
-        for i, block in enumerate(self.blocks):
-            if route is not None and i == route.start % num_layers:
-                full_x, full_cos, full_sin, full_mask = x, cos, sin, key_mask
-                x = gather_tokens(x, route.keep)
-                cos = gather_tokens(cos.expand(b, 1, -1, -1).transpose(1, 2), route.keep).transpose(1, 2)
-                sin = gather_tokens(sin.expand(b, 1, -1, -1).transpose(1, 2), route.keep).transpose(1, 2)
-                key_mask = torch.cat([text_keys, text_keys.new_ones(b, 1, 1, x.shape[1])], dim=-1)
-            if self.activation_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, vec, txt, key_mask, cos, sin, text_rows, use_reentrant=False)
-            else:
-                x = block(x, vec, txt, key_mask, cos, sin, text_rows)
-            if i == capture_block:
-                hidden = x
-                hidden_index = route.keep if full_x is not None else None
-            if route is not None and i == route.end % num_layers:
-                # Routed tokens re-enter exactly as they left.
-                x = scatter_tokens(full_x, route.keep, x)
-                cos, sin, key_mask = full_cos, full_sin, full_mask
-                full_x = None
-
-        out = self.final_layer(x, vec)
-        return PRXOutput(x0=unpatchify(out, p, height, width).float(), hidden=hidden, hidden_index=hidden_index)
+    @staticmethod
+    def routed_inputs(x: Tensor, cos: Tensor, sin: Tensor, text_keys: Tensor, keep: Tensor) -> tuple:
+        """TREAD: the routed blocks' inputs, each sample's kept tokens ``keep`` (B, K) with their RoPE tables, and
+        the shorter key mask."""
+        b = x.shape[0]
+        x = gather_tokens(x, keep)
+        cos = gather_tokens(cos.expand(b, 1, -1, -1).transpose(1, 2), keep).transpose(1, 2)
+        sin = gather_tokens(sin.expand(b, 1, -1, -1).transpose(1, 2), keep).transpose(1, 2)
+        key_mask = torch.cat([text_keys, text_keys.new_ones(b, 1, 1, x.shape[1])], dim=-1)
+        return x, cos, sin, key_mask
 
 
 def model_config_from_dict(data: dict) -> ModelConfig:

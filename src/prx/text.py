@@ -48,6 +48,10 @@ class TextConfig:
     max_length: int = positive(64)
     dtype: str = one_of("float32", "bfloat16", "float16")
     cache_size: int = at_least(100_000, 0)  # encodings of repeated captions are reused
+    # ... and take at most this much memory (least recently used first out), where cache_device says: auto = where
+    # the encoder runs (on a GPU a batch of cached captions is then built there, with no host work), or cpu
+    cache_gib: float = at_least(2.0, 0)
+    cache_device: str = one_of("auto", "cpu")
     # a batch's caption tokens are padded to at least this many (masked, so the result is the same): a
     # compiled model sees one text length. The demo's batches are 24 tokens long; the one batch of
     # short captions at step 504 was 16 and recompiled the blocks for ~19 s
@@ -230,7 +234,8 @@ class TextEncoder:
     """Frozen text encoder with an LRU cache of per-caption encodings."""
 
     def __init__(self, name: str = MINILM, max_length: int = 64, dtype="float32", device="cpu",
-                 cache_size: int = 100_000, min_length: int = 0, num_layers: int | None = None):
+                 cache_size: int = 100_000, min_length: int = 0, num_layers: int | None = None, cache_gib: float = 2.0,
+                 cache_device: str = "auto"):
         import torch
 
         self.name = name
@@ -256,15 +261,20 @@ class TextEncoder:
             ) from None
         self.model.requires_grad_(False).eval().to(self.device)
         self.cache_size = cache_size
+        self.cache_bytes = int(cache_gib * 2**30)
+        self.cache_on_device = cache_device == "auto" and self.device.type == "cuda"
         self._cache: OrderedDict[str, Tensor] = OrderedDict()
+        self._cached_bytes = 0
         self.encoded_count = 0  # captions actually run through the encoder (cache misses)
         self.dim = self._encode_uncached([""])[0].shape[-1]
 
     @classmethod
     def from_config(cls, cfg: TextConfig, device) -> "TextEncoder":
-        return cls(cfg.encoder, cfg.max_length, cfg.dtype, device, cfg.cache_size, cfg.min_length, cfg.num_layers)
+        return cls(cfg.encoder, cfg.max_length, cfg.dtype, device, cfg.cache_size, cfg.min_length, cfg.num_layers,
+                   cfg.cache_gib, cfg.cache_device)
 
-    def _encode_uncached(self, captions: list[str]) -> list[Tensor]:
+    def _encode_uncached(self, captions: list[str], on_device: bool = False) -> list[Tensor]:
+        """Each caption's real tokens, (n_i, D) float32: on the host, or with ``on_device`` where the encoder ran."""
         import torch
 
         # On GPUs the batch pads to a multiple of 8 tokens: cuDNN's attention builds a plan per sequence length
@@ -273,12 +283,13 @@ class TextEncoder:
         tokens = self.tokenizer(
             captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
             pad_to_multiple_of=8 if self.device.type == "cuda" and self.max_length % 8 == 0 else None,
-        ).to(self.device)
+        )
+        lengths = tokens["attention_mask"].sum(1).tolist()  # read on the host, before the copy
+        tokens = tokens.to(self.device)
         with torch.no_grad():
             hidden = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
-        lengths = tokens["attention_mask"].sum(1).tolist()
         self.encoded_count += len(captions)
-        hidden = hidden.float().cpu()  # one copy off the device, not one per caption
+        hidden = hidden.float() if on_device else hidden.float().cpu()  # one copy off the device, not one per caption
         return [hidden[i, : max(int(n), 1)].clone() for i, n in enumerate(lengths)]
 
     @contextlib.contextmanager
@@ -290,7 +301,10 @@ class TextEncoder:
             yield self
         finally:
             for caption in [c for c in self._cache if c not in before]:
-                del self._cache[caption]
+                self._forget(caption)
+
+    def _forget(self, caption: str) -> None:
+        self._cached_bytes -= _nbytes(self._cache.pop(caption))
 
     def encode(self, captions: list[str], cache: bool = True) -> TextBatch:
         """Token embeddings (B, L, D) and mask (B, L); L is the longest caption rounded up to 8, and at
@@ -301,22 +315,27 @@ class TextEncoder:
         """
         import torch
 
+        on_gpu = self.device.type == "cuda"
         if cache:
             missing = list(dict.fromkeys(c for c in captions if c not in self._cache))
-            if missing:
-                for caption, emb in zip(missing, self._encode_uncached(missing)):
-                    self._cache[caption] = emb
+            for caption, emb in zip(missing, self._encode_uncached(missing, self.cache_on_device) if missing else []):
+                self._cache[caption] = emb
+                self._cached_bytes += _nbytes(emb)
             encodings = []
             for caption in captions:
                 self._cache.move_to_end(caption)
                 encodings.append(self._cache[caption])
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+            while self._cache and (len(self._cache) > self.cache_size or self._cached_bytes > self.cache_bytes):
+                self._forget(next(iter(self._cache)))
         else:
-            encodings = self._encode_uncached(captions)
+            encodings = self._encode_uncached(captions, on_device=on_gpu)
         longest = max(e.shape[0] for e in encodings)
         length = max(min(-(-longest // 8) * 8, max(self.max_length, longest)), self.min_length)
-        return padded_batch(encodings, length, self.device if self.device.type == "cuda" else torch.device("cpu"))
+        return padded_batch(encodings, length, self.device if on_gpu else torch.device("cpu"))
+
+
+def _nbytes(tensor: Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def padded_batch(encodings: list[Tensor], length: int, device) -> TextBatch:
@@ -326,7 +345,8 @@ def padded_batch(encodings: list[Tensor], length: int, device) -> TextBatch:
     batch padded to 256 tokens is mostly zeros. With every caption cached, the text phase took 19-34 ms of the
     seed recipe's step on an H200, all host time in a step the host bounds, and its work was building that
     batch on the host (a 12.6 MB tensor, a copy and a mask fill per caption) and copying it into pinned
-    memory."""
+    memory. Encodings already on the GPU (the caption cache of a GPU run) are joined there: the host then
+    only sends the rows and the mask."""
     import torch
 
     from prx.runtime import to_device

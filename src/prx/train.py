@@ -280,7 +280,8 @@ class Trainer:
         grad_norm = full_value(torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), clip))
         # The step's one sync: the losses and the (global) gradient norm. Every rank drops a step any rank found
         # non-finite, before the optimizer sees its gradients.
-        grad_norm, *values = torch.stack([grad_norm.float(), *totals.values()]).tolist()
+        with self.timer("device read"):  # (prx bench times the host's wait here)
+            grad_norm, *values = torch.stack([grad_norm.float(), *totals.values()]).tolist()
         losses = dict(zip(totals, values))
         if not all_agree(all(map(math.isfinite, [grad_norm, *values])), self.dist):
             return self._skip(losses, grad_norm)
