@@ -4,16 +4,16 @@
 # reported as skipped, never guessed):
 #   0. the optimizer step alone: prx's Muon (same-shape matrices stacked; eager and with its memory-bound work
 #      compiled) against torch.optim.Muon
-#   1. the seed config with the full recipe at 512 px, compiled as until 2026-12-04 (blocks for static shapes, no
-#      CUDA graphs, the optimizer eager: train.cuda_graphs=off): the anchor whose losses the next parts must match
-#   2. the same with the defaults (the blocks replayed as CUDA graphs, the optimizer's passes compiled): images/s,
-#      MFU with honest FLOPs, then a profile (OUT/seed512_recipe.profile.txt: how busy the GPU is, launches and
-#      host waits per step)
+#   1. the seed config with the full recipe at 512 px without CUDA graphs (train.cuda_graphs=off: the blocks compiled
+#      for static shapes, the teachers compiled, the optimizer eager): the anchor whose losses the next parts match
+#   2. the same with the defaults (the blocks and the teachers replayed as CUDA graphs, the optimizer's passes
+#      compiled, the caption cache on the GPU): images/s, MFU with honest FLOPs, each phase's host time, the host's
+#      wait for the device, then a profile (OUT/seed512_recipe.profile.txt: how busy the GPU is, launches and host
+#      waits per step)
 #   3. the same with the caption cache on the host (text.cache_device=cpu, the default until 2026-12-04: each
-#      step's text batch built on the host and copied over), against the default's cache on the GPU
-#   3b. the same with the blocks' inputs made in CUDA graphs too (train.cuda_graphs_inputs=true): no copies into
-#      the blocks' graphs
-#   4. the same with the teachers replayed as CUDA graphs too (train.cuda_graphs_teachers=true)
+#      step's text batch built on the host and copied over)
+#   4. the same with the teachers launched kernel by kernel (train.cuda_graphs_teachers=off, the default until
+#      2026-12-04)
 #   5. the same with the optimizer's passes eager
 #   6. the same with THREADS (default 4) CPU threads for torch, not one per core: does the host's own tensor work
 #      (pinned copies, the text batch) wait on threads the data's render threads keep off the cores?
@@ -87,14 +87,12 @@ part() {
   part muon_step 100 $PY benchmarks/muon_cost.py $MUON
   part seed512_before 200 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
     train.cuda_graphs=off --steps 10 --warmup 3 --json "$OUT/seed512_before.json"
-  part seed512_recipe 160 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
+  part seed512_recipe 200 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
     --steps 10 --warmup 3 --json "$OUT/seed512_recipe.json" --profile "$OUT/seed512_recipe.profile.txt"
-  part seed512_text_on_host 100 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
+  part seed512_text_on_host 120 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
     text.cache_device=cpu --steps 10 --warmup 3 --json "$OUT/seed512_text_on_host.json"
-  part seed512_graph_inputs 110 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
-    train.cuda_graphs_inputs=true --steps 10 --warmup 3 --json "$OUT/seed512_graph_inputs.json"
-  part seed512_graphs_teachers 130 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
-    train.cuda_graphs_teachers=true --steps 10 --warmup 3 --json "$OUT/seed512_graphs_teachers.json"
+  part seed512_teachers_no_graphs 130 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
+    train.cuda_graphs_teachers=off --steps 10 --warmup 3 --json "$OUT/seed512_teachers_no_graphs.json"
   part seed512_graphs_optimizer_eager 90 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \
     train.compile_optimizer=off --steps 10 --warmup 3 --json "$OUT/seed512_graphs_optimizer_eager.json"
   part seed512_host_threads 90 $PRX bench speedrun $SHARED $TEXTOPT "$S512" train.micro_batch_size=$MB \

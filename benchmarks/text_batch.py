@@ -7,9 +7,11 @@ padding is made on the device the batch goes to). Side by side in one run, on th
     python benchmarks/text_batch.py --batch 32 --length 256 --while-rendering   # the same while the shapes world
                                                               # renders the next 512 px batch in a thread, as in training
 
-``--while-rendering`` measures padded_batch with 1 torch thread and with torch's default, alone and while a thread
-renders: the host's own tensor work in a GPU step shares the cores with the data's render threads, and an
-OpenMP team with one thread per core then waits for the thread that lost its core.
+``--while-rendering`` measures the host's part of a GPU batch of cached captions (the rows of the real tokens and
+the mask; the encodings are joined on the GPU), alone and while a thread renders: computed with torch's CPU ops
+(as until 2026-12-04, with 1 torch thread and with torch's default) and with numpy (``prx.text.batch_layout``).
+The host's own tensor work in a GPU step shares the cores with the data's render threads, and an OpenMP team
+with one thread per core then waits for the thread that lost its core.
 """
 
 import argparse
@@ -18,7 +20,7 @@ import time
 import torch
 
 from common import median_seconds
-from prx.text import TextBatch, padded_batch
+from prx.text import TextBatch, batch_layout, padded_batch
 
 
 def padded_on_the_host(encodings: list[torch.Tensor], length: int) -> TextBatch:
@@ -57,17 +59,30 @@ def main() -> None:
         print(f"  {name:<34} {min(times) * 1e3:7.3f} ms")
 
 
+def layout_with_torch(lengths: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows and mask of batch_layout, with torch's CPU ops (prx until 2026-12-04)."""
+    lengths = torch.tensor(lengths)
+    starts = torch.repeat_interleave(torch.arange(len(lengths)) * length - (lengths.cumsum(0) - lengths), lengths)
+    return torch.arange(int(lengths.sum())) + starts, torch.arange(length) < lengths[:, None]
+
+
 def while_rendering(encodings: list[torch.Tensor], args) -> None:
     import statistics
 
     from prx.config import load_config
     from prx.data.sources.shapes import Source
 
+    lengths = [e.shape[0] for e in encodings]
+    rows, mask = batch_layout(lengths, args.length)
+    torch_rows, torch_mask = layout_with_torch(lengths, args.length)
+    assert torch.equal(torch.from_numpy(rows), torch_rows) and torch.equal(torch.from_numpy(mask), torch_mask)
     cfg = load_config("speedrun", ["train.stages=[{resolution: 512, steps: 1000, batch_size: 32}]"])
     source, stage = Source(cfg), cfg.stages[0]
     default_threads = torch.get_num_threads()
+    ways = [(f"torch, {threads} thread(s)", threads, layout_with_torch) for threads in dict.fromkeys((1, default_threads))]
+    ways.append((f"numpy (batch_layout), {default_threads} torch thread(s)", default_threads, batch_layout))
     rows = {}
-    for threads in dict.fromkeys((1, default_threads)):
+    for name, threads, layout in ways:
         torch.set_num_threads(threads)
         for rendering in (False, True, False, True):  # in turns, so both see the same machine
             step, times = 0, []
@@ -76,16 +91,15 @@ def while_rendering(encodings: list[torch.Tensor], args) -> None:
                     source.batch(step, 0, stage)  # the next batch renders in a thread, as in training
                     step += 1
                 start = time.perf_counter()
-                padded_batch(encodings, args.length, "cpu")
+                layout(lengths, args.length)
                 times.append(time.perf_counter() - start)
             source.finish_rendering()
-            rows.setdefault((threads, rendering), []).append(statistics.mean(times))
+            rows.setdefault((name, rendering), []).append(statistics.mean(times))
     torch.set_num_threads(default_threads)
-    print(f"padded_batch, {args.batch} captions padded to {args.length}, {args.width} wide: mean ms over "
-          f"{args.repeats} calls (the better of 2 turns), {source.render_threads} render thread(s)")
-    for (threads, rendering), means in rows.items():
-        print(f"  {threads:>2} torch thread(s), {'while a batch renders' if rendering else 'alone':<22} "
-              f"{min(means) * 1e3:7.3f} ms")
+    print(f"the rows and mask of {args.batch} captions padded to {args.length}: mean ms over {args.repeats} calls "
+          f"(the better of 2 turns), {source.render_threads} render thread(s)")
+    for (name, rendering), means in rows.items():
+        print(f"  {name:<40} {'while a batch renders' if rendering else 'alone':<22} {min(means) * 1e3:7.3f} ms")
 
 
 if __name__ == "__main__":

@@ -270,13 +270,13 @@ def test_block_shapes_decide_static_compilation_and_the_optimizer_compiles_where
 def test_cuda_graphs_auto_only_where_measured_one_gpu_static_steady_shapes():
     """train.cuda_graphs: auto replays the compiled blocks as CUDA graphs on one GPU (no DDP or FSDP) with static
     image shapes, one micro-batch a step and one caption length, the case measured on an H200; on takes the others;
-    off and a CPU never. The old booleans read as on/off."""
+    off and a CPU never. The old booleans read as on/off. The teachers' graphs follow the blocks' under auto."""
     import dataclasses
 
     import torch
 
     from prx.config import load_config
-    from prx.distributed import STATIC_SHAPES_AUTO, block_graphs
+    from prx.distributed import STATIC_SHAPES_AUTO, block_graphs, teacher_graphs
     from prx.train import steady_shapes
 
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
@@ -294,6 +294,12 @@ def test_cuda_graphs_auto_only_where_measured_one_gpu_static_steady_shapes():
     assert on.cuda_graphs == "on" and block_graphs(on, gpu, "ddp", many, steady_shapes=False)
     off = load_config("speedrun-tiny", ["train.cuda_graphs=false"]).train
     assert off.cuda_graphs == "off" and not block_graphs(off, gpu, "none", few, steady_shapes=True)
+    # train.cuda_graphs_teachers: auto = with the blocks' graphs, on = wherever the teachers compile on a GPU
+    assert train.cuda_graphs_teachers == "auto"
+    assert teacher_graphs("auto", True, gpu, True) and not teacher_graphs("auto", True, gpu, False)
+    assert teacher_graphs("on", True, gpu, False) and not teacher_graphs("off", True, gpu, True)
+    assert not teacher_graphs("on", False, gpu, True) and not teacher_graphs("on", True, cpu, True)
+    assert load_config("speedrun-tiny", ["train.cuda_graphs_teachers=true"]).train.cuda_graphs_teachers == "on"
     # speedrun-tiny, micro-batch 2: stage 1's batch of 4 takes two micro-batches on one rank, one on each of two;
     # its captions take any length up to text.max_length unless text.min_length pads them all to it
     fixed = ["text.min_length=32", "text.max_length=32"]
@@ -318,7 +324,7 @@ def test_teachers_compile_where_the_blocks_do_on_a_gpu_and_cuda_graphs_need_one(
     on = Trainer(load_config("speedrun-tiny", ["train.compile_teachers=on", "train.cuda_graphs=true",
                                                "train.cuda_graphs_teachers=true"]), tmp_path / "on")
     with pytest.warns(RuntimeWarning, match="cuda_graphs=on needs compiled blocks on a GPU"), \
-            pytest.warns(RuntimeWarning, match="cuda_graphs_teachers=true needs compiled teachers on a GPU"):
+            pytest.warns(RuntimeWarning, match="cuda_graphs_teachers=on needs compiled teachers on a GPU"):
         on.setup()
     assert not on.cuda_graphs and not on.teacher_graphs
     assert all(getattr(net, "_compiled_call_impl", None) is not None for net in frozen(on))

@@ -146,13 +146,10 @@ class TrainConfig:
     # = text.max_length): 1.13-1.21× on an H200, the same losses; on = also with DDP, micro-batches, varying caption
     # lengths or dynamic shapes (not measured); true/false read as on/off
     cuda_graphs: str = one_of("auto", "on", "off")
-    # replay the compiled teachers (LPIPS-VGG, the DINO models) as CUDA graphs too: GPU only, FSDP included (the
-    # teachers are never sharded). 1.01× on an H200, peak memory 12.5 → 9.0 GiB
-    cuda_graphs_teachers: bool = False
-    # with the blocks as CUDA graphs: what the model computes outside them (the blocks' inputs, TREAD's gather and
-    # scatter) as CUDA graphs too, so the blocks read those inputs in place instead of copying each into their own
-    # graph at every call (~5 copies per block call). Not measured on a GPU yet: off
-    cuda_graphs_inputs: bool = False
+    # replay the compiled teachers (LPIPS-VGG, the DINO models) as CUDA graphs too (they are never sharded: FSDP
+    # takes them as well). auto = with the blocks' CUDA graphs: their host time went from ~35 to ~10 ms a step on an
+    # H200, peak memory 12.5 → 9.0 GiB, the same losses; on = wherever the teachers compile on a GPU
+    cuda_graphs_teachers: str = one_of("auto", "on", "off")
     # the attention kernel: sdpa (torch's fused kernel) or math (written out, fused by inductor). auto: math on a
     # CPU for ≤ 64 image tokens when compiled or in bf16, where the fused kernel's backward is slow; sdpa elsewhere
     attention: str = one_of("auto", "sdpa", "math")

@@ -270,18 +270,7 @@ class PRX(nn.Module):
         self.blocks = nn.ModuleList(PRXBlock(dim, config.num_heads, config.mlp_ratio, eps) for _ in range(config.num_layers))
         self.final_layer = FinalLayer(dim, patch_dim, eps)
         self.activation_checkpointing = False  # recompute block activations in backward (set by the trainer)
-        # what the forward computes outside the blocks, compiled (:meth:`compile_inputs`, train.cuda_graphs_inputs)
-        self.compiled_inputs = self.compiled_route = self.compiled_unroute = None
         self.reset_parameters()
-
-    def compile_inputs(self, **options) -> None:
-        """``torch.compile`` what the forward computes outside the blocks (``options`` are torch.compile's): the
-        blocks' inputs (:meth:`block_inputs`) and TREAD's gather and scatter. As CUDA graphs, their outputs are
-        the graphs' own memory, which the blocks' graphs read in place: from inputs made outside a graph they
-        copy each one (the vector, the text, the key mask and the RoPE tables) into their own, at every call."""
-        self.compiled_inputs = torch.compile(self.block_inputs, **options)
-        self.compiled_route = torch.compile(self.routed_inputs, **options)
-        self.compiled_unroute = torch.compile(scatter_tokens, **options)
 
     def reset_parameters(self) -> None:
         for module in self.modules():
@@ -334,15 +323,14 @@ class PRX(nn.Module):
         num_layers = len(self.blocks)
         if capture_block is not None:
             capture_block = block_index(capture_block, num_layers)
-        block_inputs = self.compiled_inputs or self.block_inputs
-        x, vec, txt, text_rows, cos, sin, text_keys, key_mask = block_inputs(x_t, t, text_embeds, text_mask)
+        x, vec, txt, text_rows, cos, sin, text_keys, key_mask = self.block_inputs(x_t, t, text_embeds, text_mask)
 
         hidden = hidden_index = None
         full_x = full_cos = full_sin = full_mask = None
         for i, block in enumerate(self.blocks):
             if route is not None and i == route.start % num_layers:
                 full_x, full_cos, full_sin, full_mask = x, cos, sin, key_mask
-                x, cos, sin, key_mask = (self.compiled_route or self.routed_inputs)(x, cos, sin, text_keys, route.keep)
+                x, cos, sin, key_mask = self.routed_inputs(x, cos, sin, text_keys, route.keep)
             if self.activation_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, vec, txt, key_mask, cos, sin, text_rows, use_reentrant=False)
             else:
@@ -352,7 +340,7 @@ class PRX(nn.Module):
                 hidden_index = route.keep if full_x is not None else None
             if route is not None and i == route.end % num_layers:
                 # Routed tokens re-enter exactly as they left.
-                x = (self.compiled_unroute or scatter_tokens)(full_x, route.keep, x)
+                x = scatter_tokens(full_x, route.keep, x)
                 cos, sin, key_mask = full_cos, full_sin, full_mask
                 full_x = None
 

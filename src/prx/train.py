@@ -30,7 +30,7 @@ from prx.config import Config, StageConfig
 from prx.data.sources import build_source
 from prx.diffusers_io import load_init_weights
 from prx.distributed import (all_agree, compiles_also, full_value, gradient_sync, init_distributed,
-                             mean_across_ranks, parallelize, recompile_limit, reshard)
+                             mean_across_ranks, parallelize, recompile_limit, reshard, teacher_graphs)
 from prx.ema import EMA
 from prx.errors import TrainingError
 from prx.flow import add_noise, flow_loss, sample_noise, sample_timesteps, step_seed
@@ -155,17 +155,6 @@ class Trainer:
         shapes = block_shapes(cfg, self.data, self.router, self.dist.world)  # the calls' shapes: what compiles how
         # room for the graphs the compiled blocks and teachers make (past it they would run eagerly)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, recompile_limit(shapes))
-        teachers_compiled = compiles_also(cfg.train.compile_teachers, cfg.train, self.device)
-        # train.cuda_graphs_teachers: the compiled teachers replayed as CUDA graphs (they are never sharded)
-        self.teacher_graphs = cfg.train.cuda_graphs_teachers and teachers_compiled and self.device.type == "cuda"
-        if cfg.train.cuda_graphs_teachers and not self.teacher_graphs:
-            warnings.warn("train.cuda_graphs_teachers=true needs compiled teachers on a GPU: training without their "
-                          "CUDA graphs", RuntimeWarning, stacklevel=2)
-        if teachers_compiled:  # each called as before
-            for net in (getattr(self.perceptual, "lpips", None), getattr(self.perceptual, "dino", None),
-                        getattr(self.repa, "teacher", None)):
-                if net is not None:
-                    net.compile(mode="reduce-overhead" if self.teacher_graphs else None)
         self.ema = EMA.from_config(self.model, cfg.ema)  # a copy, before sharding
 
         # Everything the optimizer updates (and checkpoints hold): the denoiser and the REPA projector.
@@ -178,6 +167,19 @@ class Trainer:
             shapes, steady_shapes(cfg, self.dist.world))
         if self.repa is not None:
             self.repa.projector = projector
+        # The teachers compiled (train.compile_teachers), each called as before, and replayed as CUDA graphs
+        # (train.cuda_graphs_teachers: auto = with the blocks' graphs)
+        teachers_compiled = compiles_also(cfg.train.compile_teachers, cfg.train, self.device)
+        self.teacher_graphs = teacher_graphs(cfg.train.cuda_graphs_teachers, teachers_compiled, self.device,
+                                             self.cuda_graphs)
+        if cfg.train.cuda_graphs_teachers == "on" and not self.teacher_graphs:
+            warnings.warn("train.cuda_graphs_teachers=on needs compiled teachers on a GPU: training without their "
+                          "CUDA graphs", RuntimeWarning, stacklevel=2)
+        if teachers_compiled:
+            for net in (getattr(self.perceptual, "lpips", None), getattr(self.perceptual, "dino", None),
+                        getattr(self.repa, "teacher", None)):
+                if net is not None:
+                    net.compile(mode="reduce-overhead" if self.teacher_graphs else None)
         # Muon's memory-bound passes compiled: auto = with the blocks as CUDA graphs. On an H200 that made the seed
         # recipe's step 1.08× faster; without graphs, where the host launches more slowly than the GPU runs, 0.95×.
         compile_muon = cfg.train.compile_optimizer == "on" or (cfg.train.compile_optimizer == "auto" and self.cuda_graphs)
