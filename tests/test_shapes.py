@@ -181,3 +181,29 @@ def test_the_shapes_source_renders_large_batches_on_several_threads_alike():
     a, b = pooled.batch(1, index, stage), serial.batch(1, index, stage)
     assert pooled._pool is not None and serial._pool is None
     assert torch.equal(a.images, b.images) and a.captions == b.captions
+
+
+def test_the_shapes_source_writes_a_gpu_runs_batch_into_pinned_memory_alike(monkeypatch):
+    """Training on a GPU, a batch is written straight into pinned memory in the render thread (numpy's copy, channels
+    first): the same images as the plain batch. (This CPU cannot pin, so the allocation is recorded and made plain.)"""
+    import torch
+
+    from prx.config import load_config
+    from prx.data.sources import build_source
+
+    cfg = load_config("demo", ["train.time_budget_minutes=0", "train.stages=[{resolution: 48, batch_size: 3, steps: 2}]"])
+    pinned, plain = build_source(cfg), build_source(cfg)
+    assert not pinned.pin_memory  # a CPU run pins nothing
+    pinned.pin_memory = True
+    asked, empty = [], torch.empty
+
+    def unpinned_empty(*shape, pin_memory=False, **kwargs):
+        asked.append(pin_memory)
+        return empty(*shape, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", unpinned_empty)
+    index, stage = cfg.stage_at(1)
+    a, b = pinned.batch(1, index, stage), plain.batch(1, index, stage)
+    pinned.finish_rendering()
+    assert True in asked and a.images.dtype == torch.uint8 and a.images.is_contiguous()
+    assert torch.equal(a.images, b.images) and a.captions == b.captions
