@@ -296,6 +296,47 @@ def test_muon_with_compiled_passes_gives_the_eager_update():
             assert ((eager - fused).norm() / eager.norm()) < tolerance, dtype
 
 
+MUON_COMPILED_VS_EAGER = textwrap.dedent("""
+    import torch
+    from torch._inductor import config
+    from prx.muon import Muon
+
+    torch.manual_seed(0)
+    starts = [torch.randn(16, 48) * 0.02 for _ in range(2)]
+    updates = []
+    for compiled in (False, True):
+        params = [torch.nn.Parameter(s.clone()) for s in starts]
+        opt = Muon(params, ns_dtype=torch.float32, compiled=compiled, lr=1.0, adjust_lr_fn="match_rms_adamw")
+        for p in params:
+            p.grad = torch.ones_like(p).cumsum(1).sin()
+        opt.step()
+        updates.append(torch.cat([(p.detach() - s).flatten() for p, s in zip(params, starts)]))
+    print(config.cpp.simdlen, float((updates[1] - updates[0]).norm() / updates[0].norm()))
+""")
+
+
+def test_cpu_compiles_under_another_vector_isa_do_not_load_each_others_code(tmp_path):
+    """torch's FX graph cache leaves inductor's vector ISA out of its key: AVX-512 code compiled, then the same
+    graph under ``ATEN_CPU_CAPABILITY=avx2`` with the same cache directory, gave NaN in blocks of 8 lanes.
+    prx pins ``cpp.simdlen`` before compiling on a CPU (``prx.runtime.pin_cpu_vector_isa``), which keys it.
+    Where AVX2 is the widest ISA, the second process runs without vectors; both must give the eager update."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    narrower = "avx2" if pick_vec_isa().bit_width() > 256 else "default"
+    widths = []
+    for capability in (None, narrower):  # this process's ISA first, then a narrower one, one cache directory
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+        if capability:
+            env["ATEN_CPU_CAPABILITY"] = capability
+        run = subprocess.run([sys.executable, "-c", MUON_COMPILED_VS_EAGER], env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        width, difference = run.stdout.split()[-2:]
+        widths.append(int(width))
+        assert float(difference) < 1e-5, (capability, difference)  # NaN fails too
+    assert widths[0] == pick_vec_isa().bit_width() and widths[1] < widths[0]
+
+
 def test_newton_schulz_on_a_stack_is_each_matrix_on_its_own():
     from prx.muon import newton_schulz
 

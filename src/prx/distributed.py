@@ -212,6 +212,10 @@ def parallelize(model: nn.Module, ema_model: nn.Module, projector: nn.Module | N
     for block in model.blocks:
         block.attention = kernel
     if compile_on:  # the loop over blocks stays in Python
+        if info.device.type == "cpu":
+            from prx.runtime import pin_cpu_vector_isa
+
+            pin_cpu_vector_isa()
         static = static_block_shapes(cfg.compile_shapes, info.device, block_shapes)
         for block in model.blocks:  # dynamic: torch's choice, static until a second shape is seen
             block.dynamic_text_length = static  # the caption length stays the one dynamic size

@@ -113,12 +113,16 @@ class Muon(torch.optim.Muon):
 
     def __init__(self, params, ns_dtype: torch.dtype | None = None, compiled: bool = False, **kwargs):
         super().__init__(params, **kwargs)
+        first = next((p for g in self.param_groups for p in g["params"]), None)
         if ns_dtype is None:
-            first = next((p for g in self.param_groups for p in g["params"]), None)
             ns_dtype = fast_matmul_dtype(first.device.type if first is not None else "cpu")
         self.ns_dtype = ns_dtype
         self.compiled = compiled  # the memory-bound work around the matmuls compiled (see the module's docstring)
         if compiled:
+            if first is not None and first.device.type == "cpu":
+                from prx.runtime import pin_cpu_vector_isa
+
+                pin_cpu_vector_isa()
             # torch's shapes (dynamic from a stack's second shape on: a few graphs, as measured), and room in dynamo's
             # cache for a graph per kind of stack whatever else this process compiled; past it dynamo runs them eager
             kinds = {(tuple(p.shape), p.dtype) for g in self.param_groups for p in g["params"]}

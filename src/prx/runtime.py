@@ -73,6 +73,25 @@ def cpp_compiler() -> str | None:
     return None
 
 
+def pin_cpu_vector_isa() -> None:
+    """Put the vector ISA that torch.compile's CPU backend writes C++ for into its cache keys, before compiling on
+    a CPU. A choice the user made (``torch._inductor.config.cpp.simdlen``) stays.
+
+    Inductor picks the ISA per process (the CPU's widest, or ``ATEN_CPU_CAPABILITY``), but its FX graph cache key
+    (torch 2.13) leaves the ISA out: the same graph compiled before under another ISA is loaded and built with this
+    one's flags. Measured on an AVX-512 CPU with one cache directory: AVX-512 code run as AVX2 gave NaN in blocks
+    of 8 lanes, and AVX2 code run as AVX-512 corrupted the heap (``free(): invalid pointer``). That happens with
+    ``ATEN_CPU_CAPABILITY=avx2`` (how the README measures an AVX2-only CPU) or with a cache directory shared by
+    machines of different CPUs. ``cpp.simdlen`` is part of the key, and set to the picked ISA's width it picks
+    the same ISA again (1, no vectors, where none is usable)."""
+    from torch._inductor import config
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    if config.cpp.simdlen is None:
+        isa = pick_vec_isa()
+        config.cpp.simdlen = isa.bit_width() if isa else 1
+
+
 def set_threads(num_threads: int) -> None:
     if num_threads > 0:
         torch.set_num_threads(num_threads)

@@ -41,8 +41,8 @@ from prx.optim import MultiOptimizer, build_optimizer, lr_scale, param_groups_fr
 from prx.perceptual import PerceptualLoss
 from prx.pipeline import Pipeline
 from prx.repa import REPAAlignment
-from prx.runtime import (RunClock, RunLock, StopSignals, autocast_dtype, keep_freed_memory, preflight, set_threads,
-                         to_device)
+from prx.runtime import (RunClock, RunLock, StopSignals, autocast_dtype, keep_freed_memory, pin_cpu_vector_isa,
+                         preflight, set_threads, to_device)
 from prx.seed_api import groups_after_sharding, resolve_components
 from prx.text import TextEncoder, fit_text_dim
 from prx.tread import TREADRouter
@@ -176,6 +176,8 @@ class Trainer:
             warnings.warn("train.cuda_graphs_teachers=on needs compiled teachers on a GPU: training without their "
                           "CUDA graphs", RuntimeWarning, stacklevel=2)
         if teachers_compiled:
+            if self.device.type == "cpu":
+                pin_cpu_vector_isa()
             for net in (getattr(self.perceptual, "lpips", None), getattr(self.perceptual, "dino", None),
                         getattr(self.repa, "teacher", None)):
                 if net is not None:
