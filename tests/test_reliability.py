@@ -482,3 +482,24 @@ def test_a_refused_training_waits_a_moment_for_the_holder_to_write_its_pid(tmp_p
     finally:
         os.close(fd)
         writer.join()
+
+
+def test_a_cpu_where_torch_compile_cannot_build_trains_without_compiling_and_says_why(tmp_path):
+    """A C++ compiler that runs but cannot build (as one without Python's headers or OpenMP): the run trains
+    eagerly after one warning per setting that asked to compile, naming the compiler's error and the fix."""
+    real = shutil.which("g++") or shutil.which("c++")
+    broken = tmp_path / "broken-c++"
+    broken.write_text("#!/bin/sh\n"
+                      f'for a in "$@"; do case "$a" in --version|-v|-dumpversion|-E) exec {real} "$@";; esac; done\n'
+                      "echo 'fatal error: Python.h: No such file or directory' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    env = dict(os.environ, CXX=str(broken), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    result = subprocess.run([PRX, "train", "tiny", "train.steps=1", "train.compile=on", "train.compile_optimizer=on",
+                             *QUIET, "--out", str(tmp_path / "run")], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for setting in ("train.compile", "train.compile_optimizer"):
+        assert (f"{setting}=on but torch.compile cannot build for this CPU (fatal error: Python.h: No such file or "
+                f"directory): training without compiling") in result.stderr
+    assert "python3-dev" in result.stderr
+    assert find_checkpoint(tmp_path / "run") is not None

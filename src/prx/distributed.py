@@ -114,15 +114,25 @@ def resolve_parallel(mode: str, info: DistInfo) -> str:
 
 def compiled(cfg, device: torch.device) -> bool:
     """Whether ``train.compile`` (``cfg`` is the ``train:`` section) compiles on ``device``: auto = on GPUs; on
-    a CPU only with a C++ compiler for inductor's backend (else a warning, and eager)."""
-    from prx.runtime import cpp_compiler
-
+    a CPU only where inductor's C++ backend builds (:func:`compiles_on`)."""
     compile_on = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-    if compile_on and device.type == "cpu" and cpp_compiler() is None:
-        warnings.warn("train.compile=on but no C++ compiler (g++, c++, clang++ or $CXX) is installed for torch.compile's "
-                      "CPU backend: training without compiling", RuntimeWarning, stacklevel=3)
-        return False
-    return compile_on
+    return compile_on and compiles_on(device, "train.compile")
+
+
+def compiles_on(device: torch.device, setting: str) -> bool:
+    """Whether torch.compile builds for ``device``: on a CPU, where a one-line function compiles and runs
+    (:func:`prx.runtime.cpu_compile_problem`); else a warning that names ``setting`` and the reason, and the
+    run goes on without compiling."""
+    if device.type != "cpu":
+        return True
+    from prx.runtime import cpu_compile_problem
+
+    problem = cpu_compile_problem()
+    if problem is not None:
+        warnings.warn(f"{setting}=on but torch.compile cannot build for this CPU ({problem}): training without "
+                      f"compiling. Install a C++ compiler with OpenMP and Python's headers (e.g. g++ and python3-dev), "
+                      f"or set {setting}=off to silence this", RuntimeWarning, stacklevel=3)
+    return problem is None
 
 
 STATIC_SHAPES_AUTO = 8  # train.compile_shapes auto: static on a GPU for at most this many block shapes
@@ -179,7 +189,9 @@ def recompile_limit(block_shapes: set[tuple[int, int, bool]]) -> int:
 def compiles_also(choice: str, cfg, device: torch.device) -> bool:
     """``train.compile_teachers`` (``choice``): on, off, or auto = where the blocks compile (:func:`compiled`)
     on a GPU."""
-    return choice == "on" or (choice == "auto" and device.type == "cuda" and compiled(cfg, device))
+    if choice == "on":
+        return compiles_on(device, "train.compile_teachers")
+    return choice == "auto" and device.type == "cuda" and compiled(cfg, device)
 
 
 def parallelize(model: nn.Module, ema_model: nn.Module, projector: nn.Module | None, cfg, info: DistInfo,
@@ -212,10 +224,6 @@ def parallelize(model: nn.Module, ema_model: nn.Module, projector: nn.Module | N
     for block in model.blocks:
         block.attention = kernel
     if compile_on:  # the loop over blocks stays in Python
-        if info.device.type == "cpu":
-            from prx.runtime import pin_cpu_vector_isa
-
-            pin_cpu_vector_isa()
         static = static_block_shapes(cfg.compile_shapes, info.device, block_shapes)
         for block in model.blocks:  # dynamic: torch's choice, static until a second shape is seen
             block.dynamic_text_length = static  # the caption length stays the one dynamic size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import tempfile
@@ -90,6 +91,38 @@ def pin_cpu_vector_isa() -> None:
     if config.cpp.simdlen is None:
         isa = pick_vec_isa()
         config.cpp.simdlen = isa.bit_width() if isa else 1
+
+
+def _compile_probe(x: torch.Tensor) -> torch.Tensor:
+    return (x * 2 + 1).sum()
+
+
+@functools.cache
+def cpu_compile_problem() -> str | None:
+    """Why torch.compile cannot build CPU code in this process, in one line, or None where it can. Probed once
+    per process by compiling and running a one-line function (a few seconds with a cold inductor cache).
+
+    A C++ compiler on the PATH is not enough: without Python's headers (Debian's python3 without python3-dev)
+    or OpenMP inductor's first build fails, and a run that compiled its blocks stopped at step 0 with the
+    compiler's trace."""
+    if cpp_compiler() is None:
+        return "no C++ compiler (g++, c++, clang++ or $CXX) is installed"
+    try:
+        pin_cpu_vector_isa()
+        value = float(torch.compile(_compile_probe, fullgraph=True)(torch.ones(4)))
+    except Exception as error:  # a compiler's or inductor's failure, whatever its type
+        return _first_error_line(error)
+    return None if value == 12.0 else f"a compiled test computed {value} instead of 12"
+
+
+def _first_error_line(error: Exception) -> str:
+    """The line of a (compiler's) error message that says what went wrong: the first that names an error after
+    the command's output, else the message's first line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    output = lines[lines.index("Output:") + 1:] if "Output:" in lines else lines
+    named = [line for line in output if "error" in line.lower()]
+    line = (named or output or [type(error).__name__])[0]
+    return line if len(line) <= 300 else line[:297] + "..."
 
 
 def set_threads(num_threads: int) -> None:

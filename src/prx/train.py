@@ -29,7 +29,7 @@ from prx.checkpoint import (CheckpointWriter, checkpoint_to_resume, restore_trai
 from prx.config import Config, StageConfig
 from prx.data.sources import build_source
 from prx.diffusers_io import load_init_weights
-from prx.distributed import (all_agree, compiles_also, full_value, gradient_sync, init_distributed,
+from prx.distributed import (all_agree, compiles_also, compiles_on, full_value, gradient_sync, init_distributed,
                              mean_across_ranks, parallelize, recompile_limit, reshard, teacher_graphs)
 from prx.ema import EMA
 from prx.errors import TrainingError
@@ -41,8 +41,8 @@ from prx.optim import MultiOptimizer, build_optimizer, lr_scale, param_groups_fr
 from prx.perceptual import PerceptualLoss
 from prx.pipeline import Pipeline
 from prx.repa import REPAAlignment
-from prx.runtime import (RunClock, RunLock, StopSignals, autocast_dtype, keep_freed_memory, pin_cpu_vector_isa,
-                         preflight, set_threads, to_device)
+from prx.runtime import (RunClock, RunLock, StopSignals, autocast_dtype, keep_freed_memory, preflight, set_threads,
+                         to_device)
 from prx.seed_api import groups_after_sharding, resolve_components
 from prx.text import TextEncoder, fit_text_dim
 from prx.tread import TREADRouter
@@ -176,15 +176,14 @@ class Trainer:
             warnings.warn("train.cuda_graphs_teachers=on needs compiled teachers on a GPU: training without their "
                           "CUDA graphs", RuntimeWarning, stacklevel=2)
         if teachers_compiled:
-            if self.device.type == "cpu":
-                pin_cpu_vector_isa()
             for net in (getattr(self.perceptual, "lpips", None), getattr(self.perceptual, "dino", None),
                         getattr(self.repa, "teacher", None)):
                 if net is not None:
                     net.compile(mode="reduce-overhead" if self.teacher_graphs else None)
         # Muon's memory-bound passes compiled: auto = with the blocks as CUDA graphs. On an H200 that made the seed
         # recipe's step 1.08× faster; without graphs, where the host launches more slowly than the GPU runs, 0.95×.
-        compile_muon = cfg.train.compile_optimizer == "on" or (cfg.train.compile_optimizer == "auto" and self.cuda_graphs)
+        compile_muon = (cfg.train.compile_optimizer == "on" and compiles_on(self.device, "train.compile_optimizer")) or (
+            cfg.train.compile_optimizer == "auto" and self.cuda_graphs)
         self.wrapped = [self.forward_model] + ([projector] if projector is not None else [])  # what syncs gradients
         self.optimizer: MultiOptimizer = build_optimizer(
             groups_after_sharding(given["param_groups"], self.model, names) or param_groups_from_config(
