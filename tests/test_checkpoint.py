@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from prx.checkpoint import CheckpointWriter, find_checkpoint, load_checkpoint, training_state
+from prx.checkpoint import CheckpointWriter, find_checkpoint, load_checkpoint, make_room, training_state
 from prx.errors import CheckpointError
 from prx.pipeline import Pipeline
 from prx.train import Trainer
@@ -48,6 +48,36 @@ def test_latest_symlink_pruning_and_a_crash_mid_write(tmp_path):
     trainer.step = 7
     CheckpointWriter(tmp_path / "run", keep=2).save(7, training_state(trainer), trainer.config)
     assert find_checkpoint(tmp_path / "run").name == "step_00000007"
+
+
+def test_a_save_short_of_room_first_removes_what_it_would_prune_and_never_the_newest(tmp_path):
+    """``make_room`` on a disk of a given capacity: oldest first, only the checkpoints the save would prune once
+    complete (all but the newest ``keep`` - 1, never the newest), and only until the newest's size fits."""
+    def case(sizes: list[int], keep: int, capacity: int) -> list[int]:
+        root = tmp_path / f"case_{len(list(tmp_path.iterdir()))}"
+        for step, size in enumerate(sizes, 1):
+            path = root / f"step_{step:08d}"
+            path.mkdir(parents=True)
+            (path / "meta.json").write_text("{}")
+            (path / "config.yaml").write_text("")
+            (path / "shard.safetensors").write_bytes(bytes(size - 2))
+
+        def free(where):
+            return capacity - sum(p.stat().st_size for p in where.rglob("*") if p.is_file())
+
+        make_room(root, keep, messages.append, free_bytes=free)
+        return [int(p.name[5:]) for p in sorted(root.glob("step_*"))]
+
+    messages = []
+    assert case([1000, 1000, 1000], keep=3, capacity=3500) == [2, 3]  # 500 free: one removed makes room
+    assert case([1000, 1000], keep=2, capacity=3500) == [1, 2]  # 1,500 free: nothing to do
+    assert case([1000, 1000, 2500], keep=2, capacity=5000) == [3]  # two removed before the newest fits
+    assert case([1000, 1000, 2500], keep=3, capacity=5000) == [2, 3]  # keep 3: only the oldest may go; short still
+    assert case([2500], keep=1, capacity=3000) == [1]  # the newest alone stays (the write then fails and says so)
+    assert messages[0] == (f"checkpoint: 0.5 KiB free in {tmp_path / 'case_0'}, less than step_00000003 takes "
+                           "(1.0 KiB): removed step_00000001 first, which this save would have removed "
+                           "(train.keep_checkpoints=3)")
+    assert len(messages) == 1 + 2 + 1
 
 
 def test_incompatible_model_is_a_clear_error(tmp_path):

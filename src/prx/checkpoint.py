@@ -54,7 +54,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from prx.config import Config, config_from_dict, read_yaml
-from prx.errors import CheckpointDamaged, CheckpointError, ConfigError, PrxError
+from prx.errors import CheckpointDamaged, CheckpointError, CheckpointNotWritten, ConfigError, PrxError
 
 LATEST = "latest"
 FORMAT = 2  # safetensors shards + state.json; format 1 (no "format" in meta.json): DCP's default pickled layout
@@ -594,6 +594,60 @@ def _finalize(root: Path, tmp: Path, step: int, config: Config, keep: int, meta:
     return final
 
 
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def make_room(root: Path, keep: int, log=print, free_bytes=_free_bytes) -> None:
+    """Before a save, where the disk has less room than the newest checkpoint takes: delete, oldest first, the
+    checkpoints this save would prune once complete (``keep``: ``train.keep_checkpoints``), until it fits. The
+    newest is never among them, so a failed write still leaves it. A run then needs room for ``keep``
+    checkpoints at the peak instead of ``keep`` + 1."""
+    steps = _step_dirs(root)
+    if not steps:
+        return
+    need, free = _dir_bytes(steps[-1]), free_bytes(root)
+    for old in steps[:len(steps) - max(keep - 1, 1)]:
+        if free is None or free >= need:
+            return
+        shutil.rmtree(old, ignore_errors=True)
+        log(f"checkpoint: {_size(free)} free in {root}, less than {steps[-1].name} takes ({_size(need)}): "
+            f"removed {old.name} first, which this save would have removed (train.keep_checkpoints={keep})")
+        free = free_bytes(root)
+
+
+def write_failure(error: BaseException | None) -> str:
+    """What stopped a checkpoint write, in a few words: the operating system's error (``No space left on
+    device``, ``Disk quota exceeded``) wherever it is in the chain or on whichever rank, else the error's
+    first line."""
+    stack, seen = [error], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror + (f" ({e.filename})" if e.filename else "")
+        if isinstance(e, CheckpointException):
+            stack += [wrapped for wrapped, _ in e.failures.values()]
+        stack += [e.__cause__, e.__context__]
+    if error is None:
+        return "another rank could not prepare it"
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 class CheckpointWriter:
     """Writes checkpoints from every rank (DCP is collective); rank 0 makes them visible.
 
@@ -604,10 +658,11 @@ class CheckpointWriter:
     finished writing, which :meth:`poll` checks each step. One save is in flight at a time.
     """
 
-    def __init__(self, run_dir: str | Path, info=None, keep: int = 2, asynchronous: bool = False):
+    def __init__(self, run_dir: str | Path, info=None, keep: int = 2, asynchronous: bool = False, log=print):
         from prx.distributed import DistInfo
 
         self.root = Path(run_dir) / "checkpoints"
+        self.log = log
         self.info = info or DistInfo()
         self.keep = keep
         self.asynchronous = asynchronous
@@ -628,36 +683,67 @@ class CheckpointWriter:
         """Write ``state`` as checkpoint ``step``; ``meta`` (JSON) goes into its meta.json."""
         from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
-        from prx.distributed import barrier
+        from prx.distributed import all_agree
 
         self.wait()
         tensors, values = split_state(state)
         tmp = self.root / f".tmp_{step_dir_name(step)}"
+        failure = None
         if self.info.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            (tmp / STATE).write_text(json.dumps(values, indent=1))
-        barrier(self.info)
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                make_room(self.root, self.keep, self.log)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+                (tmp / STATE).write_text(json.dumps(values, indent=1))
+            except OSError as error:
+                failure = error
+        if not all_agree(failure is None, self.info):  # every rank stops, none waits for the others
+            raise self._not_written(tmp, step, failure)
         single = not self.info.enabled  # one process: no collectives (and no warning that there are none)
         writer = HuggingFaceStorageWriter(str(tmp), save_distributed=True)
         if self.asynchronous:
             response = dcp.async_save(tensors, storage_writer=writer, process_group=self.group, no_dist=single)
             self.pending = (getattr(response, "upload_completion", response), tmp, step, config, meta or {})
             return None
-        dcp.save(tensors, storage_writer=writer, no_dist=single)
+        try:
+            dcp.save(tensors, storage_writer=writer, no_dist=single)
+        except (Exception, CheckpointException) as error:  # DCP's is a BaseException, raised on every rank
+            raise self._not_written(tmp, step, error) from error
         return self._finish(tmp, step, config, meta or {})
 
     def _finish(self, tmp: Path, step: int, config: Config, meta: dict) -> Path:
-        from prx.distributed import barrier
+        from prx.distributed import all_agree, barrier
 
         barrier(self.info)  # every rank's shards are on disk
         final = self.root / step_dir_name(step)
+        failure = None
         if self.info.is_main:
-            _finalize(self.root, tmp, step, config, self.keep, meta)
-        barrier(self.info)
+            try:
+                _finalize(self.root, tmp, step, config, self.keep, meta)
+            except OSError as error:
+                failure = error
+        if not all_agree(failure is None, self.info):
+            raise self._not_written(tmp, step, failure)
         self.last = final
         return final
+
+    def _not_written(self, tmp: Path, step: int, error: BaseException | None) -> CheckpointNotWritten:
+        """The error for a checkpoint that could not be written, once its partial files are gone (a full disk
+        stays full otherwise): why, the room there is, and the checkpoint a resume starts from."""
+        if self.info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        steps = _step_dirs(self.root) if self.root.is_dir() else []
+        free = _free_bytes(self.root if self.root.is_dir() else self.root.parent)
+        room = f"{_size(free)} free in {self.root}" if free is not None else f"in {self.root}"
+        if steps:
+            room += f", where {steps[-1].name} takes {_size(_dir_bytes(steps[-1]))}"
+        fix = "room, a quota" + (", or a lower train.keep_checkpoints" if len(steps) > 1 else "")
+        newest = (f"{steps[-1].name} is intact, and once the cause is fixed ({fix}) the same command resumes from it"
+                  if steps else f"No checkpoint of this run was written before: once the cause is fixed ({fix}) the "
+                  f"same command starts it again")
+        return CheckpointNotWritten(f"checkpoint {step_dir_name(step)} could not be written: {write_failure(error)} "
+                                    f"({room}); its partial files are removed. {newest}")
 
     def poll(self) -> Path | None:
         """Finish a background save if every rank is done writing (call every step on every rank)."""
@@ -675,5 +761,8 @@ class CheckpointWriter:
             return None
         future, tmp, step, config, meta = self.pending
         self.pending = None
-        future.result()
+        try:
+            future.result()
+        except (Exception, CheckpointException) as error:
+            raise self._not_written(tmp, step, error) from error
         return self._finish(tmp, step, config, meta)

@@ -19,3 +19,8 @@ class TrainingError(PrxError):
 
 class CheckpointDamaged(CheckpointError):
     """A checkpoint whose files are truncated, altered or unreadable (not one of another config)."""
+
+
+class CheckpointNotWritten(CheckpointError):
+    """A checkpoint that could not be written (a full disk, a quota): its partial files are gone, the previous
+    checkpoint is intact, and the same command resumes from it."""

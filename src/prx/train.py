@@ -192,7 +192,7 @@ class Trainer:
             compile_muon=compile_muon)
 
         self.checkpoints = CheckpointWriter(self.run_dir, self.dist, cfg.train.keep_checkpoints,
-                                            cfg.train.async_checkpoint)
+                                            cfg.train.async_checkpoint, log=lambda message: self.log(message))
         self.step = self.bad_steps = 0
         self.planned_steps = None  # the step count a time budget chose (kept in checkpoints' meta.json)
         if self.resume_from is not None:
