@@ -36,3 +36,14 @@ def prx_cache(tmp_path_factory):
     path = tmp_path_factory.mktemp("prx-cache")
     os.environ["PRX_CACHE"] = str(path)
     return path
+
+
+def files_of_at_most(limit: int) -> None:
+    """For a child process (``preexec_fn``): writing a file past ``limit`` bytes fails (EFBIG) as a write to a full
+    disk does (ENOSPC), with no disk of that size to mount."""
+    import resource
+    import signal
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of the signal killing the process
+

@@ -225,3 +225,23 @@ def test_bench_finds_the_largest_micro_batch_that_fits(tmp_path, capsys, monkeyp
     assert "the largest micro-batch that fits is 2" in stdout
     # compiled, each candidate's blocks make graphs of their own: 3 micro-batches × (16 tokens, 8 routed), twice
     assert torch._dynamo.config.recompile_limit >= 2 * 3 * 2
+
+
+def test_a_write_the_disk_refuses_is_one_line_from_any_command(trained_run, tmp_path):
+    """Files past a size limit (as a full disk or a quota refuses them): ``prx data convert`` (pyarrow's OSError)
+    and ``prx export --format diffusers`` (safetensors' own error type) end in one line naming where and why and
+    how to go on, not in a traceback."""
+    from conftest import files_of_at_most
+    from photos import write_photo_folder
+
+    write_photo_folder(tmp_path / "photos")
+    commands = {"shards": ["data", "convert", "--from", "folder", str(tmp_path / "photos")],
+                "exported": ["export", "--checkpoint", str(trained_run), "--format", "diffusers"]}
+    for out, command in commands.items():
+        result = subprocess.run([PRX, *command, "--out", str(tmp_path / out)], capture_output=True, text=True,
+                                timeout=300, preexec_fn=lambda: files_of_at_most(256 << 10))
+        lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.startswith("error: ")]
+        assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert lines[0].startswith(f"error: a write to {tmp_path / out}"), lines[0]
+        assert "failed: File too large. Make room (or write elsewhere) and run the same command again" in lines[0]
+

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import files_of_at_most, tiny_config
 from prx.checkpoint import checkpoint_meta, find_checkpoint, step_dir_name, verify_checkpoint
 from prx.cli import main
 from prx.errors import PrxError
@@ -505,14 +505,6 @@ def test_a_cpu_where_torch_compile_cannot_build_trains_without_compiling_and_say
     assert find_checkpoint(tmp_path / "run") is not None
 
 
-def _files_of_at_most(limit: int):
-    """For a child process: writing a file past ``limit`` bytes fails (EFBIG) as a write to a full disk does."""
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of the signal killing the process
-
-
 def test_a_checkpoint_that_cannot_be_written_stops_in_one_line_leaves_the_last_and_no_partial_files(tmp_path):
     """A write that fails mid-checkpoint (here a file-size limit below the checkpoint's 6.6 MiB; a full disk or a
     quota alike), in the background writer and in the synchronous one, and under torchrun: exit 2 (torchrun: 1)
@@ -528,7 +520,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_in_one_line_leaves_the_last_a
     assert train("train.steps=3").returncode == 0
     for background, launcher in (("true", (PRX,)), ("false", (PRX,)), ("true", (*TORCHRUN, "-m", "prx"))):
         failed = train("train.steps=6", f"train.async_checkpoint={background}", launcher=launcher,
-                       preexec_fn=lambda: _files_of_at_most(2 << 20))  # FSDP's shards: about 3.3 MiB a rank
+                       preexec_fn=lambda: files_of_at_most(2 << 20))  # FSDP's shards: about 3.3 MiB a rank
         assert failed.returncode == (2 if launcher == (PRX,) else 1), failed.stderr[-3000:]
         errors = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == (1 if launcher == (PRX,) else 2), failed.stderr[-3000:]  # every rank, none waits

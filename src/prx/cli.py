@@ -7,6 +7,7 @@ once; errors a user can fix (:class:`PrxError`) print as one line and exit with 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
@@ -534,6 +535,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# a write the disk refused: no space, a quota, a file-size limit, a read-only file system
+OUT_OF_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
+def refused_write(error: BaseException) -> OSError | None:
+    """The OSError of a write the disk refused (:data:`OUT_OF_ROOM`) behind ``error``, or None: an OSError in its
+    chain, or a library's error that names the OS's (safetensors: "I/O error: No space left on device (os
+    error 28)")."""
+    import re
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in OUT_OF_ROOM:
+            return error
+        number = re.search(r"\(os error (\d+)\)", str(error))
+        if number and int(number[1]) in OUT_OF_ROOM:
+            return OSError(int(number[1]), os.strerror(int(number[1])))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def out_of_room(error: OSError, out: str | None = None) -> str:
+    """One line for a write the disk refused, from whichever command (a checkpoint has its own, which names the
+    intact one): why, where (the error's file, else the command's ``--out``), and that the same command picks up
+    where it stopped."""
+    where = error.filename or out
+    return (f"a write{f' to {where}' if where else ''} failed: {os.strerror(error.errno)}. Make room (or write "
+            f"elsewhere) and run the same command again: prx train resumes from its last checkpoint and prx data "
+            f"convert / embed skip the work they finished")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
@@ -545,6 +578,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except PrxError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a write the disk refused, as an OSError or in a library's own error type
+        refused = refused_write(e)
+        if refused is None:
+            raise
+        print(f"error: {out_of_room(refused, getattr(args, 'out', None))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is intact", file=sys.stderr)

@@ -406,23 +406,23 @@ def convert(kind: str, inputs: list[str], out_dir: str | Path, mapping: Mapping,
         plan_file.write_text(json.dumps({"fingerprint": fingerprint, "tasks": len(tasks)}))
     mine = [t for t in tasks if t.index % world_size == rank]
     pending = [t for t in mine if not (out / ".done" / f"part-{t.index:05d}.json").exists()]
-    bar = tqdm(total=len(mine), initial=len(mine) - len(pending), desc=f"convert (rank {rank})" if world_size > 1 else "convert",
-               unit="task", disable=not progress, dynamic_ncols=True)
     samples = 0
     args = [(t, str(out), mapping, target_bytes, verify) for t in pending]
-    if workers > 1 and len(pending) > 1:
-        import multiprocessing
+    # closed however the loop ends, so an error is printed on a line of its own
+    with tqdm(total=len(mine), initial=len(mine) - len(pending), desc=f"convert (rank {rank})" if world_size > 1
+              else "convert", unit="task", disable=not progress, dynamic_ncols=True) as bar:
+        if workers > 1 and len(pending) > 1:
+            import multiprocessing
 
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"  # fork: no re-import
-        with get_context(method).Pool(workers) as pool:
-            for stats in pool.imap_unordered(_run_task_star, args):
-                samples += stats["samples"]
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"  # fork: no re-import
+            with get_context(method).Pool(workers) as pool:
+                for stats in pool.imap_unordered(_run_task_star, args):
+                    samples += stats["samples"]
+                    bar.update(1)
+                    bar.set_postfix(samples=samples, refresh=False)
+        else:
+            for a in args:
+                samples += run_task(*a)["samples"]
                 bar.update(1)
                 bar.set_postfix(samples=samples, refresh=False)
-    else:
-        for a in args:
-            samples += run_task(*a)["samples"]
-            bar.update(1)
-            bar.set_postfix(samples=samples, refresh=False)
-    bar.close()
     return write_manifest(out, mapping.caption_columns, fingerprint, len(tasks))

@@ -28,24 +28,23 @@ def embed_shards(shards: list[str] | list[Path], encoder: TextEncoder, columns: 
     todo = [p for p in mine if not sidecar_path(p, tag).exists()]
     empty = encoder._encode_uncached([""])[0].numpy()
     stats = {"tag": tag, "shards": len(mine), "skipped_existing": len(mine) - len(todo), "captions": 0}
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="embed", unit="shard", disable=not progress,
-               dynamic_ncols=True)
-    for path in todo:
-        file = pq.ParquetFile(path)
-        available = caption_columns_of(path)
-        wanted = [c for c in (columns or available) if c in available]
-        table = file.read(columns=["id"] + wanted)
-        out: dict[str, list[np.ndarray]] = {}
-        for column in wanted:
-            texts = [t if isinstance(t, str) else "" for t in table.column(column).to_pylist()]
-            encoded: list[np.ndarray] = []
-            for start in range(0, len(texts), batch_size):
-                encoded += [e.numpy() for e in encoder._encode_uncached(texts[start:start + batch_size])]
-            out[column] = encoded
-            stats["captions"] += len(texts)
-        groups = [file.metadata.row_group(i).num_rows for i in range(file.metadata.num_row_groups)]
-        write_sidecar(sidecar_path(path, tag), table.column("id").to_pylist(), out, encoder.name,
-                      encoder.max_length, empty, groups)
-        bar.update(1)
-    bar.close()
+    with tqdm(total=len(mine), initial=len(mine) - len(todo), desc="embed", unit="shard", disable=not progress,
+              dynamic_ncols=True) as bar:  # closed however the loop ends: an error prints on a line of its own
+        for path in todo:
+            file = pq.ParquetFile(path)
+            available = caption_columns_of(path)
+            wanted = [c for c in (columns or available) if c in available]
+            table = file.read(columns=["id"] + wanted)
+            out: dict[str, list[np.ndarray]] = {}
+            for column in wanted:
+                texts = [t if isinstance(t, str) else "" for t in table.column(column).to_pylist()]
+                encoded: list[np.ndarray] = []
+                for start in range(0, len(texts), batch_size):
+                    encoded += [e.numpy() for e in encoder._encode_uncached(texts[start:start + batch_size])]
+                out[column] = encoded
+                stats["captions"] += len(texts)
+            groups = [file.metadata.row_group(i).num_rows for i in range(file.metadata.num_row_groups)]
+            write_sidecar(sidecar_path(path, tag), table.column("id").to_pylist(), out, encoder.name,
+                          encoder.max_length, empty, groups)
+            bar.update(1)
     return stats
