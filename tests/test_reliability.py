@@ -535,3 +535,28 @@ def test_a_checkpoint_that_cannot_be_written_stops_in_one_line_leaves_the_last_a
     finished = train("train.steps=6")
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert "resuming" in finished.stdout and find_checkpoint(run).name == "step_00000006"
+
+
+def test_a_step_out_of_device_memory_says_what_to_change_and_where_to_resume(tmp_path, monkeypatch, capsys):
+    """torch's OutOfMemoryError in a step (raised here in step 3, as a GPU raises it): exit 2 with one line that
+    says where, torch's own first line, the settings that make it fit, and the checkpoint the same command resumes
+    from, which a background write finishes first."""
+    real_step = Trainer.train_step
+
+    def step_out_of_memory(self, step):
+        if step == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nGPU 0 has 79 GiB in total.")
+        return real_step(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", step_out_of_memory)
+    code = main(["train", "tiny", "train.steps=6", "train.checkpoint_every=2", "train.micro_batch_size=2", *QUIET,
+                 "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        "error: out of CPU memory in step 3 (48 px, micro-batch 2 per rank): CUDA out of memory. Tried to allocate "
+        "2.00 GiB. To fit, lower train.micro_batch_size (gradients accumulate to the batch of 4) or set "
+        "train.activation_checkpointing=true; `prx bench CONFIG --largest-micro-batch 32,16,8` tries micro-batches "
+        "in turn. The same command resumes from step_00000002.")
+    assert find_checkpoint(tmp_path / "run").name == "step_00000002"
+

@@ -349,7 +349,12 @@ class Trainer:
                     if index != stage_index:
                         stage_index = index
                         self.logger.line(cfg.describe_stage(index))
-                    result = self.train_step(self.step)
+                    try:
+                        result = self.train_step(self.step)
+                    except torch.OutOfMemoryError as error:
+                        if not self.dist.enabled:  # the other ranks are inside the step: no collective to finish
+                            self.checkpoints.wait()  # a checkpoint still being written becomes visible first
+                        raise self._out_of_memory(stage, error) from error
                     self.step += 1
                     self.logger.bar.update(1)
                     if (steps := clock.plan(self.step)) is not None:  # train.time_budget_minutes
@@ -425,6 +430,22 @@ class Trainer:
             self.evaluator.report(self.logger, self.run_dir, self.step, results,
                                   self.run_dir / "checkpoints" / step_dir_name(self.step) if saved else None)
         return results
+
+    def _out_of_memory(self, stage: StageConfig, error: torch.OutOfMemoryError) -> TrainingError:
+        """One line for a step that ran out of device memory: where, torch's own first line, what to change, and
+        the checkpoint the same command resumes from."""
+        cfg = self.config.train
+        micro = cfg.micro_batch_size or stage.batch_size // self.dist.world
+        lines = str(error).strip().splitlines()
+        fixes = [f"lower train.micro_batch_size (gradients accumulate to the batch of {stage.batch_size})"]
+        if not cfg.activation_checkpointing:
+            fixes.append("set train.activation_checkpointing=true")
+        newest = self.checkpoints.last or self.resume_from
+        return TrainingError(
+            f"out of {self.device.type.upper()} memory in step {self.step} ({stage.resolution} px, micro-batch {micro} "
+            f"per rank): {lines[0] if lines else 'out of memory'} To fit, {' or '.join(fixes)}; `prx bench CONFIG "
+            f"--largest-micro-batch 32,16,8` tries micro-batches in turn. "
+            + (f"The same command resumes from {newest.name}." if newest else "No checkpoint was written yet."))
 
     def _finish(self, reason: str) -> Path:
         unchanged = self.resume_from is not None and self.step == step_of(self.resume_from)
