@@ -524,7 +524,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_in_one_line_leaves_the_last_a
         assert failed.returncode == (2 if launcher == (PRX,) else 1), failed.stderr[-3000:]
         errors = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == (1 if launcher == (PRX,) else 2), failed.stderr[-3000:]  # every rank, none waits
-        for error in errors:
+        for error in errors:  # each rank's line whole: one write each
             assert error.startswith("error: checkpoint step_00000006 could not be written: File too large ("), error
             assert error.endswith("its partial files are removed. step_00000003 is intact, and once the cause is "
                                   "fixed (room, a quota) the same command resumes from it"), error

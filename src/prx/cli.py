@@ -577,13 +577,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except PrxError as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")  # one write: under torchrun the ranks' lines do not interleave
         return 2
     except Exception as e:  # a write the disk refused, as an OSError or in a library's own error type
         refused = refused_write(e)
         if refused is None:
             raise
-        print(f"error: {out_of_room(refused, getattr(args, 'out', None))}", file=sys.stderr)
+        sys.stderr.write(f"error: {out_of_room(refused, getattr(args, 'out', None))}\n")
         return 2
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is intact", file=sys.stderr)
