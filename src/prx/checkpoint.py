@@ -658,11 +658,10 @@ class CheckpointWriter:
     finished writing, which :meth:`poll` checks each step. One save is in flight at a time.
     """
 
-    def __init__(self, run_dir: str | Path, info=None, keep: int = 2, asynchronous: bool = False, log=print):
+    def __init__(self, run_dir: str | Path, info=None, keep: int = 2, asynchronous: bool = False):
         from prx.distributed import DistInfo
 
         self.root = Path(run_dir) / "checkpoints"
-        self.log = log
         self.info = info or DistInfo()
         self.keep = keep
         self.asynchronous = asynchronous
@@ -679,8 +678,9 @@ class CheckpointWriter:
             # the background writer's collectives must not interleave with training's: a group of its own
             self.group = dist.new_group(backend="gloo")
 
-    def save(self, step: int, state: dict, config: Config, meta: dict | None = None) -> Path | None:
-        """Write ``state`` as checkpoint ``step``; ``meta`` (JSON) goes into its meta.json."""
+    def save(self, step: int, state: dict, config: Config, meta: dict | None = None, log=print) -> Path | None:
+        """Write ``state`` as checkpoint ``step``; ``meta`` (JSON) goes into its meta.json; ``log`` says what
+        :func:`make_room` removed first."""
         from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
         from prx.distributed import all_agree
@@ -692,7 +692,7 @@ class CheckpointWriter:
         if self.info.is_main:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
-                make_room(self.root, self.keep, self.log)
+                make_room(self.root, self.keep, log)
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir()
                 (tmp / STATE).write_text(json.dumps(values, indent=1))

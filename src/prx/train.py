@@ -192,7 +192,7 @@ class Trainer:
             compile_muon=compile_muon)
 
         self.checkpoints = CheckpointWriter(self.run_dir, self.dist, cfg.train.keep_checkpoints,
-                                            cfg.train.async_checkpoint, log=lambda message: self.log(message))
+                                            cfg.train.async_checkpoint)
         self.step = self.bad_steps = 0
         self.planned_steps = None  # the step count a time budget chose (kept in checkpoints' meta.json)
         if self.resume_from is not None:
@@ -406,7 +406,7 @@ class Trainer:
 
     def save(self, wait: bool = False) -> Path | None:
         meta = {"planned_steps": self.planned_steps} if self.planned_steps else None
-        path = self.checkpoints.save(self.step, training_state(self), self.config, meta)
+        path = self.checkpoints.save(self.step, training_state(self), self.config, meta, log=self.log)
         return self.checkpoints.wait() if wait and path is None else path
 
     def sample_grid(self) -> Path | None:

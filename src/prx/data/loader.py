@@ -465,6 +465,7 @@ class ShardLoader:
         self._start()
 
     def _start(self) -> None:
+        import atexit
         import multiprocessing
 
         self.close()
@@ -475,8 +476,10 @@ class ShardLoader:
                             persistent_workers=False, prefetch_factor=2 if self.num_workers else None,
                             worker_init_fn=_WorkerSignals(self._stopping) if self.num_workers else None)
         self._iterator = iter(loader)
+        # At exit multiprocessing terminates its daemonic children (SIGTERM), which these workers ignore until
+        # told the loader is stopping: told here whatever became of this loader, or an exit can wait for ever
+        atexit.register(self._stopping.set)
         if not self._atexit:  # before multiprocessing's own exit handler terminates the workers
-            import atexit
             import weakref
 
             ref = weakref.ref(self)
