@@ -54,7 +54,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from prx.config import Config, config_from_dict, read_yaml
-from prx.errors import CheckpointDamaged, CheckpointError, CheckpointNotWritten, ConfigError, PrxError
+from prx.errors import (CheckpointDamaged, CheckpointError, CheckpointNotWritten, ConfigError, PrxError,
+                        os_errors_behind)
 
 LATEST = "latest"
 FORMAT = 2  # safetensors shards + state.json; format 1 (no "format" in meta.json): DCP's default pickled layout
@@ -631,17 +632,9 @@ def write_failure(error: BaseException | None) -> str:
     """What stopped a checkpoint write, in a few words: the operating system's error (``No space left on
     device``, ``Disk quota exceeded``) wherever it is in the chain or on whichever rank, else the error's
     first line."""
-    stack, seen = [error], set()
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.strerror:
-            return e.strerror + (f" ({e.filename})" if e.filename else "")
-        if isinstance(e, CheckpointException):
-            stack += [wrapped for wrapped, _ in e.failures.values()]
-        stack += [e.__cause__, e.__context__]
+    os_error = next((e for e in os_errors_behind(error) if e.strerror), None)
+    if os_error is not None:
+        return os_error.strerror + (f" ({os_error.filename})" if os_error.filename else "")
     if error is None:
         return "another rank could not prepare it"
     lines = str(error).splitlines()

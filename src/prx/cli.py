@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from prx.errors import PrxError
+from prx.errors import PrxError, os_errors_behind
 
 EXAMPLES_TRAIN = """examples:
   prx train                                   # the CPU demo on the shapes world (runs/demo)
@@ -539,24 +539,6 @@ def build_parser() -> argparse.ArgumentParser:
 OUT_OF_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 
-def refused_write(error: BaseException) -> OSError | None:
-    """The OSError of a write the disk refused (:data:`OUT_OF_ROOM`) behind ``error``, or None: an OSError in its
-    chain, or a library's error that names the OS's (safetensors: "I/O error: No space left on device (os
-    error 28)")."""
-    import re
-
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in OUT_OF_ROOM:
-            return error
-        number = re.search(r"\(os error (\d+)\)", str(error))
-        if number and int(number[1]) in OUT_OF_ROOM:
-            return OSError(int(number[1]), os.strerror(int(number[1])))
-        error = error.__cause__ or error.__context__
-    return None
-
-
 def out_of_room(error: OSError, out: str | None = None) -> str:
     """One line for a write the disk refused, from whichever command (a checkpoint has its own, which names the
     intact one): why, where (the error's file, else the command's ``--out``), and that the same command picks up
@@ -580,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"error: {e}\n")  # one write: under torchrun the ranks' lines do not interleave
         return 2
     except Exception as e:  # a write the disk refused, as an OSError or in a library's own error type
-        refused = refused_write(e)
+        refused = next((o for o in os_errors_behind(e) if o.errno in OUT_OF_ROOM), None)
         if refused is None:
             raise
         sys.stderr.write(f"error: {out_of_room(refused, getattr(args, 'out', None))}\n")
