@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from prx.data.buckets import make_buckets, resize_and_crop_box
-from prx.data.convert import Mapping, convert, mapping_from
+from prx.data.convert import convert
+from prx.data.mapping import Mapping, mapping_from
 from prx.data.imageio import decode
 from prx.data.loader import ShardLoader
 from prx.data.shards import expand_shards

@@ -32,7 +32,7 @@ import torch
 
 from prx.bench import PhaseTimer
 from prx.config import load_config
-from prx.muon import fast_matmul_dtype
+from prx.device import fast_matmul_dtype
 from prx.text import TextEncoder
 from prx.train import Trainer
 

@@ -17,7 +17,8 @@ import torch
 
 from common import add_model_args, build_bench_model, median_seconds
 from prx.flops import newton_schulz_flops
-from prx.muon import fast_matmul_dtype, newton_schulz
+from prx.device import fast_matmul_dtype
+from prx.muon import newton_schulz
 from prx.optim import build_optimizer
 
 

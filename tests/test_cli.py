@@ -210,8 +210,8 @@ def test_bench_finds_the_largest_micro_batch_that_fits(tmp_path, capsys, monkeyp
     real_step, seen = Trainer.train_step, []
 
     def step_that_runs_out_above_2(self, step):
-        seen.append(self.config.train.micro_batch_size)
-        if self.config.train.micro_batch_size > 2:
+        seen.append(self.micro_batch_size)
+        if self.micro_batch_size > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real_step(self, step)
 

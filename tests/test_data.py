@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from prx.data.buckets import assign_bucket, make_buckets, resize_and_crop_box
-from prx.data.convert import Mapping, convert
+from prx.data.convert import convert
+from prx.data.mapping import Mapping
 from prx.data.imageio import BadImage, decode, probe
 from prx.data.loader import ShardIndex, ShardLoader, ShardPlanner
 from prx.data.shards import caption_columns_of, expand_shards, read_shard_info, write_shard
@@ -210,7 +211,7 @@ def test_webdataset_conversion(tmp_path):
 
 
 def test_hf_parquet_with_preset_mapping(tmp_path):
-    from prx.data.convert import PRESETS
+    from prx.data.mapping import PRESETS
 
     images = [image_bytes(30 + i, 20) for i in range(4)]
     table = pa.table({
@@ -260,7 +261,7 @@ def downloaded_parquet(path, n=24, with_sizes=False, rows_per_group=8):
 
 def test_downloaded_parquet_is_read_in_place(tmp_path, monkeypatch, prx_cache):
     from prx.data import inplace
-    from prx.data.convert import mapping_from
+    from prx.data.mapping import mapping_from
 
     path = downloaded_parquet(tmp_path / "hub" / "fluxdb-00000.parquet")
     mapping = mapping_from("flux-reason-6m")
@@ -290,7 +291,7 @@ def test_downloaded_parquet_is_read_in_place(tmp_path, monkeypatch, prx_cache):
 
 
 def test_downloaded_parquet_with_size_columns_and_no_id(tmp_path, prx_cache):
-    from prx.data.convert import mapping_from
+    from prx.data.mapping import mapping_from
 
     path = downloaded_parquet(tmp_path / "train-00000.parquet", with_sizes=True)
     index = ShardIndex([path], mapping_from("flux-generated"), progress=False)

@@ -19,8 +19,7 @@ from conftest import tiny_config
 from prx.checkpoint import CheckpointWriter, checkpoint_config
 from prx.cli import main
 from prx.config import load_config
-from prx.diffusers_io import (diffusers_config_of, from_diffusers_state_dict, load_init_weights,
-                              to_diffusers_state_dict)
+from prx.diffusers_io import diffusers_config_of, from_diffusers_state_dict, load_init_weights, to_diffusers_state_dict
 from prx.errors import PrxError
 from prx.model import build_model
 from prx.pipeline import Pipeline

@@ -37,7 +37,7 @@ def _one_line_error(capsys, argv, *fragments):
 
 
 def test_eval_runs_at_the_cadence_and_equals_prx_eval_data(heldout, tmp_path, capsys):
-    from prx.diffusers_io import latest_real_eval_results, model_card
+    from prx.export import latest_real_eval_results, model_card
     from prx.train import Trainer
 
     run = tmp_path / "run"

@@ -264,19 +264,6 @@ def test_written_out_attention_in_bf16_and_padding():
     assert torch.equal(attention(q, k, v, mask, "math"), attention(q, k2, v2, mask, "math"))
 
 
-def test_attention_auto_is_math_only_for_short_cpu_sequences_compiled_or_bf16():
-    from prx.runtime import attention_kernel
-
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert attention_kernel("auto", cpu, True, None, 16) == "math"  # the demo on an AVX2-only CPU
-    assert attention_kernel("auto", cpu, True, torch.bfloat16, 16) == "math"  # the demo with AVX512-BF16
-    assert attention_kernel("auto", cpu, False, torch.bfloat16, 64) == "math"
-    assert attention_kernel("auto", cpu, False, None, 16) == "sdpa"  # fp32 eager: the fused kernel is faster
-    assert attention_kernel("auto", cpu, True, torch.bfloat16, 256) == "sdpa"
-    assert attention_kernel("auto", cuda, True, torch.bfloat16, 16) == "sdpa"
-    assert attention_kernel("math", cuda, False, None, 4096) == "math"
-
-
 def test_the_compiled_gelu_is_torchs_tanh_gelu_with_its_gradient():
     """Compiled, the MLP's GELU is written as x·σ(2z) (cheaper in inductor's CPU code): the same function and
     gradient as F.gelu(approximate="tanh") within fp32 rounding, in fp32 and under bf16 autocast. The "eager"
@@ -386,23 +373,21 @@ def test_blocks_compiled_with_dynamic_shapes_keep_their_graphs_on_every_bucket()
 
     from prx.config import load_config
     from prx.data.buckets import make_buckets
-    from prx.distributed import recompile_limit
-    from prx.train import block_shapes
+    from prx.execution import block_shapes, recompile_limit
     from prx.tread import TREADRouter
 
     stages = [(512, 4), (1024, 2)]
     every = {res: make_buckets(res, 32) for res, _ in stages}
     buckets = {res: [b[0], b[len(b) // 2], b[-1]] for res, b in every.items()}  # tallest, middle, widest
 
-    class Sizes:  # the loader's buckets of a stage, as (width, height)
-        def sizes(self, stage):
-            return [(b.width, b.height) for b in buckets[stage.resolution]]
+    def sizes(stage):  # the loader's buckets of a stage, as (width, height)
+        return [(b.width, b.height) for b in buckets[stage.resolution]]
 
     cfg = load_config("speedrun-tiny", ["model.patch_size=32", "train.micro_batch_size=0", "train.stages=["
                                         + ", ".join(f"{{resolution: {r}, steps: 1, batch_size: {b}, tread: true}}"
                                                     for r, b in stages) + "]"])
     router = TREADRouter(0.5, 1, -2, seed=0)
-    shapes = block_shapes(cfg, Sizes(), router, 1)
+    shapes = block_shapes(cfg, sizes, 1, router.num_kept)
     assert {routed for _, _, routed in shapes} == {False, True} and len(shapes) >= 8  # 3 buckets × 2 stages
 
     model = tiny_model(patch_size=32)

@@ -5,6 +5,7 @@ ratios → `prx export`; and the same run under 2 gloo processes with FSDP2."""
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -61,19 +62,20 @@ def test_photos_convert_train_the_recipe_sample_and_export(photo_shards, tmp_pat
     # train.compile_shapes auto to compile them static on a GPU (a graph each)
     import torch
 
-    from prx.distributed import block_graphs, static_block_shapes
+    from prx.execution import block_shapes, plan_training
     from prx.tread import TREADRouter
-    from prx.train import block_shapes
 
     router = TREADRouter.from_config(cfg.tread, cfg.train.seed)
-    shapes = block_shapes(cfg, source, router, 1)
+    shapes = block_shapes(cfg, source.sizes, 1, router.num_kept)
     p = cfg.model.patch_size
     tokens = {(w // p) * (h // p) for w, h in sizes64 + sizes128}
     assert {n for _, n, routed in shapes if not routed} == tokens
     assert {n for _, n, routed in shapes if routed} == {router.num_kept(n) for n in tokens}
-    assert len(shapes) > 8 and not static_block_shapes("auto", torch.device("cuda"), shapes)
     # nor replays them as CUDA graphs (train.cuda_graphs auto), even with one micro-batch and one caption length
-    assert not block_graphs(cfg.train, torch.device("cuda"), "none", shapes, steady_shapes=True)
+    steady = replace(cfg, text=replace(cfg.text, min_length=cfg.text.max_length),
+                     train=replace(cfg.train, micro_batch_size=0))
+    gpu_plan = plan_training(steady, torch.device("cuda"), 1, shapes)
+    assert len(shapes) > 8 and not gpu_plan.static_shapes and not gpu_plan.cuda_graphs
 
     # sampling at two aspect ratios (the nearest 128 px buckets) and an explicit size
     for ratio, size in (("16:9", (176, 96)), ("3:4", (112, 144))):

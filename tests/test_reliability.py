@@ -83,10 +83,10 @@ def write_legacy_checkpoint(trainer: Trainer, run: Path, extra: dict | None = No
              "rng": {"torch": torch.get_rng_state()}, **(extra or {})}
     path = run / "checkpoints" / step_dir_name(trainer.step)
     dcp.save(state, checkpoint_id=path, no_dist=True)
-    trainer.config.save(path / "config.yaml")
+    trainer.run_config.save(path / "config.yaml")
     (path / "meta.json").write_text(json.dumps({"step": trainer.step, "time": time.time()}))
     os.symlink(path.name, run / "checkpoints" / "latest")
-    trainer.config.save(run / "config.yaml")
+    trainer.run_config.save(run / "config.yaml")
     return path
 
 
@@ -238,7 +238,7 @@ def test_sigterm_under_torchrun_saves_on_every_rank_and_resumes_exactly(referenc
 
 
 def test_under_torchrun_every_rank_learns_that_the_run_directory_is_taken(tmp_path):
-    from prx.runtime import RunLock
+    from prx.lifecycle import RunLock
 
     held = RunLock(tmp_path / "run").acquire()  # this process trains there
     started = time.time()
@@ -251,7 +251,7 @@ def test_under_torchrun_every_rank_learns_that_the_run_directory_is_taken(tmp_pa
 
 
 def test_each_stop_signal_asks_to_finish_the_step_with_its_own_exit_code():
-    from prx.runtime import StopSignals
+    from prx.lifecycle import StopSignals
 
     for name, code in (("SIGTERM", 143), ("SIGUSR1", 138), ("SIGINT", 130)):
         with StopSignals() as stop:
@@ -262,9 +262,9 @@ def test_each_stop_signal_asks_to_finish_the_step_with_its_own_exit_code():
 
 
 def test_the_lock_is_released_by_a_killed_holder_and_is_reentrant_in_one_process(tmp_path):
-    from prx.runtime import RunLock
+    from prx.lifecycle import RunLock
 
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from prx.runtime import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from prx.lifecycle import RunLock; "
                                f"lock = RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -468,7 +468,7 @@ def test_a_refused_training_waits_a_moment_for_the_holder_to_write_its_pid(tmp_p
     import json
     import threading
 
-    from prx.runtime import RunLock
+    from prx.lifecycle import RunLock
 
     path = tmp_path / ".lock"
     path.write_bytes(b"")  # the holder has the lock but has not written yet (a loaded machine)

@@ -2,8 +2,18 @@ import numpy as np
 import pytest
 
 from prx.data.shapes import (
-    COLORS, HELD_IN, HELD_OUT, POSITIONS, SHAPES, SceneSpec, ShapeObject, ShapesWorld, eval_prompt_sets, judge,
-    make_scene, render,
+    COLORS,
+    HELD_IN,
+    HELD_OUT,
+    POSITIONS,
+    SHAPES,
+    SceneSpec,
+    ShapeObject,
+    ShapesWorld,
+    eval_prompt_sets,
+    judge,
+    make_scene,
+    render,
 )
 
 

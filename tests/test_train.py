@@ -80,23 +80,24 @@ def test_lr_schedule_warmup_stable_decay():
 
 
 def run_budget_clock(seconds_per_step, budget_minutes=10.0, *overrides):
-    """A 10-minute budget on a fake clock: ([(step, count set)], seconds the run took, its config); the
-    last line the clock printed is ``cfg.last_budget_line``."""
+    """A 10-minute budget on a fake clock: ([(step, count set)], seconds the run took, the last count, the last line
+    the clock printed)."""
     from prx.distributed import DistInfo
-    from prx.runtime import RunClock
+    from prx.lifecycle import RunClock
 
     cfg = tiny_config("train.steps=100000", f"train.time_budget_minutes={budget_minutes}", "optimizer.decay_fraction=0.3",
                       *overrides)
     now = [0.0]
     clock = RunClock(cfg.train, 0, steps_planned=False, now=lambda: now[0])
-    counts, step = [], 0
-    while step < cfg.train.steps:
+    counts, step, total, line = [], 0, cfg.train.steps, ""
+    while step < total:
         now[0] += seconds_per_step(step)
         step += 1
         if (steps := clock.plan(step)) is not None:
-            cfg.last_budget_line = clock.set_steps(cfg, steps, step, DistInfo())
-            counts.append((step, cfg.train.steps))
-    return counts, now[0], cfg
+            total, line = clock.fix_steps(cfg, steps, step, DistInfo())
+            counts.append((step, total))
+    assert cfg.train.steps == 100000  # the config is never changed: the count is the trainer's
+    return counts, now[0], cfg, total, line
 
 
 def test_a_time_budget_measures_the_rate_again_halfway_and_late_and_fixes_the_count_before_the_decay():
@@ -106,19 +107,20 @@ def test_a_time_budget_measures_the_rate_again_halfway_and_late_and_fixes_the_co
     # of the budget) is pessimistic; the rate measured again over steps 162..285 sets 1,040, which fills
     # 570 s exactly, and the late measurement (steps 285..654; 654 is the last step before a run of 936
     # would decay) keeps it.
-    counts, seconds, cfg = run_budget_clock(lambda step: 1.0 if step < 100 else 0.5)
+    counts, seconds, cfg, _, _ = run_budget_clock(lambda step: 1.0 if step < 100 else 0.5)
     assert counts == [(40, 570), (285, 1040), (654, 1040)] and seconds == 570
     # the LR schedule of the steps already taken is the same under each new count: the run is `train.steps=1040`
     assert all(lr_scale(s, 570, cfg.optimizer) == lr_scale(s, 1040, cfg.optimizer) for s in range(285))
     # a machine that speeds up after the halfway measurement gets the steps it can now fit (1040 steps
     # would have ended at 506 s), one that slows down fewer; neither gets a decay that should have begun
     for after_400, final in ((0.4, 1160), (0.6, 948)):
-        counts, seconds, cfg = run_budget_clock(lambda step: 1.0 if step < 100 else 0.5 if step < 400 else after_400)
+        counts, seconds, cfg, _, _ = run_budget_clock(
+            lambda step: 1.0 if step < 100 else 0.5 if step < 400 else after_400)
         assert counts[-1] == (654, final) and decay_start(final, cfg.optimizer) > 654
         assert all(lr_scale(s, 1040, cfg.optimizer) == lr_scale(s, final, cfg.optimizer) for s in range(654))
         assert 0.9 * 600 < seconds <= 600
     # a machine that halves its speed before the halfway measurement: fewer steps, the count fixed there
-    counts, _, cfg = run_budget_clock(lambda step: 1.0 if step < 100 else 2.0)
+    counts, _, cfg, _, _ = run_budget_clock(lambda step: 1.0 if step < 100 else 2.0)
     (_, first), (replan, final) = counts
     assert final < first and decay_start(final, cfg.optimizer) > replan
 
@@ -126,10 +128,10 @@ def test_a_time_budget_measures_the_rate_again_halfway_and_late_and_fixes_the_co
 def test_a_budget_that_buys_fewer_steps_than_the_config_recommends_says_which_budget_would():
     lines = []
     for recommended in (0, 1000, 2000):
-        _, _, cfg = run_budget_clock(lambda step: 0.5, 10.0, "train.time_limit_minutes=13",
-                                     f"train.recommended_steps={recommended}")
-        assert cfg.train.steps == 1140  # 570 s at 0.5 s per step
-        lines.append(cfg.last_budget_line)
+        _, _, _, total, line = run_budget_clock(lambda step: 0.5, 10.0, "train.time_limit_minutes=13",
+                                                f"train.recommended_steps={recommended}")
+        assert total == 1140  # 570 s at 0.5 s per step
+        lines.append(line)
     assert "note" not in lines[0] and "note" not in lines[1]  # none stated, or the budget buys enough
     # 10 min × 2000 / 1140 = 17.5 → 18 min, and a safety net 1.3× that
     assert lines[2].endswith("\nnote: this CPU fits 1140 steps in 10 min, fewer than the 2000 this config is tuned for "
@@ -145,20 +147,21 @@ def test_a_time_budget_sets_the_step_count_the_schedule_ends_with_it_and_resume_
     trainer = Trainer(tiny_config(*overrides), tmp_path / "run")
     trainer.run()
     planned = trainer.planned_steps
-    assert 40 <= planned < 100000 and trainer.step == planned == trainer.config.train.steps
+    assert 40 <= planned < 100000 and trainer.step == planned == trainer.total_steps
+    assert trainer.config.train.steps == 100000  # the config is never changed
     assert checkpoint_meta(tmp_path / "run")["planned_steps"] == planned
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12) and max(lrs) == pytest.approx(1e-3)  # decayed to the end
     again = Trainer(tiny_config(*overrides), tmp_path / "run")  # the same command: already complete
     again.run()
-    assert again.step == planned and again.config.train.steps == planned
+    assert again.step == planned and again.total_steps == planned
 
 
 FAULTS_OF_TEN_ROUNDS = """
 import resource, sys, torch
-from prx.runtime import keep_freed_memory
+from prx.device import keep_freed_memory
 import ctypes
-from prx.runtime import M_MMAP_THRESHOLD
+from prx.device import M_MMAP_THRESHOLD
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 else:  # glibc's starting threshold, held fixed: every allocation above 128 KiB is a fresh mmap
@@ -221,33 +224,20 @@ def test_the_step_reads_the_device_once(tmp_path, monkeypatch):
 
 
 def test_block_shapes_decide_static_compilation_and_the_optimizer_compiles_where_asked(tmp_path):
-    """The block calls a run makes (micro-batch, image tokens, routed) over its stages, buckets and ranks;
-    train.compile_shapes auto compiles them static on a GPU when they are few (not on a CPU), dynamo's recompile
-    limit holds two graphs for each; train.compile_optimizer on compiles Muon's passes."""
+    """The plan applied: train.compile_shapes static compiles the blocks with the caption length dynamic, dynamo's
+    recompile limit holds the run's graphs, train.compile_optimizer on compiles Muon's passes; auto on a CPU keeps
+    torch's dynamic shapes and the eager optimizer."""
     import torch
 
     from prx.config import load_config
-    from prx.distributed import STATIC_SHAPES_AUTO, static_block_shapes
-    from prx.train import block_shapes
 
-    cfg = load_config("speedrun-tiny", [])
     trainer = Trainer(load_config("speedrun-tiny", ["train.compile=on", "train.compile_shapes=static",
                                                     "train.compile_optimizer=on"]), tmp_path / "run")
     trainer.setup()
-    p = cfg.model.patch_size
-    n64, n128 = (64 // p) ** 2, (128 // p) ** 2
-    # micro-batch 2; stage 2's batch of 2 is one micro-batch on 1 rank and 1 sample on each of 2 ranks
-    assert block_shapes(cfg, trainer.data, trainer.router, 1) == {
-        (2, n64, False), (2, trainer.router.num_kept(n64), True), (2, n128, False), (2, trainer.router.num_kept(n128), True)}
-    assert (1, n128, False) in block_shapes(cfg, trainer.data, trainer.router, 2)
+    assert trainer.plan.compile_blocks and trainer.plan.static_shapes and trainer.plan.compile_optimizer
     assert all(b.dynamic_text_length for b in trainer.model.blocks)
-    assert torch._dynamo.config.recompile_limit >= 2 * len(block_shapes(cfg, trainer.data, trainer.router, 1))
+    assert torch._dynamo.config.recompile_limit >= trainer.plan.recompile_limit
     assert trainer.optimizer.optimizers[0].compiled
-    few, many = set(range(STATIC_SHAPES_AUTO)), set(range(STATIC_SHAPES_AUTO + 1))
-    assert static_block_shapes("auto", torch.device("cuda"), few)
-    assert not static_block_shapes("auto", torch.device("cuda"), many)
-    assert not static_block_shapes("auto", torch.device("cpu"), few)  # the CPU demo keeps torch's choice
-    assert static_block_shapes("static", torch.device("cpu"), many)
     auto = Trainer(load_config("speedrun-tiny", ["train.compile=on"]), tmp_path / "auto")
     auto.setup()
     assert not any(b.dynamic_text_length for b in auto.model.blocks) and not auto.optimizer.optimizers[0].compiled
@@ -267,48 +257,6 @@ def test_block_shapes_decide_static_compilation_and_the_optimizer_compiles_where
     assert updates[0].norm() > 0 and (updates[1] - updates[0]).norm() / updates[0].norm() < 1e-3
 
 
-def test_cuda_graphs_auto_only_where_measured_one_gpu_static_steady_shapes():
-    """train.cuda_graphs: auto replays the compiled blocks as CUDA graphs on one GPU (no DDP or FSDP) with static
-    image shapes, one micro-batch a step and one caption length, the case measured on an H200; on takes the others;
-    off and a CPU never. The old booleans read as on/off. The teachers' graphs follow the blocks' under auto."""
-    import dataclasses
-
-    import torch
-
-    from prx.config import load_config
-    from prx.distributed import STATIC_SHAPES_AUTO, block_graphs, teacher_graphs
-    from prx.train import steady_shapes
-
-    gpu, cpu = torch.device("cuda"), torch.device("cpu")
-    few, many = set(range(STATIC_SHAPES_AUTO)), set(range(STATIC_SHAPES_AUTO + 1))
-    train = load_config("speedrun-tiny", []).train
-    assert train.cuda_graphs == "auto"
-    assert block_graphs(train, gpu, "none", few, steady_shapes=True)
-    assert not block_graphs(train, gpu, "ddp", few, steady_shapes=True)
-    assert not block_graphs(train, gpu, "fsdp", few, steady_shapes=True)
-    assert not block_graphs(train, gpu, "none", few, steady_shapes=False)
-    assert not block_graphs(train, gpu, "none", many, steady_shapes=True)  # bucketed photos: torch's dynamic shapes
-    assert not block_graphs(train, cpu, "none", few, steady_shapes=True)
-    assert not block_graphs(dataclasses.replace(train, compile="off"), gpu, "none", few, steady_shapes=True)
-    on = load_config("speedrun-tiny", ["train.cuda_graphs=true"]).train
-    assert on.cuda_graphs == "on" and block_graphs(on, gpu, "ddp", many, steady_shapes=False)
-    off = load_config("speedrun-tiny", ["train.cuda_graphs=false"]).train
-    assert off.cuda_graphs == "off" and not block_graphs(off, gpu, "none", few, steady_shapes=True)
-    # train.cuda_graphs_teachers: auto = with the blocks' graphs, on = wherever the teachers compile on a GPU
-    assert train.cuda_graphs_teachers == "auto"
-    assert teacher_graphs("auto", True, gpu, True) and not teacher_graphs("auto", True, gpu, False)
-    assert teacher_graphs("on", True, gpu, False) and not teacher_graphs("off", True, gpu, True)
-    assert not teacher_graphs("on", False, gpu, True) and not teacher_graphs("on", True, cpu, True)
-    assert load_config("speedrun-tiny", ["train.cuda_graphs_teachers=true"]).train.cuda_graphs_teachers == "on"
-    # speedrun-tiny, micro-batch 2: stage 1's batch of 4 takes two micro-batches on one rank, one on each of two;
-    # its captions take any length up to text.max_length unless text.min_length pads them all to it
-    fixed = ["text.min_length=32", "text.max_length=32"]
-    assert not steady_shapes(load_config("speedrun-tiny", fixed), 1)
-    assert steady_shapes(load_config("speedrun-tiny", fixed), 2)
-    assert steady_shapes(load_config("speedrun-tiny", fixed + ["train.micro_batch_size=0"]), 1)
-    assert not steady_shapes(load_config("speedrun-tiny", ["train.micro_batch_size=0"]), 1)
-
-
 def test_teachers_compile_where_the_blocks_do_on_a_gpu_and_cuda_graphs_need_one(tmp_path):
     """train.compile_teachers: auto compiles the frozen networks only where the blocks compile on a GPU (not on this
     CPU), on compiles them anywhere; train.cuda_graphs and train.cuda_graphs_teachers on a CPU warn and train
@@ -326,5 +274,5 @@ def test_teachers_compile_where_the_blocks_do_on_a_gpu_and_cuda_graphs_need_one(
     with pytest.warns(RuntimeWarning, match="cuda_graphs=on needs compiled blocks on a GPU"), \
             pytest.warns(RuntimeWarning, match="cuda_graphs_teachers=on needs compiled teachers on a GPU"):
         on.setup()
-    assert not on.cuda_graphs and not on.teacher_graphs
+    assert not on.plan.cuda_graphs and not on.plan.teacher_graphs
     assert all(getattr(net, "_compiled_call_impl", None) is not None for net in frozen(on))

@@ -12,16 +12,22 @@ runs).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import gc
 import resource
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from prx.config import Config
-from prx.plan import fmt_flops, step_flops
+from prx.execution import apply_recompile_limit, block_shapes, recompile_limit
+from prx.flops import fmt_flops, step_flops
+from prx.train import Trainer
 
 # Dense bf16 tensor-core peaks (no sparsity) from the vendors' spec sheets, in TFLOP/s.
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
@@ -38,12 +44,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _quiet(config: Config) -> None:
-    """No samples, logs, progress bar or background checkpoint writes while measuring."""
-    config.train.async_checkpoint = False
-    config.logging.sample_every = 0
-    config.logging.tensorboard = False
-    config.logging.progress_bar = False
+def quiet(config: Config) -> Config:
+    """The config without samples, logs, progress bar or background checkpoint writes, for measuring."""
+    return replace(config, train=replace(config.train, async_checkpoint=False),
+                   logging=replace(config.logging, sample_every=0, tensorboard=False, progress_bar=False))
 
 
 class PhaseTimer:
@@ -112,9 +116,7 @@ def peak_memory_gib(device: torch.device) -> tuple[float, str]:
 
 def run_bench(config: Config, steps: int = 5, warmup: int = 2, peak_tflops: float | None = None, log=print,
               warm_text: bool = True, separate_phase_pass: bool | None = None, profile: str | None = None) -> dict:
-    from prx.train import Trainer
-
-    _quiet(config)
+    config = quiet(config)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(config, tmp, log=lambda *a, **k: None)
         trainer.setup()
@@ -164,7 +166,7 @@ def run_bench(config: Config, steps: int = 5, warmup: int = 2, peak_tflops: floa
         per_size = [step_flops(config, stage, batch=per_rank, size=r.image_size, text_tokens=r.text_length or None,
                                projected_text_tokens=r.text_tokens or None) for r in results]
         flops = {k: sum(f[k] for f in per_size) / steps for k in per_size[0]}
-        peak, peak_source = device_peak_flops(trainer.device, trainer.autocast or torch.float32, peak_tflops)
+        peak, peak_source = device_peak_flops(trainer.device, trainer.plan.autocast or torch.float32, peak_tflops)
         memory, memory_kind = peak_memory_gib(trainer.device)
         p = config.model.patch_size
         tokens = sum((h // p) * (w // p) for h, w in sizes) / steps
@@ -174,8 +176,8 @@ def run_bench(config: Config, steps: int = 5, warmup: int = 2, peak_tflops: floa
         result = {
             "config": config.name, "device": str(trainer.device), "world": world, "resolution": stage.resolution,
             "batch_per_device": per_rank, "micro_batch": config.train.micro_batch_size or per_rank,
-            "precision": str(trainer.autocast or torch.float32).replace("torch.", ""),
-            "compile": config.train.compile, "cuda_graphs": trainer.cuda_graphs, "tread": config.tricks(stage).tread,
+            "precision": trainer.plan.precision, "execution": trainer.plan.to_dict(),
+            "compile": config.train.compile, "cuda_graphs": trainer.plan.cuda_graphs, "tread": config.tricks(stage).tread,
             "text": text,
             "step_seconds": seconds, "images_per_s": per_rank / seconds, "tokens_per_s": per_rank * tokens / seconds,
             "phases": phases, "phased_step_seconds": phased_seconds, "flops_per_step": flops,
@@ -202,11 +204,6 @@ def profile_steps(trainer, steps: range, path: str) -> dict:
     returns per step the wall time under the profiler, the time the device was busy running kernels,
     and the kernel launches the host made (a step whose device is idle part of the time is bound by
     the host: its launches, syncs or Python)."""
-    from pathlib import Path
-
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile, record_function
-
     device = trainer.device
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     marks = set()  # the phases' names, and torch's "Optimizer.step#..." marks
@@ -259,19 +256,10 @@ def largest_micro_batch(config: Config, candidates: list[int], log=print) -> dic
     compiles; with CUDA graphs three, the second records them). Reports each candidate's outcome, peak memory
     and the step time of the one that fits.
     """
-    import gc
-
-    from prx.distributed import recompile_limit
-    from prx.train import Trainer, block_shapes
-
     candidates = sorted(set(candidates), reverse=True)
-    _quiet(config)
     steps = 3 * len(candidates)  # all in the first stage, with a batch of the largest candidate
-    if config.train.stages:
-        config.train.stages = [dataclasses.replace(config.stages[0], batch_size=candidates[0],
-                                                   steps=max(steps, config.stages[0].steps))]
-    else:
-        config.train.batch_size, config.train.steps = candidates[0], max(steps, config.train.steps)
+    stage = replace(config.stages[0], batch_size=candidates[0], steps=max(steps, config.stages[0].steps))
+    config = quiet(replace(config, train=replace(config.train, stages=[stage])))
     tried = []
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(config, tmp, log=lambda *a, **k: None)
@@ -279,15 +267,17 @@ def largest_micro_batch(config: Config, candidates: list[int], log=print) -> dic
         device, step = trainer.device, 0
         # each candidate's micro-batch compiles the blocks for shapes of its own: room for them all, as a run has
         shapes = {(micro, tokens, routed) for micro in candidates
-                  for _, tokens, routed in block_shapes(config, trainer.data, trainer.router, trainer.dist.world)}
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, recompile_limit(shapes))
+                  for _, tokens, routed in block_shapes(config, trainer.data.sizes, trainer.dist.world,
+                                                        trainer.router.num_kept if trainer.router else None)}
+        trainer.plan = replace(trainer.plan, recompile_limit=recompile_limit(shapes, 0))
+        apply_recompile_limit(trainer.plan)
         for micro in candidates:
-            trainer.config.train.micro_batch_size = micro
+            trainer.micro_batch_size = micro
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             outcome: dict = {"micro_batch": micro}
             # CUDA graphs record in a compiled function's second call and replay from its third
-            warmup = 2 if trainer.cuda_graphs or trainer.teacher_graphs else 1
+            warmup = 2 if trainer.plan.any_graphs else 1
             try:
                 for _ in range(warmup):  # compiles for the new shape
                     trainer.train_step(step)

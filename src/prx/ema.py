@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
-from prx.checks import at_least, within
+import torch
 
-# torch is imported where it is used: this module's config is read before any heavy import
-
-
-@dataclass
-class EMAConfig:
-    """``ema:`` ema ← decay·ema + (1 − decay)·weights every ``update_every`` optimizer steps."""
-
-    decay: float = within(0.999, 0, 1, open_high=True)
-    update_every: int = at_least(10, 1)
-    # decay_n = min(decay, (1+n)/(10+n)) over the n-th update: short runs need it
-    warmup: bool = False
+from prx.config.recipe import EMAConfig
+from prx.distributed import local_tensor
 
 
 class EMA:
@@ -70,10 +60,6 @@ class EMA:
 
     def _blend(self, model, weight: float) -> None:
         """ema ← ema + weight·(weights − ema); buffers are copied."""
-        import torch
-
-        from prx.distributed import local_tensor
-
         with torch.no_grad():
             # local shards under FSDP2 (both models are sharded alike), whole tensors otherwise
             ema_params = [local_tensor(p) for p in self._model.parameters()]

@@ -20,6 +20,10 @@ class TrainingError(PrxError):
 class CheckpointDamaged(CheckpointError):
     """A checkpoint whose files are truncated, altered or unreadable (not one of another config)."""
 
+    @classmethod
+    def at(cls, path, what: str) -> "CheckpointDamaged":
+        return cls(f"checkpoint '{path}' is damaged: {what}")
+
 
 class CheckpointNotWritten(CheckpointError):
     """A checkpoint that could not be written (a full disk, a quota): its partial files are gone, the previous

@@ -17,28 +17,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prx.data.shapes import (FACTORS, LAYOUTS, canonical_caption, eval_prompt_sets, judge, layout_of, scene_factors,
-                             world_factors)
+from prx.data.shapes import (
+    FACTORS,
+    LAYOUTS,
+    canonical_caption,
+    eval_prompt_sets,
+    judge,
+    layout_of,
+    scene_factors,
+    world_factors,
+)
+from prx.config.sampling import SamplingConfig
 from prx.errors import PrxError
 from prx.images import save_grid
+from prx.metrics.stats import frechet_distance
 from prx.pipeline import Pipeline
+from prx.sampling import check_request
 
+SETTINGS = ("steps", "guidance", "guidance_scale", "self_guidance_scale", "sampler", "seed")  # in results.json
 MIN_JUDGE_RESOLUTION = 48  # below this, circles and squares are a few pixels apart
 
 
-def evaluate(
-    pipe: Pipeline,
-    out_dir: str | Path | None = None,
-    steps: int | None = None,
-    guidance_scale: float | None = None,
-    sampler: str | None = None,
-    seed: int = 0,
-    guidance: str | None = None,
-    self_guidance_scale: float | None = None,
-    sets: dict | None = None,
-    batch_size: int = 64,
-    progress=None,
-) -> dict:
+def evaluate(pipe: Pipeline, out_dir: str | Path | None = None, sampling: SamplingConfig | None = None,
+             sets: dict | None = None, batch_size: int = 64, progress=None, **overrides) -> dict:
+    """Sample each prompt set (default: :func:`eval_prompt_sets`) and judge it; ``sampling`` (default the run's, with
+    ``overrides`` of its fields) is how, set k drawing its images from seeds ``sampling.seed`` + 100000·k + i."""
     res = pipe.config.stages[-1].resolution
     if res < MIN_JUDGE_RESOLUTION:
         raise PrxError(
@@ -46,20 +49,15 @@ def evaluate(
             f"train at data.resolution ≥ {MIN_JUDGE_RESOLUTION}"
         )
     sets = sets if sets is not None else eval_prompt_sets()
-    from prx.sampling import check_request
 
-    s = pipe.config.sampling  # every value checked once, before any image: set k uses seeds seed + 100000·k + i
-    check_request(100_000 * len(sets), s.steps if steps is None else steps,
-                  s.guidance_scale if guidance_scale is None else guidance_scale,
-                  s.self_guidance_scale if self_guidance_scale is None else self_guidance_scale, batch_size, seed)
+    s = (sampling or pipe.config.sampling).with_overrides(**overrides)
+    check_request(100_000 * len(sets), s, batch_size)  # every value checked once, before any image
     results: dict = {"sets": {}, "settings": {}}
     started = time.monotonic()
     for offset, (name, specs) in enumerate(sets.items()):
         prompts = [canonical_caption(s) for s in specs]
         # Distinct seeds per set and per repeat of a prompt.
-        images = pipe.generate(prompts, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-                               seed=seed + 100_000 * offset, batch_size=batch_size, guidance=guidance,
-                               self_guidance_scale=self_guidance_scale).numpy()
+        images = pipe.generate(prompts, s, batch_size=batch_size, seed=s.seed + 100_000 * offset).numpy()
         verdicts = [judge(img, spec) for img, spec in zip(images, specs)]
         generated = np.array([row for img, spec in zip(images, specs) for row in scene_factors(img, spec)],
                              dtype=np.float64).reshape(-1, len(FACTORS))
@@ -71,7 +69,7 @@ def evaluate(
             "count": float(np.mean([v.count for v in verdicts])),
             "all_correct": float(np.mean([v.correct for v in verdicts])),
             "failures": [p for p, v in zip(prompts, verdicts) if not v.correct][:20],
-            "diversity": diversity(generated, world_factors(specs, res, seed=seed + offset)),
+            "diversity": diversity(generated, world_factors(specs, res, seed=s.seed + offset)),
         }
         by_layout = layout_breakdown(specs, verdicts)
         if by_layout:
@@ -84,12 +82,7 @@ def evaluate(
         if progress is not None:
             progress(name, results["sets"][name])
     results["settings"] = {
-        "steps": s.steps if steps is None else steps,
-        "guidance": guidance or s.guidance,
-        "guidance_scale": s.guidance_scale if guidance_scale is None else guidance_scale,
-        "self_guidance_scale": s.self_guidance_scale if self_guidance_scale is None else self_guidance_scale,
-        "sampler": sampler or s.sampler,
-        "seed": seed,
+        **{k: getattr(s, k) for k in SETTINGS},
         "resolution": res,
         "seconds": round(time.monotonic() - started, 1),
     }
@@ -119,8 +112,6 @@ def diversity(generated: np.ndarray, world: np.ndarray) -> dict:
     """Per factor, the generated images' standard deviation over the world's (1 = as varied as the
     world, 0 = collapsed), and the Fréchet distance of the two factor distributions with each factor
     in units of the world's standard deviation. Rows: one per correctly drawn object."""
-    from prx.metrics.stats import frechet_distance
-
     out = {"objects": int(len(generated))}
     if len(generated) < 2 or len(world) < 2:
         return {**out, "spread": {f: None for f in FACTORS}, "fd": None}

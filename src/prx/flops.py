@@ -7,7 +7,19 @@ respect to both activations and weights). Tests check these formulas against
 
 from __future__ import annotations
 
-from prx.config import ModelConfig
+from dataclasses import replace
+
+import torch
+
+from prx.config import Config
+from prx.config.model import ModelConfig
+from prx.config.rules import block_index
+from prx.lpips import LPIPS_CHANNELS, VGG16_LAYOUT
+from prx.model import build_model, token_count
+from prx.teacher_shapes import teacher_shape
+from prx.teachers import aspect_grid
+from prx.text import text_width
+from prx.tread import TREADRouter
 
 
 def block_forward_flops(cfg: ModelConfig, image_tokens: int, text_tokens: int,
@@ -67,8 +79,6 @@ def training_step_flops(cfg: ModelConfig, height: int, width: int, text_tokens: 
 
 def vgg16_lpips_forward_flops(height: int, width: int) -> int:
     """VGG16 convolutions up to relu5_3 (what LPIPS uses) on one image, plus the 1×1 heads."""
-    from prx.lpips import LPIPS_CHANNELS, VGG16_LAYOUT
-
     macs, channels, h, w = 0, 3, height, width
     for v in VGG16_LAYOUT:
         if v == "M":
@@ -104,3 +114,60 @@ def vit_forward_flops(shape, image_tokens: int) -> int:
     per_layer = n * (4 * d * d + (3 if gated else 2) * d * mlp) + 2 * n * n * d
     patch = image_tokens * 3 * shape.patch_size**2 * d
     return 2 * (shape.num_hidden_layers * per_layer + patch)
+
+
+# --------------------------------------------------------------------------------------------
+# A run's step, every part counted: the denoiser with its routing, the teachers, Newton–Schulz
+# --------------------------------------------------------------------------------------------
+
+
+def routing(cfg: Config, stage, num_layers: int, tokens: int) -> tuple[tuple[int, int] | None, int]:
+    """(routed blocks, tokens they see) in a stage: the router's own answer."""
+    router = TREADRouter.from_config(cfg.tread, 0) if cfg.tricks(stage).tread else None
+    if router is None:
+        return None, tokens
+    return router.blocks(num_layers), router.num_kept(tokens)
+
+
+def fmt_flops(x: float) -> str:
+    for unit, div in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if x >= div:
+            return f"{x / div:.2f} {unit}"
+    return f"{x:.0f} FLOP"
+
+
+def step_flops(cfg: Config, stage, model_cfg=None, batch: int | None = None,
+               size: tuple[int, int] | None = None, text_tokens: int | None = None,
+               projected_text_tokens: float | None = None) -> dict[str, float]:
+    """FLOPs of one optimizer step of ``stage`` for ``batch`` images (default: the stage's global batch)
+    of ``size`` (height, width) pixels (default: the stage's square), by part: the denoiser with its
+    routing (3× forward), each teacher, and Muon's Newton–Schulz. ``text_tokens`` is the captions' padded
+    length (default ``text.max_length``, the longest), ``projected_text_tokens`` the tokens per sample the
+    text projections run over (default all of them; a step's own count in ``prx bench``)."""
+    model_cfg = model_cfg or replace(cfg.model, text_dim=cfg.model.text_dim or text_width(cfg.text.encoder) or 384)
+    batch = stage.batch_size if batch is None else batch
+    height, width = size or (stage.resolution, stage.resolution)
+    text_tokens = text_tokens or cfg.text.max_length
+    n = token_count(height, width, model_cfg.patch_size)
+    on = cfg.tricks(stage)
+    route, kept = routing(cfg, stage, model_cfg.num_layers, n)
+    parts = {"denoiser": 3 * denoiser_forward_flops(model_cfg, height, width, text_tokens, 1, route, kept,
+                                                    projected_text_tokens) * batch}
+    p = cfg.perceptual
+    if on.repa and (teacher := teacher_shape(cfg.repa.teacher)) is not None:
+        inside = route is not None and route[0] <= block_index(cfg.repa.block - 1, model_cfg.num_layers) <= route[1]
+        d = cfg.repa.projector_dim
+        parts["REPA teacher"] = vit_forward_flops(teacher, n) * batch
+        parts["REPA projector"] = 3 * mlp_forward_flops([model_cfg.hidden_dim, d, d, teacher.hidden_size],
+                                                        kept if inside else n) * batch
+    if on.lpips:
+        parts["LPIPS-VGG"] = 3 * vgg16_lpips_forward_flops(int(round(height * p.lpips_resize)),  # target, prediction,
+                                                           int(round(width * p.lpips_resize))) * batch  # backward
+    if on.dino and (teacher := teacher_shape(p.dino_model)) is not None:
+        grid = aspect_grid(height, width, (p.dino_resolution // teacher.patch_size) ** 2)
+        parts["DINO perceptual"] = 3 * vit_forward_flops(teacher, grid[0] * grid[1]) * batch
+    if cfg.optimizer.name == "muon":
+        with torch.device("meta"):
+            shapes = [tuple(q.shape) for q in build_model(model_cfg).muon_params]
+        parts["Muon Newton–Schulz"] = newton_schulz_flops(shapes, cfg.optimizer.muon_ns_steps)
+    return parts

@@ -8,32 +8,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import torch
+from torch import Tensor
 
-from prx.checks import at_least, positive, within
-
-if TYPE_CHECKING:
-    from torch import Tensor
-
-# torch is imported where it is used: this module's config is read before any heavy import
-
-
-@dataclass
-class ObjectiveConfig:
-    """``objective:`` x-prediction flow matching; x_t = (1-t)·x0 + t·noise, t=1 is pure noise."""
-
-    t_mean: float = 0.0  # logit-normal location
-    t_std: float = positive(1.0)  # logit-normal scale
-    shift: float = positive(3.0)  # t' = s·t / (1 + (s-1)·t); 1 disables
-    uniform_fraction: float = within(0.1, 0, 1)  # this share of t is drawn from U[t_min, 1), unshifted
-    t_min: float = within(1e-3, 0, 1, open_high=True)
-    t_clamp: float = within(0.05, 0, 1, open_low=True, open_high=True)  # velocity denominator max(t, t_clamp)
-    noise_scale: float = positive(1.0)
-    # offset noise: ε gets a random per-image, per-channel constant of this std on top, in training and
-    # sampling alike. The mean of white noise over an image is tiny (std 1/√pixels), so a model barely
-    # sees it and draws every image with the same global brightness; an offset makes it visible.
-    noise_offset: float = at_least(0.0, 0, hint=" (0 disables)")
+from prx.config.recipe import ObjectiveConfig
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -43,8 +21,6 @@ def step_seed(seed: int, step: int) -> int:
 
 def image_noise(shape: tuple[int, ...], generator, offset: float = 0.0, device=None) -> Tensor:
     """One image's ε: white noise, plus a per-channel constant of std ``offset`` (offset noise)."""
-    import torch
-
     noise = torch.randn(shape, generator=generator, device=device)
     if offset:
         noise = noise + offset * torch.randn(shape[0], 1, 1, generator=generator, device=device)
@@ -54,8 +30,6 @@ def image_noise(shape: tuple[int, ...], generator, offset: float = 0.0, device=N
 def sample_noise(shape: tuple[int, ...], seed: int, step: int, first: int, device, offset: float = 0.0) -> Tensor:
     """Noise of samples first, first+1, … of the step's global batch, each from its own generator:
     a rank draws only its own samples, and the draws do not depend on the world size."""
-    import torch
-
     out = []
     for i in range(shape[0]):
         g = torch.Generator(device=device).manual_seed(step_seed(seed, step) ^ ((first + i + 1) * 0x9E3779B97F4A7C15 % 2**62))
@@ -70,8 +44,6 @@ def shift_time(t: Tensor, shift: float) -> Tensor:
 
 def sample_timesteps(n: int, cfg: ObjectiveConfig, generator=None, device=None) -> Tensor:
     """Logit-normal(μ, σ) times, shifted, with a share drawn uniformly (unshifted); all in [t_min, 1)."""
-    import torch
-
     normal = torch.randn(n, generator=generator) * cfg.t_std + cfg.t_mean
     t = shift_time(torch.sigmoid(normal), cfg.shift)
     uniform = torch.rand(n, generator=generator) * (1 - cfg.t_min) + cfg.t_min

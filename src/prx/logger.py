@@ -13,60 +13,29 @@ an optional extra, checked before any work (:func:`require_wandb`).
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import secrets
 import string
 import sys
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from prx.checks import at_least, check
+import numpy as np
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from prx.config.run import LoggingConfig
 from prx.errors import PrxError
-
-WANDB_ID_FILE = "wandb_id"
-
-
-@dataclass
-class LoggingConfig:
-    """``logging:`` what the run reports, where, and how often."""
-
-    log_every: int = at_least(10, 1)
-    sample_every: int = at_least(1000, 0, hint=" (0 disables)")  # sample grid of the fixed prompts (EMA weights)
-    sample_steps: int = at_least(25, 1)
-    sample_prompts: list[str] = field(
-        default_factory=lambda: [
-            "a red circle in the top left",
-            "a blue square in the bottom right",
-            "a green triangle in the center",
-            "a yellow circle in the top right",
-            "a purple square in the bottom left",
-            "an orange triangle in the top left",
-            "a blue circle to the left of a red square",
-            "a green square above an orange circle",
-        ]
-    )
-    tensorboard: bool = True
-    progress_bar: bool = True
-    # Weights & Biases (pip install 'prx-speedrun[wandb]'): every logged scalar, the sample grids, the evaluations
-    wandb: bool = False
-    wandb_project: str = "prx"
-    wandb_entity: str | None = None  # null: your default entity
-    wandb_run_name: str | None = None  # null: the run directory's name
-    wandb_mode: str | None = None  # online | offline | disabled; null: $WANDB_MODE, else online
-
-    def check(self, run) -> None:
-        check(self.wandb_mode in (None, "online", "offline", "disabled"),
-              f"logging.wandb_mode must be 'online', 'offline' or 'disabled' (or null for $WANDB_MODE), "
-              f"got '{self.wandb_mode}'")
+from prx.images import save_grid
+from prx.rundir import RunDir
 
 
 def require_wandb(cfg: LoggingConfig) -> None:
     """With ``logging.wandb: true``, a one-line error unless wandb can be imported (call before any work)."""
     if not cfg.wandb:
         return
-    import importlib
 
     try:
         importlib.import_module("wandb")
@@ -75,12 +44,12 @@ def require_wandb(cfg: LoggingConfig) -> None:
                        "(or pip install wandb), or set logging.wandb=false") from None
 
 
-def start_wandb(cfg: LoggingConfig, run_dir: Path, step: int, run_config: dict | None):
+def start_wandb(cfg: LoggingConfig, run: RunDir, step: int, run_config: dict | None):
     """The W&B run of this run directory: the id in ``RUN/wandb_id`` when resuming (step > 0), else a
     new one (written before W&B starts, so an interrupted first attempt resumes into it)."""
     import wandb
 
-    id_file = run_dir / WANDB_ID_FILE
+    run_dir, id_file = run.root, run.wandb_id
     run_id = id_file.read_text().strip() if step > 0 and id_file.is_file() else ""
     if not run_id:
         run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # as W&B's own
@@ -100,20 +69,18 @@ def start_wandb(cfg: LoggingConfig, run_dir: Path, step: int, run_config: dict |
 
 
 class RunLogger:
-    def __init__(self, cfg: LoggingConfig, run_dir: Path, step: int, total: int, enabled: bool = True, log=print,
+    def __init__(self, cfg: LoggingConfig, run: RunDir, step: int, total: int, enabled: bool = True, log=print,
                  run_config: dict | None = None):
-        self.cfg, self.enabled, self.print, self.run_dir = cfg, enabled, log, Path(run_dir)
+        self.cfg, self.enabled, self.print, self.run = cfg, enabled, log, run
         self.window: dict[str, list[float]] = defaultdict(list)
         self.metrics = self.writer = self.wandb = None
         if enabled and cfg.wandb:  # first: a W&B that cannot start stops the run before anything is opened
-            self.wandb = start_wandb(cfg, Path(run_dir), step, run_config)
-        from tqdm import tqdm
-
+            self.wandb = start_wandb(cfg, run, step, run_config)
         self.bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,
                         disable=not (cfg.progress_bar and enabled), mininterval=1.0 if sys.stderr.isatty() else 30.0)
         if not enabled:
             return
-        path = run_dir / "metrics.jsonl"
+        path = run.metrics
         if path.exists():  # a resumed run: forget what was logged after the checkpoint it resumes from
             rows = [line for line in path.read_text().splitlines() if line.strip()]
             kept = [line for line in rows if 0 <= _step_of(line) <= step]
@@ -121,11 +88,9 @@ class RunLogger:
                 path.write_text("".join(line + "\n" for line in kept))
         self.metrics = open(path, "a")
         if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
             # after a resume, TensorBoard hides what was logged past the checkpoint (as metrics.jsonl drops it);
             # the checkpoint's own step stays (TensorBoard discards steps ≥ purge_step)
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1 if step else 0)
+            self.writer = SummaryWriter(str(run.tensorboard), purge_step=step + 1 if step else 0)
 
     def line(self, text: str) -> None:
         """A message that does not break the progress bar."""
@@ -168,9 +133,7 @@ class RunLogger:
 
     def grid(self, images: list, prompts: list[str], step: int) -> Path:
         """A sample grid: ``RUN/samples/step_N.png``, TensorBoard and W&B."""
-        from prx.images import save_grid
-
-        out = self.run_dir / "samples" / f"step_{step:08d}.png"
+        out = self.run.sample_grid(step)
         out.parent.mkdir(parents=True, exist_ok=True)
         save_grid(images, out, prompts, ncol=min(8, len(prompts)))
         self.image("samples", out, step)
@@ -178,7 +141,6 @@ class RunLogger:
 
     def image(self, tag: str, path: Path, step: int) -> None:
         if self.writer is not None:
-            import numpy as np
             from PIL import Image
 
             self.writer.add_image(tag, np.asarray(Image.open(path)), step, dataformats="HWC")

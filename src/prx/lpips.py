@@ -70,10 +70,6 @@ class LPIPS(nn.Module):
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
         if pretrained:
-            if vgg_weights in ("tiny-random-vgg16", "random-vgg16"):  # a random trunk (tests, benchmarks)
-                from prx.teachers import stand_in_path
-
-                vgg_weights = stand_in_path("tiny-random-vgg16")  # VGG16 is full size either way
             self.load_vgg(Path(vgg_weights).expanduser() if vgg_weights else default_vgg_path())
         self.load_heads(Path(heads) if heads else lpips_heads_path())
         self.requires_grad_(False).eval()

@@ -14,15 +14,16 @@ given block (REPA), so the recipe's tricks need no hooks.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from prx.checks import block_index
-from prx.config import ModelConfig
+from prx.config import build_section
+from prx.config.model import ModelConfig
+from prx.config.rules import block_index, check_fields
 from prx.tread import Route
 
 
@@ -36,6 +37,16 @@ class PRXOutput:
 # --------------------------------------------------------------------------------------------
 # Patches and positions
 # --------------------------------------------------------------------------------------------
+
+
+def token_grid(height: int, width: int, patch: int) -> tuple[int, int]:
+    """(rows, columns) of the image tokens of a ``height`` × ``width`` image: the one place it is computed."""
+    return height // patch, width // patch
+
+
+def token_count(height: int, width: int, patch: int) -> int:
+    rows, columns = token_grid(height, width, patch)
+    return rows * columns
 
 
 def patchify(x: Tensor, p: int) -> Tensor:
@@ -391,9 +402,6 @@ def model_config_from_dict(data: dict) -> ModelConfig:
     Without ``num_heads`` the heads are 64 wide; without ``text_dim`` the model takes the bundled
     MiniLM encoder's 384-wide tokens (set it for another encoder).
     """
-    from prx.checks import check_fields
-    from prx.config import build_section
-
     data = dict(data)
     if "num_heads" not in data and "hidden_dim" in data and data.get("preset") is None:
         data["num_heads"] = max(1, int(data["hidden_dim"]) // 64)
@@ -412,8 +420,6 @@ def build_model(config: ModelConfig) -> PRX:
 def param_count(config: ModelConfig) -> int:
     """The number of parameters a config builds, counted on the meta device (nothing is allocated)."""
     if config.text_dim is None:
-        from dataclasses import replace
-
         config = replace(config, text_dim=384)
     with torch.device("meta"):
         return sum(p.numel() for p in PRX(config).parameters())

@@ -4,51 +4,27 @@ Same algorithm, state and hyperparameters as ``torch.optim.Muon`` (its ``_single
 Nesterov, weight decay, the quintic Newton–Schulz iteration and its coefficients, the LR adjustment), with
 two changes to how the work is issued:
 
-- **Same-shape matrices are orthogonalised together**, as one stack through batched matmuls. torch steps
-  matrix by matrix: the seed model's 144 matrices (6 shapes) cost about 25 kernel launches each, ~3,600 a
-  step, which left an H200 waiting on the host (the optimizer was 28% of the step, measured). Stacked, a
-  step is ~25 launches per shape. Momentum and weight decay are multi-tensor (``torch._foreach_*``) ops.
-  Sharded parameters (FSDP2's DTensors) go matrix by matrix, as in torch.
-- **The iteration's dtype is the device's fast one.** torch orthogonalises in bf16, always. On GPUs and on
-  CPUs with AVX512-BF16/AMX that is the fast path and stays. On CPUs without fast bf16 matmuls (AVX2 only:
-  0.8 GFLOP/s in bf16 against 108 in fp32, measured) one step of the 9.4M-parameter demo model took 21 s
-  instead of 0.2 s, so there the iteration runs in fp32. Which dtype a device gets is decided by
-  measuring a matmul in both, once per process and device type.
+- **Same-shape matrices are orthogonalised together**, as one stack through batched matmuls: torch steps matrix
+  by matrix, ~25 kernel launches each, which leaves a fast GPU waiting on the host. Momentum and weight decay are
+  multi-tensor (``torch._foreach_*``) ops. Sharded parameters (FSDP2's DTensors) go matrix by matrix, as in torch.
+- **The iteration's dtype is the device's fast one** (:func:`prx.device.fast_matmul_dtype`): bf16, as torch, on
+  GPUs and CPUs with bf16 units; fp32 on CPUs without them, where a bf16 matmul is emulated ~100× slower.
 
-With ``compiled=True`` (``train.compile_optimizer``; on with CUDA graphs) the memory-bound work around each
-stack's matmuls is one ``torch.compile``'d function before and one after: momentum, Nesterov, the stack, the
-cast and the normalisation in one pass, then weight decay and the update in another, in place of ~10 eager
-passes over every matrix's fp32 values. On an H200 the seed model's optimizer phase went from 38-39 to 35-36 ms
-(its Newton–Schulz matmuls are about 19 ms): 1.08× the step with the blocks as CUDA graphs, 0.95× without,
-where the compiled calls' host time costs more than they save.
+With ``compiled=True`` (``train.compile_optimizer``) the memory-bound work around each stack's matmuls is one
+``torch.compile``'d function before and one after (momentum, Nesterov, the stack, the cast and the normalisation;
+then weight decay and the update), in place of ~10 eager passes over every matrix's fp32 values. Measurements:
+``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
 
 import functools
-import time
 from collections import defaultdict
 
 import torch
 from torch.optim._muon import _adjust_lr
 
-
-@functools.cache
-def fast_matmul_dtype(device_type: str) -> torch.dtype:
-    """bf16 where bf16 matmuls are at least as fast as fp32 (GPUs, AVX512-BF16/AMX CPUs), else fp32:
-    measured once per process (also what ``train.precision: auto`` trains in on a CPU)."""
-    if device_type != "cpu":
-        return torch.bfloat16
-    rates = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a = torch.randn(256, 256).to(dtype)
-        seconds = []
-        for _ in range(3):
-            start = time.perf_counter()
-            a @ a
-            seconds.append(time.perf_counter() - start)
-        rates[dtype] = 1.0 / min(seconds)
-    return torch.bfloat16 if rates[torch.bfloat16] >= rates[torch.float32] else torch.float32
+from prx.device import fast_matmul_dtype, pin_cpu_vector_isa
 
 
 def newton_schulz(grad: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
@@ -118,15 +94,9 @@ class Muon(torch.optim.Muon):
             ns_dtype = fast_matmul_dtype(first.device.type if first is not None else "cpu")
         self.ns_dtype = ns_dtype
         self.compiled = compiled  # the memory-bound work around the matmuls compiled (see the module's docstring)
-        if compiled:
+        if compiled:  # (room for their graphs in dynamo's cache: prx.execution.recompile_limit)
             if first is not None and first.device.type == "cpu":
-                from prx.runtime import pin_cpu_vector_isa
-
-                pin_cpu_vector_isa()
-            # torch's shapes (dynamic from a stack's second shape on: a few graphs, as measured), and room in dynamo's
-            # cache for a graph per kind of stack whatever else this process compiled; past it dynamo runs them eager
-            kinds = {(tuple(p.shape), p.dtype) for g in self.param_groups for p in g["params"]}
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(kinds) + 8)
+                pin_cpu_vector_isa()  # compiled CPU code is cached by ISA only once this is set
             self._momentum_stack = torch.compile(_momentum_stack)
             self._apply_update = torch.compile(_apply_update)
 

@@ -14,42 +14,13 @@ its configured LR as ``base_lr``; the schedule multiplies it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable
+from typing import Any, Iterable
 
-from prx.checks import at_least, check, one_of, positive, within
+import torch
+
+from prx.config.recipe import OptimizerConfig
 from prx.errors import ConfigError
-
-# torch is imported where it is used: this module's config is read before any heavy import
-
-
-@dataclass
-class OptimizerConfig:
-    """``optimizer:`` the optimizers and the LR schedule."""
-
-    name: str = one_of("muon", "adamw")  # muon: Muon for 2D block matrices + Adam for the rest
-    lr: float = positive(1e-4, hint=": a learning rate like 1e-4")
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = positive(1e-8)
-    weight_decay: float = at_least(0.0, 0)
-    warmup_steps: int = at_least(1000, 0)  # linear warm-up, then constant
-    # warm-up / stable / decay: the last `decay_fraction` of the steps decays linearly to lr·min_lr_ratio
-    decay_fraction: float = within(0.0, 0, 1)
-    min_lr_ratio: float = within(0.0, 0, 1)
-    grad_clip: float = at_least(1.0, 0, hint=" (0 disables)")  # max global grad norm
-    muon_lr: float | None = positive(None)  # None = lr (Muon's update RMS is matched to Adam's)
-    muon_momentum: float = within(0.95, 0, 1, open_high=True)
-    muon_nesterov: bool = True
-    muon_ns_steps: int = at_least(5, 1)
-    muon_rms_scale: bool = True  # scale updates by 0.2·√max(m, n) to match Adam's RMS
-
-    # everything else (lr, schedule, betas, clipping, ...) may change when a run resumes: the
-    # hyperparameters come from the config, only the optimizers' state tensors from the checkpoint
-    FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = ("name",)
-
-    def check(self, run) -> None:
-        check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
-              f"optimizer.betas must be two numbers in [0, 1), got {self.betas}")
+from prx.muon import Muon  # torch.optim.Muon, orthogonalising in fp32 on CPUs without fast bf16
 
 
 def decay_start(total_steps: int, cfg: OptimizerConfig) -> int:
@@ -96,9 +67,7 @@ class MultiOptimizer:
 
 
 
-def _muon(group: dict[str, Any], compiled: bool = False):
-    from prx.muon import Muon  # torch.optim.Muon, orthogonalising in fp32 on CPUs without fast bf16
-
+def _muon(group: dict[str, Any], compiled: bool = False, ns_dtype: torch.dtype | None = None):
     params = list(group["params"])
     bad = [tuple(p.shape) for p in params if p.ndim != 2]
     if bad:
@@ -110,12 +79,10 @@ def _muon(group: dict[str, Any], compiled: bool = False):
     )
     if "ns_coefficients" in group:
         kwargs["ns_coefficients"] = tuple(group["ns_coefficients"])
-    return Muon(params, compiled=compiled, **kwargs)
+    return Muon(params, ns_dtype=ns_dtype, compiled=compiled, **kwargs)
 
 
 def _adam(groups: list[dict[str, Any]]):
-    import torch
-
     torch_groups = [
         {"params": list(g["params"]), "lr": g.get("lr", 1e-4), "betas": tuple(g.get("betas", (0.9, 0.95))),
          "eps": g.get("eps", 1e-8), "weight_decay": g.get("weight_decay", 0.0)}
@@ -126,10 +93,11 @@ def _adam(groups: list[dict[str, Any]]):
 
 
 def build_optimizer(param_groups: Iterable[dict[str, Any]], extra_adam_params: list = (),
-                    compile_muon: bool = False) -> MultiOptimizer:
+                    compile_muon: bool = False, ns_dtype: torch.dtype | None = None) -> MultiOptimizer:
     """Build from seed-style param-group dicts. ``extra_adam_params`` (e.g. the REPA projector)
     join the Adam optimizer with the first Adam group's settings. ``compile_muon``: Muon's memory-bound
-    work in compiled passes (``train.compile_optimizer``)."""
+    work in compiled passes; ``ns_dtype``: its Newton–Schulz dtype (both from :mod:`prx.execution`; None: the
+    parameters' device's fast one)."""
     muon_groups, adam_groups = [], []
     for i, group in enumerate(param_groups):
         kind = str(group.get("optimizer", "adam")).lower()
@@ -153,7 +121,7 @@ def build_optimizer(param_groups: Iterable[dict[str, Any]], extra_adam_params: l
             if id(p) in seen:
                 raise ConfigError("a parameter appears in two param groups: each must be in exactly one")
             seen.add(id(p))
-    optimizers = [_muon(g, compile_muon) for g in muon_groups if g["params"]]
+    optimizers = [_muon(g, compile_muon, ns_dtype) for g in muon_groups if g["params"]]
     adam_groups = [g for g in adam_groups if g["params"]]
     if adam_groups:
         optimizers.append(_adam(adam_groups))

@@ -12,25 +12,13 @@ perceptual loss (1 = every sample, the recipe).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import torch
+import torch.nn.functional as F
 
-from prx.checks import at_least, positive, within
-
-# torch is imported where it is used: this module's config is read before any heavy import
-
-
-@dataclass
-class PerceptualConfig:
-    """``perceptual:`` LPIPS-VGG and DINOv2 losses on the predicted x0 against x0."""
-
-    lpips_weight: float = at_least(0.1, 0, hint=" (0 disables)")
-    dino_weight: float = at_least(0.01, 0, hint=" (0 disables)")
-    t_threshold: float = within(1.0, 0, 1, open_low=True)  # apply where t < t_threshold; 1 = all noise levels
-    dino_model: str = "dinov2"  # dinov2 | a hub id | a local directory
-    dino_resolution: int = positive(224)
-    lpips_resize: float = within(0.5, 0, 1, open_low=True)
-    lpips_vgg_weights: str | None = None  # torchvision vgg16-397923af.pth; None = $TORCH_HOME/hub/checkpoints/
-    lpips_heads: str | None = None  # lpips' vgg.pth; None = the installed lpips package's, else prx's copy
+from prx.config.recipe import PerceptualConfig
+from prx.lpips import LPIPS
+from prx.stand_ins import resolve_vgg_weights
+from prx.teachers import VisionTeacher, aspect_grid
 
 
 class PerceptualLoss:
@@ -67,12 +55,9 @@ class PerceptualLoss:
 
     def load(self, dtype=None) -> "PerceptualLoss":
         """Load the frozen networks (before step 0, so a missing one fails early)."""
-        from prx.lpips import LPIPS
-        from prx.teachers import VisionTeacher
-
         c = self.config
         if c.lpips_weight > 0 and self.lpips is None:
-            self.lpips = LPIPS(c.lpips_vgg_weights, c.lpips_heads)
+            self.lpips = LPIPS(resolve_vgg_weights(c.lpips_vgg_weights), c.lpips_heads)
         if c.dino_weight > 0 and self.dino is None:
             self.dino = VisionTeacher.load(c.dino_model, dtype)
         return self
@@ -84,11 +69,6 @@ class PerceptualLoss:
         return self
 
     def __call__(self, x0_pred, x0, t) -> dict:
-        import torch
-        import torch.nn.functional as F
-
-        from prx.teachers import aspect_grid
-
         c = self.config
         gate = (t < c.t_threshold).float() if c.t_threshold < 1.0 else torch.ones_like(t, dtype=torch.float32)
         denom = gate.sum().clamp_min(1.0)

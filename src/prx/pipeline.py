@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from prx.checkpoint import checkpoint_config, find_checkpoint, load_weights
-from prx.config import Config
+from prx.config import Config, config_from_saved
+from prx.config.sampling import SamplingConfig
+from prx.data.buckets import make_buckets, nearest_bucket
+from prx.device import check_memory, resolve_device
 from prx.errors import PrxError
-from prx.model import PRX, build_model
-from prx.runtime import autocast_dtype, resolve_device
+from prx.execution import plan_inference
+from prx.model import PRX, build_model, param_count, token_count
 from prx.sampling import check_request, guided_predictor, initial_noise, sample, to_uint8
 from prx.text import TextEncoder
 from prx.tread import TREADRouter
@@ -22,7 +29,7 @@ class Pipeline:
         self.text_encoder = text_encoder
         self.config = config
         self.device = device or next(model.parameters()).device
-        self.autocast = autocast_dtype(config.train.precision, self.device, training=False)
+        self.autocast = plan_inference(config, self.device).autocast
         self._empty = None
 
     @classmethod
@@ -44,9 +51,6 @@ class Pipeline:
     @staticmethod
     def _build(config: Config, device: str, what: str) -> PRX:
         """The model of a saved config, once it is known to fit in memory (a config can say anything)."""
-        from prx.model import param_count
-        from prx.runtime import check_memory
-
         check_memory(param_count(config.model), resolve_device(device), "inference", f"the model of {what}")
         return build_model(config.model)
 
@@ -54,11 +58,6 @@ class Pipeline:
     def from_export(cls, path: str | Path, device: str = "auto", text_encoder: TextEncoder | None = None,
                     text_cache_size: int | None = None) -> "Pipeline":
         """Load weights written by ``prx export`` (one safetensors file, its config in the metadata)."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        from prx.config import config_from_dict
-
         path = Path(path)
         if not path.is_file():
             raise PrxError(f"export '{path}' does not exist: write one with `prx export --checkpoint RUN --out FILE`")
@@ -69,13 +68,9 @@ class Pipeline:
             raise PrxError(f"export '{path}' is damaged or not a safetensors file ({' '.join(str(e).split())[:120]})") from None
         if "prx_config" not in meta:
             raise PrxError(f"{path} was not written by `prx export` (no prx_config metadata)")
-        import yaml
-
-        from prx.checkpoint import migrate_saved_config
-
         try:
             data = yaml.safe_load(meta["prx_config"])
-            config = config_from_dict(migrate_saved_config(data if isinstance(data, dict) else {"": data}))
+            config = config_from_saved(data if isinstance(data, dict) else {"": data})
         except (yaml.YAMLError, PrxError) as e:
             raise PrxError(f"export '{path}' has a prx_config this prx cannot read ({' '.join(str(e).split())[:160]})") from None
         model = cls._build(config, device, f"export '{path}'")
@@ -88,8 +83,6 @@ class Pipeline:
     @classmethod
     def _assemble(cls, model: PRX, config: Config, device: str, text_encoder: TextEncoder | None,
                   text_cache_size: int | None = None) -> "Pipeline":
-        from dataclasses import replace
-
         dev = resolve_device(device)
         text = config.text if text_cache_size is None else replace(config.text, cache_size=text_cache_size)
         return cls(model.to(dev), text_encoder or TextEncoder.from_config(text, dev), config, dev)
@@ -114,8 +107,6 @@ class Pipeline:
     def size_for_aspect_ratio(self, ratio: str | float) -> tuple[int, int]:
         """(width, height) of the aspect-ratio bucket of the run's last-stage resolution nearest to
         ``ratio`` (width/height: ``"16:9"``, ``"3:4"``, ``1.5``) — the shapes the model was trained on."""
-        from prx.data.buckets import make_buckets, nearest_bucket
-
         value = parse_aspect_ratio(ratio)
         d = self.config.data
         buckets = make_buckets(self.config.stages[-1].resolution, self.config.model.patch_size, d.min_aspect,
@@ -129,82 +120,50 @@ class Pipeline:
             self._empty = self.text_encoder.encode([""]).to(self.device)
         return self._empty
 
-    def generate(
-        self,
-        prompts: list[str],
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        guidance_interval: tuple[float, float] | None = None,
-        sampler: str | None = None,
-        seed: int | None = None,
-        resolution: int | None = None,
-        batch_size: int = 64,
-        guidance: str | None = None,
-        self_guidance_scale: float | None = None,
-        width: int | None = None,
-        height: int | None = None,
-    ) -> torch.Tensor:
-        """uint8 images (B, H, W, 3); image i starts from noise seeded with seed + i.
+    def generate(self, prompts: list[str], sampling: SamplingConfig | None = None, *, batch_size: int = 64,
+                 width: int | None = None, height: int | None = None, resolution: int | None = None,
+                 **overrides) -> torch.Tensor:
+        """uint8 images (B, H, W, 3); image i starts from noise seeded with ``sampling.seed`` + i.
 
-        The size is ``width`` × ``height`` (multiples of the patch size), else a square of
-        ``resolution`` (default: the run's last-stage resolution); see also
-        :meth:`size_for_aspect_ratio`. ``guidance``: 'cfg' (empty-caption negative), 'self' (TREAD
-        self-guidance with the run's routing, a fixed route per image over the image's own token
-        grid) or 'both'; None = the run's sampling.guidance. For many prompts use
-        :meth:`generate_batches`, which holds one batch at a time.
+        ``sampling``: how to sample (default the run's ``sampling:``), with ``overrides`` of its fields in place
+        (``steps=20, guidance="cfg"``; None keeps the value). The size is ``width`` × ``height`` (multiples of the
+        patch size), else a square of ``resolution`` (default: the run's last-stage resolution); see also
+        :meth:`size_for_aspect_ratio`. Guidance 'self' uses the run's TREAD routing, a fixed route per image over its
+        own token grid. For many prompts use :meth:`generate_batches`, which holds one batch at a time.
         """
         return torch.cat([images for _, images in self.generate_batches(
-            prompts, steps, guidance_scale, guidance_interval, sampler, seed, resolution, batch_size, guidance,
-            self_guidance_scale, width, height)])
+            prompts, sampling, batch_size=batch_size, width=width, height=height, resolution=resolution, **overrides)])
 
     @torch.no_grad()
-    def generate_batches(
-        self,
-        prompts: list[str],
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        guidance_interval: tuple[float, float] | None = None,
-        sampler: str | None = None,
-        seed: int | None = None,
-        resolution: int | None = None,
-        batch_size: int = 64,
-        guidance: str | None = None,
-        self_guidance_scale: float | None = None,
-        width: int | None = None,
-        height: int | None = None,
-    ):
+    def generate_batches(self, prompts: list[str], sampling: SamplingConfig | None = None, *, batch_size: int = 64,
+                         width: int | None = None, height: int | None = None, resolution: int | None = None,
+                         **overrides):
         """Yields (index of the first prompt, uint8 images (b, H, W, 3)) batch by batch: memory stays
         that of one batch whatever the number of prompts. The same images as :meth:`generate`."""
-        s = self.config.sampling
-        steps = s.steps if steps is None else steps
-        guidance = guidance or s.guidance
-        guidance_scale = s.guidance_scale if guidance_scale is None else guidance_scale
-        self_scale = s.self_guidance_scale if self_guidance_scale is None else self_guidance_scale
-        interval = tuple(guidance_interval or s.guidance_interval)
-        sampler = sampler or s.sampler
-        seed = s.seed if seed is None else seed
-        check_request(len(prompts), steps, guidance_scale, self_scale, batch_size, seed)
+        s = (sampling or self.config.sampling).with_overrides(**overrides)
+        check_request(len(prompts), s, batch_size)
         width, height = self.image_size(width, height, resolution)
-        patch = self.config.model.patch_size
-        tokens = (height // patch) * (width // patch)
+        tokens = token_count(height, width, self.config.model.patch_size)
         router = None
-        if guidance in ("self", "both"):
-            router = TREADRouter.from_config(self.config.tread, seed)
+        if s.guidance in ("self", "both"):
+            router = TREADRouter.from_config(self.config.tread, s.seed)
             if router is None:
-                raise PrxError("self-guidance needs the run's TREAD routing, but tread.route_ratio is 0: use --guidance cfg")
+                raise PrxError("self-guidance needs the run's TREAD routing, but tread.route_ratio is 0: "
+                               "use --guidance cfg")
+        shift = self.config.objective.shift if s.shift is None else s.shift
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            noise = initial_noise(len(chunk), height, width, seed + start, self.config.objective.noise_scale,
+            noise = initial_noise(len(chunk), height, width, s.seed + start, self.config.objective.noise_scale,
                                   self.config.objective.noise_offset)
             cond = self.text_encoder.encode(chunk).to(self.device)
             route = None
             if router is not None:  # a fixed route per image for the whole generation
-                seeds = [seed + 7_777_777 + i for i in range(start, start + len(chunk))]
+                seeds = [s.seed + 7_777_777 + i for i in range(start, start + len(chunk))]
                 route = router.fixed_route(tokens, self.config.model.num_layers, seeds, self.device)
-            predict = guided_predictor(self.model, cond, self.empty_caption, guidance, guidance_scale, self_scale,
-                                       interval, route, self.autocast)
-            x = sample(predict, noise.to(self.device), steps, sampler, self.config.sampling_shift,
-                       self.config.objective.t_clamp, s.schedule)
+            predict = guided_predictor(self.model, cond, self.empty_caption, s.guidance, s.guidance_scale,
+                                       s.self_guidance_scale, tuple(s.guidance_interval), route, self.autocast)
+            x = sample(predict, noise.to(self.device), s.steps, s.sampler, shift, self.config.objective.t_clamp,
+                       s.schedule)
             yield start, to_uint8(x)
 
 

@@ -11,37 +11,13 @@ not part of the weights used for sampling.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-from prx.checks import at_least, check
-
-# torch is imported where it is used: this module's config is read before any heavy import
-
-
-@dataclass
-class REPAConfig:
-    """``repa:`` alignment of a block's output with a frozen vision teacher."""
-
-    teacher: str = "dinov3"  # dinov3 | dinov2 | a hub id | a local directory
-    weight: float = at_least(0.5, 0, hint=" (0 disables)")
-    block: int = 8  # the output of the 8th block (counted from 1, as in the REPA paper)
-    projector_dim: int = at_least(2048, 1)
-
-    # a resumed run keeps these: the trained projector maps to this teacher's features
-    FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = ("teacher", "projector_dim")
-
-    def check_resume(self, saved: "REPAConfig") -> None:
-        """REPA cannot be switched on or off in a resumed run: the projector is trained state."""
-        check((saved.weight > 0) == (self.weight > 0),
-              f"repa.weight cannot go from {saved.weight:g} to {self.weight:g} in a resumed run: the REPA projector "
-              f"{'is' if saved.weight > 0 else 'is not'} part of its checkpoints; switch REPA per stage with "
-              f"train.stages[i].repa, or use --out for a new run")
-
-    def check(self, run) -> None:
-        n = run.model.num_layers
-        check(self.weight == 0 or 1 <= self.block <= n,
-              f"repa.block={self.block} must be between 1 and model.num_layers={n} (it counts blocks from 1)")
+from prx.config.recipe import REPAConfig
+from prx.model import gather_tokens
+from prx.teachers import VisionTeacher
 
 
 class REPAAlignment:
@@ -85,10 +61,6 @@ class REPAAlignment:
 
     def setup(self, model_dim: int, num_layers: int, teacher=None, dtype=None) -> "REPAAlignment":
         """Load the teacher and build the projector (before the optimizer is built)."""
-        from torch import nn
-
-        from prx.teachers import VisionTeacher
-
         if self.apply_at_block > num_layers:
             raise ValueError(f"REPA apply_at_block={self.apply_at_block} but the model has {num_layers} blocks")
         if self.teacher is None:
@@ -106,18 +78,12 @@ class REPAAlignment:
         return self
 
     def teacher_features(self, clean, grid: tuple[int, int]):
-        import torch
-
         with torch.no_grad():
             return self.teacher(clean, grid, mode=self.resize_mode)
 
     def __call__(self, hidden, clean, grid: tuple[int, int], hidden_index=None):
         """hidden (B, N or K, D) after the aligned block (``hidden_index`` (B, K): which tokens, when routed);
         clean (B, 3, H, W) in [-1, 1]; grid = the batch's token grid (rows, columns)."""
-        import torch.nn.functional as F
-
-        from prx.model import gather_tokens
-
         target = self.teacher_features(clean, grid)  # (B, N, teacher_dim)
         if hidden_index is not None:
             target = gather_tokens(target, hidden_index)  # TREAD: align the visible tokens only

@@ -1,17 +1,82 @@
-"""Resuming with a changed config: which keys differ from the run's saved config, which of them a
-resumed run can take (they take effect and are recorded), and which it must refuse (one line).
+"""Resuming a run: which checkpoint it continues from, which keys of its config changed since it was saved, which of
+them a resumed run can take (they take effect and are recorded), and which it must refuse (one line).
 
-Each config section lists the keys it keeps for the life of a run in its ``FIXED_ON_RESUME``
-(beside its fields); the stage rules are here.
+Each config section lists the keys it keeps for the life of a run in its ``FIXED_ON_RESUME`` (beside its fields);
+the model's shape and the stage rules are checked here.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
-from prx.checks import check
+from prx.checkpoint import checkpoint_config, checkpoint_meta, has_checkpoint, newest_intact
 from prx.config import SECTIONS, Config
-from prx.errors import ConfigError
+from prx.config.model import ModelConfig
+from prx.config.rules import check
+from prx.errors import CheckpointError, ConfigError
+from prx.files import make_writable_dir
+from prx.rundir import RunDir
+
+# model fields that say how a run started, not what its weights are: they may differ on resume
+HOW_IT_STARTED = dict(text_dim=None, init_from=None, patch_bias_std=0.0, norm_eps=1e-6)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a run continues from, with what the run learnt before it (trainer state, not config)."""
+
+    path: Path
+    step: int
+    saved: Config  # the config its checkpoint was written with
+    meta: dict  # its meta.json: step, format, files, and planned_steps when a time budget chose the count
+
+    @property
+    def norm_eps(self) -> float:
+        """The weights' own LayerNorm eps (1e-5 in runs from before the option)."""
+        return self.saved.model.norm_eps
+
+    def planned_steps(self, config: Config) -> int | None:
+        """The step count the run's time budget chose, when the resumed config still has a budget."""
+        return self.meta.get("planned_steps") if config.train.time_budget_minutes else None
+
+
+def checkpoint_to_resume(run: RunDir, resume: bool | None, config: Config, log=print,
+                         is_main: bool = True) -> ResumePoint | None:
+    """The run directory's newest intact checkpoint to continue from (None: a new run), after the checks (the config
+    keys that differ from the run's saved config are printed; they take effect): ``resume`` True requires a
+    checkpoint, False forbids one, None takes one if there is one; a checkpoint of another model shape, or a change of
+    a key that cannot change mid-run, is refused; damaged checkpoints are skipped, saying so."""
+    exists = has_checkpoint(run.root)
+    if resume is True and not exists:
+        raise CheckpointError(f"--resume given but '{run.root}' has no checkpoint: drop --resume to start a new run "
+                              f"there")
+    if resume is False and exists:
+        raise CheckpointError(f"'{run.root}' already holds a run: resume it (drop the flag that forbids it) or choose "
+                              f"--out")
+    make_writable_dir(run.root, "run directory")
+    if not exists:
+        return None
+    path = newest_intact(run.checkpoints, log if is_main else (lambda *a, **k: None), move_aside=is_main)
+    point = ResumePoint(path, checkpoint_meta(path)["step"], checkpoint_config(path), checkpoint_meta(path))
+    if not same_model(point.saved.model, config.model):
+        raise CheckpointError(f"'{run.root}' holds a run with a different model config: use --out for a new run, or "
+                              f"the run's own config ({run.config})")
+    # compared with the step count its time budget chose, which is not a change of train.steps
+    planned = point.planned_steps(config)
+    compared = replace(config, train=replace(config.train, steps=planned)) if planned else config
+    saved = replace(point.saved, train=replace(point.saved.train, steps=planned)) if planned else point.saved
+    changes = resume_changes(saved, compared, point.step)
+    if changes and is_main:  # they take effect; the trainer's config.yaml records them
+        log(f"resuming with a changed config (recorded in {run.config}): {describe_changes(changes)}")
+    return point
+
+
+def same_model(saved: ModelConfig, new: ModelConfig) -> bool:
+    """Whether a config's model is the saved run's (a text width left unset takes the run's)."""
+    return replace(saved, **HOW_IT_STARTED) == replace(new, **HOW_IT_STARTED) and (
+        new.text_dim is None or saved.text_dim == new.text_dim)
 
 
 def _flat(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:

@@ -7,60 +7,33 @@ is affine, so this equals guiding in velocity space.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+import math
+from typing import Callable
 
-from prx.checks import at_least, check, one_of, positive
-from prx.flow import shift_time, velocity
+import numpy as np
+import torch
+from torch import Tensor
+
+from prx.config.sampling import SamplingConfig
+from prx.errors import PrxError
+from prx.flow import image_noise, shift_time, velocity
 from prx.text import TextBatch
-
-if TYPE_CHECKING:
-    import torch
-    from torch import Tensor
-
-    from prx.tread import Route
-
-# torch is imported where it is used: this module's config is read before any heavy import
+from prx.tread import Route
 
 X0Predictor = Callable[["Tensor", "Tensor"], "Tensor"]  # (x_t, t scalar tensor) → x0
 
 
-@dataclass
-class SamplingConfig:
-    """``sampling:`` how samples and evaluations are drawn."""
-
-    sampler: str = one_of("euler", "heun")
-    steps: int = at_least(50, 1)
-    guidance: str = one_of("cfg", "self", "both")  # cfg (empty-caption negative) | self (TREAD self-guidance) | both
-    guidance_scale: float = at_least(3.5, 0)  # classifier-free guidance scale; 1 disables
-    self_guidance_scale: float = at_least(3.5, 0)  # out = routed + w·(dense − routed); 1 disables
-    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only for t in [lo, hi]
-    shift: float | None = positive(None)  # time shift of the sampling schedule; None = objective.shift
-    # diffusers: shift(linspace(1, shift(1/1000), N)) then 0, exactly diffusers' FlowMatchEulerDiscreteScheduler,
-    # so an exported run samples the same images in PRXPixelPipeline | linspace: shift(linspace(1, 0, N+1)), the
-    # reference code's (and prx's before the option; runs saved then keep it)
-    schedule: str = one_of("diffusers", "linspace")
-    seed: int = 0
-
-    def check(self, run) -> None:
-        gi = self.guidance_interval
-        check(len(gi) == 2 and 0.0 <= gi[0] <= gi[1] <= 1.0,
-              f"sampling.guidance_interval must be [lo, hi] with 0 ≤ lo ≤ hi ≤ 1, got {gi}")
-        check(self.guidance == "cfg" or run.tread.route_ratio > 0,
-              f"sampling.guidance={self.guidance} needs TREAD routing (tread.route_ratio > 0) for its routed pass")
 
 
 SEED_LIMIT = 2**63  # seeds are non-negative int64; image i uses seed + i
 
 
-def check_request(count: int, steps: int, guidance_scale: float, self_guidance_scale: float, batch_size: int,
-                  seed: int) -> None:
+def check_request(count: int, sampling: SamplingConfig, batch_size: int) -> None:
     """The values of one sampling request (``prx sample``, ``prx eval``, ``Pipeline.generate``), each
     refused with a one-line message instead of a default, noise or a crash: ``count`` images from
     seeds seed .. seed + count − 1."""
-    import math
-
-    from prx.errors import PrxError
+    steps, seed = sampling.steps, sampling.seed
+    guidance_scale, self_guidance_scale = sampling.guidance_scale, sampling.self_guidance_scale
 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise PrxError(f"--steps must be a whole number ≥ 1 (sampling steps), got {steps}")
@@ -82,13 +55,10 @@ def sampling_schedule(steps: int, shift: float, kind: str = "linspace") -> Tenso
                FlowMatchEulerDiscreteScheduler(shift=shift) to the last float32 bit (its init shifts its
                smallest training sigma, set_timesteps shifts again), so PRXPixelPipeline takes the same steps.
     """
-    import torch
-
     if kind == "linspace":
         return shift_time(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift).float()
     if kind != "diffusers":
         raise ValueError(f"unknown sampling schedule '{kind}': use 'diffusers' or 'linspace'")
-    import numpy as np
 
     train_sigmas = torch.tensor([1.0, 1.0], dtype=torch.float32) / torch.tensor([1.0, 1000.0])  # float32, as diffusers
     t_max, t_min = (shift * train_sigmas / (1 + (shift - 1) * train_sigmas)).tolist()
@@ -101,10 +71,6 @@ def initial_noise(num_images: int, height: int, width: int, seed: int, noise_sca
                   noise_offset: float = 0.0) -> Tensor:
     """Image i's starting noise depends only on (seed + i), never on the batch it is sampled in;
     drawn like the training noise (``objective.noise_scale``, ``noise_offset``)."""
-    import torch
-
-    from prx.flow import image_noise
-
     noise = [image_noise((3, height, width), torch.Generator().manual_seed(seed + i), noise_offset)
              for i in range(num_images)]
     return torch.stack(noise) * noise_scale
@@ -135,7 +101,6 @@ def guided_predictor(
     use_self = guidance in ("self", "both") and self_guidance_scale != 1.0
     if use_self and route is None:
         raise ValueError("self-guidance needs a route (the routed pass)")
-    import torch
 
     n = cond.embeds.shape[0]
     both_texts = TextBatch.cat([cond, uncond.expand(n)]) if use_cfg else None
@@ -173,8 +138,6 @@ def sample(
 ) -> Tensor:
     """Integrate from noise (t = 1) to an image (t = 0) over ``sampling_schedule(steps, shift, schedule)``,
     without gradients; returns x in about [-1, 1]."""
-    import torch
-
     if sampler not in ("euler", "heun"):
         raise ValueError(f"unknown sampler '{sampler}': use 'euler' or 'heun'")
     times = sampling_schedule(steps, shift, schedule).to(noise.device)
@@ -194,6 +157,4 @@ def sample(
 
 def to_uint8(images: Tensor) -> Tensor:
     """[-1, 1] float (B, 3, H, W) → uint8 (B, H, W, 3)."""
-    import torch
-
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()

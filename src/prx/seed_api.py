@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from prx.config import Config, StageConfig, validate
 from prx.errors import ConfigError
+from prx.model import PRX, model_config_from_dict
 from prx.perceptual import PerceptualConfig
 from prx.repa import REPAConfig
 from prx.tread import TreadConfig
-
 
 COMPONENTS = ("model", "router", "repa", "perceptual_loss", "param_groups", "text_encoder")
 SCHEDULE = ("batch_size", "steps_512", "steps_1024", "batch_size_1024")
@@ -31,8 +31,6 @@ def resolve_components(config: Config | None, given: dict) -> tuple[Config, dict
                         f"(it takes {', '.join(COMPONENTS + SCHEDULE)})")
     components = {name: given.get(name) for name in COMPONENTS}
     if isinstance(components["model"], dict):
-        from prx.model import PRX, model_config_from_dict
-
         components["model"] = PRX(model_config_from_dict(components["model"]))
     if config is None:
         if components["model"] is None:

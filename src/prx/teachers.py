@@ -18,57 +18,15 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prx.errors import PrxError
-from prx.runtime import cache_root
-
-TEACHER_IDS = {
-    "dinov2": "facebook/dinov2-with-registers-base",
-    "dinov3": "facebook/dinov3-vitl16-pretrain-lvd1689m",
-}
-GATED = {"facebook/dinov3-vitl16-pretrain-lvd1689m"}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# Shapes (transformers config fields) of the named teachers and the stand-ins, so a plan or a FLOP
-# count needs no weights and creates nothing.
-TEACHER_SHAPES = {
-    TEACHER_IDS["dinov3"]: dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                                patch_size=16, num_register_tokens=4),
-    TEACHER_IDS["dinov2"]: dict(hidden_size=768, mlp_ratio=4, num_hidden_layers=12, num_attention_heads=12,
-                                patch_size=14, num_register_tokens=4),
-}
-STAND_INS = {  # name → (architecture, shape)
-    "tiny-random-dinov2": ("dinov2", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
-                                          patch_size=14, image_size=224, num_register_tokens=4)),
-    "tiny-random-dinov3": ("dinov3", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=2, patch_size=16, num_register_tokens=4)),
-    "random-dinov2-base": ("dinov2", TEACHER_SHAPES[TEACHER_IDS["dinov2"]]),
-    "random-dinov3-vitl16": ("dinov3", TEACHER_SHAPES[TEACHER_IDS["dinov3"]]),
-    "tiny-random-vgg16": ("vgg16", {}),
-}
-
-
-def teacher_shape(name: str) -> SimpleNamespace | None:
-    """The shape of a named teacher or stand-in without loading (or creating) it; None if unknown."""
-    if name in STAND_INS:
-        return SimpleNamespace(**STAND_INS[name][1])
-    ident = TEACHER_IDS.get(name, os.path.expanduser(name))
-    if ident in TEACHER_SHAPES:
-        return SimpleNamespace(**TEACHER_SHAPES[ident])
-    try:  # a local directory or a hub id in the cache: its config.json
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(ident, local_files_only=True)
-    except Exception:
-        return None
+from prx.stand_ins import stand_in_path
+from prx.teacher_shapes import GATED, IMAGENET_MEAN, IMAGENET_STD, STAND_INS, TEACHER_IDS, TEACHER_SHAPES, teacher_shape  # noqa: F401
 
 
 def resolve_teacher(name: str) -> str:
@@ -158,62 +116,3 @@ class VisionTeacher(nn.Module):
         x = ((x - self.mean) / self.std).to(next(self.model.parameters()).dtype)
         hidden = self.model(pixel_values=x).last_hidden_state
         return hidden[:, self.num_prefix_tokens:]
-
-
-# --------------------------------------------------------------------------------------------
-# Stand-ins
-# --------------------------------------------------------------------------------------------
-
-
-def stand_in_path(name: str) -> Path:
-    """Create (once) and return the local path of a random stand-in teacher."""
-    if name not in STAND_INS:
-        raise ValueError(f"unknown stand-in teacher '{name}': one of {', '.join(STAND_INS)}")
-    path = cache_root() / "tiny-teachers" / (name + (".pth" if name.endswith("vgg16") else ""))
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng(devices=[]):  # the same weights every time, and the caller's RNG untouched
-        torch.manual_seed(0)
-        write_atomically(path, lambda tmp: _create_stand_in(name, tmp))
-    return path
-
-
-def _create_stand_in(name: str, path: Path) -> None:
-    architecture, shape = STAND_INS[name]
-    if architecture == "vgg16":
-        from prx.lpips import vgg16_features
-
-        torch.save({f"features.{k}": v for k, v in vgg16_features().state_dict().items()}, path)
-        return
-    import transformers as tf
-
-    if architecture == "dinov2":
-        model = tf.Dinov2WithRegistersModel(tf.Dinov2WithRegistersConfig(**shape))
-    else:
-        model = tf.DINOv3ViTModel(tf.DINOv3ViTConfig(**shape))
-    save_pretrained(model, path)
-
-
-def save_pretrained(model, directory: Path) -> None:
-    """What transformers' ``save_pretrained`` writes (config.json, model.safetensors), from every
-    process: under a running torch.distributed job its own method writes on rank 0 only."""
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(directory)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"),
-              metadata={"format": "pt"})
-
-
-def write_atomically(path: Path, write) -> None:
-    """Write to a private temporary name, then rename into place; when another process (a rank of
-    the same job) got there first, keep its copy: both are the same weights."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    write(tmp)
-    try:
-        os.replace(tmp, path)
-    except OSError:
-        if not path.exists():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)

@@ -13,18 +13,22 @@ from __future__ import annotations
 
 import contextlib
 import os
+import string
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
 
-from prx.checks import at_least, check, one_of, positive
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from prx.config.data import TextConfig
+from prx.config.model import ModelConfig
+from prx.device import to_device
 from prx.errors import PrxError
-
-if TYPE_CHECKING:
-    from torch import Tensor
-
-# torch is imported where it is used: this module's config is read before any heavy import
+from prx.files import cache_root
+from prx.stand_ins import save_pretrained, write_atomically
 
 MINILM = "minilm"
 STAND_IN_ENCODERS = {  # name → BertConfig fields (random-minilm: all-MiniLM-L6-v2's shape)
@@ -35,34 +39,6 @@ STAND_IN_ENCODERS = {  # name → BertConfig fields (random-minilm: all-MiniLM-L
 }
 KNOWN_WIDTHS = {MINILM: 384, "random-minilm": 384, "tiny-random-bert": 32,
                 "google/t5gemma-2b-2b-ul2": 2304}  # token widths, for plans without weights
-
-
-@dataclass
-class TextConfig:
-    """``text:`` the frozen text encoder."""
-
-    encoder: str = MINILM  # "minilm" (bundled, offline), a Hugging Face hub id, or a local directory
-    # keep only the encoder's first N layers (None: all). The rest are never run (saved with the export as
-    # an N-layer encoder): cheaper encoding, and a middle layer's tokens can be the better condition
-    num_layers: int | None = positive(None)
-    max_length: int = positive(64)
-    dtype: str = one_of("float32", "bfloat16", "float16")
-    cache_size: int = at_least(100_000, 0)  # encodings of repeated captions are reused
-    # ... and take at most this much memory (least recently used first out), where cache_device says: auto = where
-    # the encoder runs (on a GPU a batch of cached captions is then built there, with no host work), or cpu
-    cache_gib: float = at_least(2.0, 0)
-    cache_device: str = one_of("auto", "cpu")
-    # a batch's caption tokens are padded to at least this many (masked, so the result is the same): a
-    # compiled model sees one text length. The demo's batches are 24 tokens long; the one batch of
-    # short captions at step 504 was 16 and recompiled the blocks for ~19 s
-    min_length: int = at_least(0, 0)
-
-    # a resumed run keeps these: the model's text projection learned this encoder's tokens
-    FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = ("encoder", "max_length", "num_layers")
-
-    def check(self, run) -> None:
-        check(self.min_length <= self.max_length, f"text.min_length ({self.min_length}) pads caption tokens up to "
-              f"at most text.max_length ({self.max_length}): lower it or raise text.max_length")
 
 
 def text_width(name: str) -> int | None:
@@ -86,16 +62,10 @@ class TextBatch:
     mask: Tensor  # (B, L) bool, True = real token
 
     def to(self, device) -> "TextBatch":
-        import torch
-
-        from prx.runtime import to_device
-
         device = torch.device(device)
         return TextBatch(to_device(self.embeds, device), to_device(self.mask, device))
 
     def pad_to(self, length: int) -> "TextBatch":
-        import torch.nn.functional as F
-
         extra = length - self.embeds.shape[1]
         if extra <= 0:
             return self
@@ -121,8 +91,6 @@ class TextBatch:
 
     @staticmethod
     def cat(batches: list["TextBatch"]) -> "TextBatch":
-        import torch
-
         length = max(b.embeds.shape[1] for b in batches)
         padded = [b.pad_to(length) for b in batches]
         return TextBatch(torch.cat([b.embeds for b in padded]), torch.cat([b.mask for b in padded]))
@@ -145,19 +113,12 @@ def resolve_encoder(name: str) -> str:
 def stand_in_encoder(name: str) -> Path:
     """Create (once) and return the directory of a random stand-in encoder: a BERT of the named shape and
     a WordPiece vocabulary of characters (any caption tokenizes, a few tokens per word)."""
-    import torch
-
-    from prx.runtime import cache_root
-    from prx.teachers import save_pretrained, write_atomically
-
     path = cache_root() / "stand-in-encoders" / name
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def create(directory: Path) -> None:
-        import string
-
         from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
         from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
@@ -221,13 +182,13 @@ def _load_encoder(path: str, dtype, local_files_only: bool, num_layers: int | No
     return AutoTokenizer.from_pretrained(path, **kw), cls.from_pretrained(path, config=config, dtype=dtype, **kw)
 
 
-def fit_text_dim(model_cfg, encoder: "TextEncoder", name: str) -> None:
-    """``model.text_dim`` is the encoder's width when unset; a one-line error when the two disagree."""
-    if model_cfg.text_dim is None:
-        model_cfg.text_dim = encoder.dim
-    if model_cfg.text_dim != encoder.dim:
+def text_model_config(model_cfg: ModelConfig, encoder: "TextEncoder", name: str) -> ModelConfig:
+    """The model config with ``model.text_dim`` the encoder's width when unset; a one-line error when the two
+    disagree."""
+    if model_cfg.text_dim is not None and model_cfg.text_dim != encoder.dim:
         raise PrxError(f"the model takes {model_cfg.text_dim}-wide text tokens but text encoder '{name}' gives "
                        f"{encoder.dim}: set model.text_dim={encoder.dim} (or leave it unset)")
+    return replace(model_cfg, text_dim=encoder.dim)
 
 
 class TextEncoder:
@@ -236,8 +197,6 @@ class TextEncoder:
     def __init__(self, name: str = MINILM, max_length: int = 64, dtype="float32", device="cpu",
                  cache_size: int = 100_000, min_length: int = 0, num_layers: int | None = None, cache_gib: float = 2.0,
                  cache_device: str = "auto"):
-        import torch
-
         self.name = name
         self.max_length = max_length
         self.min_length = min_length
@@ -275,8 +234,6 @@ class TextEncoder:
 
     def _encode_uncached(self, captions: list[str], on_device: bool = False) -> list[Tensor]:
         """Each caption's real tokens, (n_i, D) float32: on the host, or with ``on_device`` where the encoder ran."""
-        import torch
-
         # On GPUs the batch pads to a multiple of 8 tokens: cuDNN's attention builds a plan per sequence length
         # (7.8 ms of CPU per layer on an H200), so lengths must come from a small set to be reused. (The tokenizer
         # refuses to pad to a multiple of 8 when text.max_length is not one.)
@@ -313,8 +270,6 @@ class TextEncoder:
         ``cache=False`` encodes the captions together, now: an embedding then depends only on this
         batch (the cache returns whatever batch a caption first came in; padding moves the last bits).
         """
-        import torch
-
         on_gpu = self.device.type == "cuda"
         if cache:
             missing = list(dict.fromkeys(c for c in captions if c not in self._cache))
@@ -347,10 +302,6 @@ def padded_batch(encodings: list[Tensor], length: int, device) -> TextBatch:
     batch on the host (a 12.6 MB tensor, a copy and a mask fill per caption) and copying it into pinned
     memory. Encodings already on the GPU (the caption cache of a GPU run) are joined there: the host then
     only works out and sends the rows and the mask (:func:`batch_layout`)."""
-    import torch
-
-    from prx.runtime import to_device
-
     device = torch.device(device)
     rows, mask = batch_layout([e.shape[0] for e in encodings], length)
     tokens = to_device(torch.cat(encodings), device)
@@ -367,8 +318,6 @@ def batch_layout(lengths: list[int], length: int):
     there ran on an OpenMP team of one thread per core that waited for the cores the data's render threads held
     (on an H200's host ``repeat_interleave``, here over 32 numbers, took 3.9 ms a call under the profiler; the
     text phase took 10 ms of host time, 0.9 ms with 4 torch threads)."""
-    import numpy as np
-
     lengths = np.asarray(lengths, dtype=np.int64)
     # caption i's tokens start at row i·length
     starts = np.repeat(np.arange(len(lengths)) * length - (np.cumsum(lengths) - lengths), lengths)

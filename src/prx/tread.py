@@ -15,28 +15,13 @@ replay of the step (activation checkpointing, resume).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from prx.checks import block_index, check, within
+import torch
+from torch import Tensor
 
-if TYPE_CHECKING:
-    from torch import Tensor
-
-
-@dataclass
-class TreadConfig:
-    """``tread:`` route_ratio of the image tokens skip blocks start_block..end_block (training only)."""
-
-    route_ratio: float = within(0.5, 0, 1, open_high=True, hint=" (0 disables)")
-    start_block: int = 2  # 0-based; negative counts from the end
-    end_block: int = -2  # inclusive: -2 is the penultimate block
-
-    def check(self, run) -> None:
-        if self.route_ratio > 0:
-            n = run.model.num_layers
-            ok = -n <= self.start_block < n and -n <= self.end_block < n and self.start_block % n <= self.end_block % n
-            check(ok, f"tread.start_block={self.start_block}..tread.end_block={self.end_block} is not a block range of "
-                      f"a {n}-block model: use 0 ≤ start ≤ end < {n} (negative values count from the end)")
+from prx.config.recipe import TreadConfig
+from prx.config.rules import block_index
+from prx.device import to_device
 
 
 @dataclass
@@ -93,15 +78,12 @@ class TREADRouter:
     def fixed_route(self, num_tokens: int, num_layers: int, seeds: list[int], device="cpu") -> Route | None:
         """One routing per image, from its own seed (self-guidance: the same route at every sampling step,
         and image i's route does not depend on the batch it is sampled in)."""
-        import torch
-
         start, end = self.blocks(num_layers)
         kept = self.num_kept(num_tokens)
         if kept == num_tokens:
             return None
         keep = [torch.rand(num_tokens, generator=torch.Generator().manual_seed(s)).argsort()[:kept].sort().values
                 for s in seeds]  # a uniform random subset per sample, in token order
-        from prx.runtime import to_device
 
         return Route(start, end, to_device(torch.stack(keep), torch.device(device)))
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Bucket:
@@ -59,8 +61,6 @@ def nearest_bucket(aspect: float, buckets: list[Bucket]) -> int:
 
 def bucket_indices(widths, heights, buckets: list[Bucket]):
     """:func:`assign_bucket` for arrays of image sizes (numpy), as the loader plans with it."""
-    import numpy as np
-
     log_aspects = np.log([b.aspect for b in buckets])
     sample_aspects = np.log(np.asarray(widths) / np.maximum(np.asarray(heights), 1))
     return np.abs(sample_aspects[:, None] - log_aspects[None]).argmin(1)

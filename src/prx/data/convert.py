@@ -16,10 +16,11 @@ import hashlib
 import io
 import json
 import math
+import multiprocessing
 import os
 import tarfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Iterator
@@ -28,67 +29,13 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from prx.data.imageio import BadImage, decode, probe
+from prx.data.mapping import Mapping
 from prx.data.shards import ROWS_PER_GROUP, write_shard
 from prx.errors import PrxError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 STORED_FORMATS = {"JPEG", "PNG", "WEBP"}  # others are re-encoded losslessly to PNG
 AR_BINS = [0.0, 0.5, 0.67, 0.8, 0.95, 1.05, 1.25, 1.5, 2.0, math.inf]  # width / height
-
-# Column mappings of the recipe's datasets as published on the Hugging Face hub (all Parquet with
-# the image as a {bytes, path} struct): image column, {source caption column: shard column}, id
-# column. Each maps its main caption to `caption`, so the three mix under one caption weighting.
-PRESETS: dict[str, dict] = {
-    # lehduong/flux_generated: data/train-*.parquet; image, width, height, caption_caption
-    "flux-generated": {"image": "image", "captions": {"caption_caption": "caption"}, "id": None},
-    # LucasFang/FLUX-Reason-6M: <Subset>/fluxdb-*.parquet; id, image, caption_detail (always set),
-    # caption_original (the original prompt, often empty), other caption_* columns and scores
-    "flux-reason-6m": {"image": "image", "captions": {"caption_detail": "caption", "caption_original": "original"},
-                       "id": "id"},
-    # brivangl/midjourney-v6-llava: data/train_*.parquet; id, image, prompt (Midjourney), llava (LLaVA caption)
-    "midjourney-v6-llava": {"image": "image", "captions": {"llava": "caption", "prompt": "prompt"}, "id": "id"},
-}
-
-
-@dataclass
-class Mapping:
-    """Which input fields become the shard's image, captions and id."""
-
-    image: str = "image"
-    captions: dict[str, str] = field(default_factory=lambda: {"caption": "caption"})  # source → shard column
-    id: str | None = None
-
-    @property
-    def caption_columns(self) -> list[str]:
-        return list(dict.fromkeys(self.captions.values()))
-
-    def sources_of(self, column: str) -> list[str]:
-        """The input fields that feed a shard caption column, in mapping order."""
-        return [src for src, dst in self.captions.items() if dst == column]
-
-
-def mapping_from(preset: str = "", image: str = "", captions: str | list[str] = "", id: str = "") -> Mapping:
-    """A mapping from a preset name, overridden field by field. ``captions``: ``"llava=caption,prompt"``
-    or ``["llava=caption", "prompt"]`` (a field, optionally renamed)."""
-    mapping = Mapping()
-    if preset:
-        if preset not in PRESETS:
-            raise PrxError(f"unknown column-mapping preset '{preset}': one of {', '.join(PRESETS)}")
-        known = PRESETS[preset]
-        mapping = Mapping(known["image"], dict(known["captions"]), known["id"])
-    if image:
-        mapping.image = image
-    items = captions.split(",") if isinstance(captions, str) else list(captions)
-    items = [item.strip() for item in items if item.strip()]
-    if items:
-        mapping.captions = {}
-        for item in items:
-            src, _, dst = item.partition("=")
-            mapping.captions[src.strip()] = (dst or src).strip()
-    if id:
-        mapping.id = id
-    return mapping
-
 
 @dataclass
 class Task:
@@ -412,8 +359,6 @@ def convert(kind: str, inputs: list[str], out_dir: str | Path, mapping: Mapping,
     with tqdm(total=len(mine), initial=len(mine) - len(pending), desc=f"convert (rank {rank})" if world_size > 1
               else "convert", unit="task", disable=not progress, dynamic_ncols=True) as bar:
         if workers > 1 and len(pending) > 1:
-            import multiprocessing
-
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"  # fork: no re-import
             with get_context(method).Pool(workers) as pool:
                 for stats in pool.imap_unordered(_run_task_star, args):

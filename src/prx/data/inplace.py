@@ -23,10 +23,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from prx.data.convert import Mapping, check_columns, image_bytes, open_parquet
+from prx.data.convert import check_columns, image_bytes, open_parquet
 from prx.data.imageio import BadImage, probe
+from prx.data.mapping import Mapping
 from prx.data.shards import ShardInfo, shard_info
-from prx.runtime import cache_root
+from prx.files import cache_root
 
 
 def _cache_path(path: Path, image_column: str) -> Path:

@@ -21,8 +21,12 @@ either. A sample that fails to decode is replaced by another of its batch and co
 from __future__ import annotations
 
 import collections
+import ctypes
+import multiprocessing
 import os
+import signal
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +36,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from prx.data.buckets import Bucket, bucket_indices, make_buckets, resize_and_crop_box
-from prx.data.convert import Mapping, image_bytes
+from prx.data.convert import image_bytes
 from prx.data.imageio import BadImage, decode
 from prx.data.inplace import read_inplace_infos
+from prx.data.mapping import Mapping
 from prx.data.shards import decode_array, read_shard_info, sidecar_meta, sidecar_path
 from prx.data.sources import DataBatch
 from prx.errors import PrxError
@@ -49,8 +54,6 @@ def _release_freed_memory():
     epoch (measured: +72 MiB per epoch per worker). Trimming after each batch keeps workers flat.
     """
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
         return lambda: libc.malloc_trim(0)
     except (OSError, AttributeError):
@@ -235,8 +238,6 @@ class _WorkerSignals:
         self.stopping = stopping
 
     def __call__(self, worker_id: int) -> None:
-        import signal
-
         parent = os.getppid()
 
         def on_term(signum, frame):
@@ -466,8 +467,6 @@ class ShardLoader:
 
     def _start(self) -> None:
         import atexit
-        import multiprocessing
-
         self.close()
         dataset = ShardBatches(self.planner, self.position, self.caption_weights, self.embedding_tag,
                                min_text_length=self.min_text_length)
@@ -480,7 +479,6 @@ class ShardLoader:
         # told the loader is stopping: told here whatever became of this loader, or an exit can wait for ever
         atexit.register(self._stopping.set)
         if not self._atexit:  # before multiprocessing's own exit handler terminates the workers
-            import weakref
 
             ref = weakref.ref(self)
             atexit.register(lambda: ref() is not None and ref().close())

@@ -13,13 +13,17 @@ triangle masks fitted to their bounding box, and a blob's position comes from it
 from __future__ import annotations
 
 import colorsys
+import io
 import itertools
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from scipy import ndimage
+
+from prx.data.shards import write_shard
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -501,12 +505,7 @@ def write_shards(out_dir, count: int, resolution: int = 64, seed: int = 0, split
                  object_count_weights=(0.6, 0.3, 0.1), per_shard: int = 1000) -> list:
     """The shapes world as prx shards (PNG images, a ``caption`` column), so the demo, the tests
     and real data share one loader."""
-    import io
-    from pathlib import Path
-
     from PIL import Image
-
-    from prx.data.shards import write_shard
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

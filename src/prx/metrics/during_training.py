@@ -18,9 +18,14 @@ from pathlib import Path
 
 import torch
 
+from prx.config.sampling import EvalConfig
+from prx.distributed import gathered_for_inference
 from prx.errors import PrxError
 from prx.metrics import parse_metrics
-from prx.metrics.config import EvalConfig
+from prx.metrics.evaluate_real import HeldOutSet, build_extractors, check_sample_count, evaluate_real
+from prx.metrics.val_loss import BINS
+from prx.pipeline import Pipeline
+from prx.rundir import RunDir
 
 # prx eval's options in its error messages → the config keys a training run sets
 _AS_CONFIG_KEY = {"--data": "eval.data", "--num-samples": "eval.num_samples", "--batch-size": "eval.batch_size",
@@ -34,18 +39,16 @@ def as_config_keys(message: str) -> str:
     return _OPTION.sub(lambda m: _AS_CONFIG_KEY[m.group(0)], message)
 
 
-def results_path(run_dir: Path, step: int) -> Path:
+def results_path(run: RunDir, step: int) -> Path:
     """Where an evaluation of step N is written: where ``prx eval --data`` writes by default, so the
     two never disagree about a step, and the shapes-world ``prx eval`` (``RUN/eval/step_N/``) keeps its
     own results.json."""
-    return Path(run_dir) / "eval" / f"step_{step:08d}" / "real" / "results.json"
+    return run.real_eval_dir(step) / "results.json"
 
 
 def eval_scalars(results: dict) -> dict[str, float | int | None]:
     """``evaluate_real``'s results as logged scalars: eval/fid, eval/val_loss, eval/val_loss_t0.0-0.3, …,
     and eval/num_samples (the samples every number here was computed on)."""
-    from prx.metrics.val_loss import BINS
-
     out: dict[str, float | int | None] = {}
     for name, r in results["metrics"].items():
         out[f"eval/{name}"] = r["value"]
@@ -78,8 +81,6 @@ class TrainingEval:
         """None when the run does not evaluate; else every check ``prx eval --data`` does before
         sampling, as one-line errors that name the ``eval.*`` keys. Extractors stay on the CPU between
         evaluations (off the accelerator's memory while training)."""
-        from prx.metrics.evaluate_real import HeldOutSet, build_extractors, check_sample_count
-
         cfg = config.eval
         every = cfg.cadence(config)
         if not every:
@@ -103,10 +104,6 @@ class TrainingEval:
     def run(self, ema_model, text_encoder, config, device: torch.device, resolution: int, sharded: bool) -> dict:
         """``evaluate_real`` on the EMA weights; every rank calls it (each evaluates its share) and gets
         the results."""
-        from prx.distributed import gathered_for_inference
-        from prx.metrics.evaluate_real import evaluate_real
-        from prx.pipeline import Pipeline
-
         cfg = self.cfg
         pipe = Pipeline(ema_model, text_encoder, config, device)
         for extractor in self.extractors.values():
@@ -119,16 +116,17 @@ class TrainingEval:
                     scope.enter_context(text_encoder.cache_scope())
                 results = evaluate_real(pipe, None, self.names, len(self.heldout), seed=cfg.seed,
                                         batch_size=cfg.batch_size, resolution=cfg.resolution or resolution,
-                                        sampling=cfg.sampling(), extractors=self.extractors, heldout=self.heldout)
+                                        sampling=cfg.sampling(config.sampling), extractors=self.extractors,
+                                        heldout=self.heldout)
         finally:
             for extractor in self.extractors.values():
                 extractor.to("cpu")
         return results
 
-    def report(self, logger, run_dir: Path, step: int, results: dict, checkpoint: Path | None) -> Path:
+    def report(self, logger, run: RunDir, step: int, results: dict, checkpoint: Path | None) -> Path:
         """Rank 0: the results into metrics.jsonl / TensorBoard / W&B, a log line, new warnings once,
         and ``RUN/eval/step_N/real/results.json``."""
-        path = self.write(run_dir, step, results, checkpoint)
+        path = self.write(run, step, results, checkpoint)
         logger.log(step, eval_scalars(results))
         logger.line(f"{summary_line(step, results)} → {path}")
         for warning in self.new_warnings(results):  # each one once, not at every evaluation
@@ -141,9 +139,9 @@ class TrainingEval:
         return new
 
     @staticmethod
-    def write(run_dir: Path, step: int, results: dict, checkpoint: Path | None) -> Path:
+    def write(run: RunDir, step: int, results: dict, checkpoint: Path | None) -> Path:
         """``RUN/eval/step_N/real/results.json``, as ``prx eval --data`` writes it, plus where it came from."""
-        path = results_path(run_dir, step)
+        path = results_path(run, step)
         path.parent.mkdir(parents=True, exist_ok=True)
         data = {**results, "step": step, "weights": "ema", "during_training": True,
                 "checkpoint": str(checkpoint) if checkpoint is not None else None}

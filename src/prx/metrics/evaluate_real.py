@@ -31,10 +31,17 @@ from PIL import Image
 
 from prx.data.buckets import Bucket, resize_and_crop_box
 from prx.data.imageio import BadImage, decode
+from prx.data.loader import ShardIndex
 from prx.data.shards import caption_columns_of, expand_shards
+from prx.config.sampling import SamplingConfig
 from prx.errors import PrxError
 from prx.metrics import METRICS, parse_metrics
+from prx.metrics.clip_score import CLIPScore
+from prx.metrics.cmmd import CMMD
 from prx.metrics.extractors import CLIP_ID, DINOV2_ID, ClipExtractor, DinoV2Extractor, Extractor, InceptionExtractor
+from prx.metrics.fd_dinov2 import FDDinoV2
+from prx.metrics.fid import FID
+from prx.metrics.val_loss import ValLoss
 
 SAMPLING_METRICS = ("fid", "fd_dinov2", "cmmd", "clip_score")
 EXTRACTOR_OF = {"fid": "inception", "fd_dinov2": "dinov2", "cmmd": "clip", "clip_score": "clip"}
@@ -75,8 +82,6 @@ class HeldOutSet:
     @classmethod
     def open(cls, shards: str | list[str], num_samples: int, seed: int = 0, caption_column: str | None = None,
              mapping=None) -> "HeldOutSet":
-        from prx.data.loader import ShardIndex
-
         if not shards:
             raise PrxError("no --data given: point it to a directory of held-out prx shards")
         paths = expand_shards(shards)
@@ -174,12 +179,6 @@ def check_sample_count(names: list[str], n: int) -> None:
 
 
 def build_metrics(names: list[str], extractors: dict[str, Extractor], pipeline=None, seed: int = 0) -> dict:
-    from prx.metrics.clip_score import CLIPScore
-    from prx.metrics.cmmd import CMMD
-    from prx.metrics.fd_dinov2 import FDDinoV2
-    from prx.metrics.fid import FID
-    from prx.metrics.val_loss import ValLoss
-
     made = {}
     for name in names:
         if name == "fid":
@@ -207,7 +206,8 @@ def _plain(value):
     return value
 
 
-def _generate(pipeline, captions: list[str], positions: list[int], seed: int, resolution: int, sampling: dict):
+def _generate(pipeline, captions: list[str], positions: list[int], seed: int, resolution: int,
+              sampling: SamplingConfig):
     """Generated uint8 images (B, H, W, 3); image p starts from the noise of seed + p (contiguous runs of
     positions share one ``generate`` call, so a skipped sample does not shift the others' noise)."""
     out, start = [], 0
@@ -215,8 +215,8 @@ def _generate(pipeline, captions: list[str], positions: list[int], seed: int, re
         end = start + 1
         while end < len(positions) and positions[end] == positions[end - 1] + 1:
             end += 1
-        out.append(pipeline.generate(captions[start:end], seed=seed + positions[start], resolution=resolution,
-                                     batch_size=end - start, **sampling))
+        out.append(pipeline.generate(captions[start:end], sampling, seed=seed + positions[start], resolution=resolution,
+                                     batch_size=end - start))
         start = end
     return torch.cat(out).numpy()
 
@@ -231,50 +231,75 @@ def _chw(images: list[np.ndarray] | np.ndarray) -> torch.Tensor:
 
 
 def evaluate_real(pipeline, shards, metrics=tuple(METRICS), num_samples: int = 1000, seed: int = 0,
-                  batch_size: int = 16, resolution: int | None = None, sampling: dict | None = None,
+                  batch_size: int = 16, resolution: int | None = None, sampling: SamplingConfig | None = None,
                   extractors: dict[str, Extractor] | None = None, inception_weights: str | None = None,
                   clip_model: str = CLIP_ID, dino_model: str = DINOV2_ID, caption_column: str | None = None,
                   heldout: HeldOutSet | None = None, progress=None) -> dict:
     """Sample ``num_samples`` held-out captions once each and compare with their real images.
 
     Returns {"metrics": {name: {"value", sample counts, …}}, "settings": {…}, "warnings": [...]}.
-    ``sampling`` holds ``Pipeline.generate`` options (steps, guidance, guidance_scale, …).
-    Under torchrun every rank must call it with the same arguments; all get the same result.
+    ``sampling`` is how images are drawn (default the run's ``sampling:``); ``seed`` picks the held-out samples and
+    each one's noise. Under torchrun every rank must call it with the same arguments; all get the same result.
     """
     started = time.monotonic()
     names = parse_metrics(list(metrics))
-    sampling = dict(sampling or {})
+    sampling = sampling or pipeline.config.sampling
     heldout = heldout if heldout is not None else HeldOutSet.open(shards, num_samples, seed, caption_column)
     check_sample_count(names, len(heldout))
     if batch_size < 1:
         raise PrxError(f"--batch-size {batch_size} must be at least 1")
     size = int(resolution or pipeline.config.stages[-1].resolution)
     if size % pipeline.config.model.patch_size:
-        raise PrxError(f"--resolution {size} is not a multiple of the model's patch size {pipeline.config.model.patch_size}")
-    device = pipeline.device
+        raise PrxError(f"--resolution {size} is not a multiple of the model's patch size "
+                       f"{pipeline.config.model.patch_size}")
     extractors = extractors if extractors is not None else build_extractors(
-        names, inception_weights, clip_model, dino_model, device)
+        names, inception_weights, clip_model, dino_model, pipeline.device)
     made = build_metrics(names, extractors, pipeline, seed)
     for metric in made.values():
-        metric.to(device)  # the states (NCCL reduces tensors on the GPU); extractors are not submodules
-
+        metric.to(pipeline.device)  # the states (NCCL reduces tensors on the GPU); extractors are not submodules
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     needs_samples = any(n in SAMPLING_METRICS for n in names)
-    batches = list(range(0, len(heldout), batch_size))
-    mine = batches[rank::world]
-    cache, skipped, kept_count = _GroupCache(), collections.Counter(), 0
-    for done, start in enumerate(mine):
+    generate = (lambda captions, positions: _generate(pipeline, captions, positions, seed, size, sampling)
+                ) if needs_samples else None
+    batches = list(range(0, len(heldout), batch_size))[rank::world]
+    kept, skipped = _accumulate(made, extractors, heldout, batches, batch_size, size, generate, progress)
+    per_rank = [(kept, dict(skipped))]
+    if dist.is_initialized():
+        per_rank = [None] * world
+        dist.all_gather_object(per_rank, (kept, dict(skipped)))
+        skipped = sum((collections.Counter(bad) for _, bad in per_rank), collections.Counter())
+    results = _computed(made, per_rank, len(heldout))
+    if skipped:
+        results["warnings"].append(f"{sum(skipped.values())} of {len(heldout)} samples skipped: {dict(skipped)}")
+    results["settings"] = {
+        "num_samples": len(heldout), "evaluated": sum(n for n, _ in per_rank), "skipped": dict(skipped),
+        "seed": seed, "resolution": size, "batch_size": batch_size, "world_size": world,
+        "samples_per_rank": [n for n, _ in per_rank],  # each generated (and compared) exactly once
+        "data": [str(p) for p in heldout.paths], "caption_column": heldout.caption_columns[0],
+        "real_images": f"resized (PIL bicubic) to cover {size}x{size}, centre-cropped; generated images alike",
+        "sampling": {**{k: getattr(sampling, k) for k in ("steps", "guidance", "guidance_scale", "self_guidance_scale",
+                                                          "sampler")},
+                     "noise": "image p starts from the noise of seed + p"} if needs_samples else None,
+        "extractors": {k: e.preprocessing for k, e in extractors.items()},
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    return results
+
+
+def _accumulate(made: dict, extractors: dict, heldout: "HeldOutSet", batches: list[int], batch_size: int, size: int,
+                generate, progress) -> tuple[int, collections.Counter]:
+    """This rank's batches of held-out samples (and their generated images) into the metrics' states; returns the
+    samples kept and the skipped ones by reason."""
+    names = list(made)
+    cache, skipped, kept = _GroupCache(), collections.Counter(), 0
+    for done, start in enumerate(batches):
         images, captions, positions, bad = heldout.load(range(start, min(start + batch_size, len(heldout))), size, cache)
         skipped.update(bad)
         if not positions:
             continue
-        kept_count += len(positions)
-        real = _chw(images)
-        index = torch.tensor(positions)
-        fake = None
-        if needs_samples:
-            generated = _generate(pipeline, captions, positions, seed, size, sampling)
-            fake = _chw([resize_center_crop(g, size) for g in generated])
+        kept += len(positions)
+        real, index = _chw(images), torch.tensor(positions)
+        fake = _chw([resize_center_crop(g, size) for g in generate(captions, positions)]) if generate else None
         features: dict[tuple[str, bool], torch.Tensor] = {}
         for kind, extractor in extractors.items():
             if any(EXTRACTOR_OF.get(n) == kind for n in names):
@@ -295,19 +320,18 @@ def evaluate_real(pipeline, shards, metrics=tuple(METRICS), num_samples: int = 1
             elif name == "val_loss":
                 metric.add_images(real, captions, positions)
         if progress is not None:
-            progress(done + 1, len(mine))
+            progress(done + 1, len(batches))
+    return kept, skipped
 
-    per_rank = [(kept_count, dict(skipped))]
-    if dist.is_initialized():
-        per_rank = [None] * world
-        dist.all_gather_object(per_rank, (kept_count, dict(skipped)))
-        skipped = sum((collections.Counter(bad) for _, bad in per_rank), collections.Counter())
+
+def _computed(made: dict, per_rank: list, total: int) -> dict:
+    """Every metric's value (every rank computes: the states are reduced across ranks) and its warnings."""
     results: dict = {"metrics": {}, "warnings": []}
-    for name, metric in made.items():  # every rank computes (the states are reduced across ranks)
+    for name, metric in made.items():
         try:
             value = _plain(metric.compute())
         except ValueError as e:  # e.g. fewer than 2 readable samples: the same on every rank
-            raise PrxError(f"{name}: {e} ({sum(n for n, _ in per_rank)} of {len(heldout)} samples were readable)") from None
+            raise PrxError(f"{name}: {e} ({sum(n for n, _ in per_rank)} of {total} samples were readable)") from None
         warning = metric.bias_warning(value["num_real"]) if hasattr(metric, "bias_warning") else None
         if warning:
             value["warning"] = warning
@@ -316,27 +340,6 @@ def evaluate_real(pipeline, shards, metrics=tuple(METRICS), num_samples: int = 1
             results["warnings"].append(f"{name}: the matrix square root had an imaginary part of "
                                        f"{value['imaginary']:.1e} of its trace (ill-conditioned covariances)")
         results["metrics"][name] = value
-    if skipped:
-        results["warnings"].append(f"{sum(skipped.values())} of {len(heldout)} samples skipped: {dict(skipped)}")
-    s = pipeline.config.sampling
-    results["settings"] = {
-        "num_samples": len(heldout), "evaluated": sum(n for n, _ in per_rank), "skipped": dict(skipped),
-        "seed": seed, "resolution": size, "batch_size": batch_size, "world_size": world,
-        "samples_per_rank": [n for n, _ in per_rank],  # each generated (and compared) exactly once
-        "data": [str(p) for p in heldout.paths], "caption_column": heldout.caption_columns[0],
-        "real_images": f"resized (PIL bicubic) to cover {size}x{size}, centre-cropped; generated images alike",
-        "sampling": {
-            "steps": sampling.get("steps") or s.steps,
-            "guidance": sampling.get("guidance") or s.guidance,
-            "guidance_scale": s.guidance_scale if sampling.get("guidance_scale") is None else sampling["guidance_scale"],
-            "self_guidance_scale": (s.self_guidance_scale if sampling.get("self_guidance_scale") is None
-                                    else sampling["self_guidance_scale"]),
-            "sampler": sampling.get("sampler") or s.sampler,
-            "noise": "image p starts from the noise of seed + p",
-        } if needs_samples else None,
-        "extractors": {k: e.preprocessing for k, e in extractors.items()},
-        "seconds": round(time.monotonic() - started, 1),
-    }
     return results
 
 
@@ -362,54 +365,3 @@ def format_table(results: dict) -> str:
 # --------------------------------------------------------------------------------------------
 # `prx eval --data …`
 # --------------------------------------------------------------------------------------------
-
-
-def run_cli(args) -> int:
-    """``prx eval --checkpoint RUN --data SHARDS [--metrics …]``: every check that can fail (metric
-    names, data, sample count, extractor weights, checkpoint) runs before any sampling."""
-    import json
-
-    from prx.checkpoint import checkpoint_meta, find_checkpoint
-    from prx.distributed import init_distributed
-    from prx.pipeline import Pipeline
-    from prx.runtime import make_writable_dir, resolve_device
-
-    names = parse_metrics(args.metrics or ",".join(METRICS))
-    if args.batch_size < 1:
-        raise PrxError(f"--batch-size {args.batch_size} must be at least 1")
-    if args.resolution is not None and args.resolution < 1:
-        raise PrxError(f"--resolution {args.resolution} must be positive")
-    heldout = HeldOutSet.open(args.data, args.num_samples, args.seed, args.caption_column)
-    check_sample_count(names, len(heldout))
-    info = init_distributed(resolve_device(args.device))
-    extractors = build_extractors(names, args.inception_weights, args.clip_model, args.dino_model, info.device)
-    ckpt = find_checkpoint(args.checkpoint)
-    step = checkpoint_meta(ckpt)["step"]
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent  # RUN/checkpoints/step_N
-    out = make_writable_dir(Path(args.out) if args.out else run_dir / "eval" / f"step_{step:08d}" / "real")
-    pipe = Pipeline.from_checkpoint(ckpt, weights=args.weights, device=str(info.device))
-    main = info.rank == 0
-    if main:
-        print(f"evaluating {ckpt} (step {step}, {args.weights} weights) on {len(heldout)} held-out samples "
-              f"of {len(heldout.paths)} shard(s), {info.world} process(es): {', '.join(names)} …", flush=True)
-
-    last = [0.0]
-
-    def progress(done: int, total: int) -> None:
-        if main and (done == total or time.monotonic() - last[0] > 30):
-            last[0] = time.monotonic()
-            print(f"  rank 0: batch {done}/{total}", flush=True)
-
-    sampling = {"steps": args.steps, "guidance_scale": args.guidance_scale, "sampler": args.sampler,
-                "guidance": args.guidance, "self_guidance_scale": args.self_guidance_scale}
-    results = evaluate_real(pipe, None, names, len(heldout), seed=args.seed, batch_size=args.batch_size,
-                            resolution=args.resolution, sampling={k: v for k, v in sampling.items() if v is not None},
-                            extractors=extractors, heldout=heldout, progress=progress)
-    results.update(checkpoint=str(ckpt), step=step, weights=args.weights)
-    if main:
-        print(format_table(results))
-        for warning in results["warnings"]:
-            print(f"warning: {warning}")
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-        print(f"results: {out / 'results.json'} (took {results['settings']['seconds']}s)")
-    return 0

@@ -22,7 +22,10 @@ from torch import Tensor, nn
 
 from prx.errors import PrxError
 from prx.metrics import CLIP_ID, DINOV2_ID
+from prx.metrics.inception import FEATURE_DIM, INPUT_SIZE, load_fid_inception, random_inception, resolve_weights
+from prx.metrics.tiny import tiny_extractor_path
 from prx.teachers import IMAGENET_MEAN, IMAGENET_STD, hf_cache_dir
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -43,8 +46,6 @@ def resize_square(x: Tensor, size: int, mode: str, antialias: bool) -> Tensor:
 def resolve_extractor(name: str) -> str:
     """``tiny-random-*`` / ``random-*`` → its local directory; a directory or hub id as given."""
     if name.startswith(("tiny-random-", "random-")):
-        from prx.metrics.tiny import tiny_extractor_path
-
         return str(tiny_extractor_path(name))
     return os.path.expanduser(name)
 
@@ -99,8 +100,8 @@ class InceptionExtractor(Extractor):
 
     def __init__(self, weights: str | Path | None = None, net: nn.Module | None = None):
         super().__init__()
-        from prx.metrics.inception import FEATURE_DIM, INPUT_SIZE, load_fid_inception, resolve_weights
-
+        if weights in ("random-inception", "tiny-random-inception"):  # a stand-in (tests)
+            weights = tiny_extractor_path("random-inception")
         self.source = "in memory" if net is not None else str(resolve_weights(weights))
         self.net = net.requires_grad_(False).eval() if net is not None else load_fid_inception(weights)
         self.dim = FEATURE_DIM
@@ -198,3 +199,21 @@ class ClipExtractor(Extractor):
                                 return_tensors="pt").to(self.device)
         pooled = self.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
         return F.normalize(self.text_projection(pooled).float(), dim=-1)
+
+
+def full_size_random(kind: str):
+    """An extractor with the real architecture and random weights, built in memory (no file)."""
+    if kind == "inception":
+        return InceptionExtractor(net=random_inception())
+    import transformers as tf
+
+    if kind == "clip":  # openai/clip-vit-large-patch14-336
+        config = tf.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                     num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768,
+                                     hidden_act="quick_gelu")
+        return ClipExtractor(model=tf.CLIPVisionModelWithProjection(config), name="random ViT-L/14-336")
+    if kind == "dinov2":  # facebook/dinov2-large
+        config = tf.Dinov2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4,
+                                 patch_size=14, image_size=518)
+        return DinoV2Extractor(model=tf.Dinov2Model(config), name="random DINOv2 ViT-L/14")
+    raise ValueError(f"unknown extractor kind '{kind}': inception, clip or dinov2")

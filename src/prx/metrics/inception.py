@@ -12,6 +12,7 @@ then scaled to [-1, 1].
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 
 from prx.errors import PrxError
 from prx.metrics import FID_WEIGHTS_FILE, FID_WEIGHTS_URL
+
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
 
@@ -183,18 +185,25 @@ class FIDInceptionV3(nn.Module):
         return x.mean(dim=(2, 3))
 
 
+def random_inception() -> nn.Module:
+    """The FID Inception with He-initialised convolutions and identity batch norms: activations keep
+    their scale through the 94 layers (so the features are neither 0 nor huge)."""
+    net = FIDInceptionV3()
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+            nn.init.normal_(m.weight, std=math.sqrt(2.0 / fan_in))
+    return net
+
+
 def default_weights_path() -> Path:
     """``$TORCH_HOME/hub/checkpoints/pt_inception-…pth``, where torch.hub (and pytorch-fid) keep it."""
     return Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_FILE
 
 
 def resolve_weights(path: str | Path | None = None) -> Path:
-    """The FID weights file (an explicit path, a tiny stand-in name, or the torch.hub location), or a
+    """The FID weights file (an explicit path or the torch.hub location), or a
     one-line error that says where to put it."""
-    if path in ("random-inception", "tiny-random-inception"):
-        from prx.metrics.tiny import tiny_extractor_path
-
-        return tiny_extractor_path("random-inception")
     where = Path(os.path.expanduser(str(path))) if path else default_weights_path()
     if not where.is_file():
         how = "pass it with --inception-weights FILE" if path else f"put it at {where} (or pass --inception-weights FILE)"

@@ -1,6 +1,6 @@
 """Random stand-ins for the metrics' feature extractors: every metric runs offline in tests.
 
-Like the teachers' stand-ins (:mod:`prx.teachers`), they are written once under ``$PRX_CACHE`` (default
+Like the teachers' stand-ins (:mod:`prx.stand_ins`), they are written once under ``$PRX_CACHE`` (default
 ``~/.cache/prx``) and then loaded through the very same code as real weights; their numbers
 mean nothing.
 
@@ -10,20 +10,19 @@ mean nothing.
 - ``random-inception``: the FID Inception at full size with random (He-initialised) weights, as a
   ``.pth`` file laid out like ``pt_inception-2015-12-05-6726825d.pth``.
 
-:func:`full_size_random` builds the real extractors' architectures (Inception-v3, CLIP
-ViT-L/14-336, DINOv2 ViT-L/14) with random weights in memory, for benchmarks.
+(:func:`prx.metrics.extractors.full_size_random` builds the real extractors' architectures with random weights in
+memory, for benchmarks.)
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from prx.runtime import cache_root
-from prx.teachers import save_pretrained, stand_in_path, write_atomically
+from prx.files import cache_root
+from prx.metrics.inception import random_inception
+from prx.stand_ins import save_pretrained, stand_in_path, write_atomically
 
 NAMES = ("tiny-random-clip", "tiny-random-dinov2", "random-inception")
 
@@ -57,19 +56,6 @@ def _create(name: str, path: Path) -> None:
     tokenizer.save_pretrained(path)
 
 
-def random_inception() -> nn.Module:
-    """The FID Inception with He-initialised convolutions and identity batch norms: activations keep
-    their scale through the 94 layers (so the features are neither 0 nor huge)."""
-    from prx.metrics.inception import FIDInceptionV3
-
-    net = FIDInceptionV3()
-    for m in net.modules():
-        if isinstance(m, nn.Conv2d):
-            fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
-            nn.init.normal_(m.weight, std=math.sqrt(2.0 / fan_in))
-    return net
-
-
 def _byte_level_alphabet() -> list[str]:
     """GPT-2/CLIP's printable stand-ins for the 256 byte values."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
@@ -98,23 +84,3 @@ def tiny_clip():
                            image_size=56, patch_size=14, projection_dim=16),
         projection_dim=16)
     return tf.CLIPModel(config), tokenizer
-
-
-def full_size_random(kind: str):
-    """An extractor with the real architecture and random weights, built in memory (no file)."""
-    from prx.metrics.extractors import ClipExtractor, DinoV2Extractor, InceptionExtractor
-
-    if kind == "inception":
-        return InceptionExtractor(net=random_inception())
-    import transformers as tf
-
-    if kind == "clip":  # openai/clip-vit-large-patch14-336
-        config = tf.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                     num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768,
-                                     hidden_act="quick_gelu")
-        return ClipExtractor(model=tf.CLIPVisionModelWithProjection(config), name="random ViT-L/14-336")
-    if kind == "dinov2":  # facebook/dinov2-large
-        config = tf.Dinov2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4,
-                                 patch_size=14, image_size=518)
-        return DinoV2Extractor(model=tf.Dinov2Model(config), name="random DINOv2 ViT-L/14")
-    raise ValueError(f"unknown extractor kind '{kind}': inception, clip or dinov2")

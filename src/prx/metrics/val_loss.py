@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from prx.flow import add_noise, flow_loss
+from prx.flow import add_noise, flow_loss, image_noise
 from prx.metrics.stats import PrxMetric
 from prx.text import TextBatch
 
@@ -36,8 +36,6 @@ def sample_generator(seed: int, index: int) -> torch.Generator:
 def fixed_noise_and_time(index: int, shape: tuple[int, ...], seed: int, t_min: float,
                          offset: float = 0.0) -> tuple[Tensor, float]:
     """Sample ``index``'s ε (drawn like the training noise, offset included) and t, from its own generator."""
-    from prx.flow import image_noise
-
     g = sample_generator(seed, index)
     u = float(torch.rand((), generator=g, dtype=torch.float64))
     t = min(t_min + (1 - t_min) * u, 1 - 1e-6)

@@ -20,7 +20,7 @@ from prx.data.sources import DataBatch
 class Source:
     """The shapes world as a :class:`~prx.data.sources.DataSource`."""
 
-    def __init__(self, cfg: Config, rank: int = 0, world: int = 1):
+    def __init__(self, cfg: Config, rank: int = 0, world: int = 1, pin_memory: bool = False):
         self.cfg, self.rank, self.world = cfg, rank, world
         shapes = cfg.data.shapes
         self.worlds = {s.resolution: ShapesWorld(s.resolution, shapes.seed, "train", shapes.object_count_weights)
@@ -35,11 +35,8 @@ class Source:
         # ~0.5 s on one core, as long as a step); on a 2-core machine training keeps the cores, one thread renders.
         self.render_threads = max(1, min(8, (os.cpu_count() or 1) // 4))
         self._pool: ThreadPoolExecutor | None = None
-        # Training on a GPU: a batch is written straight into pinned memory, in the render thread, so the step's copy
-        # to the device pins nothing (25 MB of images a step at 512 px, copied on the main thread before)
-        from prx.runtime import resolve_device
-
-        self.pin_memory = resolve_device(cfg.train.device).type == "cuda"
+        # for a GPU a batch is written straight into pinned memory, in the render thread: the step's copy pins nothing
+        self.pin_memory = pin_memory
 
     def offset(self, step: int) -> int:
         offset, start = 0, 0

@@ -9,8 +9,8 @@ import numpy as np
 
 from prx.config import Config, StageConfig
 from prx.data.buckets import bucket_indices, make_buckets
-from prx.data.convert import Mapping
 from prx.data.loader import ShardLoader
+from prx.data.mapping import Mapping
 from prx.data.shards import encoder_tag, expand_shards, sidecar_path
 from prx.data.sources import DataBatch
 from prx.errors import PrxError
@@ -19,7 +19,8 @@ from prx.errors import PrxError
 class Source:
     """Shards (or, with a ``mapping``, downloaded Parquet files) as a :class:`~prx.data.sources.DataSource`."""
 
-    def __init__(self, cfg: Config, rank: int = 0, world: int = 1, mapping: Mapping | None = None):
+    def __init__(self, cfg: Config, rank: int = 0, world: int = 1, pin_memory: bool = False,
+                 mapping: Mapping | None = None):
         d = cfg.data
         shards = expand_shards(d.shards)
         tag = encoder_tag(cfg.text.encoder, cfg.text.max_length, cfg.text.num_layers)

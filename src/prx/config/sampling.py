@@ -1,16 +1,42 @@
-"""``eval:`` held-out evaluation during training, owned by the metrics package (no torch import here:
-config errors answer before any heavy import).
-
-At the cadence the trainer evaluates the EMA weights with the very code of ``prx eval --data``
-(:func:`prx.metrics.evaluate_real.evaluate_real`); :mod:`prx.metrics.during_training` runs it.
-"""
+"""``sampling:`` how images are drawn (``prx sample``, sample grids, evaluation) and ``eval:`` held-out
+evaluation during training."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
-from prx.checks import at_least, check, positive
+from prx.config.rules import at_least, check, one_of, positive
 from prx.metrics import CLIP_ID, DINOV2_ID, METRICS
+
+
+@dataclass
+class SamplingConfig:
+    """``sampling:`` how samples and evaluations are drawn."""
+
+    sampler: str = one_of("euler", "heun")
+    steps: int = at_least(50, 1)
+    guidance: str = one_of("cfg", "self", "both")  # cfg (empty-caption negative) | self (TREAD self-guidance) | both
+    guidance_scale: float = at_least(3.5, 0)  # classifier-free guidance scale; 1 disables
+    self_guidance_scale: float = at_least(3.5, 0)  # out = routed + w·(dense − routed); 1 disables
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only for t in [lo, hi]
+    shift: float | None = positive(None)  # time shift of the sampling schedule; None = objective.shift
+    # diffusers: shift(linspace(1, shift(1/1000), N)) then 0, exactly diffusers' FlowMatchEulerDiscreteScheduler,
+    # so an exported run samples the same images in PRXPixelPipeline | linspace: shift(linspace(1, 0, N+1)), the
+    # reference code's (and prx's before the option; runs saved then keep it)
+    schedule: str = one_of("diffusers", "linspace")
+    seed: int = 0
+
+    def with_overrides(self, **given) -> "SamplingConfig":
+        """This sampling with the given fields replaced; a value of None keeps this one's (a CLI option not given,
+        an ``eval.*`` key left null). Unknown names fail: overrides are this dataclass's own fields."""
+        return replace(self, **{k: v for k, v in given.items() if v is not None})
+
+    def check(self, run) -> None:
+        gi = self.guidance_interval
+        check(len(gi) == 2 and 0.0 <= gi[0] <= gi[1] <= 1.0,
+              f"sampling.guidance_interval must be [lo, hi] with 0 ≤ lo ≤ hi ≤ 1, got {gi}")
+        check(self.guidance == "cfg" or run.tread.route_ratio > 0,
+              f"sampling.guidance={self.guidance} needs TREAD routing (tread.route_ratio > 0) for its routed pass")
 
 
 @dataclass
@@ -65,8 +91,7 @@ class EvalConfig:
         check(self.resolution is None or self.resolution % p == 0,
               f"eval.resolution={self.resolution} is not a multiple of model.patch_size={p}")
 
-    def sampling(self) -> dict:
-        """``Pipeline.generate`` options that override the run's ``sampling:`` section."""
-        given = {"steps": self.steps, "guidance": self.guidance, "guidance_scale": self.guidance_scale,
-                 "self_guidance_scale": self.self_guidance_scale, "sampler": self.sampler}
-        return {k: v for k, v in given.items() if v is not None}
+    def sampling(self, run_sampling: SamplingConfig) -> SamplingConfig:
+        """The run's ``sampling:`` with the ``eval.*`` keys that name a sampling field (and are set) in place."""
+        names = {f.name for f in fields(SamplingConfig)} - {"seed"}  # eval.seed picks held-out samples too
+        return run_sampling.with_overrides(**{k: getattr(self, k) for k in names if hasattr(self, k)})

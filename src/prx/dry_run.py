@@ -13,67 +13,40 @@ from dataclasses import replace
 
 import torch
 
-from prx.checks import block_index
-from prx.config import Config
+from prx.config import Config, StageConfig
+from prx.config.rules import block_index
 from prx.data.buckets import make_buckets
-from prx.flops import (denoiser_forward_flops, mlp_forward_flops, newton_schulz_flops, vgg16_lpips_forward_flops,
-                       vit_forward_flops)
+from prx.device import resolve_device
+from prx.distributed import world_size_from_env
+from prx.execution import block_shapes, plan_training
+from prx.flops import fmt_flops, newton_schulz_flops, routing, step_flops
 from prx.model import build_model
-from prx.teachers import aspect_grid, teacher_shape
+from prx.teacher_shapes import teacher_shape
 from prx.text import text_width
 from prx.tread import TREADRouter
 
 
-def _routing(cfg: Config, stage, num_layers: int, tokens: int) -> tuple[tuple[int, int] | None, int]:
-    """(routed blocks, tokens they see) in a stage: the router's own answer."""
-    router = TREADRouter.from_config(cfg.tread, 0) if cfg.tricks(stage).tread else None
-    if router is None:
-        return None, tokens
-    return router.blocks(num_layers), router.num_kept(tokens)
+def describe_run(cfg: Config) -> str:
+    """The dry run's report: the plan of the stages, then how it would execute on this machine."""
+    return describe_plan(cfg) + "\n" + execution_plan(cfg).describe()
 
 
-def fmt_flops(x: float) -> str:
-    for unit, div in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
-        if x >= div:
-            return f"{x / div:.2f} {unit}"
-    return f"{x:.0f} FLOP"
+def execution_plan(cfg: Config):
+    """The execution plan ``prx train`` would make here, without data or weights: every aspect-ratio bucket of a
+    stage counts as used (the shapes world renders squares)."""
+    def sizes(stage: StageConfig) -> list[tuple[int, int]]:
+        if cfg.data.dataset == "shapes":
+            return [(stage.resolution, stage.resolution)]
+        return [(b.width, b.height) for b in make_buckets(stage.resolution, cfg.model.patch_size, cfg.data.min_aspect,
+                                                          cfg.data.max_aspect)]
 
-
-def step_flops(cfg: Config, stage, model_cfg=None, batch: int | None = None,
-               size: tuple[int, int] | None = None, text_tokens: int | None = None,
-               projected_text_tokens: float | None = None) -> dict[str, float]:
-    """FLOPs of one optimizer step of ``stage`` for ``batch`` images (default: the stage's global batch)
-    of ``size`` (height, width) pixels (default: the stage's square), by part: the denoiser with its
-    routing (3× forward), each teacher, and Muon's Newton–Schulz. ``text_tokens`` is the captions' padded
-    length (default ``text.max_length``, the longest), ``projected_text_tokens`` the tokens per sample the
-    text projections run over (default all of them; a step's own count in ``prx bench``)."""
-    model_cfg = model_cfg or replace(cfg.model, text_dim=cfg.model.text_dim or text_width(cfg.text.encoder) or 384)
-    batch = stage.batch_size if batch is None else batch
-    height, width = size or (stage.resolution, stage.resolution)
-    text_tokens = text_tokens or cfg.text.max_length
-    n = (height // model_cfg.patch_size) * (width // model_cfg.patch_size)
-    on = cfg.tricks(stage)
-    route, kept = _routing(cfg, stage, model_cfg.num_layers, n)
-    parts = {"denoiser": 3 * denoiser_forward_flops(model_cfg, height, width, text_tokens, 1, route, kept,
-                                                    projected_text_tokens) * batch}
-    p = cfg.perceptual
-    if on.repa and (teacher := teacher_shape(cfg.repa.teacher)) is not None:
-        inside = route is not None and route[0] <= block_index(cfg.repa.block - 1, model_cfg.num_layers) <= route[1]
-        d = cfg.repa.projector_dim
-        parts["REPA teacher"] = vit_forward_flops(teacher, n) * batch
-        parts["REPA projector"] = 3 * mlp_forward_flops([model_cfg.hidden_dim, d, d, teacher.hidden_size],
-                                                        kept if inside else n) * batch
-    if on.lpips:
-        parts["LPIPS-VGG"] = 3 * vgg16_lpips_forward_flops(int(round(height * p.lpips_resize)),  # target, prediction,
-                                                           int(round(width * p.lpips_resize))) * batch  # backward
-    if on.dino and (teacher := teacher_shape(p.dino_model)) is not None:
-        grid = aspect_grid(height, width, (p.dino_resolution // teacher.patch_size) ** 2)
-        parts["DINO perceptual"] = 3 * vit_forward_flops(teacher, grid[0] * grid[1]) * batch
-    if cfg.optimizer.name == "muon":
-        with torch.device("meta"):
-            shapes = [tuple(q.shape) for q in build_model(model_cfg).muon_params]
-        parts["Muon Newton–Schulz"] = newton_schulz_flops(shapes, cfg.optimizer.muon_ns_steps)
-    return parts
+    router = TREADRouter.from_config(cfg.tread, 0)
+    model_cfg = replace(cfg.model, text_dim=cfg.model.text_dim or text_width(cfg.text.encoder) or 384)
+    with torch.device("meta"):
+        muon_kinds = len({tuple(p.shape) for p in build_model(model_cfg).muon_params})
+    world = world_size_from_env()
+    return plan_training(cfg, resolve_device(cfg.train.device), world,
+                         block_shapes(cfg, sizes, world, router.num_kept if router else None), muon_kinds)
 
 
 def describe_plan(cfg: Config) -> str:
@@ -108,7 +81,7 @@ def describe_plan(cfg: Config) -> str:
         micro = cfg.train.micro_batch_size or batch
         n = (res // model_cfg.patch_size) ** 2
         on = cfg.tricks(stage)
-        route, kept = _routing(cfg, stage, model_cfg.num_layers, n)
+        route, kept = routing(cfg, stage, model_cfg.num_layers, n)
         terms = [f"flow (x-prediction, shift {cfg.objective.shift:g})"]
         if on.repa:
             inside = route is not None and route[0] <= block_index(cfg.repa.block - 1, model_cfg.num_layers) <= route[1]

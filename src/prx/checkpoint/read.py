@@ -1,0 +1,257 @@
+"""Finding and reading checkpoints: which one (a run's newest intact one), whether its files are intact (before any
+tensor is read), and its tensors, config and values. Loading runs no code from a checkpoint: tensors come from
+safetensors files, everything else from JSON and YAML."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import HuggingFaceStorageReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+from prx.checkpoint.legacy import legacy_reader, legacy_values, read_legacy_metadata
+from prx.config import Config, config_from_saved, read_yaml
+from prx.errors import CheckpointDamaged, CheckpointError, ConfigError, PrxError
+from prx.rundir import RunDir, step_of
+
+FORMAT = 2  # safetensors shards + state.json; format 1 (no "format" in meta.json): DCP's default pickled layout
+META, STATE, CONFIG = "meta.json", "state.json", "config.yaml"
+DAMAGED_PREFIX = ".damaged_"
+
+
+def _is_complete(path: Path) -> bool:
+    """Made visible by the writer (everything is written before meta.json and config.yaml)."""
+    return (path / META).is_file() and (path / CONFIG).is_file()
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    dirs = []
+    for p in root.glob("step_*"):
+        try:
+            step_of(p)
+        except (IndexError, ValueError):
+            continue
+        if p.is_dir() and _is_complete(p):
+            dirs.append(p)
+    return sorted(dirs, key=step_of)
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from a checkpoint, a ``checkpoints/`` directory or a run directory
+    (its newest complete checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint '{path}' does not exist: pass a run directory or a checkpoint directory")
+    if _is_complete(path):
+        return path.resolve()
+    for root in (RunDir(path).checkpoints, path):
+        steps = _step_dirs(root) if root.is_dir() else []
+        if steps:
+            return steps[-1].resolve()
+    raise CheckpointError(
+        f"no complete checkpoint under '{path}': pass a run directory with checkpoints/ or a checkpoint "
+        f"directory (it holds meta.json and config.yaml)"
+    )
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    root = RunDir(run_dir).checkpoints
+    return root.is_dir() and bool(_step_dirs(root))
+
+
+def newest_intact(root: Path, log=print, move_aside: bool = True) -> Path:
+    """The newest checkpoint under ``root`` that :func:`verify_checkpoint` accepts. Damaged newer ones
+    are reported (and, with ``move_aside``, renamed to ``.damaged_step_N`` so nothing reads them again)."""
+    damaged: list[tuple[Path, CheckpointDamaged]] = []
+    for path in reversed(_step_dirs(root)):
+        try:
+            verify_checkpoint(path)
+        except CheckpointDamaged as e:
+            damaged.append((path, e))
+            continue
+        for bad, error in damaged:
+            aside = root / f"{DAMAGED_PREFIX}{bad.name}"
+            if move_aside:
+                shutil.rmtree(aside, ignore_errors=True)
+                try:
+                    os.rename(bad, aside)
+                except OSError:
+                    pass  # another rank moved it
+            log(f"warning: {error}; resuming from {path.name}, the newest intact checkpoint"
+                + (f" (the damaged one is kept as {aside})" if move_aside else ""))
+        return path.resolve()
+    raise CheckpointDamaged(f"no intact checkpoint under '{root}' ({damaged[0][1]}): start a new run with --out, or "
+                            f"restore the files") if damaged else CheckpointError(f"no checkpoint under '{root}'")
+
+
+def checkpoint_config(path: str | Path) -> Config:
+    """The config a checkpoint was written with (older prx versions' configs migrated, see migrate_saved_config)."""
+    path = find_checkpoint(path)
+    try:
+        data = read_yaml(path / CONFIG)
+    except ConfigError as e:
+        raise CheckpointDamaged(f"checkpoint '{path}' is damaged: {CONFIG} cannot be read ({e})") from None
+    try:
+        return config_from_saved(data)
+    except PrxError as e:
+        raise CheckpointError(f"checkpoint '{path}' has a config this prx cannot read ({e})") from None
+
+
+def checkpoint_meta(path: str | Path) -> dict:
+    """meta.json of a checkpoint (its step, format, files), once the checkpoint is known to be intact."""
+    return verify_checkpoint(find_checkpoint(path))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointDamaged.at(path.parent, f"{path.name} is missing") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointDamaged.at(path.parent, f"{path.name} is not valid JSON ({' '.join(str(e).split())[:120]})") from None
+    if not isinstance(data, dict):
+        raise CheckpointDamaged.at(path.parent, f"{path.name} does not hold a JSON object")
+    return data
+
+
+def _check_safetensors(path: Path, size: int) -> None:
+    """The file's JSON header parses and its tensors end exactly at the end of the file."""
+    ckpt = path.parent
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointDamaged.at(ckpt, f"{path.name} is truncated ({size} bytes)")
+        n = struct.unpack("<Q", head)[0]
+        if n > min(size - 8, 256 * 2**20):
+            raise CheckpointDamaged.at(ckpt, f"{path.name} has a corrupt header (claims {n} header bytes in a {size}-byte file)")
+        try:
+            header = json.loads(f.read(n))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise CheckpointDamaged.at(ckpt, f"{path.name} has a corrupt header (not a safetensors JSON header)") from None
+    if 8 + n + max(ends, default=0) != size:
+        raise CheckpointDamaged.at(ckpt, f"{path.name} is truncated or has extra bytes ({size} bytes, its header describes "
+                             f"{8 + n + max(ends, default=0)})")
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """Check a checkpoint's files before reading any tensor: meta.json, config.yaml and state.json
+    parse, every tensor file is there with the size it was written with and a well-formed header.
+    Returns meta.json; raises :class:`CheckpointDamaged` naming the file otherwise."""
+    path = Path(path)
+    try:
+        return _verify(path)
+    except OSError as e:  # unreadable, or moved away while being read
+        raise CheckpointDamaged.at(path, f"{Path(e.filename or '?').name} cannot be read ({e.strerror or e})") from None
+
+
+def _verify(path: Path) -> dict:
+    meta = _read_json(path / META)
+    if not isinstance(meta.get("step"), int) or meta["step"] < 0:
+        raise CheckpointDamaged.at(path, f"{META} has no valid step")
+    try:
+        read_yaml(path / CONFIG)
+    except ConfigError as e:
+        raise CheckpointDamaged.at(path, f"{CONFIG} cannot be read ({e})") from None
+    fmt = meta.get("format", 1)
+    if fmt == FORMAT:
+        _read_json(path / STATE)
+        files = meta.get("files")
+        if not isinstance(files, dict) or not files:
+            raise CheckpointDamaged.at(path, f"{META} lists no tensor files")
+        for name, size in files.items():
+            file = path / str(name)
+            if "/" in str(name) or not file.is_file():
+                raise CheckpointDamaged.at(path, f"{name} is missing")
+            actual = file.stat().st_size
+            if actual != size:
+                raise CheckpointDamaged.at(path, f"{name} is truncated or altered ({actual} bytes, written with {size})")
+            _check_safetensors(file, actual)
+        extra = sorted(p.name for p in path.glob("*.safetensors") if p.name not in files)
+        if extra:
+            raise CheckpointDamaged.at(path, f"{extra[0]} was not written with it (an extra tensor file)")
+    elif fmt == 1:
+        metadata = read_legacy_metadata(path)
+        for info in metadata.storage_data.values():
+            name = str(info.relative_path)
+            file = path / name
+            if "/" in name or name.startswith(".") or not file.is_file():
+                raise CheckpointDamaged.at(path, f"{name} is missing")
+            if info.offset + info.length > file.stat().st_size:
+                raise CheckpointDamaged.at(path, f"{name} is truncated ({file.stat().st_size} bytes, needs "
+                                     f"{info.offset + info.length})")
+    else:
+        raise CheckpointError(f"checkpoint '{path}' has format {fmt!r}, unknown to this prx: use the prx that wrote it")
+    return meta
+
+
+def _tensor_planner():
+
+    class TensorsOnly(DefaultLoadPlanner):
+        """Reads tensors only: an entry stored as a pickled object is refused, never unpickled."""
+
+        refused: str | None = None
+
+        def load_bytes(self, read_item, value) -> None:
+            self.refused = read_item.dest_index.fqn
+            raise CheckpointError(f"'{self.refused}' is stored as a pickled object")
+
+    return TensorsOnly()
+
+
+def _tensor_leaves(state: dict) -> dict:
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value
+        elif isinstance(value, dict):
+            inner = _tensor_leaves(value)
+            if inner:
+                out[key] = inner
+    return out
+
+
+def load_checkpoint(path: str | Path, state: dict) -> dict:
+    """Fill the tensors of ``state`` in place from a checkpoint (only the keys present in ``state`` are
+    read); returns the checkpoint's other values (state.json: step, counters, data position)."""
+
+    path = find_checkpoint(path)
+    meta = verify_checkpoint(path)
+    legacy = meta.get("format", 1) == 1
+    reader = legacy_reader(path) if legacy else HuggingFaceStorageReader(str(path))
+    planner = _tensor_planner()
+    try:
+        single = not (dist.is_available() and dist.is_initialized())
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp.load(_tensor_leaves(state), storage_reader=reader, planner=planner, no_dist=single)
+    except (Exception, CheckpointException) as e:  # DCP wraps the cause (size mismatch, missing key); a BaseException
+        if isinstance(e, CheckpointDamaged):
+            raise
+        detail = " ".join(str(e).split())
+        if planner.refused:
+            raise CheckpointDamaged.at(path, f"'{planner.refused}' is stored as a pickled object where a tensor belongs "
+                                 f"(refused without running it)") from None
+        if "Weights only load failed" in detail or "UnpicklingError" in detail:
+            raise CheckpointDamaged.at(path, f"{getattr(reader, 'current_file', None) or 'a tensor file'} holds something other "
+                                 f"than tensors (refused without running it)") from None
+        if "SafetensorError" in detail or "safetensors" in detail.lower():
+            raise CheckpointDamaged.at(path, f"a tensor file cannot be read ({detail[:160]})") from None
+        for marker in ("Size mismatch", "Missing key", "missing key", "Unexpected key"):
+            if marker in detail:
+                detail = detail[detail.rindex(marker):]  # the last one: DCP's message after its traceback
+                break
+        raise CheckpointError(
+            f"checkpoint '{path}' does not fit this model ({detail[:200]}): it was written with a different "
+            f"model config; sample it with its own config or start a new run with --out"
+        ) from None
+    return legacy_values(path, read_legacy_metadata(path)) if legacy else _read_json(path / STATE)

@@ -1,0 +1,344 @@
+"""Exports: a run's checkpoint as a diffusers ``PRXPixelPipeline`` directory (transformer, scheduler, text encoder,
+tokenizer, model card), or as one ``.safetensors`` file with its config in the metadata (``prx sample`` reads it).
+Written atomically (a temporary name renamed into place), needing only prx; loading the pipeline needs only torch,
+transformers and diffusers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from prx.checkpoint import checkpoint_config, checkpoint_meta, find_checkpoint, load_weights
+from prx.config import Config
+from prx.config.pretrained import DIFFUSERS_NORM_EPS, PIPELINE_CLASS, TRANSFORMER_CLASS
+from prx.device import check_memory, resolve_device
+from prx.diffusers_io import DIFFUSERS_VERSION, NUM_TRAIN_TIMESTEPS, WEIGHTS_NAME, diffusers_config_of, to_diffusers_state_dict
+from prx.errors import PrxError
+from prx.files import make_writable_dir
+from prx.model import build_model, param_count
+from prx.rundir import RunDir
+from prx.text import TextEncoder
+
+
+def scheduler_config(config: Config) -> dict:
+    """FlowMatchEulerDiscreteScheduler with the run's sampling shift: its sigmas are prx's schedule 'diffusers'."""
+    return {
+        "_class_name": "FlowMatchEulerDiscreteScheduler",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "num_train_timesteps": NUM_TRAIN_TIMESTEPS,
+        "shift": float(config.sampling_shift),
+        "use_dynamic_shifting": False,
+        "base_shift": 0.5,
+        "max_shift": 1.15,
+        "base_image_seq_len": 256,
+        "max_image_seq_len": 4096,
+        "invert_sigmas": False,
+        "shift_terminal": None,
+        "use_karras_sigmas": False,
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+        "time_shift_type": "exponential",
+        "stochastic_sampling": False,
+    }
+
+
+def recommended_guidance_scale(config: Config) -> float:
+    """The CFG scale to use in diffusers: the run's, when it learnt an unconditional model (caption dropout)."""
+    return float(config.sampling.guidance_scale) if config.data.caption_dropout > 0 else 1.0
+
+
+def export_notes(config: Config) -> list[str]:
+    """Where PRXPixelPipeline cannot sample the way `prx sample` does by default for this run."""
+    s, notes = config.sampling, []
+    if s.guidance in ("self", "both"):
+        notes.append(
+            f"this run samples with TREAD self-guidance by default (sampling.guidance={s.guidance}, self-guidance scale "
+            f"{s.self_guidance_scale}); diffusers has no equivalent: PRXPixelPipeline uses classifier-free guidance only "
+            f"(empty-caption negative), so its images match `prx sample --guidance cfg`, not the run's default")
+    if s.guidance in ("cfg", "both") and 0 < s.guidance_scale < 1:
+        notes.append(f"sampling.guidance_scale={s.guidance_scale} < 1: PRXPixelPipeline guides only for scales above 1")
+    if s.sampler != "euler":
+        notes.append(f"this run samples with {s.sampler} by default; PRXPixelPipeline integrates with Euler "
+                     f"(FlowMatchEulerDiscreteScheduler): compare with `prx sample --sampler euler`")
+    if list(s.guidance_interval) != [0.0, 1.0]:
+        notes.append(f"this run guides only for t in {list(s.guidance_interval)} (sampling.guidance_interval); "
+                     f"PRXPixelPipeline guides at every step")
+    if s.schedule != "diffusers":
+        notes.append("this run samples over shift(linspace(1, 0, N+1)) (sampling.schedule=linspace, a run from before "
+                     "the option); FlowMatchEulerDiscreteScheduler's sigmas differ slightly, so images differ slightly "
+                     "from `prx sample`'s")
+    if config.objective.noise_offset:
+        notes.append(f"this run trained with offset noise (objective.noise_offset={config.objective.noise_offset}); "
+                     f"PRXPixelPipeline starts from plain randn · noise_scale, so its images vary less in global "
+                     f"brightness than `prx sample`'s: pass prx's starting noise as `latents=` for the same images")
+    if config.model.norm_eps != DIFFUSERS_NORM_EPS:
+        notes.append(f"this model was trained with LayerNorm eps {config.model.norm_eps} (model.norm_eps); "
+                     f"PRXTransformer2DModel's is {DIFFUSERS_NORM_EPS}: its x0 predictions differ by a few 1e-6 (relative)")
+    return notes
+
+
+def latest_eval_results(run: RunDir | Path) -> dict | None:
+    """The newest ``RUN/eval/*/results.json`` (highest step, then newest file), or None."""
+    run, found = RunDir(run) if not isinstance(run, RunDir) else run, []
+    for path in run.eval_results():
+        try:
+            results = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(results, dict) and isinstance(results.get("sets"), dict):
+            step = results.get("step")
+            found.append((step if isinstance(step, int) else -1, path.stat().st_mtime, path, results))
+    if not found:
+        return None
+    step, _, path, results = max(found, key=lambda item: item[:2])
+    return {**results, "_path": str(path)}
+
+
+def latest_real_eval_results(run: RunDir | Path) -> dict | None:
+    """The newest held-out evaluation, ``RUN/eval/*/real/results.json`` (``prx eval --data`` and the
+    run's ``eval:`` during training write there): highest step, then newest file; or None."""
+    run, found = RunDir(run) if not isinstance(run, RunDir) else run, []
+    for path in run.eval_results(real=True):
+        try:
+            results = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(results, dict) and isinstance(results.get("metrics"), dict):
+            step = results.get("step")
+            found.append((step if isinstance(step, int) else -1, path.stat().st_mtime, path, results))
+    if not found:
+        return None
+    return {**max(found, key=lambda item: item[:2])[3]}
+
+
+def _real_eval_lines(results: dict, step: int) -> list[str]:
+    settings = results.get("settings") or {}
+    where = "The run's in-training evaluation (`eval:`)" if results.get("during_training") else "`prx eval --data`"
+    lines = ["", "## Held-out evaluation", "",
+             f"{where} at step {results.get('step', '?')}" + (" (not the exported step)" if results.get("step") != step else "")
+             + f", {settings.get('evaluated', '?')} held-out samples at {settings.get('resolution', '?')} px, "
+             f"{results.get('weights', 'ema')} weights, sampling {json.dumps(settings.get('sampling'))}:",
+             "", "| metric | value | samples | note |", "|---|---|---|---|"]
+    for name, r in results["metrics"].items():
+        try:
+            note = "biased upwards: few samples" if r.get("warning") else ""
+            rows = [(name, r["value"], r.get("num_samples", r.get("num_fake")), note)]
+            if name == "val_loss":
+                rows += [(f"val_loss {bin_name}", b["value"], b["n"], "") for bin_name, b in r["bins"].items()]
+            for label, value, n, note in rows:
+                lines.append(f"| {label} | {'—' if value is None else f'{value:.5g}'} | {n} | {note} |")
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue
+    return lines
+
+
+def usage_snippet(path: str, config: Config, prompt: str = "a red circle in the top left") -> str:
+    s = config.sampling
+    binning = "" if config.stages[-1].resolution == 1024 else ", use_resolution_binning=False"
+    return (
+        "from diffusers import PRXPixelPipeline\n"
+        f'pipe = PRXPixelPipeline.from_pretrained("{path}")\n'
+        f'image = pipe("{prompt}", num_inference_steps={s.steps}, '
+        f"guidance_scale={recommended_guidance_scale(config)}{binning}).images[0]"
+    )
+
+
+def model_card(config: Config, step: int, weights: str, params: int, notes: list[str], eval_results: dict | None,
+               text_classes: tuple[str, str], name: str = "path/to/this/directory",
+               real_results: dict | None = None) -> str:
+    s, m, d, t = config.sampling, config.model, config.data, config.text
+    res = config.stages[-1].resolution
+    lines = [
+        "---",
+        "library_name: diffusers",
+        "pipeline_tag: text-to-image",
+        "tags: [prx, pixel-space, text-to-image, flow-matching]",
+        "---",
+        "",
+        f"# {config.name}: a pixel-space PRX text-to-image model",
+        "",
+        f"Trained with `prx` (the PRX \"24-hour speedrun\" recipe in pixel space) and exported with "
+        f"`prx export --format diffusers`: the {'EMA' if weights == 'ema' else 'raw'} weights of step "
+        f"{step} of {config.total_steps}, {params / 1e6:.1f}M parameters, {res}×{res} px.",
+        "",
+        "## Use with diffusers",
+        "",
+        "```python",
+        usage_snippet(name, config),
+        "```",
+        "",
+        f"`{name}` is this directory (or its hub id once uploaded). Needs `torch`, `transformers`, "
+        "`diffusers>=0.42.1` and `ftfy` (PRXPixelPipeline cleans prompts with it), not prx. `image` is a PIL image; "
+        "`output_type=\"np\"` gives floats in [0, 1]. With `guidance_scale > 1`, give one prompt per call: "
+        "PRXPixelPipeline (diffusers 0.42) batches the conditional and unconditional passes of a single prompt only.",
+        "",
+        "## Sampling: diffusers and `prx sample`",
+        "",
+        f"- Scheduler: `FlowMatchEulerDiscreteScheduler(shift={config.sampling_shift})`, whose sigmas are prx's "
+        f"`sampling.schedule: diffusers`: PRXPixelPipeline takes the same steps as `prx sample`.",
+        f"- Starting noise: `randn · noise_scale` with noise_scale={config.objective.noise_scale} (the pipeline's "
+        f"`noise_scale`); prx seeds image i with seed + i, pass that noise as `latents=` to get the same image.",
+        f"- The network predicts x0; both convert it to a velocity (x_t − x0)/max(t, {config.objective.t_clamp}).",
+        f"- Guidance: classifier-free on x0, the empty caption as negative (diffusers' default `negative_prompt=\"\"`); "
+        f"this run's default is `{s.guidance}` with scale {s.guidance_scale}"
+        + (f" and self-guidance scale {s.self_guidance_scale}" if s.guidance != "cfg" else "")
+        + f"; trained with caption dropout {d.caption_dropout}.",
+        f"- Text: `{t.encoder}` ({text_classes[0]}), at most {t.max_length} tokens (the pipeline's `prompt_max_tokens`); "
+        f"diffusers first cleans prompts (ftfy, HTML unescaping, surrounding spaces), which leaves plain text as it is.",
+        f"- Defaults of this run: {s.steps} steps, {s.sampler} sampler.",
+    ]
+    if res != 1024:
+        lines.append(f"- `use_resolution_binning=False`: diffusers' aspect-ratio bins exist only for 1024 px; this "
+                     f"model samples {res} px (`default_sample_size`).")
+    if notes:
+        lines += ["", "**Differences from `prx sample`:**", ""] + [f"- {n}" for n in notes]
+    stages = "\n".join(
+        f"| {i + 1} | {st.resolution} | {st.steps} | {st.batch_size} | {'on' if st.tread and config.tread.route_ratio > 0 else 'off'} "
+        f"| {'on' if st.repa and config.repa.weight > 0 else 'off'} | "
+        f"{'on' if st.perceptual and (config.perceptual.lpips_weight > 0 or config.perceptual.dino_weight > 0) else 'off'} |"
+        for i, st in enumerate(config.stages))
+    data = {"shapes": "prx's procedural shapes world (coloured circles, squares, triangles)"}.get(
+        d.dataset, f"{d.dataset}: " + ", ".join(f"`{p}`" for p in d.shards[:8]) + (" …" if len(d.shards) > 8 else ""))
+    lines += [
+        "",
+        "## Training",
+        "",
+        f"- Model: PRX, {m.num_layers} blocks, hidden {m.hidden_dim}, {m.num_heads} heads, patch {m.patch_size}, "
+        f"bottleneck {m.bottleneck_dim}, GeGLU ×{m.mlp_ratio}, LayerNorm eps {m.norm_eps}"
+        + (", resolution embedding" if m.resolution_embeds else "")
+        + (f" (preset `{m.preset}`)" if m.preset else "")
+        + (f"; initialised from `{m.init_from}`" if m.init_from else ""),
+        f"- Data: {data}; caption dropout {d.caption_dropout}",
+        f"- Objective: x-prediction flow matching, logit-normal({config.objective.t_mean}, {config.objective.t_std}) "
+        f"timesteps, shift {config.objective.shift}, {config.objective.uniform_fraction:.0%} uniform",
+        f"- Optimizer: {config.optimizer.name}, lr {config.optimizer.lr}; EMA {config.ema.decay} every "
+        f"{config.ema.update_every} steps",
+        f"- Trained for {step} of {config.total_steps} steps:",
+        "",
+        "| stage | resolution | steps | batch | TREAD | REPA | perceptual |",
+        "|---|---|---|---|---|---|---|",
+        stages,
+    ]
+    if eval_results is not None:
+        lines += [
+            "",
+            "## Evaluation",
+            "",
+            f"`prx eval` (shapes-world prompt adherence, judged from pixels) at step {eval_results.get('step', '?')}"
+            + (" (not the exported step)" if eval_results.get("step") != step else "")
+            + f", settings {json.dumps(eval_results.get('settings', {}))}:",
+            "",
+            "| prompt set | n | colour | shape | position | count | all-correct |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, r in eval_results["sets"].items():
+            try:
+                lines.append(f"| {name} | {r['n']} | {r['color']:.1%} | {r['shape']:.1%} | {r['position']:.1%} | "
+                             f"{r['count']:.1%} | {r['all_correct']:.1%} |")
+            except (KeyError, TypeError, ValueError):
+                continue
+    if real_results is not None:
+        lines += _real_eval_lines(real_results, step)
+    lines += ["", "## Full training config", "", "```yaml", config.to_yaml().rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PrxError(f"--out '{out}' already exists and is not empty: export writes a new directory, choose another "
+                       f"--out (or remove that one)")
+    if out.suffix == ".safetensors":
+        raise PrxError(f"--out '{out}' names a file: --format diffusers writes a directory (use --format prx for one "
+                       f".safetensors file)")
+
+
+def export_pipeline(checkpoint: str | Path, out: str | Path, weights: str = "ema") -> dict:
+    """Write a checkpoint as a PRXPixelPipeline directory (atomically: a temporary directory renamed into place).
+
+    Returns what the CLI reports: out, step, params, notes (where diffusers samples differently).
+    """
+    out = Path(out)
+    _check_out(out)
+    ckpt = find_checkpoint(checkpoint)
+    config = checkpoint_config(ckpt)
+    transformer_config = diffusers_config_of(config.model)  # fails early on a model diffusers cannot hold
+    step = int(checkpoint_meta(ckpt)["step"])
+    model = build_model(config.model)
+    load_weights(ckpt, model, weights)  # full tensors, whatever world size wrote the checkpoint
+    tensors = to_diffusers_state_dict(model.state_dict())
+    encoder = TextEncoder.from_config(config.text, "cpu")
+    text_classes = (type(encoder.model).__name__, type(encoder.tokenizer).__name__)
+    notes = export_notes(config)
+
+    make_writable_dir(out.parent if str(out.parent) else Path("."))
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        (tmp / "transformer").mkdir(parents=True)
+        (tmp / "scheduler").mkdir()
+        save_file(tensors, str(tmp / "transformer" / WEIGHTS_NAME), metadata={"format": "pt"})
+        _write_json(tmp / "transformer" / "config.json", transformer_config)
+        _write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config(config))
+        encoder.model.save_pretrained(str(tmp / "text_encoder"))
+        encoder.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        _write_json(tmp / "model_index.json", {
+            "_class_name": PIPELINE_CLASS,
+            "_diffusers_version": DIFFUSERS_VERSION,
+            "default_sample_size": config.stages[-1].resolution,
+            "noise_scale": float(config.objective.noise_scale),
+            "prompt_max_tokens": config.text.max_length,
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "text_encoder": ["transformers", text_classes[0]],
+            "tokenizer": ["transformers", text_classes[1]],
+            "transformer": ["diffusers", TRANSFORMER_CLASS],
+        })
+        params = sum(v.numel() for v in tensors.values())
+        card = model_card(config, step, weights, params, notes, latest_eval_results(RunDir.of_checkpoint(ckpt)), text_classes,
+                          out.name, latest_real_eval_results(RunDir.of_checkpoint(ckpt)))
+        (tmp / "README.md").write_text(card)
+        (tmp / "prx_config.yaml").write_text(config.to_yaml())
+        try:
+            os.replace(tmp, out)  # onto nothing, or onto an empty directory
+        except OSError as e:
+            raise PrxError(f"cannot move the export into place at '{out}' ({e.strerror}): choose another --out") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"out": out, "step": step, "params": params, "notes": notes, "config": config}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def export_safetensors(checkpoint: str | Path, out: str | Path, weights: str = "ema") -> dict:
+    """A checkpoint's EMA (or raw) weights as one safetensors file with its config in the metadata (and beside it as
+    YAML), for ``prx sample --checkpoint FILE.safetensors`` anywhere. Returns out, step and params."""
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise PrxError(f"--out {out} should end in .safetensors (or use --format diffusers to write a pipeline "
+                       f"directory)")
+    if out.is_dir() or out.with_suffix(".yaml").is_dir():
+        raise PrxError(f"--out {out} is a directory: give the path of a new .safetensors file")
+    ckpt = find_checkpoint(checkpoint)
+    step = checkpoint_meta(ckpt)["step"]  # a damaged checkpoint stops here, naming the file
+    config = checkpoint_config(ckpt)
+    check_memory(param_count(config.model), resolve_device("cpu"), "inference", f"the model of checkpoint '{ckpt}'")
+    model = build_model(config.model)
+    load_weights(ckpt, model, weights)  # full tensors, whatever world size wrote the checkpoint
+    make_writable_dir(out.parent if str(out.parent) else Path("."))
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
+                  metadata={"prx_config": config.to_yaml(), "step": str(step), "weights": weights})
+        tmp.replace(out)
+    except OSError as e:
+        raise PrxError(f"cannot write --out {out} ({e.strerror or e}): choose another path") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    config.save(out.with_suffix(".yaml"))
+    return {"out": out, "step": step, "params": sum(v.numel() for v in model.state_dict().values())}
