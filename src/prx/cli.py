@@ -227,6 +227,23 @@ def cmd_data_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_split(args: argparse.Namespace) -> int:
+    from prx.data.split import split_shards
+
+    result = split_shards(args.shards, args.fraction, args.out_train, args.out_heldout, seed=args.seed)
+    train, heldout = result["train"], result["heldout"]
+    total = train["samples"] + heldout["samples"]
+    done = " (already split: nothing to do)" if result["already_done"] else ""
+    print(f"{total} samples: {train['samples']} for training in {args.out_train}, {heldout['samples']} held out "
+          f"({heldout['samples'] / max(total, 1):.1%}) in {args.out_heldout}{done}")
+    for line in result["damaged_row_groups"]:
+        print(f"warning: skipped a damaged row group: {line}", file=sys.stderr)
+    if not heldout["samples"] or not train["samples"]:
+        print(f"warning: the {'held-out' if not heldout['samples'] else 'training'} split is empty: "
+              f"{'raise' if not heldout['samples'] else 'lower'} --fraction (or add data)", file=sys.stderr)
+    return 0
+
+
 def cmd_data_inspect(args: argparse.Namespace) -> int:
     import collections
 
@@ -347,6 +364,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_env(args: argparse.Namespace) -> int:
+    import json
+
+    from prx.envinfo import collect, format_report
+
+    info = collect(args.config)
+    print(json.dumps(info, indent=1) if args.json else format_report(info))
+    return 0
+
+
 def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a checkpoint directory, or a run directory (its checkpoints/latest is used)")
@@ -453,7 +480,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "(one process, largest first, the first stage's resolution), e.g. 64,48,32,24,16")
     p.set_defaults(func=cmd_bench)
 
-    data = sub.add_parser("data", help="prepare datasets: convert, embed, shapes, inspect",
+    p = sub.add_parser("env", help="what this machine gives prx: torch, CUDA, GPUs, compiler, cached weights",
+                       description="Print torch and CUDA versions, each GPU with its memory and bf16 support, the "
+                                   "CPU's vector ISA and whether its bf16 matmuls beat fp32, the C++ compiler "
+                                   "torch.compile would use and whether it builds, the Hugging Face cache and which "
+                                   "of the recipe's weights are in it (looked up on disk, never on the network), "
+                                   "and what `prx train CONFIG` would use here.",
+                       epilog="examples:\n  prx env\n  prx env --config demo\n  prx env --json > env.json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="speedrun", help="the config whose plan is shown (default speedrun)")
+    p.add_argument("--json", action="store_true", help="print JSON instead")
+    p.set_defaults(func=cmd_env)
+
+    data = sub.add_parser("data", help="prepare datasets: convert, split, embed, shapes, inspect",
                           description="Prepare prx shards (Parquet: image bytes, size, captions, optional embeddings).")
     data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND")
 
@@ -511,6 +550,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--per-shard", type=int, default=1000)
     q.set_defaults(func=cmd_data_shapes)
+
+    q = data_sub.add_parser("split", help="hold out a stable fraction of shards for evaluation",
+                            description="Copy shards into a training set and a held-out set. A sample is held out "
+                                        "when a hash of its id (and --seed) is below --fraction, so it stays in the "
+                                        "same split whatever the order or sharding of the inputs and whatever data "
+                                        "is added later. Image bytes are copied, not re-encoded. Run `prx data "
+                                        "embed` on the outputs afterwards.",
+                            epilog="examples:\n"
+                                   "  prx data split shards/all --fraction 0.05 --out-train shards/train --out-heldout shards/heldout\n"
+                                   "  prx train demo data.dataset=shards 'data.shards=[shards/train]'\n"
+                                   "  prx eval --checkpoint runs/demo --data shards/heldout --num-samples 500",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("shards", nargs="+", metavar="SHARDS", help="prx shard files, directories or globs")
+    q.add_argument("--fraction", type=float, required=True, metavar="F",
+                   help="the share of samples held out, between 0 and 1 (e.g. 0.05)")
+    q.add_argument("--out-train", required=True, metavar="DIR", help="new directory for the training shards")
+    q.add_argument("--out-heldout", required=True, metavar="DIR", help="new directory for the held-out shards")
+    q.add_argument("--seed", type=int, default=0, help="another seed holds out another set (default 0)")
+    q.set_defaults(func=cmd_data_split)
 
     q = data_sub.add_parser("inspect", help="counts, caption columns, buckets and embeddings of shards",
                             description="Summarise shards, or Parquet files as downloaded when a column mapping is "
