@@ -157,16 +157,21 @@ def _section(cls: type, prefix: str, out: list[str]) -> None:
 
 
 def reference() -> str:
-    from prx.config import MODEL_PRESETS, Config, builtin_configs
+    import prx
+    import prx.config
+    from prx.config import Config
 
     out = [INTRO]
+    names = sorted(p.stem for p in (Path(prx.__file__).parent / "configs").glob("*.yaml"))
     out += ["Built-in configs (`prx train NAME`, files in `src/prx/configs/`): "
-            + ", ".join(f"`{name}`" for name in builtin_configs()) + ".", ""]
-    out += ["Model presets (`model.preset`; a preset fills the `model` keys a config does not set):", "",
-            "| preset | " + " | ".join(next(iter(MODEL_PRESETS.values()))) + " |",
-            "|---|" + "---|" * len(next(iter(MODEL_PRESETS.values())))]
-    for name, values in MODEL_PRESETS.items():
-        out.append(f"| `{name}` | " + " | ".join(_yaml(v) for v in values.values()) + " |")
+            + ", ".join(f"`{name}`" for name in names) + ".", ""]
+    presets = getattr(prx.config, "MODEL_PRESETS", None)  # name → the model fields it sets
+    if presets:
+        fields = list(next(iter(presets.values())))
+        out += ["Model presets (`model.preset`; a preset fills the `model` keys a config does not set):", "",
+                "| preset | " + " | ".join(fields) + " |", "|---|" + "---|" * len(fields)]
+        for name, values in presets.items():
+            out.append(f"| `{name}` | " + " | ".join(_yaml(values.get(f)) for f in fields) + " |")
     hints = typing.get_type_hints(Config)
     comments = _comments(Config)
     for f in dataclasses.fields(Config):
