@@ -49,7 +49,7 @@ VARIANTS = {  # name → config overrides on top of the demo (which itself train
     "bf16 autocast + compile": [*WIDE, "train.precision=bf16", "train.compile=on", "train.attention=sdpa"],
     "compile + math attention": [*WIDE, "train.precision=fp32", "train.compile=on", "train.attention=math"],
     "bf16 + compile + math attention": [*WIDE, "train.precision=bf16", "train.compile=on", "train.attention=math"],
-    # the demo as it is: 192 wide (3 heads of 64), which learns as much per step (README, The demo)
+    # the demo as it is: 192 wide (3 heads of 64), which learns as much per step (benchmarks/RESULTS.md)
     "192 wide, compile + math (AVX2 demo)": ["train.precision=fp32", "train.compile=on", "train.attention=math"],
     "192 wide, bf16 + compile + math": ["train.precision=bf16", "train.compile=on", "train.attention=math"],
 }

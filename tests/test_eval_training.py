@@ -108,7 +108,7 @@ def test_eval_setup_errors_are_one_line_before_step_0(heldout, tmp_path, capsys,
                     "fid, fd_dinov2, cmmd, clip_score, val_loss")
     # wandb is an optional extra: without it, logging.wandb=true stops the run before anything else
     monkeypatch.setitem(sys.modules, "wandb", None)
-    _one_line_error(capsys, train("logging.wandb=true"), "pip install 'prx-speedrun[wandb]'")
+    _one_line_error(capsys, train("logging.wandb=true"), "pip install wandb")
     assert not run.exists() or sorted(p.name for p in run.iterdir()) == [".lock"]  # nothing written, no step run
 
 
@@ -148,7 +148,7 @@ def _history(records) -> list[dict]:
 
 
 def test_wandb_offline_logs_scalars_grids_and_eval_and_a_resume_continues_the_run(heldout, tmp_path, monkeypatch):
-    pytest.importorskip("wandb", reason="wandb is not installed: pip install 'prx-speedrun[wandb]' to run this test")
+    pytest.importorskip("wandb", reason="wandb is not installed: pip install wandb to run this test")
     from prx.train import Trainer
 
     monkeypatch.setenv("WANDB_MODE", "offline")  # nothing reaches the W&B servers

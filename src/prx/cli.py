@@ -1,4 +1,4 @@
-"""The ``prx`` command line: train, sample, eval, export, bench and data (convert, embed, shapes, inspect).
+"""The ``prx`` command line: train, sample, eval, export, bench, env and data (convert, split, embed, shapes, inspect).
 
 This module is the parser table and nothing heavy: each command's code is a module of :mod:`prx.commands`, loaded
 only when it runs, so ``prx --help`` and a mistyped option answer at once. Errors a user can fix
@@ -139,7 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "(one process, largest first, the first stage's resolution), e.g. 64,48,32,24,16")
     p.set_defaults(command="prx.commands.bench:run")
 
-    data = sub.add_parser("data", help="prepare datasets: convert, embed, shapes, inspect",
+    p = sub.add_parser("env", help="what this machine gives prx: torch, CUDA, GPUs, compiler, cached weights",
+                       description="Print torch and CUDA versions, each GPU with its memory and bf16 support, the "
+                                   "CPU's vector ISA and whether its bf16 matmuls beat fp32, the C++ compiler "
+                                   "torch.compile would use and whether it builds, the Hugging Face cache and which "
+                                   "of the recipe's weights are in it (looked up on disk, never on the network), "
+                                   "and what `prx train CONFIG` would use here.",
+                       epilog="examples:\n  prx env\n  prx env --config demo\n  prx env --json > env.json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="speedrun", help="the config whose plan is shown (default speedrun)")
+    p.add_argument("--json", action="store_true", help="print JSON instead")
+    p.set_defaults(command="prx.commands.env:run")
+
+    data = sub.add_parser("data", help="prepare datasets: convert, split, embed, shapes, inspect",
                           description="Prepare prx shards (Parquet: image bytes, size, captions, optional embeddings).")
     data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND")
 
@@ -197,6 +209,26 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--per-shard", type=int, default=1000)
     q.set_defaults(command="prx.commands.data:run_shapes")
+
+    q = data_sub.add_parser("split", help="hold out a stable fraction of shards for evaluation",
+                            description="Copy shards into a training set and a held-out set. A sample is held out "
+                                        "when a hash of its id (and --seed) is below --fraction, so it stays in the "
+                                        "same split whatever the order or sharding of the inputs and whatever data "
+                                        "is added later. Image bytes are copied, not re-encoded. Run `prx data "
+                                        "embed` on the outputs afterwards.",
+                            epilog="examples:\n"
+                                   "  prx data split shards/all --fraction 0.05 --out-train shards/train "
+                                   "--out-heldout shards/heldout\n"
+                                   "  prx train demo data.dataset=shards 'data.shards=[shards/train]'\n"
+                                   "  prx eval --checkpoint runs/demo --data shards/heldout --num-samples 500",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("shards", nargs="+", metavar="SHARDS", help="prx shard files, directories or globs")
+    q.add_argument("--fraction", type=float, required=True, metavar="F",
+                   help="the share of samples held out, between 0 and 1 (e.g. 0.05)")
+    q.add_argument("--out-train", required=True, metavar="DIR", help="new directory for the training shards")
+    q.add_argument("--out-heldout", required=True, metavar="DIR", help="new directory for the held-out shards")
+    q.add_argument("--seed", type=int, default=0, help="another seed holds out another set (default 0)")
+    q.set_defaults(command="prx.commands.data:run_split")
 
     q = data_sub.add_parser("inspect", help="counts, caption columns, buckets and embeddings of shards",
                             description="Summarise shards, or Parquet files as downloaded when a column mapping is "

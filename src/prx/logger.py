@@ -40,8 +40,8 @@ def require_wandb(cfg: LoggingConfig) -> None:
     try:
         importlib.import_module("wandb")
     except ImportError:
-        raise PrxError("logging.wandb is true but wandb is not installed: pip install 'prx-speedrun[wandb]' "
-                       "(or pip install wandb), or set logging.wandb=false") from None
+        raise PrxError("logging.wandb is true but wandb is not installed: pip install wandb (or pip install -e "
+                       "'.[wandb]' in the prx checkout), or set logging.wandb=false") from None
 
 
 def start_wandb(cfg: LoggingConfig, run: RunDir, step: int, run_config: dict | None):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from prx.data.loader import ShardIndex, check_samples
 from prx.data.mapping import mapping_from
 from prx.data.shapes import write_shards
 from prx.data.shards import expand_shards
+from prx.data.split import split_shards
 from prx.device import resolve_device
 from prx.errors import PrxError
 from prx.text import TextEncoder
@@ -79,6 +81,21 @@ def run_embed(args: argparse.Namespace) -> int:
 def run_shapes(args: argparse.Namespace) -> int:
     paths = write_shards(args.out, args.count, args.resolution, args.seed, per_shard=args.per_shard)
     print(f"{args.count} shapes-world samples at {args.resolution} px in {len(paths)} shard(s) under {args.out}")
+    return 0
+
+
+def run_split(args: argparse.Namespace) -> int:
+    result = split_shards(args.shards, args.fraction, args.out_train, args.out_heldout, seed=args.seed)
+    train, heldout = result["train"], result["heldout"]
+    total = train["samples"] + heldout["samples"]
+    done = " (already split: nothing to do)" if result["already_done"] else ""
+    print(f"{total} samples: {train['samples']} for training in {args.out_train}, {heldout['samples']} held out "
+          f"({heldout['samples'] / max(total, 1):.1%}) in {args.out_heldout}{done}")
+    for line in result["damaged_row_groups"]:
+        print(f"warning: skipped a damaged row group: {line}", file=sys.stderr)
+    if not heldout["samples"] or not train["samples"]:
+        print(f"warning: the {'held-out' if not heldout['samples'] else 'training'} split is empty: "
+              f"{'raise' if not heldout['samples'] else 'lower'} --fraction (or add data)", file=sys.stderr)
     return 0
 
 
