@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 RUN    ?= runs/demo
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-fast bench clean
 
 $(BIN)/prx: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,12 @@ demo: venv
 	$(BIN)/prx sample --checkpoint $(RUN) --prompt "a red circle in the top left" --out $(RUN)/cli_samples
 
 test: venv
+	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/python -m pytest -q tests
+
+test-fast: venv  # the tier a developer runs while working (≤ 2 min on 2 cores)
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: venv
 	$(BIN)/python benchmarks/step_time.py

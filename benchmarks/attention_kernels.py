@@ -158,7 +158,8 @@ def main(argv=None) -> int:
         if "error" in r:
             print(f"    {r['kernel']:<24} unsupported here ({r['error']})")
         else:
-            print(f"    {r['kernel']:<24} {r['ms']:8.3f} ms  {r['tflops']:7.1f} TFLOP/s  rel. error {r['rel_error']:.1e}")
+            print(f"    {r['kernel']:<24} {r['ms']:8.3f} ms  {r['tflops']:7.1f} TFLOP/s  rel. error "
+                  f"{r['rel_error']:.1e}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -24,9 +24,9 @@ from PIL import Image
 
 from prx.data.buckets import make_buckets, resize_and_crop_box
 from prx.data.convert import convert
-from prx.data.mapping import Mapping, mapping_from
 from prx.data.imageio import decode
 from prx.data.loader import ShardLoader
+from prx.data.mapping import Mapping, mapping_from
 from prx.data.shards import expand_shards
 
 
@@ -119,8 +119,9 @@ def main() -> None:
                 pid = os.getpid()
                 samples.append(rss_mib(pid) + sum(rss_mib(c) for c in children(pid)))
         elapsed = time.perf_counter() - start
-        print(f"   {per_epoch * args.epochs * 8} images in {elapsed:.1f} s ({per_epoch * args.epochs * 8 / elapsed:.1f} images/s); "
-              f"RSS after each epoch (MiB): {', '.join(f'{m:.0f}' for m in samples)}")
+        print(f"   {per_epoch * args.epochs * 8} images in {elapsed:.1f} s "
+              f"({per_epoch * args.epochs * 8 / elapsed:.1f} images/s); RSS after each epoch (MiB): "
+              f"{', '.join(f'{m:.0f}' for m in samples)}")
         print(f"   growth from epoch 2 to the last: {samples[-1] - samples[1]:+.0f} MiB")
 
         print("4. loader throughput, 2 workers, 512 px, batch 8, two epochs: converted shards vs read in place")

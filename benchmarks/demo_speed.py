@@ -147,7 +147,8 @@ def main() -> None:
     print(f"{'variant':<38} {'s/step':>8} {'steps/s':>8} {'× first row':>12}   text encoder")
     for name, times in seconds.items():
         median = statistics.median(times)
-        print(f"{name:<38} {median:8.3f} {1 / median:8.2f} {baseline / median:11.2f}×   {text_seconds[name] / len(times):.3f} s")
+        print(f"{name:<38} {median:8.3f} {1 / median:8.2f} {baseline / median:11.2f}×   "
+              f"{text_seconds[name] / len(times):.3f} s")
 
 
 if __name__ == "__main__":

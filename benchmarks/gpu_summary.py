@@ -37,7 +37,8 @@ def main(out: str) -> int:
               f"{r['mfu']:6.1%} {r['peak_memory_gib']:9.1f}")
     recipe, eager, dense = results["seed512_recipe"], results["seed512_eager"], results["seed512_dense"]
     if recipe and results["seed512_teachers_eager"]:
-        print(f"compiled teachers' speed-up: {results['seed512_teachers_eager']['step_seconds'] / recipe['step_seconds']:.2f}×")
+        print(f"compiled teachers' speed-up: "
+              f"{results['seed512_teachers_eager']['step_seconds'] / recipe['step_seconds']:.2f}×")
     before = results["seed512_before"]
     if recipe and before:
         print(f"CUDA graphs' speed-up (the defaults over the defaults before): "
@@ -77,8 +78,8 @@ def main(out: str) -> int:
                                for k, v in sorted(r["phases"].items(), key=lambda kv: -kv[1]))
             print(f"{name} by phase (synced, {phased:.3f} s/step): {phases}")
             if "host_wait_seconds" in r:
-                print(f"{name}: the host waited {r['host_wait_seconds'] * 1e3:.1f} ms of each {r['step_seconds'] * 1e3:.1f} "
-                      f"ms step for the device")
+                print(f"{name}: the host waited {r['host_wait_seconds'] * 1e3:.1f} ms of each "
+                      f"{r['step_seconds'] * 1e3:.1f} ms step for the device")
     if recipe:
         print(f"MFU peak: {recipe['peak']}")
     for name, _ in rows:

@@ -28,10 +28,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from prx.config import load_config
-from prx.flops import denoiser_forward_flops
-from prx.metrics.stats import FrechetMetric, rbf_mmd
+from prx.flops import denoiser_forward_flops, fmt_flops, step_flops
 from prx.metrics.extractors import full_size_random
-from prx.flops import fmt_flops, step_flops
+from prx.metrics.stats import FrechetMetric, rbf_mmd
 from prx.text import text_width
 
 REFERENCE_HOURS = 24  # the PRX speedrun: its 120k steps took 24 h on 32×H200 (eval included)

@@ -16,8 +16,8 @@ import argparse
 import torch
 
 from common import add_model_args, build_bench_model, median_seconds
-from prx.flops import newton_schulz_flops
 from prx.device import fast_matmul_dtype
+from prx.flops import newton_schulz_flops
 from prx.muon import newton_schulz
 from prx.optim import build_optimizer
 
@@ -79,7 +79,8 @@ def main() -> None:
           f"{str(picked).replace('torch.', '')}")
     for kind in ("prx", "prx-compiled", "prx-fp32", "torch-bf16", "adamw"):
         seconds, dtype = optimizer_step(kind)
-        label = {"prx": f"prx Muon ({str(dtype).replace('torch.', '')}) + Adam", "prx-fp32": "prx Muon forced to fp32 + Adam",
+        label = {"prx": f"prx Muon ({str(dtype).replace('torch.', '')}) + Adam", "prx-fp32": "prx Muon forced to fp32 "
+                                                                                             "+ Adam",
                  "prx-compiled": "prx Muon, compiled passes + Adam",
                  "torch-bf16": "torch.optim.Muon (bf16) + Adam", "adamw": "AdamW, all parameters"}[kind]
         rate_used = rate["fp32"] if kind == "prx-fp32" else rate["bf16"] if kind == "torch-bf16" else rate[best]

@@ -17,8 +17,8 @@ import torch
 from common import add_model_args, build_bench_model, median_seconds
 from prx.flops import training_step_flops
 from prx.flow import add_noise, flow_loss
-from prx.optim import build_optimizer
 from prx.lpips import LPIPS
+from prx.optim import build_optimizer
 from prx.perceptual import PerceptualLoss
 from prx.repa import REPAAlignment
 from prx.teachers import TEACHER_IDS, TEACHER_SHAPES, VisionTeacher
@@ -56,8 +56,8 @@ def main() -> None:
     route = router.route(b, tokens, cfg.num_layers, step=0, device=dev)
     repa_block = min(8, cfg.num_layers)
 
-    print(f"{args.preset} model, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {r} px ({tokens} tokens), batch {b}, "
-          f"{args.text_tokens} text tokens, {dev}, {torch.get_num_threads()} threads")
+    print(f"{args.preset} model, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {r} px ({tokens} "
+          f"tokens), batch {b}, {args.text_tokens} text tokens, {dev}, {torch.get_num_threads()} threads")
     print("building full-size teachers with random weights (DINOv3-L/16, DINOv2-B/14 with registers, VGG16) …")
     repa = REPAAlignment("dinov3", 0.5, repa_block).setup(cfg.hidden_dim, cfg.num_layers, teacher=random_teacher("dinov3")).to(dev)
     perceptual = PerceptualLoss(0.1, 0.01)

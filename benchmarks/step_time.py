@@ -16,8 +16,8 @@ import time
 import torch
 
 from common import add_model_args, build_bench_model
-from prx.flow import add_noise, flow_loss
 from prx.flops import training_step_flops
+from prx.flow import add_noise, flow_loss
 
 
 def peak_rss_gib() -> float:

@@ -79,8 +79,10 @@ def test_sample_at_any_size_and_aspect_ratio(trained_run, tmp_path, capsys):
         assert code == 0, err
         assert Image.open(tmp_path / ratio.replace(":", "x") / "0000.png").size == size, ratio
     for argv, fragment in (
-        (["--width", "100", "--height", "48"], "--width 100 is not a positive multiple of the model's patch size 16: use 96 or 112"),
-        (["--width", "96", "--height", "8"], "--height 8 is not a positive multiple of the model's patch size 16: use 16"),
+        (["--width", "100", "--height", "48"], "--width 100 is not a positive multiple of the model's patch size 16: "
+                                               "use 96 or 112"),
+        (["--width", "96", "--height", "8"], "--height 8 is not a positive multiple of the model's patch size 16: use "
+                                             "16"),
         (["--width", "96", "--height", "-16"], "--height -16 is not a positive multiple"),
         (["--width", "96"], "give both --width and --height"),
         (["--aspect-ratio", "wide"], "--aspect-ratio 'wide' is not an aspect ratio"),
@@ -117,8 +119,10 @@ def test_bad_inputs_are_one_line_errors(trained_run, tmp_path, capsys):
         (["train", *TINY, "--resume", "--out", str(tmp_path / "fresh")], "has no checkpoint"),
         (["train", *TINY, "model.hidden_dim=32", "--out", str(trained_run)], "different model config"),
         (["train", *TINY, "--out", str(a_file / "sub")], "cannot write to run directory"),
-        (["sample", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x", "--out", str(tmp_path / "o")], "does not exist"),
-        (["sample", "--checkpoint", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "o")], "no complete checkpoint"),
+        (["sample", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x", "--out", str(tmp_path / "o")], "does not "
+                                                                                                            "exist"),
+        (["sample", "--checkpoint", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "o")], "no complete "
+                                                                                                   "checkpoint"),
         (["sample", "--checkpoint", str(trained_run), "--prompts", str(tmp_path / "none.txt"), "--out", str(tmp_path / "o")], "does not exist"),
         (["sample", "--checkpoint", str(trained_run), "--prompts", str(empty), "--out", str(tmp_path / "o")], "has no prompts"),
         (["sample", "--checkpoint", str(trained_run), "--out", str(tmp_path / "o")], "no prompt given"),

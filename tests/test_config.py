@@ -55,7 +55,8 @@ def test_yaml_round_trip(tmp_path):
         (["sampling.sampler=ddim"], "sampling.sampler must be 'euler' or 'heun'"),
         (["data.caption_dropout=1.5"], "data.caption_dropout must be in [0, 1)"),
         (["train.steps"], "is not of the form section.key=value"),
-        (["train.time_budget_minutes=30"], "train.time_limit_minutes=13 (the safety net that stops a run) is shorter than"),
+        (["train.time_budget_minutes=30"], "train.time_limit_minutes=13 (the safety net that stops a run) is shorter "
+                                           "than"),
     ],
 )
 def test_bad_values_name_the_key(overrides, fragment):

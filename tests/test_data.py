@@ -17,9 +17,10 @@ from PIL import Image
 
 from prx.data.buckets import assign_bucket, make_buckets, resize_and_crop_box
 from prx.data.convert import convert
-from prx.data.mapping import Mapping
 from prx.data.imageio import BadImage, decode, probe
-from prx.data.loader import ShardIndex, ShardLoader, ShardPlanner
+from prx.data.index import ShardIndex
+from prx.data.loader import ShardLoader, ShardPlanner
+from prx.data.mapping import Mapping
 from prx.data.shards import caption_columns_of, expand_shards, read_shard_info, write_shard
 from prx.errors import PrxError
 
@@ -181,7 +182,10 @@ def test_parallel_and_ranked_conversion_match_serial(image_folder, tmp_path):
     root, n_good, _ = image_folder
     serial = convert("folder", [str(root)], tmp_path / "serial", Mapping(), workers=1, target_bytes=4000)
     parallel = convert("folder", [str(root)], tmp_path / "parallel", Mapping(), workers=2, target_bytes=4000)
-    read = lambda d: sorted(pq.read_table(expand_shards(str(d))).to_pylist(), key=lambda r: r["id"])
+
+    def read(d):
+        return sorted(pq.read_table(expand_shards(str(d))).to_pylist(), key=lambda r: r["id"])
+
     assert read(tmp_path / "serial") == read(tmp_path / "parallel") and parallel["samples"] == serial["samples"]
     for rank in (0, 1):
         convert("folder", [str(root)], tmp_path / "ranked", Mapping(), target_bytes=4000, rank=rank, world_size=2)

@@ -91,7 +91,8 @@ def test_the_same_samples_are_held_out_whatever_the_order_sharding_or_added_data
 
 def test_bad_splits_are_one_line_errors(photo_shards, tmp_path, capsys):
     cases = [
-        (["--fraction", "1.5", "--out-train", str(tmp_path / "t"), "--out-heldout", str(tmp_path / "h")], "between 0 and 1"),
+        (["--fraction", "1.5", "--out-train", str(tmp_path / "t"), "--out-heldout", str(tmp_path / "h")], "between 0 "
+                                                                                                          "and 1"),
         (["--fraction", "0.1", "--out-train", str(tmp_path / "x"), "--out-heldout", str(tmp_path / "x")], "two different"),
         (["--fraction", "0.1", "--out-train", str(photo_shards / "train"), "--out-heldout", str(tmp_path / "h")],
          "overlaps input"),

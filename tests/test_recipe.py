@@ -123,7 +123,7 @@ class BucketSource:
         self.shapes, self.per_rank, self.empty_embedding, self.skipped = shapes, per_rank, None, {}
 
     def batch(self, step, stage_index, stage):
-        from prx.data.loader import DataBatch
+        from prx.data.sources import DataBatch
 
         height, width = self.shapes[step]
         images = torch.randint(0, 256, (self.per_rank, 3, height, width), generator=torch.Generator().manual_seed(step),

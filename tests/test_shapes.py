@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from prx.data.judge import judge
 from prx.data.shapes import (
     COLORS,
     HELD_IN,
@@ -11,7 +12,6 @@ from prx.data.shapes import (
     ShapeObject,
     ShapesWorld,
     eval_prompt_sets,
-    judge,
     make_scene,
     render,
 )
@@ -106,7 +106,8 @@ def test_eval_sets():
 
 
 def test_diversity_of_the_worlds_own_renders_is_one_and_of_a_collapsed_model_zero():
-    from prx.data.shapes import FACTORS, eval_prompt_sets, make_scene, render, scene_factors, world_factors
+    from prx.data.judge import FACTORS, scene_factors, world_factors
+    from prx.data.shapes import eval_prompt_sets, make_scene, render
     from prx.evaluate import diversity
 
     specs = eval_prompt_sets()["single_held_in"]

@@ -14,7 +14,8 @@ def test_minilm_offline(text_encoder):
     assert lengths[0] > lengths[2]
     assert torch.all(batch.embeds[~batch.mask] == 0)
     # real embeddings: similar captions are closer than unrelated ones
-    pooled = [text_encoder.encode([c]).embeds[0, 1:-1].mean(0) for c in ("a red car", "a red automobile", "a green forest")]
+    pooled = [text_encoder.encode([c]).embeds[0, 1:-1].mean(0) for c in ("a red car", "a red automobile", "a green "
+                                                                                                          "forest")]
     cos = torch.nn.functional.cosine_similarity
     assert cos(pooled[0], pooled[1], dim=0) > cos(pooled[0], pooled[2], dim=0)
 

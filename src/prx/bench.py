@@ -134,16 +134,7 @@ def run_bench(config: Config, steps: int = 5, warmup: int = 2, peak_tflops: floa
         last = timed[-1][1].stop
         # a few steps: the profiler's own bookkeeping of thousands of kernels a step takes longer than they do
         profiled = range(last, last + min(steps, PROFILED_STEPS)) if profile else range(0)
-        # Captions: precomputed by the data (`prx data embed`), or encoded first for a source whose batches are a
-        # function of the step (the shapes world: a long run's cache serves them, and a few steps of fresh captions
-        # would time the text encoder instead of the training step), or else encoded in the step.
-        text = ("precomputed" if trainer.data.empty_embedding is not None else
-                "cached" if warm_text and not trainer.data.state_dict() else "encoded in the step")
-        if text == "cached":
-            for step in range(warmup, max(last, profiled.stop)):
-                batch = trainer.data.batch(step, *config.stage_at(step))
-                if batch.text is None:
-                    trainer.text_encoder.encode(batch.captions + [""])
+        text = _warm_captions(trainer, warm_text, range(warmup, max(last, profiled.stop)))
         for step in range(warmup):  # compile, allocator, caches
             trainer.train_step(step)
         if trainer.device.type == "cuda":
@@ -177,7 +168,8 @@ def run_bench(config: Config, steps: int = 5, warmup: int = 2, peak_tflops: floa
             "config": config.name, "device": str(trainer.device), "world": world, "resolution": stage.resolution,
             "batch_per_device": per_rank, "micro_batch": config.train.micro_batch_size or per_rank,
             "precision": trainer.plan.precision, "execution": trainer.plan.to_dict(),
-            "compile": config.train.compile, "cuda_graphs": trainer.plan.cuda_graphs, "tread": config.tricks(stage).tread,
+            "compile": config.train.compile, "cuda_graphs": trainer.plan.cuda_graphs,
+            "tread": config.tricks(stage).tread,
             "text": text,
             "step_seconds": seconds, "images_per_s": per_rank / seconds, "tokens_per_s": per_rank * tokens / seconds,
             "phases": phases, "phased_step_seconds": phased_seconds, "flops_per_step": flops,
@@ -196,6 +188,21 @@ def run_bench(config: Config, steps: int = 5, warmup: int = 2, peak_tflops: floa
         if profiled_steps:
             result["profile"] = profiled_steps
     return result
+
+
+def _warm_captions(trainer, warm: bool, steps: range) -> str:
+    """How the timed steps get their captions' encodings: precomputed by the data (``prx data embed``), cached now
+    for a source whose batches are a function of the step (as a long run's cache serves them), or encoded in the
+    step. Returns which."""
+    if trainer.data.empty_embedding is not None:
+        return "precomputed"
+    if not warm or trainer.data.state_dict():
+        return "encoded in the step"
+    for step in steps:
+        batch = trainer.data.batch(step, *trainer.config.stage_at(step))
+        if batch.text is None:
+            trainer.text_encoder.encode(batch.captions + [""])
+    return "cached"
 
 
 def profile_steps(trainer, steps: range, path: str) -> dict:
@@ -238,8 +245,10 @@ def profile_steps(trainer, steps: range, path: str) -> dict:
                    f"{waits:.0f} host waits (…Synchronize)/step"
                    if device.type == "cuda" else "")]
     if device.type == "cuda":
-        sections.append("by device time:\n" + table.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=60))
-    sections.append("by host time:\n" + table.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=60))
+        sections.append("by device time:\n" + table.table(sort_by="self_device_time_total", row_limit=40,
+                                                          max_name_column_width=60))
+    sections.append("by host time:\n" + table.table(sort_by="self_cpu_time_total", row_limit=40,
+                                                    max_name_column_width=60))
     Path(path).write_text("\n\n".join(sections) + "\n")
     result = {"seconds_per_step": wall, "file": str(path)}
     if device.type == "cuda":
@@ -299,7 +308,8 @@ def largest_micro_batch(config: Config, candidates: list[int], log=print) -> dic
                 outcome["device_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
             tried.append(outcome)
             log(f"micro-batch {micro}: " + (f"fits, peak {outcome['peak_memory_gib']:.1f} GiB, "
-                                             f"{outcome['step_seconds']:.3f} s per step of {config.stages[0].batch_size}"
+                                             f"{outcome['step_seconds']:.3f} s per step of "
+                                             f"{config.stages[0].batch_size}"
                                              if outcome["fits"] else "out of memory"))
             if outcome["fits"]:
                 break
@@ -321,8 +331,9 @@ def format_bench(r: dict) -> str:
         *([f"  the host waited {r['host_wait_seconds'] * 1e3:.1f} ms of each step for the device (its one read): "
            f"the host works {(r['step_seconds'] - r['host_wait_seconds']) * 1e3:.1f} ms a step"]
           if "host_wait_seconds" in r else []),
-        "  step time by phase" + (f" (more steps, with a sync around each phase: {r['phased_step_seconds']:.3f} s/step)"
-                                  if abs(r.get("phased_step_seconds", r["step_seconds"]) - r["step_seconds"]) > 1e-9 else "")
+        "  step time by phase"
+        + (f" (more steps, with a sync around each phase: {r['phased_step_seconds']:.3f} s/step)"
+           if abs(r.get("phased_step_seconds", r["step_seconds"]) - r["step_seconds"]) > 1e-9 else "")
         + ":",
     ]
     phased = r.get("phased_step_seconds", r["step_seconds"])

@@ -38,7 +38,8 @@ def _check_count(text: str) -> int | str:
 def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a checkpoint directory, or a run directory (its checkpoints/latest is used)")
-    p.add_argument("--steps", type=int, default=None, metavar="N", help="sampling steps (default: the run's sampling.steps)")
+    p.add_argument("--steps", type=int, default=None, metavar="N", help="sampling steps (default: the run's "
+                                                                        "sampling.steps)")
     p.add_argument("--guidance", choices=["cfg", "self", "both"], default=None,
                    help="cfg: classifier-free guidance (empty-caption negative); self: TREAD self-guidance "
                         "(routed vs dense pass, same prompt); both (default: the run's sampling.guidance)")
@@ -47,7 +48,8 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--self-guidance-scale", type=float, default=None, metavar="W",
                    help="self-guidance scale: routed + W·(dense − routed), 1 = off (default: the run's)")
     p.add_argument("--sampler", choices=["euler", "heun"], default=None, help="ODE sampler (default: the run's)")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="image i starts from the noise of seed S+i (default 0)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="image i starts from the noise of seed S+i "
+                                                                    "(default 0)")
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA weights (default) or raw weights")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
 
@@ -61,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a model. With no CONFIG, trains the CPU demo on the built-in shapes world.",
                        epilog=EXAMPLES_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]",
-                   help="a YAML config (path or built-in name: demo, ...) then dotted overrides like train.batch_size=32")
+                   help="a YAML config (path or built-in name: demo, ...) then dotted overrides like "
+                        "train.batch_size=32")
     p.add_argument("--out", metavar="DIR", help="run directory (default runs/<config name>); re-running resumes it")
     p.add_argument("--resume", action="store_true",
                    help="require resuming from DIR/checkpoints/latest (error if there is none)")
@@ -95,12 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_real_eval_options(p)
     p.set_defaults(command="prx.commands.eval:run")
 
-    p = sub.add_parser("export", help="write a checkpoint's EMA weights as one safetensors file or a diffusers pipeline",
-                       description="--format prx (default): the EMA (or raw) weights of a checkpoint as one safetensors "
-                                   "file with its config in the metadata (and beside it as YAML), for sampling anywhere: "
-                                   "`prx sample --checkpoint FILE.safetensors`. --format diffusers: a directory that "
-                                   "diffusers' PRXPixelPipeline.from_pretrained loads without prx (transformer, "
-                                   "scheduler, text encoder, tokenizer, model card). Works for checkpoints of any world size.")
+    p = sub.add_parser("export",
+                       help="write a checkpoint's EMA weights as one safetensors file or a diffusers pipeline",
+                       description="--format prx (default): the EMA (or raw) weights of a checkpoint as one "
+                                   "safetensors file with its config in the metadata (and beside it as YAML), for "
+                                   "sampling anywhere: `prx sample --checkpoint FILE.safetensors`. --format diffusers: "
+                                   "a directory that diffusers' PRXPixelPipeline.from_pretrained loads without prx "
+                                   "(transformer, scheduler, text encoder, tokenizer, model card). Works for "
+                                   "checkpoints of any world size.")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint or run directory")
     p.add_argument("--format", choices=["prx", "diffusers"], default="prx",
                    help="prx: one .safetensors file (default); diffusers: a PRXPixelPipeline directory")
@@ -117,11 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and MFU from an explicit FLOP count that includes routing and every teacher. "
                                    "Under torchrun it measures the distributed step.",
                        epilog="examples:\n  prx bench demo\n  prx bench speedrun-tiny\n"
-                              "  prx bench speedrun train.stages[0].batch_size=32 train.micro_batch_size=32   # on a GPU\n"
-                              "  prx bench speedrun 'train.stages=[{resolution: 1024, steps: 100, batch_size: 64}]' "
-                              "--largest-micro-batch 64,48,32,16",
+                              "  prx bench speedrun train.stages[0].batch_size=32 train.micro_batch_size=32   # on a "
+                              "GPU\n  prx bench speedrun "
+                              "'train.stages=[{resolution: 1024, steps: 100, batch_size: 64}]' --largest-micro-batch "
+                              "64,48,32,16",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", nargs="?", default=None, metavar="CONFIG", help="a YAML config or built-in name (default demo)")
+    p.add_argument("config", nargs="?", default=None, metavar="CONFIG", help="a YAML config or built-in name (default "
+                                                                             "demo)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile, caches; default 2)")
@@ -166,15 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
                                         "bytes, an aspect-ratio histogram and the rejected files with reasons.",
                             epilog="examples:\n"
                                    "  prx data convert --from folder photos/ --out shards/photos\n"
-                                   "  prx data convert --from webdataset tars/ --caption-columns prompt,enhanced_prompt --out shards/w\n"
-                                   "  prx data convert --from parquet ~/hf/flux_generated/data --preset flux-generated --out shards/fg",
+                                   "  prx data convert --from webdataset tars/ --caption-columns "
+                                   "prompt,enhanced_prompt --out shards/w\n  prx data convert --from parquet "
+                                   "~/hf/flux_generated/data --preset flux-generated --out shards/fg",
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     q.add_argument("--from", dest="kind", required=True, choices=["folder", "webdataset", "parquet"],
                    help="folder: images with .txt/.json captions beside them; webdataset: .tar files; parquet: "
                         "Hugging Face Parquet files (or directories of them)")
     q.add_argument("inputs", nargs="+", metavar="INPUT", help="a directory, or files / directories of tars or Parquet")
     q.add_argument("--out", required=True, metavar="DIR", help="output directory for the shards")
-    q.add_argument("--preset", help="column mapping of a known dataset: flux-generated, flux-reason-6m, midjourney-v6-llava")
+    q.add_argument("--preset", help="column mapping of a known dataset: flux-generated, flux-reason-6m, "
+                                    "midjourney-v6-llava")
     q.add_argument("--image-column", help="input column (Parquet) holding the image (default image)")
     q.add_argument("--caption-columns", metavar="A[=B],...",
                    help="input caption fields, optionally renamed in the shards: e.g. llava=caption,prompt "
@@ -242,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--preset", help="read downloaded Parquet files in place with a known column mapping: "
                                     "flux-generated, flux-reason-6m, midjourney-v6-llava")
     q.add_argument("--image-column", help="downloaded files: the image column")
-    q.add_argument("--caption-columns", metavar="A[=B],...", help="downloaded files: caption fields, optionally renamed")
+    q.add_argument("--caption-columns", metavar="A[=B],...",
+                   help="downloaded files: caption fields, optionally renamed")
     q.add_argument("--id-column", help="downloaded files: a stable id column")
     q.add_argument("--resolution", type=int, default=512, help="stage resolution for the bucket table")
     q.add_argument("--patch-size", type=int, default=32)

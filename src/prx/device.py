@@ -206,7 +206,9 @@ def check_memory(params: int, device: torch.device, use: str, what: str, shards:
     available, where = available_memory(device)
     if need > available:
         gib = 2**30
-        count = next(f"{params / d:.3g}{u}" for u, d in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("", 1)) if params >= d or u == "")
+        sharded = f", sharded over {shards} GPUs" if shards > 1 and device.type == "cuda" else ""
+        count = next(f"{params / d:.3g}{u}" for u, d in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("", 1))
+                     if params >= d or u == "")
         raise PrxError(f"{what} has {count} parameters: {use} needs {need / gib:,.1f} GiB for them "
-                       f"({BYTES_PER_PARAM[use]} bytes each{', sharded over ' + str(shards) + ' GPUs' if shards > 1 and device.type == 'cuda' else ''}"
-                       f", before activations), but {available / gib:,.1f} GiB is {where}: use a smaller model")
+                       f"({BYTES_PER_PARAM[use]} bytes each{sharded}, before activations), but "
+                       f"{available / gib:,.1f} GiB is {where}: use a smaller model")

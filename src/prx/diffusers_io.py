@@ -130,7 +130,8 @@ def from_diffusers_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
     for index, pair in halves.items():
         missing = [h for h in _GEGLU if h not in pair]
         if missing:
-            raise CheckpointError(f"the diffusers checkpoint has no blocks.{index}.{missing[0]} (the other GeGLU half is there)")
+            raise CheckpointError(f"the diffusers checkpoint has no blocks.{index}.{missing[0]} (the other GeGLU half "
+                                  f"is there)")
         out[f"blocks.{index}.mlp_in.weight"] = torch.cat([pair[_GEGLU[0]], pair[_GEGLU[1]]], dim=0)
     return out
 
@@ -146,7 +147,8 @@ def diffusers_config_of(model: ModelConfig) -> dict:
     """The PRXTransformer2DModel config.json of a prx model config (raises if diffusers cannot express it)."""
     if model.text_dim is None:
         raise PrxError("the model config has no text_dim (the text encoder's width): export a checkpoint of a run")
-    ours, theirs = int(round(model.hidden_dim * model.mlp_ratio)), mlp_width_diffusers(model.hidden_dim, model.mlp_ratio)
+    ours = int(round(model.hidden_dim * model.mlp_ratio))
+    theirs = mlp_width_diffusers(model.hidden_dim, model.mlp_ratio)
     if ours != theirs:
         raise PrxError(f"model.mlp_ratio={model.mlp_ratio} gives a {ours}-wide GeGLU in prx but {theirs} in diffusers "
                        f"(int(hidden·ratio)): this model cannot be written as a PRXTransformer2DModel")
@@ -222,11 +224,12 @@ def load_init_weights(model: torch.nn.Module, path: str | Path) -> str:
     own = model.state_dict()
     for key, value in own.items():
         if key not in state:
-            raise CheckpointError(f"model.init_from '{path}' lacks '{diffusers_name(key)}': the checkpoint is incomplete")
+            raise CheckpointError(f"model.init_from '{path}' lacks '{diffusers_name(key)}': the checkpoint is "
+                                  f"incomplete")
         if tuple(state[key].shape) != tuple(value.shape):
-            raise CheckpointError(f"model.init_from '{path}': '{diffusers_name(key)}' has shape {tuple(state[key].shape)} "
-                                  f"in the checkpoint but {tuple(value.shape)} in this model (its config.json does not "
-                                  f"match its weights)")
+            raise CheckpointError(f"model.init_from '{path}': '{diffusers_name(key)}' has shape "
+                                  f"{tuple(state[key].shape)} in the checkpoint but {tuple(value.shape)} in this model "
+                                  f"(its config.json does not match its weights)")
     for key in state:
         if key not in own:
             raise CheckpointError(f"model.init_from '{path}' has '{diffusers_name(key)}', which this model lacks")

@@ -67,13 +67,15 @@ def describe_plan(cfg: Config) -> str:
     lines = [
         f"run '{cfg.name}': {len(cfg.stages)} stage(s), {cfg.total_steps} steps, model {model_cfg.preset or 'custom'} "
         f"({model_cfg.num_layers} blocks, hidden {model_cfg.hidden_dim}, patch {model_cfg.patch_size}, "
-        f"{(muon + adam) / 1e6:.1f}M params), text '{cfg.text.encoder}' ({text_dim}-wide, {text_up_to}{text_tokens} tokens)",
+        f"{(muon + adam) / 1e6:.1f}M params), text '{cfg.text.encoder}' ({text_dim}-wide, {text_up_to}{text_tokens} "
+        f"tokens)",
     ]
     if cfg.optimizer.name == "muon":
         ns = newton_schulz_flops([tuple(p.shape) for p in model.muon_params], cfg.optimizer.muon_ns_steps)
-        lines.append(f"optimizer groups: Muon {muon / 1e6:.1f}M params (2D block matrices, lr {cfg.optimizer.muon_lr or cfg.optimizer.lr:g}); "
-                     f"Adam {(adam + projector) / 1e6:.1f}M params (the rest{' + REPA projector' if projector else ''}, "
-                     f"lr {cfg.optimizer.lr:g}); Newton–Schulz {fmt_flops(ns)} per optimizer step, whatever the batch")
+        lines.append(f"optimizer groups: Muon {muon / 1e6:.1f}M params (2D block matrices, lr "
+                     f"{cfg.optimizer.muon_lr or cfg.optimizer.lr:g}); Adam {(adam + projector) / 1e6:.1f}M params "
+                     f"(the rest{' + REPA projector' if projector else ''}, lr {cfg.optimizer.lr:g}); Newton–Schulz "
+                     f"{fmt_flops(ns)} per optimizer step, whatever the batch")
     else:
         lines.append(f"optimizer groups: AdamW {(muon + adam + projector) / 1e6:.1f}M params (lr {cfg.optimizer.lr:g})")
     for i, stage in enumerate(cfg.stages):
@@ -102,7 +104,8 @@ def describe_plan(cfg: Config) -> str:
             tokens = f"{counts[0]}–{counts[-1]} image tokens in {len(buckets)} aspect-ratio buckets ({n} square)"
         lines.append(
             f"stage {i + 1}: {res}px × {stage.steps} steps | batch {batch} (micro {micro}, "
-            f"{batch // micro} accumulation step{'s' if batch // micro > 1 else ''}) | {tokens} + {text_up_to}{text_tokens} text"
+            f"{batch // micro} accumulation step{'s' if batch // micro > 1 else ''}) | {tokens} + "
+            f"{text_up_to}{text_tokens} text"
         )
         lines.append(f"  losses: {', '.join(terms)}")
         breakdown = ", ".join(f"{k} {fmt_flops(v)}" for k, v in per_step.items())

@@ -30,7 +30,8 @@ from prx.text import MINILM, text_width
 
 GIB = 2**30
 # files that hold a Hugging Face model's weights: one of them must be cached beside config.json
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 def _hub_status(repo_id: str) -> dict:
@@ -111,7 +112,8 @@ def _gpus() -> list[dict]:
 def plan_for(config) -> dict:
     """What ``prx train CONFIG`` would use on this machine: the execution plan the trainer would make."""
     plan = execution_plan(config)
-    params = param_count(replace(config.model, text_dim=config.model.text_dim or text_width(config.text.encoder) or 384))
+    text_dim = config.model.text_dim or text_width(config.text.encoder) or 384
+    params = param_count(replace(config.model, text_dim=text_dim))
     shards = plan.world if plan.parallel == "fsdp" and plan.device.startswith("cuda") else 1
     available, where = available_memory(torch.device(plan.device))
     return {"config": config.name, "device": plan.device, "processes": plan.world,
@@ -167,8 +169,9 @@ def format_report(info: dict) -> str:
         lines.append(f"CUDA: torch is built for CUDA {t['cuda_build']} but sees no GPU (driver? CUDA_VISIBLE_DEVICES?)")
     else:
         lines.append("CUDA: this torch is a CPU build; for GPUs install the CUDA wheel (README, Install)")
-    lines.append(f"CPU: {c['cores']} cores, vector ISA {c['vector_isa']}, bf16 matmuls "
-                 f"{'faster than fp32 (CPU training runs in bf16)' if c['bf16_matmul_faster'] else 'slower than fp32 (CPU training stays fp32)'}")
+    bf16 = ("faster than fp32 (CPU training runs in bf16)" if c["bf16_matmul_faster"]
+            else "slower than fp32 (CPU training stays fp32)")
+    lines.append(f"CPU: {c['cores']} cores, vector ISA {c['vector_isa']}, bf16 matmuls {bf16}")
     lines.append(f"torch.compile on CPU: C++ compiler {comp['cpp_compiler'] or 'none'}, "
                  + ("builds" if comp["builds"] else f"does not build ({comp['problem']})"))
     lines.append(f"Hugging Face cache: {hf['cache']}{'  (HF_HUB_OFFLINE=1)' if hf['offline'] else ''}; "

@@ -17,17 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prx.data.shapes import (
-    FACTORS,
-    LAYOUTS,
-    canonical_caption,
-    eval_prompt_sets,
-    judge,
-    layout_of,
-    scene_factors,
-    world_factors,
-)
 from prx.config.sampling import SamplingConfig
+from prx.data.judge import FACTORS, judge, scene_factors, world_factors
+from prx.data.shapes import LAYOUTS, canonical_caption, eval_prompt_sets, layout_of
 from prx.errors import PrxError
 from prx.images import save_grid
 from prx.metrics.stats import frechet_distance

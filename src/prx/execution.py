@@ -179,7 +179,8 @@ def plan_training(cfg: Config, device: torch.device, world: int, shapes: set[Blo
     teacher_graphs = gpu and compile_teachers and (t.cuda_graphs_teachers == "on" or (
         t.cuda_graphs_teachers == "auto" and graphs))
     if t.cuda_graphs_teachers == "on" and not teacher_graphs:
-        notes.append("train.cuda_graphs_teachers=on needs compiled teachers on a GPU: training without their CUDA graphs")
+        notes.append("train.cuda_graphs_teachers=on needs compiled teachers on a GPU: training without their CUDA "
+                     "graphs")
     # Muon's passes compiled where the blocks are CUDA graphs: without them the compiled calls' host time costs more
     compile_optimizer = _compiles(t.compile_optimizer, device, "train.compile_optimizer", auto=graphs)
     for note in notes:

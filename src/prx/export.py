@@ -16,7 +16,13 @@ from prx.checkpoint import checkpoint_config, checkpoint_meta, find_checkpoint, 
 from prx.config import Config
 from prx.config.pretrained import DIFFUSERS_NORM_EPS, PIPELINE_CLASS, TRANSFORMER_CLASS
 from prx.device import check_memory, resolve_device
-from prx.diffusers_io import DIFFUSERS_VERSION, NUM_TRAIN_TIMESTEPS, WEIGHTS_NAME, diffusers_config_of, to_diffusers_state_dict
+from prx.diffusers_io import (
+    DIFFUSERS_VERSION,
+    NUM_TRAIN_TIMESTEPS,
+    WEIGHTS_NAME,
+    diffusers_config_of,
+    to_diffusers_state_dict,
+)
 from prx.errors import PrxError
 from prx.files import make_writable_dir
 from prx.model import build_model, param_count
@@ -56,9 +62,10 @@ def export_notes(config: Config) -> list[str]:
     s, notes = config.sampling, []
     if s.guidance in ("self", "both"):
         notes.append(
-            f"this run samples with TREAD self-guidance by default (sampling.guidance={s.guidance}, self-guidance scale "
-            f"{s.self_guidance_scale}); diffusers has no equivalent: PRXPixelPipeline uses classifier-free guidance only "
-            f"(empty-caption negative), so its images match `prx sample --guidance cfg`, not the run's default")
+            f"this run samples with TREAD self-guidance by default (sampling.guidance={s.guidance}, self-guidance "
+            f"scale {s.self_guidance_scale}); diffusers has no equivalent: PRXPixelPipeline uses classifier-free "
+            f"guidance only (empty-caption negative), so its images match `prx sample --guidance cfg`, not the run's "
+            f"default")
     if s.guidance in ("cfg", "both") and 0 < s.guidance_scale < 1:
         notes.append(f"sampling.guidance_scale={s.guidance_scale} < 1: PRXPixelPipeline guides only for scales above 1")
     if s.sampler != "euler":
@@ -77,7 +84,8 @@ def export_notes(config: Config) -> list[str]:
                      f"brightness than `prx sample`'s: pass prx's starting noise as `latents=` for the same images")
     if config.model.norm_eps != DIFFUSERS_NORM_EPS:
         notes.append(f"this model was trained with LayerNorm eps {config.model.norm_eps} (model.norm_eps); "
-                     f"PRXTransformer2DModel's is {DIFFUSERS_NORM_EPS}: its x0 predictions differ by a few 1e-6 (relative)")
+                     f"PRXTransformer2DModel's is {DIFFUSERS_NORM_EPS}: its x0 predictions differ by a few 1e-6 "
+                     f"(relative)")
     return notes
 
 
@@ -119,7 +127,8 @@ def _real_eval_lines(results: dict, step: int) -> list[str]:
     settings = results.get("settings") or {}
     where = "The run's in-training evaluation (`eval:`)" if results.get("during_training") else "`prx eval --data`"
     lines = ["", "## Held-out evaluation", "",
-             f"{where} at step {results.get('step', '?')}" + (" (not the exported step)" if results.get("step") != step else "")
+             f"{where} at step {results.get('step', '?')}"
+             + (" (not the exported step)" if results.get("step") != step else "")
              + f", {settings.get('evaluated', '?')} held-out samples at {settings.get('resolution', '?')} px, "
              f"{results.get('weights', 'ema')} weights, sampling {json.dumps(settings.get('sampling'))}:",
              "", "| metric | value | samples | note |", "|---|---|---|---|"]
@@ -150,7 +159,7 @@ def usage_snippet(path: str, config: Config, prompt: str = "a red circle in the 
 def model_card(config: Config, step: int, weights: str, params: int, notes: list[str], eval_results: dict | None,
                text_classes: tuple[str, str], name: str = "path/to/this/directory",
                real_results: dict | None = None) -> str:
-    s, m, d, t = config.sampling, config.model, config.data, config.text
+    s, d, t = config.sampling, config.data, config.text
     res = config.stages[-1].resolution
     lines = [
         "---",
@@ -183,12 +192,14 @@ def model_card(config: Config, step: int, weights: str, params: int, notes: list
         f"- Starting noise: `randn · noise_scale` with noise_scale={config.objective.noise_scale} (the pipeline's "
         f"`noise_scale`); prx seeds image i with seed + i, pass that noise as `latents=` to get the same image.",
         f"- The network predicts x0; both convert it to a velocity (x_t − x0)/max(t, {config.objective.t_clamp}).",
-        f"- Guidance: classifier-free on x0, the empty caption as negative (diffusers' default `negative_prompt=\"\"`); "
+        f"- Guidance: classifier-free on x0, the empty caption as negative (diffusers' default "
+        f"`negative_prompt=\"\"`); "
         f"this run's default is `{s.guidance}` with scale {s.guidance_scale}"
         + (f" and self-guidance scale {s.self_guidance_scale}" if s.guidance != "cfg" else "")
         + f"; trained with caption dropout {d.caption_dropout}.",
-        f"- Text: `{t.encoder}` ({text_classes[0]}), at most {t.max_length} tokens (the pipeline's `prompt_max_tokens`); "
-        f"diffusers first cleans prompts (ftfy, HTML unescaping, surrounding spaces), which leaves plain text as it is.",
+        f"- Text: `{t.encoder}` ({text_classes[0]}), at most {t.max_length} tokens (the pipeline's "
+        f"`prompt_max_tokens`); diffusers first cleans prompts (ftfy, HTML unescaping, surrounding spaces), which "
+        f"leaves plain text as it is.",
         f"- Defaults of this run: {s.steps} steps, {s.sampler} sampler.",
     ]
     if res != 1024:
@@ -196,14 +207,27 @@ def model_card(config: Config, step: int, weights: str, params: int, notes: list
                      f"model samples {res} px (`default_sample_size`).")
     if notes:
         lines += ["", "**Differences from `prx sample`:**", ""] + [f"- {n}" for n in notes]
+    lines += _training_lines(config, step)
+    if eval_results is not None:
+        lines += _shapes_eval_lines(eval_results, step)
+    if real_results is not None:
+        lines += _real_eval_lines(real_results, step)
+    lines += ["", "## Full training config", "", "```yaml", config.to_yaml().rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _training_lines(config: Config, step: int) -> list[str]:
+    """The model card's "Training" section: the model, data, objective, optimizer and stages of the run."""
+    m, d = config.model, config.data
     stages = "\n".join(
-        f"| {i + 1} | {st.resolution} | {st.steps} | {st.batch_size} | {'on' if st.tread and config.tread.route_ratio > 0 else 'off'} "
-        f"| {'on' if st.repa and config.repa.weight > 0 else 'off'} | "
-        f"{'on' if st.perceptual and (config.perceptual.lpips_weight > 0 or config.perceptual.dino_weight > 0) else 'off'} |"
+        f"| {i + 1} | {st.resolution} | {st.steps} | {st.batch_size} | "
+        f"{'on' if st.tread and config.tread.route_ratio > 0 else 'off'} | "
+        f"{'on' if st.repa and config.repa.weight > 0 else 'off'} | "
+        f"{'on' if st.perceptual and config.tricks(st).perceptual else 'off'} |"
         for i, st in enumerate(config.stages))
     data = {"shapes": "prx's procedural shapes world (coloured circles, squares, triangles)"}.get(
         d.dataset, f"{d.dataset}: " + ", ".join(f"`{p}`" for p in d.shards[:8]) + (" …" if len(d.shards) > 8 else ""))
-    lines += [
+    return [
         "",
         "## Training",
         "",
@@ -223,28 +247,28 @@ def model_card(config: Config, step: int, weights: str, params: int, notes: list
         "|---|---|---|---|---|---|---|",
         stages,
     ]
-    if eval_results is not None:
-        lines += [
-            "",
-            "## Evaluation",
-            "",
-            f"`prx eval` (shapes-world prompt adherence, judged from pixels) at step {eval_results.get('step', '?')}"
-            + (" (not the exported step)" if eval_results.get("step") != step else "")
-            + f", settings {json.dumps(eval_results.get('settings', {}))}:",
-            "",
-            "| prompt set | n | colour | shape | position | count | all-correct |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for name, r in eval_results["sets"].items():
-            try:
-                lines.append(f"| {name} | {r['n']} | {r['color']:.1%} | {r['shape']:.1%} | {r['position']:.1%} | "
-                             f"{r['count']:.1%} | {r['all_correct']:.1%} |")
-            except (KeyError, TypeError, ValueError):
-                continue
-    if real_results is not None:
-        lines += _real_eval_lines(real_results, step)
-    lines += ["", "## Full training config", "", "```yaml", config.to_yaml().rstrip(), "```", ""]
-    return "\n".join(lines)
+
+
+def _shapes_eval_lines(eval_results: dict, step: int) -> list[str]:
+    """The model card's "Evaluation" section: the newest ``prx eval`` of the shapes world."""
+    lines = [
+        "",
+        "## Evaluation",
+        "",
+        f"`prx eval` (shapes-world prompt adherence, judged from pixels) at step {eval_results.get('step', '?')}"
+        + (" (not the exported step)" if eval_results.get("step") != step else "")
+        + f", settings {json.dumps(eval_results.get('settings', {}))}:",
+        "",
+        "| prompt set | n | colour | shape | position | count | all-correct |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for set_name, r in eval_results["sets"].items():
+        try:
+            lines.append(f"| {set_name} | {r['n']} | {r['color']:.1%} | {r['shape']:.1%} | {r['position']:.1%} | "
+                         f"{r['count']:.1%} | {r['all_correct']:.1%} |")
+        except (KeyError, TypeError, ValueError):
+            continue
+    return lines
 
 
 def _check_out(out: Path) -> None:
@@ -297,14 +321,16 @@ def export_pipeline(checkpoint: str | Path, out: str | Path, weights: str = "ema
             "transformer": ["diffusers", TRANSFORMER_CLASS],
         })
         params = sum(v.numel() for v in tensors.values())
-        card = model_card(config, step, weights, params, notes, latest_eval_results(RunDir.of_checkpoint(ckpt)), text_classes,
-                          out.name, latest_real_eval_results(RunDir.of_checkpoint(ckpt)))
+        run = RunDir.of_checkpoint(ckpt)
+        card = model_card(config, step, weights, params, notes, latest_eval_results(run), text_classes, out.name,
+                          latest_real_eval_results(run))
         (tmp / "README.md").write_text(card)
         (tmp / "prx_config.yaml").write_text(config.to_yaml())
         try:
             os.replace(tmp, out)  # onto nothing, or onto an empty directory
         except OSError as e:
-            raise PrxError(f"cannot move the export into place at '{out}' ({e.strerror}): choose another --out") from None
+            raise PrxError(f"cannot move the export into place at '{out}' ({e.strerror}): choose another "
+                           f"--out") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

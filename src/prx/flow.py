@@ -32,7 +32,8 @@ def sample_noise(shape: tuple[int, ...], seed: int, step: int, first: int, devic
     a rank draws only its own samples, and the draws do not depend on the world size."""
     out = []
     for i in range(shape[0]):
-        g = torch.Generator(device=device).manual_seed(step_seed(seed, step) ^ ((first + i + 1) * 0x9E3779B97F4A7C15 % 2**62))
+        sample_seed = step_seed(seed, step) ^ ((first + i + 1) * 0x9E3779B97F4A7C15 % 2**62)
+        g = torch.Generator(device=device).manual_seed(sample_seed)
         out.append(image_noise(shape[1:], g, offset, device))
     return torch.stack(out)
 

@@ -255,8 +255,9 @@ def preflight(cfg: Config, model_given: bool = False) -> torch.device:
     if not model_given:
         m = cfg.model
         sharded = resolve_parallel(cfg.train.parallel, world) == "fsdp"
-        check_memory(param_count(m), device, "training", f"the model (model.hidden_dim={m.hidden_dim}, "
-                     f"model.num_layers={m.num_layers}, model.patch_size={m.patch_size})", shards=world if sharded else 1)
+        what = (f"the model (model.hidden_dim={m.hidden_dim}, model.num_layers={m.num_layers}, "
+                f"model.patch_size={m.patch_size})")
+        check_memory(param_count(m), device, "training", what, shards=world if sharded else 1)
     return device
 
 
@@ -271,7 +272,7 @@ def out_of_memory_error(trainer, stage: StageConfig, error: BaseException) -> Tr
         fixes.append("set train.activation_checkpointing=true")
     newest = trainer.checkpoints.last or (trainer.resume_from.path if trainer.resume_from else None)
     return TrainingError(
-        f"out of {trainer.device.type.upper()} memory in step {trainer.step} ({stage.resolution} px, micro-batch {micro} "
-        f"per rank): {lines[0] if lines else 'out of memory'} To fit, {' or '.join(fixes)}; `prx bench CONFIG "
+        f"out of {trainer.device.type.upper()} memory in step {trainer.step} ({stage.resolution} px, micro-batch "
+        f"{micro} per rank): {lines[0] if lines else 'out of memory'} To fit, {' or '.join(fixes)}; `prx bench CONFIG "
         f"--largest-micro-batch 32,16,8` tries micro-batches in turn. "
         + (f"The same command resumes from {newest.name}." if newest else "No checkpoint was written yet."))

@@ -13,12 +13,14 @@ an optional extra, checked before any work (:func:`require_wandb`).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
 import secrets
 import string
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from prx.config.run import LoggingConfig
+from prx.distributed import mean_across_ranks
 from prx.errors import PrxError
 from prx.images import save_grid
 from prx.rundir import RunDir
@@ -73,6 +76,7 @@ class RunLogger:
                  run_config: dict | None = None):
         self.cfg, self.enabled, self.print, self.run = cfg, enabled, log, run
         self.window: dict[str, list[float]] = defaultdict(list)
+        self.window_start, self.window_steps = time.monotonic(), 0  # the steps/s of the next logged step
         self.metrics = self.writer = self.wandb = None
         if enabled and cfg.wandb:  # first: a W&B that cannot start stops the run before anything is opened
             self.wandb = start_wandb(cfg, run, step, run_config)
@@ -103,6 +107,32 @@ class RunLogger:
         """One step's losses, averaged over the steps until the next :meth:`log`."""
         for name, value in values.items():
             self.window[name].append(value)
+
+    def step_done(self, losses: dict[str, float] | None) -> None:
+        """A training step finished: its losses (None: a skipped step) join the next logged step's means."""
+        self.window_steps += 1
+        if losses is not None:
+            self.add(losses)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (an evaluation) does not count in the next logged step's steps/s."""
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.window_start += time.monotonic() - start
+
+    def log_step(self, step: int, batch_size: int, dist, scalars: dict[str, float]) -> None:
+        """The window's mean losses over every rank (a collective: every rank calls it), its steps/s and images/s,
+        and ``scalars``: a row of metrics.jsonl, TensorBoard and W&B, and the progress bar's postfix."""
+        means = mean_across_ranks(self.take_window(), dist)
+        steps_per_s = self.window_steps / max(time.monotonic() - self.window_start, 1e-9)
+        self.window_start, self.window_steps = time.monotonic(), 0
+        self.bar.set_postfix(loss=f"{means.get('total', float('nan')):.4f}", lr=f"{scalars.get('lr', 0.0):.1e}",
+                             refresh=False)
+        self.log(step, {**{f"loss/{k}": v for k, v in means.items()}, **scalars, "train/steps_per_s": steps_per_s,
+                        "train/images_per_s": steps_per_s * batch_size})
 
     def take_window(self) -> dict[str, float]:
         means = {k: sum(v) / len(v) for k, v in self.window.items() if v}

@@ -85,7 +85,8 @@ class LPIPS(nn.Module):
         features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
         missing, unexpected = self.features.load_state_dict(features, strict=False)
         if missing or unexpected:
-            raise PrxError(f"{path} is not a torchvision VGG16 state dict (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise PrxError(f"{path} is not a torchvision VGG16 state dict (missing {missing[:3]}, unexpected "
+                           f"{unexpected[:3]})")
 
     def load_heads(self, path: Path) -> None:
         state = _load_tensors(path)

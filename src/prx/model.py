@@ -158,18 +158,24 @@ PACKED_ROWS_MULTIPLE = 64
 
 def packed_text_rows(real: int, total: int) -> int:
     """How many rows of a batch's text are projected when packed: its ``real`` tokens, then padding rows up to
-    a multiple of 64 (of ``total``). oneDNN builds a bf16 matmul kernel per shape: with a new row count every
-    step, the packed bf16 step was 1.1× slower instead of as fast."""
+    a multiple of 64 (of ``total``): oneDNN builds a bf16 matmul kernel per shape, so the count must not change
+    every step."""
     return min(total, -(-real // PACKED_ROWS_MULTIPLE) * PACKED_ROWS_MULTIPLE)
 
 
 def packs_text(device: torch.device) -> bool:
-    """Whether the forward projects only the real text tokens, not the padding (same values): on a CPU, where
-    the demo's captions are 12 words in 24 tokens on average and the text projections were 16% of its step's
-    FLOPs (1.06× its fp32 step; bf16 on AMX neither gains nor loses). A GPU keeps the padded layout: counting
-    the real tokens would make the host wait for the device, and at its image sizes the text is a small part
-    of the step."""
+    """Whether the forward projects only the real text tokens, not the padding (same values): on a CPU, where short
+    captions padded to a batch's length make the text projections a large part of a small model's step. A GPU keeps
+    the padded layout: counting the real tokens would make the host wait for the device."""
     return device.type == "cpu"
+
+
+def projected_text_rows(text_mask: Tensor) -> int:
+    """The text rows a forward projects for this (B, L) mask: the packed count on a CPU, all of them elsewhere (FLOP
+    accounting, ``prx bench``)."""
+    if packs_text(text_mask.device):
+        return packed_text_rows(int(text_mask.sum()), text_mask.numel())
+    return text_mask.numel()
 
 
 class PRXBlock(nn.Module):
@@ -263,7 +269,7 @@ class FinalLayer(nn.Module):
 class PRX(nn.Module):
     def __init__(self, config: ModelConfig | dict):
         super().__init__()
-        if isinstance(config, dict):  # e.g. {"patch_size": 32, "bottleneck_dim": 256, "num_layers": 24, "hidden_dim": 1024}
+        if isinstance(config, dict):  # e.g. {"patch_size": 32, "num_layers": 24, "hidden_dim": 1024}
             config = model_config_from_dict(config)
         if config.text_dim is None:
             raise ValueError("ModelConfig.text_dim must be set (the text encoder's hidden size)")
@@ -278,7 +284,8 @@ class PRX(nn.Module):
         self.resolution_in = (nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
                               if config.resolution_embeds else None)
         eps = config.norm_eps
-        self.blocks = nn.ModuleList(PRXBlock(dim, config.num_heads, config.mlp_ratio, eps) for _ in range(config.num_layers))
+        self.blocks = nn.ModuleList(PRXBlock(dim, config.num_heads, config.mlp_ratio, eps)
+                                    for _ in range(config.num_layers))
         self.final_layer = FinalLayer(dim, patch_dim, eps)
         self.activation_checkpointing = False  # recompute block activations in backward (set by the trainer)
         self.reset_parameters()
@@ -305,7 +312,8 @@ class PRX(nn.Module):
     # The recipe's optimizer split: Muon for 2D matrices inside the blocks, Adam for the rest.
     @property
     def muon_params(self) -> list[nn.Parameter]:
-        return [p for name, p in self.named_parameters() if p.requires_grad and p.ndim == 2 and name.startswith("blocks.")]
+        return [p for name, p in self.named_parameters()
+                if p.requires_grad and p.ndim == 2 and name.startswith("blocks.")]
 
     @property
     def adam_params(self) -> list[nn.Parameter]:
@@ -343,7 +351,8 @@ class PRX(nn.Module):
                 full_x, full_cos, full_sin, full_mask = x, cos, sin, key_mask
                 x, cos, sin, key_mask = self.routed_inputs(x, cos, sin, text_keys, route.keep)
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, vec, txt, key_mask, cos, sin, text_rows, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, vec, txt, key_mask, cos, sin, text_rows,
+                                                      use_reentrant=False)
             else:
                 x = block(x, vec, txt, key_mask, cos, sin, text_rows)
             if i == capture_block:
@@ -372,7 +381,8 @@ class PRX(nn.Module):
         # (here and by each block's K/V), and each block puts its K/V back in the padded layout.
         if packs_text(x.device):
             real = text_mask.bool().flatten()
-            text_rows = torch.argsort(~real, stable=True)[:packed_text_rows(int(real.sum()), real.numel())]  # real first
+            kept = packed_text_rows(int(real.sum()), real.numel())
+            text_rows = torch.argsort(~real, stable=True)[:kept]  # the real tokens first
             txt = self.txt_in(text_embeds.flatten(0, 1).index_select(0, text_rows).to(x.dtype))
         else:
             text_rows, txt = None, self.txt_in(text_embeds.to(x.dtype))

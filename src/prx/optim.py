@@ -133,7 +133,8 @@ def build_optimizer(param_groups: Iterable[dict[str, Any]], extra_adam_params: l
 
 def param_groups_from_config(model, cfg: OptimizerConfig) -> list[dict[str, Any]]:
     """The recipe's split (Muon for model.muon_params, Adam for the rest) or one AdamW group."""
-    adam = {"optimizer": "adam", "lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+    adam = {"optimizer": "adam", "lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps,
+            "weight_decay": cfg.weight_decay}
     if cfg.name == "adamw":
         return [{**adam, "params": list(model.parameters())}]
     return [

@@ -65,19 +65,19 @@ class Pipeline:
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}
         except Exception as e:  # noqa: BLE001 - safetensors' own error types vary by version
-            raise PrxError(f"export '{path}' is damaged or not a safetensors file ({' '.join(str(e).split())[:120]})") from None
+            raise PrxError(f"export '{path}' is damaged or not a safetensors file ({_brief(e, 120)})") from None
         if "prx_config" not in meta:
             raise PrxError(f"{path} was not written by `prx export` (no prx_config metadata)")
         try:
             data = yaml.safe_load(meta["prx_config"])
             config = config_from_saved(data if isinstance(data, dict) else {"": data})
         except (yaml.YAMLError, PrxError) as e:
-            raise PrxError(f"export '{path}' has a prx_config this prx cannot read ({' '.join(str(e).split())[:160]})") from None
+            raise PrxError(f"export '{path}' has a prx_config this prx cannot read ({_brief(e)})") from None
         model = cls._build(config, device, f"export '{path}'")
         try:
             model.load_state_dict(load_file(str(path)))
         except Exception as e:  # noqa: BLE001
-            raise PrxError(f"export '{path}' does not hold this model's weights ({' '.join(str(e).split())[:160]})") from None
+            raise PrxError(f"export '{path}' does not hold this model's weights ({_brief(e)})") from None
         return cls._assemble(model, config, device, text_encoder, text_cache_size)
 
     @classmethod
@@ -165,6 +165,10 @@ class Pipeline:
             x = sample(predict, noise.to(self.device), s.steps, s.sampler, shift, self.config.objective.t_clamp,
                        s.schedule)
             yield start, to_uint8(x)
+
+
+def _brief(error: BaseException, limit: int = 160) -> str:
+    return " ".join(str(error).split())[:limit]
 
 
 def parse_aspect_ratio(ratio: str | float) -> float:

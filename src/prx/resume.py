@@ -134,13 +134,13 @@ def resume_changes(saved: Config, new: Config, step: int) -> list[tuple[str, Any
         for key in ("resolution", "batch_size") + (("steps",) if i < index else ()):
             if getattr(a, key) != getattr(b, key):
                 state = "finished" if i < index else "current"
-                raise ConfigError(f"{name(i, key)} cannot change in a resumed run ({getattr(a, key)} → {getattr(b, key)}): "
-                                  f"stage {i + 1} is the run's {state} stage at step {step}; change later stages, add "
-                                  f"one, or use --out for a new run")
+                raise ConfigError(f"{name(i, key)} cannot change in a resumed run ({getattr(a, key)} → "
+                                  f"{getattr(b, key)}): stage {i + 1} is the run's {state} stage at step {step}; "
+                                  f"change later stages, add one, or use --out for a new run")
     end = sum(stage.steps for stage in new.stages[:index + 1])
     check(index == len(new.stages) - 1 or end >= step,
-          f"{name(index, 'steps')}={new.stages[index].steps} would end stage {index + 1} at step {end}, but the run has "
-          f"done {step} steps in it: give it at least {new.stages[index].steps + step - end} steps")
+          f"{name(index, 'steps')}={new.stages[index].steps} would end stage {index + 1} at step {end}, but the run "
+          f"has done {step} steps in it: give it at least {new.stages[index].steps + step - end} steps")
     return changes
 
 

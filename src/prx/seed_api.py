@@ -11,12 +11,15 @@ stages, for the checkpoints, the plan and the logs.
 
 from __future__ import annotations
 
+import torch
+
 from prx.config import Config, StageConfig, validate
+from prx.config.model import ModelConfig
+from prx.config.recipe import PerceptualConfig, REPAConfig, TreadConfig
 from prx.errors import ConfigError
 from prx.model import PRX, model_config_from_dict
-from prx.perceptual import PerceptualConfig
-from prx.repa import REPAConfig
-from prx.tread import TreadConfig
+from prx.perceptual import PerceptualLoss
+from prx.repa import REPAAlignment
 
 COMPONENTS = ("model", "router", "repa", "perceptual_loss", "param_groups", "text_encoder")
 SCHEDULE = ("batch_size", "steps_512", "steps_1024", "batch_size_1024")
@@ -48,18 +51,20 @@ def config_from_components(model, router, repa, perceptual_loss, param_groups, b
         raise ConfigError("Trainer(model=...) needs batch_size and steps_512 and/or steps_1024")
     stages = [StageConfig(resolution=512, steps=steps_512, batch_size=batch_size)] if steps_512 else []
     if steps_1024:  # the recipe's second stage: half the batch, REPA off
-        stages.append(StageConfig(resolution=1024, steps=steps_1024, batch_size=batch_size_1024 or max(1, batch_size // 2),
-                                  repa=False))
+        stages.append(StageConfig(resolution=1024, steps=steps_1024,
+                                  batch_size=batch_size_1024 or max(1, batch_size // 2), repa=False))
     cfg = Config(name="seed", model=model.config,
                  tread=router.config if router else TreadConfig(route_ratio=0.0),
                  repa=repa.config if repa else REPAConfig(weight=0.0),
                  perceptual=perceptual_loss.config if perceptual_loss else PerceptualConfig(lpips_weight=0.0,
                                                                                             dino_weight=0.0))
     cfg.train.stages = stages
-    cfg.train.batch_size, cfg.train.steps, cfg.data.resolution = stages[0].batch_size, cfg.total_steps, stages[0].resolution
+    cfg.train.batch_size, cfg.train.steps = stages[0].batch_size, cfg.total_steps
+    cfg.data.resolution = stages[0].resolution
     cfg.sampling.guidance = "self" if router else "cfg"
     if param_groups is not None:
-        cfg.optimizer.name = "muon" if any(str(g.get("optimizer", "adam")).lower() == "muon" for g in param_groups) else "adamw"
+        muon = any(str(g.get("optimizer", "adam")).lower() == "muon" for g in param_groups)
+        cfg.optimizer.name = "muon" if muon else "adamw"
         cfg.optimizer.lr = float(param_groups[0].get("lr", cfg.optimizer.lr))
     validate(cfg)
     return cfg
@@ -72,3 +77,15 @@ def groups_after_sharding(groups: list[dict] | None, model, names: dict[int, str
         return None
     current = dict(model.named_parameters())
     return [{**g, "params": [current[names[id(p)]] if id(p) in names else p for p in g["params"]]} for g in groups]
+
+
+def recipe_tricks(cfg: Config, given: dict, model_config: ModelConfig, dtype: torch.dtype, device: torch.device):
+    """(repa, perceptual): the seed's components where given, else built from the config's sections; the teachers
+    load now, so a missing one fails before step 0. None for a trick that is off."""
+    repa = given["repa"] or REPAAlignment.from_config(cfg.repa)
+    if repa is not None:
+        repa.setup(model_config.hidden_dim, model_config.num_layers, dtype=dtype).to(device)
+    perceptual = given["perceptual_loss"] or PerceptualLoss.from_config(cfg.perceptual)
+    if perceptual is not None:
+        perceptual.load(dtype).to(device)
+    return repa, perceptual

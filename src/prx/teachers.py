@@ -46,10 +46,11 @@ def _missing_teacher_message(name: str, ident: str, detail: str) -> str:
     if Path(ident).is_dir():
         return (f"teacher '{name}' could not be loaded from the local directory {ident} ({detail}): it must hold the "
                 f"config.json and model.safetensors written by save_pretrained")
-    gated = " (gated: accept its licence on huggingface.co and log in with `hf auth login` first)" if ident in GATED else ""
+    gated = (" (gated: accept its licence on huggingface.co and log in with `hf auth login` first)"
+             if ident in GATED else "")
     return (
-        f"teacher '{name}' (hub id {ident}) is not available offline: looked for a local directory '{ident}' and in the "
-        f"Hugging Face cache {hf_cache_dir()} ({detail}). Download it once on a machine with network with "
+        f"teacher '{name}' (hub id {ident}) is not available offline: looked for a local directory '{ident}' and in "
+        f"the Hugging Face cache {hf_cache_dir()} ({detail}). Download it once on a machine with network with "
         f"`hf download {ident}`{gated} (set HF_HOME to share the cache), or pass a local directory that holds "
         f"config.json and model.safetensors"
     )

@@ -133,8 +133,8 @@ def stand_in_encoder(name: str) -> Path:
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
         PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                 sep_token="[SEP]", mask_token="[MASK]").save_pretrained(directory)
-        save_pretrained(BertModel(BertConfig(vocab_size=len(vocab), **STAND_IN_ENCODERS[name]), add_pooling_layer=False),
-                        directory)
+        model = BertModel(BertConfig(vocab_size=len(vocab), **STAND_IN_ENCODERS[name]), add_pooling_layer=False)
+        save_pretrained(model, directory)
 
     with torch.random.fork_rng(devices=[]):  # the same weights every time, and the caller's RNG untouched
         torch.manual_seed(0)
@@ -244,7 +244,8 @@ class TextEncoder:
         lengths = tokens["attention_mask"].sum(1).tolist()  # read on the host, before the copy
         tokens = tokens.to(self.device)
         with torch.no_grad():
-            hidden = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
+            out = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+            hidden = out.last_hidden_state
         self.encoded_count += len(captions)
         hidden = hidden.float() if on_device else hidden.float().cpu()  # one copy off the device, not one per caption
         return [hidden[i, : max(int(n), 1)].clone() for i, n in enumerate(lengths)]

@@ -5,12 +5,10 @@
         → flow loss + perceptual losses + REPA → backward
     → clip → LR schedule → Muon/Adam step → EMA
 
-Each trick of the recipe is a small module the step calls explicitly (``TREADRouter``,
-``REPAAlignment``, ``PerceptualLoss``), built from its own config section; a run is a list of
-resolution stages that switch them on and off (``Config.tricks``). How it executes (device,
-precision, compile, CUDA graphs, sharding) is decided once, in :mod:`prx.execution`. Everything
-else is set-up (:meth:`Trainer.setup`) and the loop (:meth:`Trainer.run`): logging, sample grids,
-checkpoints, the time limit and clean stops (Ctrl-C, SIGTERM: finish the step, save, exit).
+Each trick is a small module the step calls explicitly, built from its own config section; resolution stages
+switch them on and off (``Config.tricks``). How it executes is decided once (:mod:`prx.execution`). The rest is
+set-up (:meth:`Trainer.setup`) and the loop (:meth:`Trainer.run`): logs, sample grids, checkpoints, time limits
+and clean stops (Ctrl-C, SIGTERM: finish the step, save, exit).
 """
 
 from __future__ import annotations
@@ -19,7 +17,6 @@ import contextlib
 import json
 import math
 import os
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -31,15 +28,7 @@ from prx.config import Config, StageConfig
 from prx.data.sources import build_source
 from prx.device import keep_freed_memory, set_threads, to_device
 from prx.diffusers_io import load_init_weights
-from prx.distributed import (
-    all_agree,
-    full_value,
-    gradient_sync,
-    init_distributed,
-    mean_across_ranks,
-    parallelize,
-    reshard,
-)
+from prx.distributed import all_agree, full_value, gradient_sync, init_distributed, parallelize, reshard
 from prx.ema import EMA
 from prx.errors import TrainingError
 from prx.execution import ExecutionPlan, block_shapes, plan_training
@@ -47,14 +36,12 @@ from prx.flow import add_noise, flow_loss, sample_noise, sample_timesteps, step_
 from prx.lifecycle import RunClock, RunLock, StopSignals, out_of_memory_error, preflight
 from prx.logger import RunLogger
 from prx.metrics.during_training import TrainingEval
-from prx.model import PRX, packed_text_rows, packs_text, token_grid
+from prx.model import PRX, projected_text_rows, token_grid
 from prx.optim import MultiOptimizer, build_optimizer, lr_scale, param_groups_from_config
-from prx.perceptual import PerceptualLoss
 from prx.pipeline import Pipeline
-from prx.repa import REPAAlignment
 from prx.resume import ResumePoint, checkpoint_to_resume
 from prx.rundir import RunDir
-from prx.seed_api import groups_after_sharding, resolve_components
+from prx.seed_api import groups_after_sharding, recipe_tricks, resolve_components
 from prx.text import TextEncoder, text_model_config
 from prx.tread import TREADRouter
 
@@ -72,15 +59,12 @@ class StepResult:
 
 
 class Trainer:
-    """Trains a run into ``run_dir``, from a :class:`Config` or from components, the seed's API
-    (``Trainer(model=PRX(...), router=TREADRouter(...), ..., steps_512=...)``, see :mod:`prx.seed_api`).
+    """Trains a run into ``run_dir``, from a :class:`Config` or from the seed API's components
+    (``Trainer(model=PRX(...), router=TREADRouter(...), ..., steps_512=...)``, :mod:`prx.seed_api`). ``resume``: None
+    resumes when the run directory has a checkpoint; True requires one; False refuses a directory that has one.
 
-    ``resume``: None resumes when the run directory has a checkpoint (the same command continues
-    a run); True requires one; False refuses to touch a run directory that has one.
-
-    The config is never changed. What the run learns as it runs is trainer state, kept in its checkpoints:
-    the step, the skipped steps, the step count a time budget chose (``planned_steps``) and the model's
-    resolved shape (``model_config``: the text encoder's width, the saved weights' LayerNorm eps).
+    The config is never changed: what the run learns is trainer state, kept in its checkpoints (the step, the skipped
+    steps, ``planned_steps`` of a time budget, ``model_config``: the text encoder's width, the weights' LayerNorm eps).
     """
 
     def __init__(self, config: Config | None = None, run_dir: str | Path | None = None, resume: bool | None = None, *,
@@ -88,9 +72,7 @@ class Trainer:
         self.config, self._given = resolve_components(config, components)
         self.rundir = RunDir(run_dir if run_dir is not None else Path("runs") / self.config.name)
         self.run_dir = self.rundir.root
-        self.resume = resume
-        self.log = log
-        self.stop_reason: str | None = None
+        self.resume, self.log, self.stop_reason = resume, log, None
         self.signals = StopSignals()
         self.timer = lambda phase: contextlib.nullcontext()  # `prx bench` swaps in one that times each phase
         self.lock: RunLock | None = None
@@ -103,13 +85,10 @@ class Trainer:
         return self.planned_steps or self.config.total_steps
 
     @property
-    def run_config(self) -> Config:
-        """The config with the model as built: what checkpoints and ``RUN/config.yaml`` record."""
+    def run_config(self) -> Config:  # the config with the model as built: what checkpoints record
         return replace(self.config, model=self.model_config)
 
-    # ----------------------------------------------------------------------------------------
-    # Set-up
-    # ----------------------------------------------------------------------------------------
+    # -- Set-up --------------------------------------------------------------------------------------------------------
 
     def setup(self) -> None:
         """Everything before step 0. Fails before any work (one line) on a batch that does not split over the ranks,
@@ -145,7 +124,7 @@ class Trainer:
     def _build(self) -> None:
         """The text encoder, the model, the tricks (teachers load now: a missing one fails before step 0), the data."""
         cfg, given = self.config, self._given
-        # Held-out evaluation (eval:): data opened and extractors loaded once, now, so a missing one fails before step 0.
+        # held-out evaluation (eval:): its data and extractors open now, so a missing one fails before step 0
         self.evaluator = TrainingEval.build(cfg)
         self.text_encoder = given["text_encoder"] or TextEncoder.from_config(cfg.text, self.device)
         self.model_config = text_model_config(cfg.model, self.text_encoder, cfg.text.encoder)
@@ -156,18 +135,13 @@ class Trainer:
             message = load_init_weights(self.model, cfg.model.init_from)
             if self.dist.is_main:
                 self.log(message)
-        self.router = given["router"] or TREADRouter.from_config(cfg.tread, cfg.train.seed)
         self.data = build_source(cfg, self.dist.rank, self.dist.world, pin_memory=self.device.type == "cuda")
+        self.router = given["router"] or TREADRouter.from_config(cfg.tread, cfg.train.seed)
         shapes = block_shapes(cfg, self.data.sizes, self.dist.world, self.router.num_kept if self.router else None)
         muon_kinds = len({(tuple(p.shape), p.dtype) for p in self.model.muon_params})
         self.plan: ExecutionPlan = plan_training(cfg, self.device, self.dist.world, shapes, muon_kinds)
-        teacher_dtype = self.plan.autocast or torch.float32
-        self.repa = given["repa"] or REPAAlignment.from_config(cfg.repa)
-        if self.repa is not None:
-            self.repa.setup(self.model_config.hidden_dim, self.model_config.num_layers, dtype=teacher_dtype).to(self.device)
-        self.perceptual = given["perceptual_loss"] or PerceptualLoss.from_config(cfg.perceptual)
-        if self.perceptual is not None:
-            self.perceptual.load(teacher_dtype).to(self.device)
+        self.repa, self.perceptual = recipe_tricks(cfg, given, self.model_config, self.plan.autocast or torch.float32,
+                                                   self.device)
         self.ema = EMA.from_config(self.model, cfg.ema)  # a copy, before sharding
 
     def _parallelize(self) -> None:
@@ -180,8 +154,9 @@ class Trainer:
         names = {id(p): name for name, p in self.model.named_parameters()}  # the seed's groups hold these
         teachers = [net for net in (getattr(self.perceptual, "lpips", None), getattr(self.perceptual, "dino", None),
                                     getattr(self.repa, "teacher", None)) if net is not None]
-        self.forward_model, projector = parallelize(self.model, self.ema.model, self.repa.projector if self.repa else None,
-                                                    teachers, self.plan, self.dist)
+        projector = self.repa.projector if self.repa else None
+        self.forward_model, projector = parallelize(self.model, self.ema.model, projector, teachers, self.plan,
+                                                    self.dist)
         if self.repa is not None:
             self.repa.projector = projector
         self.wrapped = [self.forward_model] + ([projector] if projector is not None else [])  # what syncs gradients
@@ -190,20 +165,18 @@ class Trainer:
                 self.model, cfg.optimizer),
             list(self.trainable["repa_projector"].parameters()) if self.repa is not None else [],
             compile_muon=self.plan.compile_optimizer, ns_dtype=self.plan.newton_schulz_dtype)
-        self.checkpoints = CheckpointWriter(self.rundir, self.dist, cfg.train.keep_checkpoints, cfg.train.async_checkpoint)
+        self.checkpoints = CheckpointWriter(self.rundir, self.dist, cfg.train.keep_checkpoints,
+                                            cfg.train.async_checkpoint)
 
     def close(self) -> None:
-        """Stop the data workers and release the run directory (the lock); called when :meth:`run`
-        ends, however it ends."""
+        """Stop the data workers and release the run directory (the lock), however :meth:`run` ends."""
         if hasattr(getattr(self, "data", None), "close"):
             self.data.close()
         if getattr(self, "lock", None) is not None:
             self.lock.release()
             self.lock = None
 
-    # ----------------------------------------------------------------------------------------
-    # The training step
-    # ----------------------------------------------------------------------------------------
+    # -- The training step ---------------------------------------------------------------------------------------------
 
     def train_step(self, step: int) -> StepResult:
         cfg, dev, rank, world = self.config, self.device, self.dist.rank, self.dist.world
@@ -246,7 +219,7 @@ class Trainer:
             x0, t_part = images[part].float() / 127.5 - 1.0, t[part]  # uint8 → [-1, 1]
             with self.timer("text encoder"):
                 text = (data.text[part] if data.text is not None else self.text_encoder.encode(captions[part])).to(dev)
-            text_tokens += packed_text_rows(int(text.mask.sum()), text.mask.numel()) if packs_text(dev) else text.mask.numel()
+            text_tokens += projected_text_rows(text.mask)
             x_t = add_noise(x0, noise[part], t_part)
             with gradient_sync(self.wrapped, self.plan.parallel, start + micro >= per_rank), torch.autocast(
                     dev.type, dtype=self.plan.autocast or torch.float32, enabled=self.plan.autocast is not None):
@@ -298,9 +271,7 @@ class Trainer:
                                 f"optimizer.warmup_steps, then resume from {self.rundir.latest}")
         return StepResult(sum(losses.values()) if bad else grad_norm, {}, skipped=True)
 
-    # ----------------------------------------------------------------------------------------
-    # The loop
-    # ----------------------------------------------------------------------------------------
+    # -- The loop ------------------------------------------------------------------------------------------------------
 
     def run(self) -> Path:
         """Train to the end of the last stage; returns the newest checkpoint (also ``RUN/checkpoints/latest``)."""
@@ -318,7 +289,6 @@ class Trainer:
         if self.step >= self.total_steps:
             return self._finish("already complete")
         clock, stage_index = RunClock(cfg.train, self.step, steps_planned=bool(self.planned_steps)), None
-        self.window = (time.monotonic(), 0)  # (start, steps) of the steps/s the next log line reports
         try:
             with self.signals:
                 while self.step < self.total_steps:
@@ -368,31 +338,21 @@ class Trainer:
 
     def _after_step(self, result: StepResult, stage: StageConfig, index: int) -> None:
         """A finished step's bookkeeping: its losses, the log line, a checkpoint, a sample grid, an evaluation."""
-        cfg, (window_start, window_steps) = self.config, self.window
-        self.window = (window_start, window_steps + 1)
-        if not result.skipped:
-            self.logger.add({"total": result.loss, **result.losses})
+        cfg = self.config
+        self.logger.step_done(None if result.skipped else {"total": result.loss, **result.losses})
         if self.step % cfg.logging.log_every == 0 or self.step == self.total_steps:
-            self._log_scalars(result, stage, index, (window_steps + 1) / (time.monotonic() - window_start))
-            self.window = (time.monotonic(), 0)
+            self.logger.log_step(self.step, stage.batch_size, self.dist, {
+                "lr": result.lr, "grad_norm": result.grad_norm, "train/stage": index + 1,
+                "train/bad_steps": self.bad_steps, "train/ema_decay": self.ema.current_decay(),
+                "data/skipped_samples": sum(self.data.skipped.values())})
         self.checkpoints.poll()  # a background save that every rank has finished becomes visible
         if self.step % cfg.train.checkpoint_every == 0 and self.step < self.total_steps:
             self.save()
         if cfg.logging.sample_every and self.step % cfg.logging.sample_every == 0 and self.step < self.total_steps:
             self.sample_grid()
         if self.evaluator is not None and self.evaluator.due(self.step) and self.step < self.total_steps:
-            paused = time.monotonic()
-            self.evaluate()
-            self.window = (self.window[0] + time.monotonic() - paused, self.window[1])  # steps/s counts training only
-
-    def _log_scalars(self, result: StepResult, stage: StageConfig, index: int, steps_per_s: float) -> None:
-        means = mean_across_ranks(self.logger.take_window(), self.dist)
-        self.logger.bar.set_postfix(loss=f"{means.get('total', float('nan')):.4f}", lr=f"{result.lr:.1e}", refresh=False)
-        self.logger.log(self.step, {**{f"loss/{k}": v for k, v in means.items()}, "lr": result.lr,
-                                    "grad_norm": result.grad_norm, "train/steps_per_s": steps_per_s,
-                                    "train/images_per_s": steps_per_s * stage.batch_size, "train/stage": index + 1,
-                                    "train/bad_steps": self.bad_steps, "train/ema_decay": self.ema.current_decay(),
-                                    "data/skipped_samples": sum(self.data.skipped.values())})
+            with self.logger.paused():  # steps/s counts training only
+                self.evaluate()
 
     @property
     def exit_code(self) -> int:
@@ -400,7 +360,7 @@ class Trainer:
         return self.signals.exit_code if self.stop_reason and self.stop_reason.startswith("stopped by") else 0
 
     def save(self, wait: bool = False) -> Path | None:
-        meta = {"planned_steps": self.planned_steps} if self.planned_steps else None
+        meta = {"planned_steps": self.planned_steps} if self.planned_steps else None  # a time budget's count, kept
         path = self.checkpoints.save(self.step, training_state(self), self.run_config, meta, log=self.log)
         return self.checkpoints.wait() if wait and path is None else path
 
@@ -427,8 +387,8 @@ class Trainer:
         return results
 
     def _finish(self, reason: str) -> Path:
-        unchanged = self.resume_from is not None and self.step == self.resume_from.step
         self.checkpoints.wait()
+        unchanged = self.resume_from is not None and self.step == self.resume_from.step
         path = self.resume_from.path if unchanged else self.save(wait=True)
         if self.bad_steps:
             self.log(f"warning: {self.bad_steps} steps were skipped for non-finite loss or gradients")

@@ -20,7 +20,8 @@ _DCP_METADATA = "torch.distributed.checkpoint.metadata"
 _METADATA_GLOBALS = {(_DCP_METADATA, name) for name in (
     "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
     "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
     ("collections", "OrderedDict"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
     ("pathlib._local", "PosixPath"), ("pathlib._local", "PurePosixPath")}
 
@@ -82,7 +83,8 @@ def legacy_values(path: Path, metadata) -> dict:
         try:
             value = torch.load(io.BytesIO(raw), weights_only=True)
         except Exception:  # noqa: BLE001
-            raise CheckpointDamaged.at(path, f"{file.name} holds a value for '{key}' that is not plain data (refused without "
+            raise CheckpointDamaged.at(path, f"{file.name} holds a value for '{key}' that is not plain data (refused "
+                                             f"without "
                                  f"running it)") from None
         parts = key.split(".")
         if parts[0] == "data" and len(parts) > 2 and parts[1] == "skipped":

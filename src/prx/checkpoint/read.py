@@ -117,7 +117,8 @@ def _read_json(path: Path) -> dict:
     except FileNotFoundError:
         raise CheckpointDamaged.at(path.parent, f"{path.name} is missing") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointDamaged.at(path.parent, f"{path.name} is not valid JSON ({' '.join(str(e).split())[:120]})") from None
+        detail = " ".join(str(e).split())[:120]
+        raise CheckpointDamaged.at(path.parent, f"{path.name} is not valid JSON ({detail})") from None
     if not isinstance(data, dict):
         raise CheckpointDamaged.at(path.parent, f"{path.name} does not hold a JSON object")
     return data
@@ -132,14 +133,17 @@ def _check_safetensors(path: Path, size: int) -> None:
             raise CheckpointDamaged.at(ckpt, f"{path.name} is truncated ({size} bytes)")
         n = struct.unpack("<Q", head)[0]
         if n > min(size - 8, 256 * 2**20):
-            raise CheckpointDamaged.at(ckpt, f"{path.name} has a corrupt header (claims {n} header bytes in a {size}-byte file)")
+            raise CheckpointDamaged.at(ckpt, f"{path.name} has a corrupt header (claims {n} header bytes in a "
+                                             f"{size}-byte file)")
         try:
             header = json.loads(f.read(n))
             ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
         except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-            raise CheckpointDamaged.at(ckpt, f"{path.name} has a corrupt header (not a safetensors JSON header)") from None
+            raise CheckpointDamaged.at(ckpt, f"{path.name} has a corrupt header (not a safetensors JSON "
+                                             f"header)") from None
     if 8 + n + max(ends, default=0) != size:
-        raise CheckpointDamaged.at(ckpt, f"{path.name} is truncated or has extra bytes ({size} bytes, its header describes "
+        raise CheckpointDamaged.at(ckpt, f"{path.name} is truncated or has extra bytes ({size} bytes, its header "
+                                         f"describes "
                              f"{8 + n + max(ends, default=0)})")
 
 
@@ -174,7 +178,8 @@ def _verify(path: Path) -> dict:
                 raise CheckpointDamaged.at(path, f"{name} is missing")
             actual = file.stat().st_size
             if actual != size:
-                raise CheckpointDamaged.at(path, f"{name} is truncated or altered ({actual} bytes, written with {size})")
+                raise CheckpointDamaged.at(path, f"{name} is truncated or altered ({actual} bytes, written with "
+                                                 f"{size})")
             _check_safetensors(file, actual)
         extra = sorted(p.name for p in path.glob("*.safetensors") if p.name not in files)
         if extra:
@@ -239,10 +244,12 @@ def load_checkpoint(path: str | Path, state: dict) -> dict:
             raise
         detail = " ".join(str(e).split())
         if planner.refused:
-            raise CheckpointDamaged.at(path, f"'{planner.refused}' is stored as a pickled object where a tensor belongs "
+            raise CheckpointDamaged.at(path, f"'{planner.refused}' is stored as a pickled object where a tensor "
+                                             f"belongs "
                                  f"(refused without running it)") from None
         if "Weights only load failed" in detail or "UnpicklingError" in detail:
-            raise CheckpointDamaged.at(path, f"{getattr(reader, 'current_file', None) or 'a tensor file'} holds something other "
+            raise CheckpointDamaged.at(path, f"{getattr(reader, 'current_file', None) or 'a tensor file'} holds "
+                                             f"something other "
                                  f"than tensors (refused without running it)") from None
         if "SafetensorError" in detail or "safetensors" in detail.lower():
             raise CheckpointDamaged.at(path, f"a tensor file cannot be read ({detail[:160]})") from None

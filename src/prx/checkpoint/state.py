@@ -46,10 +46,12 @@ def restore_training_state(trainer, path: Path) -> None:
                "ema": {"model": trainer.ema.model.state_dict()}, "rng": {"torch": torch.get_rng_state()}}
     values = load_checkpoint(path, tensors)
     # the param groups (lr, base_lr, betas, ...) stay this run's: only the optimizers' state tensors are loaded
+    optim = {"state": tensors["optimizer"]["state"], "param_groups": optim_state["param_groups"]}
     set_state_dict(trainer.trainable, trainer.optimizer.optimizers, model_state_dict=tensors["model"],
-                   optim_state_dict={"state": tensors["optimizer"]["state"], "param_groups": optim_state["param_groups"]})
+                   optim_state_dict=optim)
     try:
-        trainer.ema.load_state_dict({"model": tensors["ema"]["model"], "num_updates": int(values["ema"]["num_updates"])})
+        num_updates = int(values["ema"]["num_updates"])
+        trainer.ema.load_state_dict({"model": tensors["ema"]["model"], "num_updates": num_updates})
         trainer.step = int(values["trainer"]["step"])
         trainer.bad_steps = int(values["trainer"]["bad_steps"])
         data = values.get("data", {})
@@ -67,7 +69,10 @@ def load_weights(path: str | Path, model: torch.nn.Module, weights: str = "ema")
     if weights not in ("ema", "model"):
         raise ValueError("weights must be 'ema' or 'model'")
     tensors = model.state_dict()
-    state = {"ema": {"model": tensors}} if weights == "ema" else {"model": {f"denoiser.{k}": v for k, v in tensors.items()}}
+    if weights == "ema":
+        state = {"ema": {"model": tensors}}
+    else:
+        state = {"model": {f"denoiser.{k}": v for k, v in tensors.items()}}
     path = find_checkpoint(path)
     load_checkpoint(path, state)
     return path

@@ -14,7 +14,7 @@ from prx.config import load_config
 from prx.data.buckets import bucket_indices, make_buckets
 from prx.data.convert import convert, distributed_rank
 from prx.data.embed import embed_shards
-from prx.data.loader import ShardIndex, check_samples
+from prx.data.index import ShardIndex, check_samples
 from prx.data.mapping import mapping_from
 from prx.data.shapes import write_shards
 from prx.data.shards import expand_shards

@@ -1,4 +1,5 @@
-"""``prx env``: what this machine gives prx (torch, CUDA, GPUs, compiler, cached weights) and what a config would use."""
+"""``prx env``: what this machine gives prx (torch, CUDA, GPUs, compiler, cached weights) and what a config would
+use."""
 
 from __future__ import annotations
 

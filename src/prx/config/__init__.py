@@ -114,7 +114,8 @@ class Config:
     def describe_stage(self, index: int) -> str:
         stage, on = self.stages[index], self.tricks(self.stages[index])
         terms = ["flow"] + [f"TREAD {self.tread.route_ratio:g}"] * on.tread + [f"REPA {self.repa.weight:g}"] * on.repa
-        terms += [f"LPIPS {self.perceptual.lpips_weight:g}"] * on.lpips + [f"DINO {self.perceptual.dino_weight:g}"] * on.dino
+        p = self.perceptual
+        terms += [f"LPIPS {p.lpips_weight:g}"] * on.lpips + [f"DINO {p.dino_weight:g}"] * on.dino
         return (f"stage {index + 1}/{len(self.stages)}: {stage.resolution}px, batch {stage.batch_size}, "
                 f"{stage.steps} steps, {', '.join(terms)}")
 

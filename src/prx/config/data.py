@@ -42,7 +42,8 @@ class DataConfig:
     # dataset=parquet: the column mapping, as `prx data convert --from parquet` takes it
     preset: str = ""  # flux-generated | flux-reason-6m | midjourney-v6-llava
     image_column: str = ""  # the image column (bytes or a {bytes, path} struct); default the preset's, else image
-    caption_columns: list[str] = field(default_factory=list)  # "field" or "field=name"; default the preset's, else caption
+    # "field" or "field=name"; default the preset's, else caption
+    caption_columns: list[str] = field(default_factory=list)
     id_column: str = ""  # a stable id column; default the preset's, else file name and row
     resolution: int = positive(512)
     caption_dropout: float = within(0.1, 0, 1, open_high=True)  # probability of the empty caption (enables CFG)
@@ -68,7 +69,8 @@ class DataConfig:
               + (" (see `prx data convert`)" if self.dataset == "shards" else " of the downloaded .parquet files"))
         if self.preset:
             check(self.preset in PRESETS, f"data.preset='{self.preset}' is unknown: use one of {', '.join(PRESETS)}")
-        check(self.dataset == "parquet" or not (self.preset or self.image_column or self.caption_columns or self.id_column),
+        mapped = self.preset or self.image_column or self.caption_columns or self.id_column
+        check(self.dataset == "parquet" or not mapped,
               "data.preset / image_column / caption_columns / id_column map downloaded files: set data.dataset=parquet "
               "(prx shards need no mapping)")
         check(not self.captions or sum(c.weight for c in self.captions) > 0,

@@ -97,7 +97,8 @@ def apply_override(data: dict[str, Any], text: str) -> None:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist: pass an existing YAML file, or one of {', '.join(builtin_configs())}")
+        raise ConfigError(f"config file '{path}' does not exist: pass an existing YAML file, or one of "
+                          f"{', '.join(builtin_configs())}")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:

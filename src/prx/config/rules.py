@@ -46,8 +46,8 @@ def within(default: Any, low: float, high: float, *, open_low: bool = False, ope
     def ok(v):
         return (low < v if open_low else low <= v) and (v < high if open_high else v <= high)
 
-    return _field(default, Rule(ok, f"must be in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}",
-                                hint))
+    interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+    return _field(default, Rule(ok, f"must be in {interval}", hint))
 
 
 def one_of(*choices: str) -> Any:

@@ -50,12 +50,14 @@ def shard_schema(caption_columns: list[str]) -> pa.Schema:
     return pa.schema(fields, metadata=meta)
 
 
-def write_shard(path: str | Path, rows: list[dict], caption_columns: list[str], rows_per_group: int = ROWS_PER_GROUP) -> int:
+def write_shard(path: str | Path, rows: list[dict], caption_columns: list[str],
+                rows_per_group: int = ROWS_PER_GROUP) -> int:
     """Write ``rows`` to ``path`` atomically (temporary file, then rename); returns bytes written."""
     path = Path(path)
     schema = shard_schema(caption_columns)
     table = pa.Table.from_pylist(
-        [{**{k: r.get(k) for k in BASE_COLUMNS}, **{c: r.get(c) for c in caption_columns}} for r in rows], schema=schema)
+        [{**{k: r.get(k) for k in BASE_COLUMNS}, **{c: r.get(c) for c in caption_columns}} for r in rows],
+        schema=schema)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     compression = {name: ("NONE" if name == "image" else "ZSTD") for name in schema.names}
     pq.write_table(table, tmp, row_group_size=rows_per_group, compression=compression)
@@ -166,12 +168,14 @@ def read_shard_info(path: str | Path) -> ShardInfo:
     try:
         file = pq.ParquetFile(path)
     except Exception as e:
-        raise PrxError(f"cannot read shard {path} ({type(e).__name__}: {str(e)[:100]}): re-convert it or remove it") from None
+        raise PrxError(f"cannot read shard {path} ({type(e).__name__}: {str(e)[:100]}): re-convert it or remove "
+                       f"it") from None
     caption_columns = caption_columns_of(path)
     try:
         table = file.read(columns=["width", "height"])
     except Exception as e:
-        raise PrxError(f"cannot read shard {path} ({type(e).__name__}: {str(e)[:100]}): re-convert it or remove it") from None
+        raise PrxError(f"cannot read shard {path} ({type(e).__name__}: {str(e)[:100]}): re-convert it or remove "
+                       f"it") from None
     return shard_info(path, file, table.column("width").to_numpy(), table.column("height").to_numpy(), caption_columns)
 
 

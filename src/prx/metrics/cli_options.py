@@ -21,5 +21,7 @@ def add_real_eval_options(p: argparse.ArgumentParser) -> None:
                    help="the caption column to sample (default: the shards' first)")
     g.add_argument("--inception-weights", default=None, metavar="FILE",
                    help=f"FID Inception weights (default $TORCH_HOME/hub/checkpoints/{FID_WEIGHTS_FILE})")
-    g.add_argument("--clip-model", default=CLIP_ID, metavar="ID|DIR", help=f"CLIP for CMMD and CLIP score (default {CLIP_ID})")
-    g.add_argument("--dino-model", default=DINOV2_ID, metavar="ID|DIR", help=f"DINOv2 for FD-DINOv2 (default {DINOV2_ID})")
+    g.add_argument("--clip-model", default=CLIP_ID, metavar="ID|DIR", help=f"CLIP for CMMD and CLIP score (default "
+                                                                           f"{CLIP_ID})")
+    g.add_argument("--dino-model", default=DINOV2_ID, metavar="ID|DIR", help=f"DINOv2 for FD-DINOv2 (default "
+                                                                             f"{DINOV2_ID})")

@@ -29,11 +29,11 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from prx.config.sampling import SamplingConfig
 from prx.data.buckets import Bucket, resize_and_crop_box
 from prx.data.imageio import BadImage, decode
-from prx.data.loader import ShardIndex
+from prx.data.index import ShardIndex
 from prx.data.shards import caption_columns_of, expand_shards
-from prx.config.sampling import SamplingConfig
 from prx.errors import PrxError
 from prx.metrics import METRICS, parse_metrics
 from prx.metrics.clip_score import CLIPScore
@@ -293,7 +293,8 @@ def _accumulate(made: dict, extractors: dict, heldout: "HeldOutSet", batches: li
     names = list(made)
     cache, skipped, kept = _GroupCache(), collections.Counter(), 0
     for done, start in enumerate(batches):
-        images, captions, positions, bad = heldout.load(range(start, min(start + batch_size, len(heldout))), size, cache)
+        rows = range(start, min(start + batch_size, len(heldout)))
+        images, captions, positions, bad = heldout.load(rows, size, cache)
         skipped.update(bad)
         if not positions:
             continue

@@ -71,7 +71,8 @@ def load_pretrained(cls, name: str, what: str, option: str, **kwargs):
         return cls.from_pretrained(ident, local_files_only=True, **kwargs)
     except (OSError, ValueError) as local_error:
         if Path(ident).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise PrxError(_missing_message(what, name, ident, option, str(local_error).splitlines()[0][:120])) from None
+            detail = str(local_error).splitlines()[0][:120]
+            raise PrxError(_missing_message(what, name, ident, option, detail)) from None
     try:
         return cls.from_pretrained(ident, **kwargs)
     except (OSError, ValueError) as e:

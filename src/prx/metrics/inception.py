@@ -166,7 +166,7 @@ class FIDInceptionV3(nn.Module):
         self.Mixed_7a = MixedD(768)
         self.Mixed_7b = MixedE(1280, max_pool=False)
         self.Mixed_7c = MixedE(2048, max_pool=True)
-        self.fc = nn.Linear(2048, 1008)  # the 1008-class logits of the TF graph; unused for FID, kept so the file loads as is
+        self.fc = nn.Linear(2048, 1008)  # the TF graph's 1008-class logits: unused for FID, kept so the file loads
         self.requires_grad_(False).eval()
 
     def train(self, mode: bool = True) -> "FIDInceptionV3":
@@ -206,7 +206,8 @@ def resolve_weights(path: str | Path | None = None) -> Path:
     one-line error that says where to put it."""
     where = Path(os.path.expanduser(str(path))) if path else default_weights_path()
     if not where.is_file():
-        how = "pass it with --inception-weights FILE" if path else f"put it at {where} (or pass --inception-weights FILE)"
+        how = ("pass it with --inception-weights FILE" if path
+               else f"put it at {where} (or pass --inception-weights FILE)")
         raise PrxError(f"FID needs the Inception weights file {FID_WEIGHTS_FILE} and found none at {where}: "
                        f"download {FID_WEIGHTS_URL} and {how}")
     return where

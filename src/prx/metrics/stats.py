@@ -29,7 +29,8 @@ def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -
     symmetric LᵀΣ2L (Σ1 = LLᵀ, Cholesky) or, when Σ1 is singular, Σ1^½ Σ2 Σ1^½: symmetric
     eigenvalue problems, several times faster than a general eigendecomposition or scipy's sqrtm.
     The eigenvalues are ≥ 0 in exact arithmetic; numerically (rank-deficient covariances: fewer
-    samples than dimensions) some come out slightly negative, and their square roots imaginary. The real part is used; the imaginary share Σ|Im √λ| / Σ Re √λ is returned,
+    samples than dimensions) some come out slightly negative, and their square roots imaginary. The real part is
+    used; the imaginary share Σ|Im √λ| / Σ Re √λ is returned,
     and a warning is raised when it exceeds ``IMAGINARY_TOLERANCE``.
     """
     mu1, mu2, sigma1, sigma2 = (t.double() for t in (mu1, mu2, sigma1, sigma2))
@@ -140,7 +141,8 @@ class FrechetMetric(PrxMetric):
     def compute(self) -> dict:
         n_real, n_fake = int(self.real_n), int(self.fake_n)
         if n_real < 2 or n_fake < 2:
-            raise ValueError(f"a Fréchet distance needs at least 2 samples per side (got {n_real} real, {n_fake} generated)")
+            raise ValueError(f"a Fréchet distance needs at least 2 samples per side (got {n_real} real, {n_fake} "
+                             f"generated)")
         mu1, s1 = mean_and_covariance(self.real_sum, self.real_outer, n_real)
         mu2, s2 = mean_and_covariance(self.fake_sum, self.fake_outer, n_fake)
         value, imaginary = frechet_distance(mu1, s1, mu2, s2)
@@ -149,8 +151,8 @@ class FrechetMetric(PrxMetric):
 
     def bias_warning(self, n: int) -> str | None:
         if n < self.min_samples_unbiased:
-            return (f"{n} samples < {self.min_samples_unbiased}: the {self.num_features}-d covariance is rank-deficient "
-                    f"and the value is biased upwards; compare only numbers with the same sample count")
+            return (f"{n} samples < {self.min_samples_unbiased}: the {self.num_features}-d covariance is "
+                    f"rank-deficient and the value is biased upwards; compare only numbers with the same sample count")
         return None
 
 

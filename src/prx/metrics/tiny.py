@@ -58,7 +58,7 @@ def _create(name: str, path: Path) -> None:
 
 def _byte_level_alphabet() -> list[str]:
     """GPT-2/CLIP's printable stand-ins for the 256 byte values."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, extra = keep[:], 0
     for b in range(256):
         if b not in keep:

@@ -42,7 +42,8 @@ class DataBatch:
         encoding, when the batch carries encodings); returns the captions to encode."""
         if self.text is not None and empty_embedding is not None:
             empty = torch.from_numpy(empty_embedding.copy())[None]
-            self.text = self.text.with_rows_replaced(drop, TextBatch(empty, torch.ones(1, empty.shape[1], dtype=torch.bool)))
+            mask = torch.ones(1, empty.shape[1], dtype=torch.bool)
+            self.text = self.text.with_rows_replaced(drop, TextBatch(empty, mask))
         return ["" if d else c for c, d in zip(self.captions, drop.tolist())]
 
 

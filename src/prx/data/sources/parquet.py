@@ -13,4 +13,5 @@ from prx.data.sources import shards
 class Source(shards.Source):
     def __init__(self, cfg: Config, rank: int = 0, world: int = 1, pin_memory: bool = False):
         d = cfg.data
-        super().__init__(cfg, rank, world, pin_memory, mapping=mapping_from(d.preset, d.image_column, d.caption_columns, d.id_column))
+        mapping = mapping_from(d.preset, d.image_column, d.caption_columns, d.id_column)
+        super().__init__(cfg, rank, world, pin_memory, mapping=mapping)

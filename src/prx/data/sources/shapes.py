@@ -61,7 +61,8 @@ class Source:
         return batch
 
     def finish_rendering(self) -> None:
-        """Wait for the batch rendering ahead, if any (a benchmark: nothing of this run computes while another is timed)."""
+        """Wait for the batch rendering ahead, if any (a benchmark: nothing of this run computes while another is
+        timed)."""
         if self._next is not None:
             self._next[1].result()
 

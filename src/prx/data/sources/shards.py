@@ -24,7 +24,8 @@ class Source:
         d = cfg.data
         shards = expand_shards(d.shards)
         tag = encoder_tag(cfg.text.encoder, cfg.text.max_length, cfg.text.num_layers)
-        use_embeddings = mapping is None and d.embeddings == "auto" and all(sidecar_path(p, tag).exists() for p in shards)
+        embedded = all(sidecar_path(p, tag).exists() for p in shards)
+        use_embeddings = mapping is None and d.embeddings == "auto" and embedded
         weights = {c.column: c.weight for c in d.captions}
         self.loader = ShardLoader(shards, cfg.model.patch_size, cfg.train.seed, weights, d.num_workers, rank, world,
                                   d.shuffle_window, (d.min_aspect, d.max_aspect), tag if use_embeddings else None,
