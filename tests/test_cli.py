@@ -133,6 +133,7 @@ def test_bad_inputs_are_one_line_errors(trained_run, tmp_path, capsys):
         assert_one_line_error(code, err, fragment)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_leaves_a_usable_checkpoint(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen([PRX, "train", *TINY, "train.steps=100000", "train.checkpoint_every=100000", "--out", str(run)],
@@ -231,6 +232,7 @@ def test_bench_finds_the_largest_micro_batch_that_fits(tmp_path, capsys, monkeyp
     assert torch._dynamo.config.recompile_limit >= 2 * 3 * 2
 
 
+@pytest.mark.slow
 def test_a_write_the_disk_refuses_is_one_line_from_any_command(trained_run, tmp_path):
     """Files past a size limit (as a full disk or a quota refuses them): ``prx data convert`` (pyarrow's OSError)
     and ``prx export --format diffusers`` (safetensors' own error type) end in one line naming where and why and

@@ -209,6 +209,7 @@ DIFFUSERS_SIDE = textwrap.dedent("""
     """)
 
 
+@pytest.mark.slow
 def test_exported_demo_model_samples_the_same_images_in_diffusers(tmp_path, capsys):
     run = tmp_path / "demo"
     config = load_config("demo", ["model.text_dim=384"])  # the demo model: patch 16, bottleneck 64, 64 px, MiniLM

@@ -53,6 +53,7 @@ def single_process_runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
 def test_two_processes_match_one(single_process_runs, tmp_path, parallel):
     out = tmp_path / parallel
@@ -78,6 +79,7 @@ def test_two_processes_match_one(single_process_runs, tmp_path, parallel):
         assert torch.allclose(p, q, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_full_recipe_under_fsdp_matches_one_process(single_process_runs, tmp_path):
     # with the demo's EMA (decay 0: a copy of the sharded weights, made when read); it does not change training
     run([*TORCHRUN, "-m", "prx.cli", "train", "speedrun-tiny", *RECIPE, *COMMON, "train.parallel=fsdp",
@@ -94,6 +96,7 @@ def test_full_recipe_under_fsdp_matches_one_process(single_process_runs, tmp_pat
         assert torch.equal(p, q)
 
 
+@pytest.mark.slow
 def test_muon_orthogonalises_the_full_matrix_under_fsdp():
     result = run([*TORCHRUN, str(Path(__file__).parent / "dist" / "muon_fsdp.py")])
     report = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
@@ -102,6 +105,7 @@ def test_muon_orthogonalises_the_full_matrix_under_fsdp():
     assert report["bf16"]["vs_per_shard"] > 0.3 and report["fp32"]["vs_per_shard"] > 0.3  # not shard by shard
 
 
+@pytest.mark.slow
 def test_blocks_compiled_for_static_shapes_keep_one_graph_per_shape_under_fsdp():
     """The caption length stays dynamic when FSDP2 hands the blocks new tensors of their inputs: 4 caption lengths,
     a routed and an unrouted shape, 2 graphs, x0 the eager model's (packed and padded text)."""
@@ -111,6 +115,7 @@ def test_blocks_compiled_for_static_shapes_keep_one_graph_per_shape_under_fsdp()
         assert report[layout]["graphs"] == 2 and report[layout]["error"] < 1e-4, report
 
 
+@pytest.mark.slow
 def test_kill_9_then_the_same_command_reproduces_the_run(tmp_path):
     command = [PRX, "train", "tiny", "train.steps=40", "train.checkpoint_every=5", *COMMON]
     run(command + ["--out", str(tmp_path / "whole")])
@@ -133,6 +138,7 @@ def test_kill_9_then_the_same_command_reproduces_the_run(tmp_path):
         assert killed[step] == pytest.approx(whole[step], rel=1e-6), step
 
 
+@pytest.mark.slow
 def test_a_time_budget_under_torchrun_gives_every_rank_the_same_count(tmp_path):
     """The budget's collectives (the first estimate, the re-measure) happen at the same steps on every
     rank: the job ends at the count it printed, without a hang."""
@@ -149,6 +155,7 @@ def test_a_time_budget_under_torchrun_gives_every_rank_the_same_count(tmp_path):
     assert int(lines[-1][1]) == planned and max(trajectory(tmp_path / "run")) == planned
 
 
+@pytest.mark.slow
 def test_a_dead_rank_takes_the_job_down(tmp_path):
     out = tmp_path / "run"
     job = subprocess.Popen([*TORCHRUN, "-m", "prx.cli", "train", "tiny", "train.steps=100000", *COMMON,

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def cached_repo(hub, repo_id, files):
     """A Hugging Face cache entry as `hf download` leaves it: refs/main → a snapshot holding ``files``."""
@@ -17,6 +19,7 @@ def cached_repo(hub, repo_id, files):
         (snapshot / name).write_text("{}")
 
 
+@pytest.mark.slow
 def test_env_reports_the_weights_in_the_cache_and_the_plan(tmp_path):
     hub, torch_home = tmp_path / "hub", tmp_path / "torch"
     cached_repo(hub, "facebook/dinov2-large", ["config.json", "model.safetensors"])

@@ -5,6 +5,7 @@ threads made these tiny forward passes several times slower)."""
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,19 @@ def _wandb_records(path: Path) -> list:
     return out
 
 
+def _written(path: Path, seconds: float = 30.0) -> Path:
+    """``path`` once W&B's writer, a process of its own that may still be writing after ``wandb.finish()`` returns
+    in offline mode, has left it unchanged for half a second."""
+    deadline, last = time.time() + seconds, -1
+    while time.time() < deadline:
+        size = path.stat().st_size
+        if size == last and size > 7:
+            return path
+        last = size
+        time.sleep(0.5)
+    return path
+
+
 def _history(records) -> list[dict]:
     return [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
             for r in records if r.WhichOneof("record_type") == "history"]
@@ -167,7 +181,7 @@ def test_wandb_offline_logs_scalars_grids_and_eval_and_a_resume_continues_the_ru
 
     files = sorted((tmp_path / "wandb-files" / "wandb").glob("offline-run-*"))
     assert len(files) == 2 and all(f.name.endswith("-" + run_id) for f in files)  # one W&B run, twice
-    first, second = (_wandb_records(f / f"run-{run_id}.wandb") for f in files)
+    first, second = (_wandb_records(_written(f / f"run-{run_id}.wandb")) for f in files)
     runs = [r.run for r in first + second if r.WhichOneof("record_type") == "run"]
     assert {r.run_id for r in runs} == {run_id} and {r.project for r in runs} == {"prx-test"}
     config = {item.key: json.loads(item.value_json) for item in runs[0].config.update}

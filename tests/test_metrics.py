@@ -132,6 +132,7 @@ def test_frechet_distance_equals_the_closed_form_for_gaussians():
     assert int(result["num_real"]) == int(result["num_fake"]) == n
 
 
+@pytest.mark.slow
 def test_fid_of_a_set_against_itself_is_zero_and_warns_below_2048():
     from prx.metrics.fid import FID
 
@@ -302,6 +303,7 @@ def test_val_loss_is_bitwise_repeatable_and_binned(pipe, heldout):
     assert loss["value"] == pytest.approx(total / 4, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_one_process_result(run_dir, heldout, tmp_path, capsys):
     # FID leaves this comparison: its full-size (random) Inception costs ~20 s per process, and it shares
     # the Fréchet statistics and their reduction across ranks with fd_dinov2, compared here
@@ -372,6 +374,7 @@ def test_bad_inputs_are_one_line_errors_before_sampling(run_dir, heldout, tmp_pa
     _one_line_error(capsys, [*base, *data, "--metrics", "fid", "--num-samples", "1", *STAND_INS], "at least 2 samples")
 
 
+@pytest.mark.slow
 def test_a_rank_without_samples_still_computes_the_same_values():
     script = Path(__file__).parent / "dist" / "metrics_empty_rank.py"
     result = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script)],

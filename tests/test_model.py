@@ -361,6 +361,7 @@ def test_the_attention_benchmark_compares_kernels_that_compute_the_masked_attent
     assert all("ms" in r or r["error"] for r in rows)  # an unsupported kernel (FlexAttention's CPU backward) says why
 
 
+@pytest.mark.slow
 def test_blocks_compiled_with_dynamic_shapes_keep_their_graphs_on_every_bucket():
     """train.compile_shapes dynamic, what `auto` compiles for bucketed photos: routed calls on a tall, a square and a
     wide bucket of both stages of the speedrun (512 px, micro-batch 4; 1024 px, micro-batch 2), captions of 4

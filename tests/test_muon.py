@@ -113,6 +113,7 @@ MUON_COMPILED_VS_EAGER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_cpu_compiles_under_another_vector_isa_do_not_load_each_others_code(tmp_path):
     """torch's FX graph cache leaves inductor's vector ISA out of its key: AVX-512 code compiled, then the same
     graph under ``ATEN_CPU_CAPABILITY=avx2`` with the same cache directory, gave NaN in blocks of 8 lanes.

@@ -36,6 +36,7 @@ def test_the_photos_are_real_and_of_many_shapes():
     assert all(caption for _, caption in photos.values())
 
 
+@pytest.mark.slow
 def test_photos_convert_train_the_recipe_sample_and_export(photo_shards, tmp_path, capsys):
     manifest = json.loads((photo_shards / "manifest.json").read_text())
     assert manifest["samples"] == 57 and manifest["rejected"]["count"] == 0
@@ -91,6 +92,7 @@ def test_photos_convert_train_the_recipe_sample_and_export(photo_shards, tmp_pat
     assert Image.open(tmp_path / "from_export" / "0000.png").size == (160, 96)
 
 
+@pytest.mark.slow
 def test_the_same_photo_run_under_two_processes_with_fsdp(photo_shards, tmp_path):
     run = tmp_path / "run"
     result = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "prx.cli", "train",

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 
@@ -35,6 +36,7 @@ def test_stage_switch_changes_resolution_batch_and_losses(tmp_path):
     assert cfg.stage_at(5)[0] == 0 and cfg.stage_at(6)[0] == 1 and cfg.total_steps == 10
 
 
+@pytest.mark.slow
 def test_speedrun_tiny_trains_resumes_and_self_guides(tmp_path):
     from prx.config import load_config
     from prx.pipeline import Pipeline
@@ -98,6 +100,7 @@ def _fake_hub_cache(hub: "os.PathLike", repo_id: str, source) -> None:
     shutil.copytree(source, os.path.join(root, "snapshots", commit))
 
 
+@pytest.mark.slow
 def test_the_seed_snippet_runs_as_written(tmp_path, prx_cache):
     from prx.teachers import TEACHER_IDS, stand_in_path
 
@@ -131,6 +134,7 @@ class BucketSource:
         return DataBatch(images, [f"a photo number {step}-{i}" for i in range(self.per_rank)])
 
 
+@pytest.mark.slow
 def test_the_whole_recipe_trains_on_every_bucket_at_512_and_1024(tmp_path, text_encoder):
     """One step of a tiny model with TREAD, REPA, LPIPS + DINO and Muon on for each bucket shape of both
     stages (11 at 512 px, 23 at 1024 px with patch 32: 247–264 and 1015–1032 tokens)."""

@@ -122,6 +122,7 @@ def test_new_checkpoints_hold_no_pickles_and_a_tampered_file_runs_no_code(run4, 
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_old_checkpoints_resume_exactly_and_their_pickles_run_no_code(tmp_path, capsys):
     full = Trainer(tiny_config("train.steps=5"), tmp_path / "full")
     full.run()
@@ -186,6 +187,7 @@ def wait_for_rows(metrics: Path, rows: int, proc, timeout: float = 120) -> None:
     raise AssertionError(f"{metrics} did not reach {rows} rows (exit code {proc.poll()})")
 
 
+@pytest.mark.slow
 def test_a_second_training_is_refused_and_sigterm_saves_then_resume_reproduces(reference_20, tmp_path):
     run = tmp_path / "run"
     command = [PRX, "train", "tiny", "train.steps=20", "train.checkpoint_every=1000", *QUIET, "--out", str(run)]
@@ -217,6 +219,7 @@ def test_a_second_training_is_refused_and_sigterm_saves_then_resume_reproduces(r
         assert resumed[step] == pytest.approx(reference_20[step], rel=1e-6), step
 
 
+@pytest.mark.slow
 def test_sigterm_under_torchrun_saves_on_every_rank_and_resumes_exactly(reference_20, tmp_path):
     run = tmp_path / "run"
     command = [*TORCHRUN, "-m", "prx.cli", "train", "tiny", "train.steps=20", "train.checkpoint_every=1000", *QUIET,
@@ -237,6 +240,7 @@ def test_sigterm_under_torchrun_saves_on_every_rank_and_resumes_exactly(referenc
         assert resumed[step] == pytest.approx(reference_20[step], rel=1e-5), step
 
 
+@pytest.mark.slow
 def test_under_torchrun_every_rank_learns_that_the_run_directory_is_taken(tmp_path):
     from prx.lifecycle import RunLock
 
@@ -484,6 +488,7 @@ def test_a_refused_training_waits_a_moment_for_the_holder_to_write_its_pid(tmp_p
         writer.join()
 
 
+@pytest.mark.slow
 def test_a_cpu_where_torch_compile_cannot_build_trains_without_compiling_and_says_why(tmp_path):
     """A C++ compiler that runs but cannot build (as one without Python's headers or OpenMP): the run trains
     eagerly after one warning per setting that asked to compile, naming the compiler's error and the fix."""
@@ -505,6 +510,7 @@ def test_a_cpu_where_torch_compile_cannot_build_trains_without_compiling_and_say
     assert find_checkpoint(tmp_path / "run") is not None
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_cannot_be_written_stops_in_one_line_leaves_the_last_and_no_partial_files(tmp_path):
     """A write that fails mid-checkpoint (here a file-size limit below the checkpoint's 6.6 MiB; a full disk or a
     quota alike), in the background writer and in the synchronous one, and under torchrun: exit 2 (torchrun: 1)

@@ -139,6 +139,7 @@ def test_a_budget_that_buys_fewer_steps_than_the_config_recommends_says_which_bu
                              "buy them here")
 
 
+@pytest.mark.slow
 def test_a_time_budget_sets_the_step_count_the_schedule_ends_with_it_and_resume_keeps_it(tmp_path):
     from prx.checkpoint import checkpoint_meta
 
@@ -181,6 +182,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="keep_freed_memory sets glibc's mallopt; elsewhere it changes nothing")
 def test_a_cpu_step_reuses_freed_memory_instead_of_faulting_in_new_pages():
     # Each in a process of its own: the allocator setting is the whole process's. 10 rounds of 36 MiB
@@ -223,6 +225,7 @@ def test_the_step_reads_the_device_once(tmp_path, monkeypatch):
     assert result.loss == pytest.approx(sum(result.losses.values())) and result.grad_norm > 0
 
 
+@pytest.mark.slow
 def test_block_shapes_decide_static_compilation_and_the_optimizer_compiles_where_asked(tmp_path):
     """The plan applied: train.compile_shapes static compiles the blocks with the caption length dynamic, dynamo's
     recompile limit holds the run's graphs, train.compile_optimizer on compiles Muon's passes; auto on a CPU keeps

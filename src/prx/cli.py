@@ -122,13 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and MFU from an explicit FLOP count that includes routing and every teacher. "
                                    "Under torchrun it measures the distributed step.",
                        epilog="examples:\n  prx bench demo\n  prx bench speedrun-tiny\n"
-                              "  prx bench speedrun train.stages[0].batch_size=32 train.micro_batch_size=32   # on a "
-                              "GPU\n  prx bench speedrun "
-                              "'train.stages=[{resolution: 1024, steps: 100, batch_size: 64}]' --largest-micro-batch "
-                              "64,48,32,16",
+                              "  prx bench speedrun train.stages[0].batch_size=32 train.micro_batch_size=32  # GPU\n"
+                              "  prx bench speedrun 'train.stages=[{resolution: 1024, steps: 100, batch_size: 64}]' "
+                              "--largest-micro-batch 64,48,32,16",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", nargs="?", default=None, metavar="CONFIG", help="a YAML config or built-in name (default "
-                                                                             "demo)")
+    p.add_argument("config", nargs="?", default=None, metavar="CONFIG",
+                   help="a YAML config or built-in name (default demo)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile, caches; default 2)")

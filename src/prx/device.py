@@ -15,8 +15,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch._inductor import config
-from torch._inductor.cpu_vec_isa import pick_vec_isa
 
 from prx.errors import ConfigError, PrxError
 
@@ -96,6 +94,9 @@ def pin_cpu_vector_isa() -> None:
     ``ATEN_CPU_CAPABILITY=avx2`` (how the README measures an AVX2-only CPU) or with a cache directory shared by
     machines of different CPUs. ``cpp.simdlen`` is part of the key, and set to the picked ISA's width it picks
     the same ISA again (1, no vectors, where none is usable)."""
+    from torch._inductor import config  # inductor loads only where something compiles
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
     if config.cpp.simdlen is None:
         isa = pick_vec_isa()
         config.cpp.simdlen = isa.bit_width() if isa else 1

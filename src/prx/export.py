@@ -89,38 +89,32 @@ def export_notes(config: Config) -> list[str]:
     return notes
 
 
-def latest_eval_results(run: RunDir | Path) -> dict | None:
-    """The newest ``RUN/eval/*/results.json`` (highest step, then newest file), or None."""
-    run, found = RunDir(run) if not isinstance(run, RunDir) else run, []
-    for path in run.eval_results():
+def _newest(paths: list[Path], kind: str) -> dict | None:
+    """The newest of evaluations' ``results.json`` (highest step, then newest file) that hold a dict ``kind``."""
+    found = []
+    for path in paths:
         try:
             results = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(results, dict) and isinstance(results.get("sets"), dict):
+        if isinstance(results, dict) and isinstance(results.get(kind), dict):
             step = results.get("step")
             found.append((step if isinstance(step, int) else -1, path.stat().st_mtime, path, results))
     if not found:
         return None
-    step, _, path, results = max(found, key=lambda item: item[:2])
+    _, _, path, results = max(found, key=lambda item: item[:2])
     return {**results, "_path": str(path)}
 
 
+def latest_eval_results(run: RunDir | Path) -> dict | None:
+    """The newest ``prx eval`` of the shapes world, ``RUN/eval/*/results.json``, or None."""
+    return _newest((run if isinstance(run, RunDir) else RunDir(run)).eval_results(), "sets")
+
+
 def latest_real_eval_results(run: RunDir | Path) -> dict | None:
-    """The newest held-out evaluation, ``RUN/eval/*/real/results.json`` (``prx eval --data`` and the
-    run's ``eval:`` during training write there): highest step, then newest file; or None."""
-    run, found = RunDir(run) if not isinstance(run, RunDir) else run, []
-    for path in run.eval_results(real=True):
-        try:
-            results = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(results, dict) and isinstance(results.get("metrics"), dict):
-            step = results.get("step")
-            found.append((step if isinstance(step, int) else -1, path.stat().st_mtime, path, results))
-    if not found:
-        return None
-    return {**max(found, key=lambda item: item[:2])[3]}
+    """The newest held-out evaluation, ``RUN/eval/*/real/results.json`` (``prx eval --data`` and the run's ``eval:``
+    during training write there), or None."""
+    return _newest((run if isinstance(run, RunDir) else RunDir(run)).eval_results(real=True), "metrics")
 
 
 def _real_eval_lines(results: dict, step: int) -> list[str]:

@@ -12,6 +12,8 @@ DINOV2_ID = "facebook/dinov2-large"  # FD-DINOv2's ViT-L/14 (Stein et al. 2023)
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's port of TF's FID Inception
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS_FILE
 
+VAL_LOSS_BINS = ((0.0, 0.3), (0.3, 0.6), (0.6, 1.0))  # the validation loss's bins of t; the last includes t = 1
+
 METRICS = {
     "fid": "FID: Fréchet distance of Inception-v3 pool features (standard FID weights), lower is better",
     "fd_dinov2": "FD-DINOv2: Fréchet distance of DINOv2 ViT-L/14 CLS features at 224 px, lower is better",

@@ -21,9 +21,7 @@ import torch
 from prx.config.sampling import EvalConfig
 from prx.distributed import gathered_for_inference
 from prx.errors import PrxError
-from prx.metrics import parse_metrics
-from prx.metrics.evaluate_real import HeldOutSet, build_extractors, check_sample_count, evaluate_real
-from prx.metrics.val_loss import BINS
+from prx.metrics import VAL_LOSS_BINS, parse_metrics
 from prx.pipeline import Pipeline
 from prx.rundir import RunDir
 
@@ -53,7 +51,7 @@ def eval_scalars(results: dict) -> dict[str, float | int | None]:
     for name, r in results["metrics"].items():
         out[f"eval/{name}"] = r["value"]
         if name == "val_loss":
-            for (low, high), b in zip(BINS, r["bins"].values()):
+            for (low, high), b in zip(VAL_LOSS_BINS, r["bins"].values()):
                 out[f"eval/val_loss_t{low:.1f}-{high:.1f}"] = b["value"]
         if name == "clip_score" and "real_images" in r:
             out["eval/clip_score_real_images"] = r["real_images"]
@@ -81,6 +79,9 @@ class TrainingEval:
         """None when the run does not evaluate; else every check ``prx eval --data`` does before
         sampling, as one-line errors that name the ``eval.*`` keys. Extractors stay on the CPU between
         evaluations (off the accelerator's memory while training)."""
+        # the metrics (torchmetrics, the extractors) load only for a run that evaluates
+        from prx.metrics.evaluate_real import HeldOutSet, build_extractors, check_sample_count
+
         cfg = config.eval
         every = cfg.cadence(config)
         if not every:
@@ -104,6 +105,8 @@ class TrainingEval:
     def run(self, ema_model, text_encoder, config, device: torch.device, resolution: int, sharded: bool) -> dict:
         """``evaluate_real`` on the EMA weights; every rank calls it (each evaluates its share) and gets
         the results."""
+        from prx.metrics.evaluate_real import evaluate_real  # loaded with the run's first evaluation (see build)
+
         cfg = self.cfg
         pipe = Pipeline(ema_model, text_encoder, config, device)
         for extractor in self.extractors.values():

@@ -17,10 +17,11 @@ import torch
 from torch import Tensor
 
 from prx.flow import add_noise, flow_loss, image_noise
+from prx.metrics import VAL_LOSS_BINS
 from prx.metrics.stats import PrxMetric
 from prx.text import TextBatch
 
-BINS = ((0.0, 0.3), (0.3, 0.6), (0.6, 1.0))  # the last bin includes t = 1
+BINS = VAL_LOSS_BINS
 
 
 def bin_name(low: float, high: float) -> str:
