@@ -14,8 +14,11 @@ from __future__ import annotations
 import torch
 
 from prx.config import Config, StageConfig, validate
+from prx.config.data import DataConfig
 from prx.config.model import ModelConfig
-from prx.config.recipe import PerceptualConfig, REPAConfig, TreadConfig
+from prx.config.recipe import OptimizerConfig, PerceptualConfig, REPAConfig, TreadConfig
+from prx.config.run import TrainConfig
+from prx.config.sampling import SamplingConfig
 from prx.errors import ConfigError
 from prx.model import PRX, model_config_from_dict
 from prx.perceptual import PerceptualLoss
@@ -53,19 +56,19 @@ def config_from_components(model, router, repa, perceptual_loss, param_groups, b
     if steps_1024:  # the recipe's second stage: half the batch, REPA off
         stages.append(StageConfig(resolution=1024, steps=steps_1024,
                                   batch_size=batch_size_1024 or max(1, batch_size // 2), repa=False))
+    optimizer = OptimizerConfig()
+    if param_groups is not None:
+        muon = any(str(g.get("optimizer", "adam")).lower() == "muon" for g in param_groups)
+        optimizer = OptimizerConfig(name="muon" if muon else "adamw", lr=float(param_groups[0].get("lr", optimizer.lr)))
     cfg = Config(name="seed", model=model.config,
                  tread=router.config if router else TreadConfig(route_ratio=0.0),
                  repa=repa.config if repa else REPAConfig(weight=0.0),
                  perceptual=perceptual_loss.config if perceptual_loss else PerceptualConfig(lpips_weight=0.0,
-                                                                                            dino_weight=0.0))
-    cfg.train.stages = stages
-    cfg.train.batch_size, cfg.train.steps = stages[0].batch_size, cfg.total_steps
-    cfg.data.resolution = stages[0].resolution
-    cfg.sampling.guidance = "self" if router else "cfg"
-    if param_groups is not None:
-        muon = any(str(g.get("optimizer", "adam")).lower() == "muon" for g in param_groups)
-        cfg.optimizer.name = "muon" if muon else "adamw"
-        cfg.optimizer.lr = float(param_groups[0].get("lr", cfg.optimizer.lr))
+                                                                                            dino_weight=0.0),
+                 optimizer=optimizer, data=DataConfig(resolution=stages[0].resolution),
+                 sampling=SamplingConfig(guidance="self" if router else "cfg"),
+                 train=TrainConfig(stages=stages, batch_size=stages[0].batch_size,
+                                   steps=sum(stage.steps for stage in stages)))
     validate(cfg)
     return cfg
 
