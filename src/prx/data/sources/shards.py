@@ -29,8 +29,11 @@ class Source:
         weights = {c.column: c.weight for c in d.captions}
         self.loader = ShardLoader(shards, cfg.model.patch_size, cfg.train.seed, weights, d.num_workers, rank, world,
                                   d.shuffle_window, (d.min_aspect, d.max_aspect), tag if use_embeddings else None,
-                                  mapping, cfg.text.min_length)
+                                  mapping, cfg.text.min_length, d.sharding)
         self.world = world
+        for i, stage in enumerate(cfg.stages):  # a stage without a full batch fails now, not when it starts
+            key = f"train.stages[{i}].batch_size" if cfg.train.stages else "train.batch_size"
+            self.loader.planner_for(i, stage.resolution, stage.batch_size // world).check(key)
         self.patch, self.aspect_range = cfg.model.patch_size, (d.min_aspect, d.max_aspect)
         self.empty_embedding = self.loader.empty_embedding
 
