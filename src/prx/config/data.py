@@ -96,7 +96,9 @@ class DataConfig:
 class TextConfig:
     """``text:`` the frozen text encoder."""
 
-    encoder: str = "minilm"  # "minilm" (bundled, offline), a Hugging Face hub id, or a local directory
+    # "minilm" (bundled, offline), a Hugging Face hub id, a local directory, or a diffusers pipeline directory (its
+    # text_encoder/ and tokenizer/)
+    encoder: str = "minilm"
     # keep only the encoder's first N layers (None: all). The rest are never run (saved with the export as
     # an N-layer encoder): cheaper encoding, and a middle layer's tokens can be the better condition
     num_layers: int | None = positive(None)
