@@ -58,7 +58,7 @@ def test_a_run_records_its_prompts_and_resumes_with_them(split, tmp_path):
 
     train, heldout = split
     overrides = [f"data.shards=[{train}]", f"eval.data=[{heldout}]", "eval.every=0", "data.num_workers=0",
-                 "logging.sample_every=2"]
+                 "logging.sample_every=2", "logging.sample_steps=1"]
     Trainer(tiny_config(*overrides, "train.steps=2"), tmp_path / "run").run()
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["logging"]["sample_prompts"]
     assert set(saved) == captions_of(heldout) and (tmp_path / "run" / "samples" / "step_00000002.png").is_file()
