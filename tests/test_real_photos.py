@@ -22,7 +22,7 @@ RECIPE = ["speedrun-tiny", "data.dataset=shards", "data.num_workers=1", "logging
 @pytest.fixture(scope="module")
 def photo_shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("photos")
-    # 3 copies of the 19 photos: 57 samples in 2 row groups, so each of 2 ranks reads its own
+    # 3 copies of the 19 photos: 57 samples in 2 row groups, so each of 2 ranks can read its own
     write_photo_folder(root / "folder", copies=3)
     assert main(["data", "convert", "--from", "folder", str(root / "folder"), "--out", str(root / "shards"),
                  "--workers", "1"]) == 0
@@ -97,6 +97,7 @@ def test_the_same_photo_run_under_two_processes_with_fsdp(photo_shards, tmp_path
     run = tmp_path / "run"
     result = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "prx.cli", "train",
                              *RECIPE, f"data.shards=[{photo_shards}]", "train.parallel=fsdp",
+                             "data.sharding=row_groups",  # each rank its own row group (tests/test_small_data.py: rows)
                              "train.timeout_minutes=2", "--out", str(run)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]

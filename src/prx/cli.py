@@ -20,6 +20,8 @@ EXAMPLES_TRAIN = """examples:
   prx train                                   # the CPU demo on the shapes world (runs/demo)
   prx train configs/demo.yaml train.batch_size=32 --out runs/bs32
   prx train runs/demo/config.yaml --resume    # continue a run (the same command also resumes)
+  prx train demo 'data.shards=[shards/train]' train.batch_size=4     # the demo on your shards
+  prx train finetune model.init_from=export/photos 'data.shards=[shards/train]'   # fine-tune a diffusers pipeline
 """
 
 
@@ -227,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                             epilog="examples:\n"
                                    "  prx data split shards/all --fraction 0.05 --out-train shards/train "
                                    "--out-heldout shards/heldout\n"
-                                   "  prx train demo data.dataset=shards 'data.shards=[shards/train]'\n"
+                                   "  prx train demo 'data.shards=[shards/train]' train.batch_size=4\n"
                                    "  prx eval --checkpoint runs/demo --data shards/heldout --num-samples 500",
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     q.add_argument("shards", nargs="+", metavar="SHARDS", help="prx shard files, directories or globs")
@@ -244,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "with data.dataset=parquet).",
                             epilog="examples:\n"
                                    "  prx data inspect shards/ --check 100\n"
+                                   "  prx data inspect shards/train --config demo   # its buckets and batches\n"
                                    "  prx data inspect ~/hf/FLUX-Reason-6M --preset flux-reason-6m",
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     q.add_argument("shards", nargs="+", metavar="SHARDS", help="shard (or Parquet) files, directories or globs")
@@ -253,8 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--caption-columns", metavar="A[=B],...",
                    help="downloaded files: caption fields, optionally renamed")
     q.add_argument("--id-column", help="downloaded files: a stable id column")
-    q.add_argument("--resolution", type=int, default=512, help="stage resolution for the bucket table")
-    q.add_argument("--patch-size", type=int, default=32)
+    q.add_argument("--config", help="the training config (path or built-in name): its stages' resolutions, patch "
+                                    "size, aspect range and batch sizes (can each batch be filled?), its embeddings")
+    q.add_argument("--resolution", type=int, default=None,
+                   help="stage resolution for the bucket table (default: the config's stages, else 512)")
+    q.add_argument("--patch-size", type=int, default=None, help="default: the config's model.patch_size, else 32")
     q.add_argument("--check", type=_check_count, default=0, metavar="N|all",
                    help="also read and decode N random samples, or all of them (every row group and image)")
     q.set_defaults(command="prx.commands.data:run_inspect")

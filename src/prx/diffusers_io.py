@@ -206,7 +206,7 @@ def read_transformer_weights(directory: Path) -> dict[str, Tensor]:
 def load_init_weights(model: torch.nn.Module, path: str | Path) -> str:
     """Load a diffusers PRX pixel checkpoint into a freshly built prx model (fine-tuning); returns a log line.
 
-    The model's config must match the checkpoint's (:func:`fill_model_config` makes a config that does);
+    The model's config must match the checkpoint's (:func:`prx.config.pretrained.fill_model` makes a config that does);
     a mismatch is a one-line error naming the key and both values or shapes.
     """
     directory, config = read_transformer_config(path)

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from prx.checkpoint import checkpoint_config, checkpoint_meta, find_checkpoint, load_weights
 from prx.config import Config
 from prx.config.pretrained import DIFFUSERS_NORM_EPS, PIPELINE_CLASS, TRANSFORMER_CLASS
+from prx.config.run import SHAPES_PROMPTS
 from prx.device import check_memory, resolve_device
 from prx.diffusers_io import (
     DIFFUSERS_VERSION,
@@ -139,13 +140,21 @@ def _real_eval_lines(results: dict, step: int) -> list[str]:
     return lines
 
 
-def usage_snippet(path: str, config: Config, prompt: str = "a red circle in the top left") -> str:
+def run_prompt(config: Config) -> str:
+    """The prompt of a usage example: the run's first sample-grid prompt (its data's own), else a generic one."""
+    if config.logging.sample_prompts:
+        return config.logging.sample_prompts[0]
+    return SHAPES_PROMPTS[0] if config.data.dataset == "shapes" else "a photograph"
+
+
+def usage_snippet(path: str, config: Config, prompt: str | None = None) -> str:
     s = config.sampling
     binning = "" if config.stages[-1].resolution == 1024 else ", use_resolution_binning=False"
+    prompt = json.dumps(run_prompt(config) if prompt is None else prompt, ensure_ascii=False)  # a Python literal
     return (
         "from diffusers import PRXPixelPipeline\n"
         f'pipe = PRXPixelPipeline.from_pretrained("{path}")\n'
-        f'image = pipe("{prompt}", num_inference_steps={s.steps}, '
+        f"image = pipe({prompt}, num_inference_steps={s.steps}, "
         f"guidance_scale={recommended_guidance_scale(config)}{binning}).images[0]"
     )
 
@@ -174,6 +183,7 @@ def model_card(config: Config, step: int, weights: str, params: int, notes: list
         usage_snippet(name, config),
         "```",
         "",
+        *_prompt_lines(config),
         f"`{name}` is this directory (or its hub id once uploaded). Needs `torch`, `transformers`, "
         "`diffusers>=0.42.1` and `ftfy` (PRXPixelPipeline cleans prompts with it), not prx. `image` is a PIL image; "
         "`output_type=\"np\"` gives floats in [0, 1]. With `guidance_scale > 1`, give one prompt per call: "
@@ -208,6 +218,13 @@ def model_card(config: Config, step: int, weights: str, params: int, notes: list
         lines += _real_eval_lines(real_results, step)
     lines += ["", "## Full training config", "", "```yaml", config.to_yaml().rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def _prompt_lines(config: Config) -> list[str]:
+    """The run's sample-grid prompts (its own data's captions unless its config gave them), for the model card."""
+    prompts = config.logging.sample_prompts or []
+    return ["The prompts of the run's sample grids, to try first:", "", *(f"- {json.dumps(p, ensure_ascii=False)}"
+                                                                         for p in prompts), ""] if prompts else []
 
 
 def _training_lines(config: Config, step: int) -> list[str]:

@@ -21,6 +21,7 @@ from prx.rundir import RunDir
 
 # model fields that say how a run started, not what its weights are: they may differ on resume
 HOW_IT_STARTED = dict(text_dim=None, init_from=None, patch_bias_std=0.0, norm_eps=1e-6)
+CHOSEN_BY_THE_RUN = ("logging.sample_prompts",)  # null: the run chooses (and records) them, so null keeps its choice
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,8 @@ def resume_changes(saved: Config, new: Config, step: int) -> list[tuple[str, Any
     """
     old, cur = _flat(saved.to_dict(), "", {}), _flat(new.to_dict(), "", {})
     changes = [(k, old.get(k), cur.get(k)) for k in sorted(set(old) | set(cur), key=lambda k: (k.split(".")[0], k))
-               if old.get(k) != cur.get(k) and not k.startswith("model.") and k != "name"]
+               if old.get(k) != cur.get(k) and not k.startswith("model.") and k != "name"
+               and not (k in CHOSEN_BY_THE_RUN and cur.get(k) is None)]
     for key, before, after in changes:
         section, _, field_name = key.partition(".")
         owner = getattr(new, section, None)

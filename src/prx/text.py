@@ -25,6 +25,7 @@ from torch import Tensor
 
 from prx.config.data import TextConfig
 from prx.config.model import ModelConfig
+from prx.config.pretrained import pipeline_text_parts
 from prx.device import to_device
 from prx.errors import PrxError
 from prx.files import cache_root
@@ -48,7 +49,7 @@ def text_width(name: str) -> int | None:
     try:
         from transformers import AutoConfig
 
-        cfg = AutoConfig.from_pretrained(os.path.expanduser(name), local_files_only=True)
+        cfg = AutoConfig.from_pretrained(pipeline_text_parts(os.path.expanduser(name))[0], local_files_only=True)
     except Exception:
         return None
     if getattr(cfg, "model_type", "") == "t5gemma":
@@ -163,6 +164,7 @@ def _load_encoder(path: str, dtype, local_files_only: bool, num_layers: int | No
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     kw = {"local_files_only": local_files_only}
+    path, tokenizer_path = pipeline_text_parts(path)  # a diffusers pipeline directory: text_encoder/, tokenizer/
     config = AutoConfig.from_pretrained(path, **kw)
     model_type = getattr(config, "model_type", "")
     if model_type in ("t5", "mt5", "umt5"):
@@ -179,7 +181,8 @@ def _load_encoder(path: str, dtype, local_files_only: bool, num_layers: int | No
         cls = AutoModel
     if num_layers is not None:
         _truncate(config, num_layers, path)
-    return AutoTokenizer.from_pretrained(path, **kw), cls.from_pretrained(path, config=config, dtype=dtype, **kw)
+    return AutoTokenizer.from_pretrained(tokenizer_path, **kw), cls.from_pretrained(path, config=config, dtype=dtype,
+                                                                                    **kw)
 
 
 def text_model_config(model_cfg: ModelConfig, encoder: "TextEncoder", name: str) -> ModelConfig:

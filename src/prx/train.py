@@ -25,7 +25,7 @@ from torch import nn
 
 from prx.checkpoint import CheckpointWriter, restore_training_state, training_state
 from prx.config import Config, StageConfig
-from prx.data.sources import build_source
+from prx.data.sources import build_source, sample_prompts
 from prx.device import keep_freed_memory, set_threads, to_device
 from prx.diffusers_io import load_init_weights
 from prx.distributed import all_agree, full_value, gradient_sync, init_distributed, parallelize, reshard
@@ -72,8 +72,7 @@ class Trainer:
         self.config, self._given = resolve_components(config, components)
         self.rundir = RunDir(run_dir if run_dir is not None else Path("runs") / self.config.name)
         self.run_dir = self.rundir.root
-        self.resume, self.log, self.stop_reason = resume, log, None
-        self.signals = StopSignals()
+        self.resume, self.log, self.stop_reason, self.signals = resume, log, None, StopSignals()
         self.timer = lambda phase: contextlib.nullcontext()  # `prx bench` swaps in one that times each phase
         self.lock: RunLock | None = None
         self.micro_batch_size = self.config.train.micro_batch_size  # `prx bench --largest-micro-batch` tries others
@@ -85,8 +84,8 @@ class Trainer:
         return self.planned_steps or self.config.total_steps
 
     @property
-    def run_config(self) -> Config:  # the config with the model as built: what checkpoints record
-        return replace(self.config, model=self.model_config)
+    def run_config(self) -> Config:  # the config with the model as built and the grid prompts: what checkpoints record
+        return replace(self.config, model=self.model_config, logging=self.logging)
 
     # -- Set-up --------------------------------------------------------------------------------------------------------
 
@@ -136,6 +135,7 @@ class Trainer:
             if self.dist.is_main:
                 self.log(message)
         self.data = build_source(cfg, self.dist.rank, self.dist.world, pin_memory=self.device.type == "cuda")
+        self.logging = replace(cfg.logging, sample_prompts=sample_prompts(cfg, self.data))  # the data's, unless given
         self.router = given["router"] or TREADRouter.from_config(cfg.tread, cfg.train.seed)
         shapes = block_shapes(cfg, self.data.sizes, self.dist.world, self.router.num_kept if self.router else None)
         muon_kinds = len({(tuple(p.shape), p.dtype) for p in self.model.muon_params})
@@ -331,7 +331,7 @@ class Trainer:
         self.log(f"prx: {cfg.name} | {where} | {n_params / 1e6:.2f}M params | {self.total_steps} steps | "
                  f"run dir {self.run_dir} | PID {os.getpid()}")
         self.log(self.plan.describe())
-        self.logger = RunLogger(cfg.logging, self.rundir, self.step, self.total_steps, self.dist.is_main, self.log,
+        self.logger = RunLogger(self.logging, self.rundir, self.step, self.total_steps, self.dist.is_main, self.log,
                                 run_config=cfg.to_dict())
         if self.evaluator is not None:
             self.log(self.evaluator.describe())

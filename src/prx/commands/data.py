@@ -15,9 +15,10 @@ from prx.data.buckets import bucket_indices, make_buckets
 from prx.data.convert import convert, distributed_rank
 from prx.data.embed import embed_shards
 from prx.data.index import ShardIndex, check_samples
+from prx.data.loader import ShardPlanner
 from prx.data.mapping import mapping_from
 from prx.data.shapes import write_shards
-from prx.data.shards import expand_shards
+from prx.data.shards import encoder_tag, expand_shards, sidecar_path
 from prx.data.split import split_shards
 from prx.device import resolve_device
 from prx.errors import PrxError
@@ -99,6 +100,28 @@ def run_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_config_fit(index: ShardIndex, config, name: str) -> None:
+    """Whether each stage of ``config`` fills its batches from these samples (on one rank, as every world size does
+    with data.sharding=rows), and whether the shards carry the embeddings of its text encoder."""
+    for i, stage in enumerate(config.stages):
+        key = f"train.stages[{i}].batch_size" if config.train.stages else "train.batch_size"
+        planner = ShardPlanner(index, stage.resolution, config.model.patch_size, stage.batch_size, 0, 1,
+                               config.train.seed, i, config.data.shuffle_window,
+                               (config.data.min_aspect, config.data.max_aspect))
+        batches = len(planner.plan(0))
+        print(f"{name} stage {i + 1}: {batches} full batch{'es' * (batches != 1)} of {stage.batch_size} at "
+              f"{stage.resolution} px an epoch ({batches * stage.batch_size} of {len(index)} samples)")
+        try:
+            planner.check(key)
+        except PrxError as e:
+            print(f"warning: {e}")
+    t = config.text
+    tag = encoder_tag(t.encoder, t.max_length, t.num_layers)
+    done = sum(sidecar_path(p, tag).exists() for p in index.paths)
+    print(f"embeddings of {name}'s text encoder ({tag}): {done}/{len(index.paths)} shards"
+          + ("" if done == len(index.paths) else f" (`prx data embed SHARDS --config {name}` writes them)"))
+
+
 def run_inspect(args: argparse.Namespace) -> int:
     shards = expand_shards(args.shards)
     in_place = args.preset or args.image_column or args.caption_columns or args.id_column  # downloaded files
@@ -113,11 +136,19 @@ def run_inspect(args: argparse.Namespace) -> int:
     if sidecars:
         print("precomputed embeddings: " + ", ".join(f"{tag} ({n}/{len(shards)} shards)"
                                                      for tag, n in sidecars.items()))
-    buckets = make_buckets(args.resolution, args.patch_size)
-    counts = np.bincount(bucket_indices(index.width, index.height, buckets), minlength=len(buckets))
-    print(f"aspect-ratio buckets at {args.resolution} px, patch {args.patch_size} (width x height):")
-    for b, n in zip(buckets, counts):
-        print(f"  {b.width:>5}x{b.height:<5} {b.tokens(args.patch_size):>5} tokens  {n:>9} samples")
+    config = load_config(args.config, []) if args.config else None
+    patch = args.patch_size or (config.model.patch_size if config else 32)
+    aspect = (config.data.min_aspect, config.data.max_aspect) if config else (0.5, 2.0)
+    resolutions = [args.resolution] if args.resolution else sorted({s.resolution for s in config.stages}) if config \
+        else [512]
+    for resolution in resolutions:
+        buckets = make_buckets(resolution, patch, *aspect)
+        counts = np.bincount(bucket_indices(index.width, index.height, buckets), minlength=len(buckets))
+        print(f"aspect-ratio buckets at {resolution} px, patch {patch} (width x height):")
+        for b, n in zip(buckets, counts):
+            print(f"  {b.width:>5}x{b.height:<5} {b.tokens(patch):>5} tokens  {n:>9} samples")
+    if config is not None:
+        print_config_fit(index, config, args.config)
     if args.check:
         picks = None if args.check == "all" else np.random.default_rng(0).choice(
             len(index), size=min(args.check, len(index)), replace=False)

@@ -8,7 +8,7 @@ import json
 import time
 from pathlib import Path
 
-from prx.checkpoint import checkpoint_meta, find_checkpoint
+from prx.checkpoint import checkpoint_config, checkpoint_meta, find_checkpoint
 from prx.commands.common import check_sampling_args, sampling_from_args
 from prx.device import resolve_device
 from prx.distributed import init_distributed
@@ -30,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     check_sampling_args(args, 400_000)  # four prompt sets, seeds seed + 100000·k + i
     ckpt = find_checkpoint(args.checkpoint)
     step = checkpoint_meta(ckpt)["step"]
+    check_shapes_run(checkpoint_config(ckpt), args.checkpoint)
     out = make_writable_dir(Path(args.out) if args.out else RunDir.of_checkpoint(ckpt).eval_dir(step))
     pipe = Pipeline.from_checkpoint(ckpt, weights=args.weights, device=args.device)
     print(f"evaluating {ckpt} (step {step}, {args.weights} weights) …", flush=True)
@@ -39,6 +40,18 @@ def run(args: argparse.Namespace) -> int:
     write_json(results, out / "results.json")
     print(f"results: {out / 'results.json'} (sample grids beside it, took {results['settings']['seconds']}s)")
     return 0
+
+
+def check_shapes_run(config, checkpoint: str) -> None:
+    """Without --data prx eval judges the shapes world's prompts: a run trained on other data is told what to pass."""
+    if config.data.dataset == "shapes":
+        return
+    data = config.eval.data[0] if config.eval.data else "HELDOUT"
+    where = "its eval.data" if config.eval.data else "held-out prx shards, e.g. `prx data split --out-heldout HELDOUT`"
+    raise PrxError(f"{checkpoint} was trained on {config.data.dataset} ({', '.join(config.data.shards[:2])}), not the "
+                   f"shapes world that prx eval judges without --data: evaluate on {where} with `prx eval --checkpoint "
+                   f"{checkpoint} --data {data} --metrics val_loss` (FID, CMMD, ... need their weights: "
+                   f"docs/evaluation.md)")
 
 
 def run_real(args: argparse.Namespace) -> int:

@@ -8,8 +8,9 @@ Every section is a dataclass that YAML mirrors one to one, with its rules declar
 imports a component, so reading a config imports no torch and a bad one answers at once.
 
 Values resolve in this order: dataclass defaults (the recipe's), then a model preset, then the YAML file,
-then dotted command-line overrides (``train.batch_size=32``), then what ``model.init_from`` decides (a
-released pipeline's shape, :mod:`.pretrained`). Anything unknown, mistyped or impossible raises
+then dotted command-line overrides (``train.batch_size=32``). A config that sets ``model.init_from`` is a
+fine-tune: its unset keys take the built-in ``finetune`` config's values, then what the pipeline decides (its
+shape, text encoder, noise scale, resolution, :mod:`.pretrained`). Anything unknown, mistyped or impossible raises
 :class:`ConfigError` with the key and how to fix it, before any work starts.
 """
 

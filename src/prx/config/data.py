@@ -37,7 +37,8 @@ class CaptionWeight:
 class DataConfig:
     """``data:`` what the run trains on: a source (a module of :mod:`prx.data.sources`) and its settings."""
 
-    dataset: str = "shapes"  # shapes | shards | parquet: a module of prx.data.sources
+    # shapes | shards | parquet (a module of prx.data.sources); auto: shards when data.shards is set, else shapes
+    dataset: str = "auto"
     shards: list[str] = field(default_factory=list)  # directories, files or globs of shards (or of parquet files)
     # dataset=parquet: the column mapping, as `prx data convert --from parquet` takes it
     preset: str = ""  # flux-generated | flux-reason-6m | midjourney-v6-llava
@@ -52,6 +53,11 @@ class DataConfig:
     embeddings: str = one_of("auto", "off")  # auto: precomputed embeddings of text.encoder when every shard has them
     num_workers: int = at_least(2, 0)  # DataLoader worker processes decoding images
     shuffle_window: int = at_least(16, 1)  # row groups whose samples are shuffled together
+    # how ranks share the data: row_groups = each rank reads its own row groups (1/W of the bytes); rows = every rank
+    # reads all of them and takes its rows of each global batch (the same batches for any world size, W times the
+    # reads); auto = rows for data of at most shuffle_window row groups, else row_groups. A resumed run may change it
+    # (as its world size): the position is kept, the batches from there on differ
+    sharding: str = one_of("auto", "rows", "row_groups")
     min_aspect: float = within(0.5, 0, 1, open_low=True)  # aspect-ratio buckets (width / height) span
     max_aspect: float = at_least(2.0, 1)  # [min_aspect, max_aspect]
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
@@ -61,8 +67,14 @@ class DataConfig:
     FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = ("dataset", "shards", "preset", "image_column", "caption_columns",
                                                    "id_column", "shuffle_window", "min_aspect", "max_aspect", "shapes")
 
+    def __post_init__(self) -> None:
+        if self.dataset == "auto":
+            self.dataset = "shards" if self.shards else "shapes"
+
     def check(self, run) -> None:
         sources = available_sources()
+        check(not (self.dataset == "shapes" and self.shards), "data.shards is set but data.dataset=shapes: drop "
+              "data.dataset (or set shards, or parquet for downloaded files) to train on them, or drop data.shards")
         check(self.dataset in sources, f"data.dataset='{self.dataset}' is unknown: use {', '.join(sources)}")
         check(self.dataset == "shapes" or bool(self.shards),
               f"data.dataset={self.dataset} needs data.shards: a list of directories, files or globs"
@@ -84,7 +96,9 @@ class DataConfig:
 class TextConfig:
     """``text:`` the frozen text encoder."""
 
-    encoder: str = "minilm"  # "minilm" (bundled, offline), a Hugging Face hub id, or a local directory
+    # "minilm" (bundled, offline), a Hugging Face hub id, a local directory, or a diffusers pipeline directory (its
+    # text_encoder/ and tokenizer/)
+    encoder: str = "minilm"
     # keep only the encoder's first N layers (None: all). The rest are never run (saved with the export as
     # an N-layer encoder): cheaper encoding, and a middle layer's tokens can be the better condition
     num_layers: int | None = positive(None)

@@ -1,16 +1,32 @@
-"""``model.init_from``: a released diffusers PRX pixel pipeline (or its ``transformer/`` directory) as the start
-of a run. Reads only its JSON configs, so a config that names one resolves without loading any weights: the
-shape fields a config does not set come from the checkpoint's ``config.json`` (a field it sets must agree).
+"""``model.init_from``: a diffusers PRX pixel pipeline (or its ``transformer/`` directory) as the start of a run.
+
+Reads only the pipeline's JSON files, so a config that names one resolves without loading any weights. A config
+that sets ``model.init_from`` is a fine-tune: the keys it does not set come from the built-in ``finetune`` config
+(not the from-scratch recipe's defaults), then each field the pipeline decides fills the keys still unset, one
+function per field in :data:`PIPELINE_FIELDS` (a key the config sets stays; the model's shape must agree):
+
+    transformer/config.json          → model.* shape (patch, widths, depth, heads, ...)
+    text_encoder/ + tokenizer/       → text.encoder (the pipeline directory itself, see :func:`pipeline_text_parts`)
+    model_index.json prompt_max_tokens → text.max_length
+    model_index.json noise_scale     → objective.noise_scale
+    model_index.json default_sample_size → data.resolution
+    scheduler/ shift                 → objective.shift (and so sampling.shift, when unset)
+    the depth                        → repa.block (the recipe's block 8 of 24: a third of the depth)
+
 :mod:`prx.diffusers_io` loads the weights."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import typing
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from prx.config.model import ModelConfig
+from prx.config.parse import BUILTIN_CONFIG_DIR, read_yaml
 from prx.config.rules import coerce
 from prx.errors import ConfigError, PrxError
 
@@ -18,6 +34,10 @@ TRANSFORMER_CLASS = "PRXTransformer2DModel"
 PIPELINE_CLASS = "PRXPixelPipeline"
 DIFFUSERS_NORM_EPS = 1e-6  # PRXTransformer2DModel's LayerNorm eps (fixed, not a config field)
 # prx model fields a diffusers config decides (text_dim aside: it comes from the text encoder)
+# PRXPixelPipeline's own defaults, which diffusers uses when model_index.json leaves a field out
+PIPELINE_DEFAULTS = {"default_sample_size": 1024, "prompt_max_tokens": 256, "noise_scale": 2.0}
+REQUIRED = "???"  # a config's value that the command line must give (OmegaConf's mark for a missing value)
+FINETUNE_CONFIG = "finetune"  # the built-in config whose values a fine-tune's unset keys take
 SHAPE_FIELDS = ("patch_size", "bottleneck_dim", "hidden_dim", "num_layers", "num_heads", "mlp_ratio", "rope_theta",
                 "resolution_embeds", "norm_eps")
 
@@ -101,27 +121,146 @@ def _coerce_field(key: str, value):
     return coerce(value, typing.get_type_hints(ModelConfig)[key], f"model.{key}")
 
 
-def fill_model_config(model: dict) -> dict:
-    """The ``model:`` section of a new config with ``init_from`` set: shape fields it does not set come from
-    the diffusers checkpoint; those it sets must agree (else a one-line error naming the key and both values)."""
-    path = model["init_from"]
-    directory, config = read_transformer_config(path)
-    theirs = model_config_from_diffusers(config, directory)
+@dataclass(frozen=True)
+class PretrainedPipeline:
+    """What ``model.init_from`` names, as JSON: the transformer's config and, for a whole pipeline directory, its
+    ``model_index.json`` and scheduler config (empty for a bare ``transformer/``)."""
+
+    path: str  # as the config gives it
+    transformer_dir: Path
+    transformer: dict
+    index: dict
+    scheduler: dict
+
+    @property
+    def root(self) -> Path | None:
+        """The pipeline directory (None for a bare transformer/ directory)."""
+        return self.transformer_dir.parent if self.index else None
+
+    def value(self, key: str):
+        """A ``model_index.json`` field, or PRXPixelPipeline's default for it (None without a pipeline)."""
+        return self.index.get(key, PIPELINE_DEFAULTS.get(key)) if self.index else None
+
+
+def read_pipeline(path: str) -> PretrainedPipeline:
+    directory, transformer = read_transformer_config(path)
+    root = directory.parent
+    index = _read_json(root / "model_index.json") if directory.name == "transformer" else {}
+    if index.get("_class_name") not in (None, PIPELINE_CLASS):  # another pipeline around a PRX transformer
+        index = {}
+    scheduler = _read_json(root / "scheduler" / "scheduler_config.json") if index else {}
+    return PretrainedPipeline(str(path), directory, transformer, index, scheduler)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise PrxError(f"{path} is not readable JSON ({e})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def pipeline_text_parts(path: str | Path) -> tuple[str, str]:
+    """(encoder, tokenizer) directories of a text encoder path: a diffusers pipeline directory's ``text_encoder/`` and
+    ``tokenizer/``; anything else is both (a hub id, or a directory that holds the encoder and its tokenizer)."""
+    root = Path(os.path.expanduser(str(path)))
+    if (root / "model_index.json").is_file() and (root / "text_encoder").is_dir() and (root / "tokenizer").is_dir():
+        return str(root / "text_encoder"), str(root / "tokenizer")
+    return str(path), str(path)
+
+
+def _is_set(data: dict, key: str) -> bool:
+    """Does the config give ``key`` (section.name), even as null? (A run's saved config gives every key.)"""
+    section, _, name = key.partition(".")
+    return isinstance(data.get(section), dict) and name in data[section]
+
+
+def _fill(data: dict, key: str, value) -> None:
+    """``key`` (section.name) takes ``value`` when the config does not give it and the pipeline has one."""
+    section, _, name = key.partition(".")
+    if value is not None and not _is_set(data, key):
+        data[section] = {**(data.get(section) or {}), name: value}
+
+
+def fill_model(data: dict, pipe: PretrainedPipeline) -> None:
+    """The ``model:`` shape fields the config does not set come from the transformer's config.json; those it sets
+    must agree (else a one-line error naming the key and both values)."""
+    model = data["model"]
+    theirs = model_config_from_diffusers(pipe.transformer, pipe.transformer_dir)
     theirs.pop("text_dim")  # the run's text encoder decides it; load_init_weights checks that they agree
     out = dict(model)
     for key in SHAPE_FIELDS:
         if key in model:
             mine = _coerce_field(key, model[key])
             if mine != theirs[key]:
-                raise ConfigError(f"model.{key}={mine} but model.init_from '{path}' has {key}={theirs[key]}: "
+                raise ConfigError(f"model.{key}={mine} but model.init_from '{pipe.path}' has {key}={theirs[key]}: "
                                   f"drop model.{key} to take the checkpoint's, or start from another checkpoint")
         out[key] = theirs[key]
+    data["model"] = out
+
+
+def fill_text(data: dict, pipe: PretrainedPipeline) -> None:
+    """The pipeline's text encoder (its ``text_encoder/`` and ``tokenizer/``, loaded as ``text.encoder: DIR``, whole:
+    an export saves it already cut to the run's ``text.num_layers``) and its prompt length."""
+    root = pipe.root
+    if root is not None and pipeline_text_parts(root)[0] != str(root):
+        _fill(data, "text.encoder", pipe.path if Path(pipe.path) == root else str(root))
+    _fill(data, "text.max_length", pipe.value("prompt_max_tokens"))
+
+
+def fill_noise_scale(data: dict, pipe: PretrainedPipeline) -> None:
+    _fill(data, "objective.noise_scale", pipe.value("noise_scale"))
+
+
+def fill_resolution(data: dict, pipe: PretrainedPipeline) -> None:
+    _fill(data, "data.resolution", pipe.value("default_sample_size"))
+
+
+def fill_shift(data: dict, pipe: PretrainedPipeline) -> None:
+    """The scheduler's shift as the timestep shift (a prx export writes the run's sampling shift, by default its
+    training shift): the fine-tune trains on the noise levels the model learnt, and samples as the pipeline does."""
+    _fill(data, "objective.shift", pipe.scheduler.get("shift"))
+
+
+def fill_repa_block(data: dict, pipe: PretrainedPipeline) -> None:
+    """REPA's block at the recipe's depth, a third of the model's (block 8 of 24), within a model of any depth."""
+    depth = int(pipe.transformer.get("depth", 16))
+    _fill(data, "repa.block", max(1, round(depth / 3)))
+
+
+# what a pipeline decides, one function per field, in order: each fills the config keys still unset
+PIPELINE_FIELDS: tuple[Callable[[dict, PretrainedPipeline], None], ...] = (
+    fill_model, fill_text, fill_noise_scale, fill_resolution, fill_shift, fill_repa_block)
+
+
+def _merged(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``: sections merge key by key, any other value of ``over`` replaces base's."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
+def finetune_defaults(data: dict) -> dict:
+    """A fine-tune's config: the keys it does not set take the built-in finetune config's values."""
+    base: dict[str, Any] = read_yaml(BUILTIN_CONFIG_DIR / f"{FINETUNE_CONFIG}.yaml")
+    return _merged(base, data)
+
+
 def fill_from_pretrained(data: dict) -> dict:
-    """A plain config dict with the fields ``model.init_from`` decides filled in (unchanged without it)."""
+    """A plain config dict with what ``model.init_from`` decides filled in (unchanged without it): the finetune
+    config's values for the keys it does not set, then the pipeline's fields (:data:`PIPELINE_FIELDS`)."""
     model = data.get("model")
-    if not isinstance(model, dict) or not model.get("init_from"):
+    init = model.get("init_from") if isinstance(model, dict) else None
+    if init == REQUIRED:
+        raise ConfigError("model.init_from is required by this config: pass model.init_from=DIR, a diffusers PRX "
+                          "pixel pipeline directory (`prx export --format diffusers` writes one) or its transformer/")
+    if not init:
         return data
-    return {**data, "model": fill_model_config(model)}
+    data = finetune_defaults(data)
+    pipe = read_pipeline(str(init))
+    for fill in PIPELINE_FIELDS:
+        fill(data, pipe)
+    return data

@@ -99,6 +99,14 @@ class TrainConfig:
               f"Raise it too (e.g. train.time_limit_minutes={self.time_budget_minutes * 1.3:g}) or set 0 for no limit")
 
 
+# the sample grids' prompts on the shapes world: one object per colour, shape and position, and two relations
+SHAPES_PROMPTS = ("a red circle in the top left", "a blue square in the bottom right", "a green triangle in the center",
+                  "a yellow circle in the top right", "a purple square in the bottom left",
+                  "an orange triangle in the top left", "a blue circle to the left of a red square",
+                  "a green square above an orange circle")
+NUM_DATA_PROMPTS = 8  # captions a grid takes from the data
+
+
 @dataclass
 class LoggingConfig:
     """``logging:`` what the run reports, where, and how often."""
@@ -106,18 +114,9 @@ class LoggingConfig:
     log_every: int = at_least(10, 1)
     sample_every: int = at_least(1000, 0, hint=" (0 disables)")  # sample grid of the fixed prompts (EMA weights)
     sample_steps: int = at_least(25, 1)
-    sample_prompts: list[str] = field(
-        default_factory=lambda: [
-            "a red circle in the top left",
-            "a blue square in the bottom right",
-            "a green triangle in the center",
-            "a yellow circle in the top right",
-            "a purple square in the bottom left",
-            "an orange triangle in the top left",
-            "a blue circle to the left of a red square",
-            "a green square above an orange circle",
-        ]
-    )
+    # the grid's prompts; null: the data's own, recorded in the run's config: the shapes world's (SHAPES_PROMPTS), or
+    # captions of the held-out shards (eval.data), else of the training data; []: no grid
+    sample_prompts: list[str] | None = None
     tensorboard: bool = True
     progress_bar: bool = True
     # Weights & Biases (pip install 'prx-speedrun[wandb]'): every logged scalar, the sample grids, the evaluations

@@ -15,7 +15,7 @@ from prx.data.convert import image_bytes
 from prx.data.imageio import BadImage, decode
 from prx.data.inplace import read_inplace_infos
 from prx.data.mapping import Mapping
-from prx.data.shards import read_shard_info
+from prx.data.shards import caption_columns_of, read_shard_info
 
 
 class ShardIndex:
@@ -89,6 +89,33 @@ class ShardIndex:
         if self.mapping is None or self.mapping.id:
             return str(table.column("id" if self.mapping is None else self.mapping.id)[row].as_py())
         return f"{self.paths[int(self.shard[sample])].name}:{int(self.row[sample])}"
+
+
+def sample_captions(index: ShardIndex, count: int, seed: int = 0, column: str | None = None) -> list[str]:
+    """Up to ``count`` distinct captions of ``column`` (default: the first caption column, in the converter's order)
+    of samples chosen by ``seed``; only their row groups' caption column is read (a damaged one is passed over)."""
+    if column is None and index.caption_columns:
+        order = caption_columns_of(index.paths[0]) if index.mapping is None else index.caption_columns
+        column = next((c for c in order if c in index.caption_columns), None)
+    if column is None or not len(index):
+        return []
+    sources = [column] if index.mapping is None else index.mapping.sources_of(column)
+    found: list[str] = []
+    tables: dict[tuple[int, int], pa.Table | None] = {}
+    for sample in np.random.default_rng([int(seed), 0x9A11]).permutation(len(index))[: 64 * count]:
+        key = index.groups[int(index.group[sample])]
+        if key not in tables:
+            try:
+                tables[key] = pq.ParquetFile(index.paths[key[0]]).read_row_group(key[1], columns=sources)
+            except (OSError, ValueError, pa.ArrowException):
+                tables[key] = None
+        if tables[key] is not None:
+            caption = index.caption(tables[key], int(index.row[sample]) - index.group_start[key], column)
+            if caption and caption.strip() not in found:
+                found.append(caption.strip())
+        if len(found) == count:
+            break
+    return found
 
 
 def check_samples(index: ShardIndex, samples: np.ndarray | None = None, progress: bool = True) -> dict:

@@ -11,6 +11,11 @@ every process:
    becomes the next batch, so a batch has one shape; ranks keep the same number of batches per
    epoch (the shortest plan), leftovers are dropped.
 
+That is ``row_groups`` sharding: each rank reads 1/W of the bytes. With ``rows`` sharding (the default for
+data of at most ``shuffle_window`` row groups, which every loader worker caches whole anyway) the plan is
+made once for the global batch, as for one rank, and rank r takes rows r·B/W … (r+1)·B/W of every batch:
+the same batches whatever the world size, also with fewer row groups than ranks.
+
 Batch k of the plan is loaded by DataLoader worker k mod (number of workers), and the DataLoader
 returns batches in plan order; the position (stage, epoch, next batch) is exact, is saved in the
 checkpoint, and does not depend on the number of workers. Captions are chosen per sample by
@@ -61,22 +66,36 @@ def _seed(*parts: int) -> np.random.Generator:
     return np.random.default_rng([int(p) % (2**63) for p in parts])
 
 
+SHARDINGS = ("auto", "rows", "row_groups")
+
+
+def split_rows(sharding: str, index: ShardIndex, shuffle_window: int) -> bool:
+    """Does each rank take rows of every global batch (``rows``), rather than row groups of its own? ``auto``: rows
+    for data of at most ``shuffle_window`` row groups (a worker caches a window whole, so every rank reading all of
+    it costs little), decided without the world size so a run plans the same batches on any number of ranks."""
+    if sharding not in SHARDINGS:
+        raise PrxError(f"data.sharding='{sharding}' is unknown: use {', '.join(SHARDINGS)}")
+    return sharding == "rows" or (sharding == "auto" and len(index.groups) <= shuffle_window)
+
+
 class ShardPlanner:
-    """The deterministic batch plan of one rank for one stage."""
+    """The deterministic batch plan of one rank for one stage (``batch_size``: the rank's share of a batch).
+
+    ``split_rows``: plan the global batches as one rank would and give rank r its rows of each (the same samples
+    for any world size); else each rank plans batches from its own row groups."""
 
     def __init__(self, index: ShardIndex, resolution: int, patch: int, batch_size: int, rank: int, world: int,
-                 seed: int, stage: int, shuffle_window: int = 16, aspect_range: tuple[float, float] = (0.5, 2.0)):
+                 seed: int, stage: int, shuffle_window: int = 16, aspect_range: tuple[float, float] = (0.5, 2.0),
+                 split_rows: bool = False):
         self.index, self.batch_size, self.rank, self.world = index, batch_size, rank, world
-        self.seed, self.stage, self.window = seed, stage, shuffle_window
+        self.seed, self.stage, self.window, self.split_rows = seed, stage, shuffle_window, split_rows
+        self.resolution, self.patch, self.aspect_range = resolution, patch, aspect_range
         self.buckets = make_buckets(resolution, patch, *aspect_range)
         self.bucket_of = bucket_indices(index.width, index.height, self.buckets)
         self._cache: dict[int, list[tuple[int, np.ndarray]]] = {}
-        if len(index) < batch_size * world:
-            raise PrxError(f"{len(index)} samples cannot fill one batch of {batch_size} on each of {world} rank(s): "
-                           f"add data or lower the batch size")
 
-    def _rank_plan(self, epoch: int, rank: int) -> list[tuple[int, np.ndarray]]:
-        groups = _seed(self.seed, self.stage, epoch, 1).permutation(len(self.index.groups))[rank::self.world]
+    def _rank_plan(self, epoch: int, rank: int, world: int, batch_size: int) -> list[tuple[int, np.ndarray]]:
+        groups = _seed(self.seed, self.stage, epoch, 1).permutation(len(self.index.groups))[rank::world]
         sequence = []
         for w in range(0, len(groups), self.window):
             window = np.concatenate([self.index.samples_of_group[g] for g in groups[w:w + self.window]])
@@ -87,21 +106,62 @@ class ShardPlanner:
         for b in np.unique(buckets):
             members = samples[buckets == b]
             positions = np.nonzero(buckets == b)[0]
-            full = len(members) // self.batch_size * self.batch_size
-            for chunk, pos in zip(members[:full].reshape(-1, self.batch_size),
-                                  positions[:full].reshape(-1, self.batch_size)):
+            full = len(members) // batch_size * batch_size
+            for chunk, pos in zip(members[:full].reshape(-1, batch_size), positions[:full].reshape(-1, batch_size)):
                 batches.append((int(b), chunk))
                 emitted.append(pos[-1])  # a batch is ready when its last sample arrives
         return [batches[i] for i in np.argsort(emitted, kind="stable")]
 
     def plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
         if epoch not in self._cache:
-            lengths = [len(self._rank_plan(epoch, r)) for r in range(self.world)] if self.world > 1 else None
-            plan = self._rank_plan(epoch, self.rank)
-            if lengths:
-                plan = plan[: min(lengths)]  # every rank takes the same number of steps
+            if self.split_rows:  # one plan of global batches; this rank's rows of each
+                rows = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+                plan = [(b, s[rows]) for b, s in self._rank_plan(epoch, 0, 1, self.batch_size * self.world)]
+            else:
+                plan = self._rank_plan(epoch, self.rank, self.world, self.batch_size)
+                if self.world > 1:  # every rank takes the same number of steps
+                    plan = plan[: min(len(self._rank_plan(epoch, r, self.world, self.batch_size))
+                                      for r in range(self.world))]
             self._cache = {epoch: plan}
         return self._cache[epoch]
+
+    def check(self, key: str = "train.batch_size") -> None:
+        """A one-line error, with a batch size that works, when epoch 0 has no full batch (``key``: the config key of
+        the global batch size)."""
+        if self.plan(0):
+            return
+        total, n = self.batch_size * self.world, len(self.index)
+        counts = np.bincount(self.bucket_of, minlength=len(self.buckets))
+        held = ", ".join(f"{counts[i]} in {self.buckets[i].width}x{self.buckets[i].height}"
+                         for i in np.argsort(-counts, kind="stable") if counts[i])
+        where = (f"{n} samples in {len(self.index.groups)} row group(s) on {self.world} rank(s)" if self.world > 1
+                 and not self.split_rows else f"{n} samples")
+        message = (f"{where} give no full batch of {total} at {self.resolution} px: a batch comes from one "
+                   f"aspect-ratio bucket ({held})")
+        size = suggested_batch_size(counts, total, self.world)
+        rows = "" if self.split_rows else " data.sharding=rows"  # (each rank reads only its own row groups)
+        if size and rows and not ShardPlanner(self.index, self.resolution, self.patch, size // self.world, self.rank,
+                                              self.world, self.seed, self.stage, self.window, split_rows=False,
+                                              aspect_range=self.aspect_range).plan(0):
+            message += f"; use {key}={size}{rows} (every rank takes rows of each batch) or add data"
+        elif size:
+            used = int(sum(c // size * size for c in counts))
+            batches = f"{used // size} batch{'es' * (used // size > 1)}"
+            message += f"; use {key}={size} ({used} of the {n} samples fill {batches} an epoch) or add data"
+        else:
+            message += f"; add data{f' (or use{rows})' if rows else ''}"
+        raise PrxError(message)
+
+
+def suggested_batch_size(counts: np.ndarray, batch_size: int, world: int) -> int:
+    """The largest global batch size below ``batch_size``, ``world`` times a power of two, whose full batches take at
+    least 3/4 of the samples bucketed as ``counts`` (0: none does)."""
+    size, best = world, 0
+    while size < batch_size:
+        if 4 * sum(c // size * size for c in counts) >= 3 * counts.sum():
+            best = size
+        size *= 2
+    return best
 
 
 class _WorkerSignals:
@@ -267,8 +327,10 @@ class ShardLoader:
     def __init__(self, shards: list[Path], patch: int, seed: int, caption_weights: dict[str, float],
                  num_workers: int = 2, rank: int = 0, world: int = 1, shuffle_window: int = 16,
                  aspect_range: tuple[float, float] = (0.5, 2.0), embedding_tag: str | None = None,
-                 mapping: Mapping | None = None, min_text_length: int = 0):
+                 mapping: Mapping | None = None, min_text_length: int = 0, sharding: str = "auto"):
         self.index = ShardIndex(shards, mapping, progress=rank == 0)
+        self.sharding = sharding
+        self._planners: dict[tuple[int, int, int], ShardPlanner] = {}
         self.patch, self.seed, self.caption_weights = patch, seed, caption_weights
         self.num_workers, self.rank, self.world = num_workers, rank, world
         self.shuffle_window, self.aspect_range = shuffle_window, aspect_range
@@ -297,15 +359,18 @@ class ShardLoader:
             if self.stage is not None:
                 self.position = (0, 0)
             self.stage = stage
-        self.planner = ShardPlanner(self.index, resolution, self.patch, batch_size, self.rank, self.world, self.seed,
-                                    stage, self.shuffle_window, self.aspect_range)
-        if not self.planner.plan(self.position[0]):  # would otherwise wait forever for a first batch
-            groups = len(self.index.groups)
-            raise PrxError(
-                f"{len(self.index)} samples in {groups} row group(s) give no full batch of {batch_size} per rank at "
-                f"{resolution} px on {self.world} rank(s) (each rank reads whole row groups, and a batch comes from "
-                f"one aspect-ratio bucket): add data, lower the batch size, or use fewer ranks")
+        self.planner = self.planner_for(stage, resolution, batch_size)
+        self.planner.check()  # would otherwise wait forever for a first batch
         self._start()
+
+    def planner_for(self, stage: int, resolution: int, batch_size: int) -> ShardPlanner:
+        """The plan of a stage (``batch_size``: this rank's share); ``.check(key)`` says whether it has batches."""
+        key = (stage, resolution, batch_size)
+        if key not in self._planners:
+            self._planners[key] = ShardPlanner(self.index, resolution, self.patch, batch_size, self.rank, self.world,
+                                               self.seed, stage, self.shuffle_window, self.aspect_range,
+                                               split_rows(self.sharding, self.index, self.shuffle_window))
+        return self._planners[key]
 
     def _start(self) -> None:
         import atexit

@@ -22,6 +22,9 @@ import torch
 from torch import Tensor
 
 from prx.config import Config, StageConfig
+from prx.config.run import NUM_DATA_PROMPTS
+from prx.data.index import ShardIndex, sample_captions
+from prx.data.shards import expand_shards
 from prx.text import TextBatch
 
 
@@ -70,6 +73,9 @@ class DataSource(Protocol):
     def skipped(self) -> dict[str, int]:
         """Samples that could not be loaded (and were replaced), by reason, since the run began."""
 
+    def captions(self, count: int, seed: int) -> list[str]:
+        """Up to ``count`` of the data's captions, chosen by ``seed``: the sample grids' prompts."""
+
 
 def available_sources() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
@@ -78,3 +84,14 @@ def available_sources() -> list[str]:
 def build_source(cfg: Config, rank: int = 0, world: int = 1, pin_memory: bool = False) -> DataSource:
     """The run's ``data.dataset`` source; ``pin_memory``: batches for a GPU are made in pinned memory."""
     return importlib.import_module(f"{__name__}.{cfg.data.dataset}").Source(cfg, rank, world, pin_memory=pin_memory)
+
+
+def sample_prompts(cfg: Config, source: DataSource) -> list[str]:
+    """The prompts of a run's sample grids: ``logging.sample_prompts`` when the config gives them; else the data's
+    own: the shapes world's prompts, or captions of the held-out shards (``eval.data``), else of the training data."""
+    if cfg.logging.sample_prompts is not None:
+        return list(cfg.logging.sample_prompts)
+    if cfg.eval.data and cfg.data.dataset != "shapes":
+        index = ShardIndex(expand_shards(cfg.eval.data), progress=False)
+        return sample_captions(index, NUM_DATA_PROMPTS, cfg.sampling.seed, cfg.eval.caption_column)
+    return source.captions(NUM_DATA_PROMPTS, cfg.sampling.seed) if hasattr(source, "captions") else []

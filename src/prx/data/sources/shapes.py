@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from prx.config import Config, StageConfig
+from prx.config.run import SHAPES_PROMPTS
 from prx.data.shapes import ShapesWorld, render
 from prx.data.sources import DataBatch
 
@@ -85,6 +86,10 @@ class Source:
         else:
             batch = torch.from_numpy(np.ascontiguousarray(images))
         return DataBatch(batch, [s.caption for s in scenes], [f"shapes:{first + i}" for i in range(per_rank)])
+
+    def captions(self, count: int, seed: int) -> list[str]:
+        """The sample grids' prompts: the world's fixed set (each colour, shape and position, two relations)."""
+        return list(SHAPES_PROMPTS[:count])
 
     def sizes(self, stage: StageConfig) -> list[tuple[int, int]]:
         """(width, height) of the stage's images, most common first: the world renders squares."""
