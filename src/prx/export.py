@@ -12,10 +12,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from prx.checkpoint import checkpoint_config, checkpoint_meta, find_checkpoint, load_weights
 from prx.config import Config
 from prx.config.pretrained import DIFFUSERS_NORM_EPS, PIPELINE_CLASS, TRANSFORMER_CLASS
-from prx.device import check_memory, resolve_device
 from prx.diffusers_io import (
     DIFFUSERS_VERSION,
     NUM_TRAIN_TIMESTEPS,
@@ -25,7 +23,7 @@ from prx.diffusers_io import (
 )
 from prx.errors import PrxError
 from prx.files import make_writable_dir
-from prx.model import build_model, param_count
+from prx.pipeline import load_checkpoint_model
 from prx.rundir import RunDir
 from prx.text import TextEncoder
 
@@ -287,12 +285,9 @@ def export_pipeline(checkpoint: str | Path, out: str | Path, weights: str = "ema
     """
     out = Path(out)
     _check_out(out)
-    ckpt = find_checkpoint(checkpoint)
-    config = checkpoint_config(ckpt)
-    transformer_config = diffusers_config_of(config.model)  # fails early on a model diffusers cannot hold
-    step = int(checkpoint_meta(ckpt)["step"])
-    model = build_model(config.model)
-    load_weights(ckpt, model, weights)  # full tensors, whatever world size wrote the checkpoint
+    # diffusers_config_of fails early on a model diffusers cannot hold
+    ckpt, config, step, model = load_checkpoint_model(checkpoint, weights, check=lambda c: diffusers_config_of(c.model))
+    transformer_config = diffusers_config_of(config.model)
     tensors = to_diffusers_state_dict(model.state_dict())
     encoder = TextEncoder.from_config(config.text, "cpu")
     text_classes = (type(encoder.model).__name__, type(encoder.tokenizer).__name__)
@@ -350,12 +345,7 @@ def export_safetensors(checkpoint: str | Path, out: str | Path, weights: str = "
                        f"directory)")
     if out.is_dir() or out.with_suffix(".yaml").is_dir():
         raise PrxError(f"--out {out} is a directory: give the path of a new .safetensors file")
-    ckpt = find_checkpoint(checkpoint)
-    step = checkpoint_meta(ckpt)["step"]  # a damaged checkpoint stops here, naming the file
-    config = checkpoint_config(ckpt)
-    check_memory(param_count(config.model), resolve_device("cpu"), "inference", f"the model of checkpoint '{ckpt}'")
-    model = build_model(config.model)
-    load_weights(ckpt, model, weights)  # full tensors, whatever world size wrote the checkpoint
+    ckpt, config, step, model = load_checkpoint_model(checkpoint, weights)
     make_writable_dir(out.parent if str(out.parent) else Path("."))
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:

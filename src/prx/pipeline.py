@@ -10,7 +10,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from prx.checkpoint import checkpoint_config, find_checkpoint, load_weights
+from prx.checkpoint import checkpoint_config, checkpoint_meta, load_weights, open_checkpoint
 from prx.config import Config, config_from_saved
 from prx.config.sampling import SamplingConfig
 from prx.data.buckets import make_buckets, nearest_bucket
@@ -31,6 +31,8 @@ class Pipeline:
         self.device = device or next(model.parameters()).device
         self.autocast = plan_inference(config, self.device).autocast
         self._empty = None
+        self.checkpoint: Path | None = None  # the checkpoint directory the weights came from, and its step
+        self.step: int | None = None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, weights: str = "ema", device: str = "auto",
@@ -42,17 +44,14 @@ class Pipeline:
             raise ValueError("weights must be 'ema' or 'model'")
         if str(path).endswith(".safetensors"):
             return cls.from_export(path, device, text_encoder, text_cache_size)
-        path = find_checkpoint(path)
-        config = checkpoint_config(path)
-        model = cls._build(config, device, f"checkpoint '{path}'")
-        load_weights(path, model, weights)
-        return cls._assemble(model, config, device, text_encoder, text_cache_size)
+        checkpoint, config, step, model = load_checkpoint_model(path, weights, device)
+        pipe = cls._assemble(model, config, device, text_encoder, text_cache_size)
+        pipe.checkpoint, pipe.step = checkpoint, step
+        return pipe
 
     @staticmethod
     def _build(config: Config, device: str, what: str) -> PRX:
-        """The model of a saved config, once it is known to fit in memory (a config can say anything)."""
-        check_memory(param_count(config.model), resolve_device(device), "inference", f"the model of {what}")
-        return build_model(config.model)
+        return build_saved_model(config, device, what)
 
     @classmethod
     def from_export(cls, path: str | Path, device: str = "auto", text_encoder: TextEncoder | None = None,
@@ -165,6 +164,29 @@ class Pipeline:
             x = sample(predict, noise.to(self.device), s.steps, s.sampler, shift, self.config.objective.t_clamp,
                        s.schedule)
             yield start, to_uint8(x)
+
+
+def build_saved_model(config: Config, device: str, what: str) -> PRX:
+    """The model of a saved config, once it is known to fit in memory (a config can say anything)."""
+    check_memory(param_count(config.model), resolve_device(device), "inference", f"the model of {what}")
+    return build_model(config.model)
+
+
+def load_checkpoint_model(path: str | Path, weights: str = "ema", device: str = "cpu",
+                          check=None) -> tuple[Path, Config, int, PRX]:
+    """(checkpoint directory, its config, its step, its model with the EMA or raw weights) of a checkpoint, or of a
+    run's newest intact one (a damaged or pruned one gives way to the next, :func:`prx.checkpoint.open_checkpoint`).
+    ``check(config)`` runs before the model is built."""
+    def use(checkpoint: Path):
+        step = int(checkpoint_meta(checkpoint)["step"])  # a damaged checkpoint stops here, naming the file
+        config = checkpoint_config(checkpoint)
+        if check is not None:
+            check(config)
+        model = build_saved_model(config, device, f"checkpoint '{checkpoint}'")
+        load_weights(checkpoint, model, weights)  # full tensors, whatever world size wrote the checkpoint
+        return checkpoint, config, step, model
+
+    return open_checkpoint(path, use)
 
 
 def _brief(error: BaseException, limit: int = 160) -> str:
