@@ -234,5 +234,171 @@ def test_nothing_wraps_an_error_from_another_model(run4):
     assert not isinstance(info.value, CheckpointDamaged)
 
 
+# ------------------------------------------------------------------------------ nothing written inside a checkpoint
+
+
+def test_no_command_writes_inside_a_run_s_checkpoints(run4, tmp_path, capsys):
+    run = copy_run(run4, tmp_path / "run")
+    ckpt = run / "checkpoints" / "step_00000004"
+    before = sorted(p.name for p in ckpt.iterdir())
+    for argv in (["export", "--checkpoint", run, "--out", ckpt / "extra.safetensors"],
+                 ["export", "--checkpoint", run, "--format", "diffusers", "--out", run / "checkpoints" / "latest" / "d"],
+                 ["sample", "--checkpoint", run, "--prompt", "x", "--out", run / "checkpoints"],
+                 ["eval", "--checkpoint", run, "--out", ckpt / "eval"],
+                 ["data", "shapes", "--count", 4, "--out", ckpt / "shards"],
+                 ["train", "tiny", "--out", ckpt]):
+        one_line_error(*run_cli(capsys, *argv)[::2], "is inside", "only prx train writes in a run's checkpoints")
+    assert sorted(p.name for p in ckpt.iterdir()) == before
+    verify_checkpoint(ckpt)
+
+
+def test_a_killed_export_s_temporary_files_are_removed_by_the_next_export(run4, tmp_path, capsys):
+    import subprocess
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a PID that no longer runs
+    for out in (tmp_path / "m.safetensors", tmp_path / "pipe"):
+        stale = tmp_path / f".{out.name}.tmp-{dead.pid}"
+        stale.mkdir() if out.suffix == "" else stale.write_bytes(b"partial")
+        argv = ["export", "--checkpoint", run4, "--out", out] + (["--format", "diffusers"] if out.suffix == "" else [])
+        code, out_text, err = run_cli(capsys, *argv)
+        assert code == 0 and not stale.exists(), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "m.yaml", "pipe"]
+
+
+def test_overrides_may_follow_the_options(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "train", "tiny", "--out", tmp_path / "x", "train.steps=1", "--dry-run")
+    assert code == 0 and "1 steps" in out, err
+    with pytest.raises(SystemExit):  # anything else after the options is still argparse's error
+        main(["train", "tiny", "--out", str(tmp_path / "x"), "bogus"])
+    assert "unrecognized arguments: bogus" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ no code from files, offline in seconds
+
+
+def evil_model_dir(source: Path, to: Path, marker: Path) -> Path:
+    """A copy of a model directory whose config.json maps AutoModel to a module beside it that creates ``marker``."""
+    shutil.copytree(source, to)
+    config = json.loads((to / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"}
+    (to / "config.json").write_text(json.dumps(config))
+    (to / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('pwned')\n")
+    return to
+
+
+def test_no_model_directory_runs_code_from_its_files(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from prx.errors import PrxError
+    from prx.metrics.extractors import DinoV2Extractor
+    from prx.stand_ins import stand_in_path
+    from prx.teachers import VisionTeacher
+    from prx.text import TextEncoder, _load_encoder, stand_in_encoder
+
+    marker = tmp_path / "pwned"
+    encoder = evil_model_dir(stand_in_encoder("tiny-random-bert"), tmp_path / "encoder", marker)
+    teacher = evil_model_dir(stand_in_path("tiny-random-dinov2"), tmp_path / "teacher", marker)
+    for load, what in ((lambda: TextEncoder(str(encoder)), "text encoder"),
+                       (lambda: VisionTeacher.load(str(teacher)), "teacher"),
+                       (lambda: DinoV2Extractor(str(teacher)), "DINOv2 model")):
+        with pytest.raises(PrxError, match=f"{what} .* needs custom code: its config.json maps AutoConfig to "
+                                           f"evil.EvilConfig \\(auto_map\\)"):
+            load()
+    # the same files as a cached hub snapshot
+    hub = tmp_path / "hub"
+    snapshot = hub / "models--evil--encoder" / "snapshots" / "0123456789abcdef"
+    shutil.copytree(encoder, snapshot)
+    (hub / "models--evil--encoder" / "refs").mkdir()
+    (hub / "models--evil--encoder" / "refs" / "main").write_text("0123456789abcdef")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    with pytest.raises(PrxError, match="text encoder 'evil/encoder' .* needs custom code"):
+        TextEncoder("evil/encoder")
+    # and transformers itself is told trust_remote_code=False: it loads its own BERT, or refuses
+    try:
+        _load_encoder(str(encoder), "float32", True)
+    except ValueError as e:
+        assert "trust_remote_code" in str(e)
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_a_model_directory_that_needs_code_is_one_line_with_a_terminal(tmp_path):
+    """transformers asks "run the custom code? [y/N]" when there is a terminal: prx refuses before it can ask."""
+    import os
+    import pty
+    import subprocess
+
+    from prx.text import stand_in_encoder
+
+    marker = tmp_path / "pwned"
+    encoder = evil_model_dir(stand_in_encoder("tiny-random-bert"), tmp_path / "encoder", marker)
+    primary, secondary = pty.openpty()
+    proc = subprocess.run([sys.executable, "-m", "prx", "train", "tiny", f"text.encoder={encoder}", "--out",
+                           str(tmp_path / "run")], stdin=secondary, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "0"})
+    os.close(primary)
+    os.close(secondary)
+    one_line_error(proc.returncode, proc.stderr, "needs custom code", "trust_remote_code=False")
+    assert not marker.exists()
+
+
+def test_a_local_directory_is_never_told_to_hf_download(tmp_path):
+    from prx.errors import PrxError
+    from prx.teachers import VisionTeacher
+    from prx.text import TextEncoder
+
+    (tmp_path / "empty").mkdir()
+    for load in (lambda: TextEncoder(str(tmp_path / "empty")), lambda: VisionTeacher.load(str(tmp_path / "empty")),
+                 lambda: TextEncoder(str(tmp_path / "nowhere")), lambda: TextEncoder("./nowhere/at/all")):
+        with pytest.raises(PrxError) as info:
+            load()
+        assert "local directory" in str(info.value) and "hf download" not in str(info.value), info.value
+
+
+def test_a_missing_hub_id_is_one_line_at_once_for_encoders_teachers_and_extractors(tmp_path, monkeypatch, capsys):
+    """Not in the cache: with HF_HUB_OFFLINE=1 nothing asks the network; without it, one request with a short timeout
+    (here: no network) and no download attempt, for text encoders, teachers and metric extractors alike."""
+    import prx.hub
+    from prx.errors import PrxError
+    from prx.metrics.extractors import ClipExtractor
+    from prx.teachers import VisionTeacher
+    from prx.text import TextEncoder
+
+    probes = []
+    monkeypatch.setattr(prx.hub, "unreachable", lambda url, timeout=3.0: probes.append(url) or "no network (test)")
+    loads = ((lambda: TextEncoder("nobody/no-such-encoder"), "text encoder 'nobody/no-such-encoder'",
+              "text.encoder=DIR"),
+             (lambda: VisionTeacher.load("nobody/no-such-dino"), "teacher 'nobody/no-such-dino'", "repa.teacher=DIR"),
+             (lambda: ClipExtractor("nobody/no-such-clip"), "CLIP model 'nobody/no-such-clip'", "--clip-model DIR"))
+    for offline in ("1", "0"):
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+        for load, what, option in loads:
+            with pytest.raises(PrxError) as info:
+                load()
+            message = str(info.value)
+            ident = what.split("'")[1]
+            assert message.startswith(f"{what} is not available offline") and f"`hf download {ident}`" in message
+            assert "HF_HUB_OFFLINE=1" in message and option in message and "\n" not in message
+            assert ("HF_HUB_OFFLINE is set" in message) == (offline == "1"), message
+    assert len(probes) == 3 and all("/api/models/nobody/" in url for url in probes)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    one_line_error(*run_cli(capsys, "train", "tiny", "text.encoder=nobody/no-such-encoder", "--out",
+                            tmp_path / "run")[::2], "no network (test)", "hf download nobody/no-such-encoder")
+
+
+def test_wandb_online_without_a_network_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("wandb")
+    import prx.logger
+
+    probes = []
+    monkeypatch.setattr(prx.logger, "unreachable", lambda url, timeout=3.0: probes.append(url) or "no network (test)")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    one_line_error(*run_cli(capsys, "train", "tiny", "logging.wandb=true", "--out", tmp_path / "run")[::2],
+                   "W&B could not start", "no network (test)", "logging.wandb_mode=offline")
+    assert len(probes) == 1 and not (tmp_path / "run").exists()
+    prx.logger.require_wandb(tiny_config("logging.wandb=true", "logging.wandb_mode=offline").logging)
+    assert len(probes) == 1  # offline: nothing to reach
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

@@ -294,6 +294,7 @@ def export_pipeline(checkpoint: str | Path, out: str | Path, weights: str = "ema
     notes = export_notes(config)
 
     make_writable_dir(out.parent if str(out.parent) else Path("."))
+    remove_stale_tmp(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -332,6 +333,30 @@ def export_pipeline(checkpoint: str | Path, out: str | Path, weights: str = "ema
     return {"out": out, "step": step, "params": params, "notes": notes, "config": config}
 
 
+def remove_stale_tmp(out: Path) -> list[Path]:
+    """Remove what a killed export to ``out`` left (``.NAME.tmp-PID`` beside it, whose process is gone)."""
+    removed = []
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, under another user
+        return True
+    return True
+
+
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
@@ -347,6 +372,7 @@ def export_safetensors(checkpoint: str | Path, out: str | Path, weights: str = "
         raise PrxError(f"--out {out} is a directory: give the path of a new .safetensors file")
     ckpt, config, step, model = load_checkpoint_model(checkpoint, weights)
     make_writable_dir(out.parent if str(out.parent) else Path("."))
+    remove_stale_tmp(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
