@@ -400,5 +400,127 @@ def test_wandb_online_without_a_network_is_one_line_before_any_work(tmp_path, mo
     prx.logger.require_wandb(tiny_config("logging.wandb=true", "logging.wandb_mode=offline").logging)
     assert len(probes) == 1  # offline: nothing to reach
 
+# ------------------------------------------------------------------------------ configs a user is handed
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """Nine nested levels of nine aliases: 9**9 (387 million) values once expanded, a few hundred bytes written."""
+    items = ['&a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    items += [f"&a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "[" + ", ".join(items) + "]"
+
+
+def test_a_key_given_twice_is_an_error_naming_it_and_both_lines(tmp_path, capsys):
+    config = tmp_path / "dup.yaml"
+    config.write_text("optimizer:\n  name: adamw\n  warmup_steps: 5\ntrain:\n  steps: 2\noptimizer:\n  lr: 0.01\n")
+    one_line_error(*run_cli(capsys, "train", config, "--dry-run")[::2], "key 'optimizer' appears twice",
+                   "line 1 and line 6", str(config))
+    config.write_text("train:\n  steps: 2\n  batch_size: 4\n  steps: 3\n")
+    one_line_error(*run_cli(capsys, "train", config, "--dry-run")[::2], "key 'train.steps' appears twice",
+                   "line 2 and line 4")
+    config.write_text("train:\n  stages:\n    - {resolution: 48, steps: 1, batch_size: 4, steps: 2}\n")
+    one_line_error(*run_cli(capsys, "train", config, "--dry-run")[::2], "key 'train.stages[0].steps' appears twice")
+    # merge keys are not duplicates: an explicit key overrides a merged one, as YAML says
+    from prx.config.safe_yaml import load_yaml
+
+    assert load_yaml("a: &x {p: 1, q: 2}\nb:\n  <<: *x\n  q: 3\n", "t") == {"a": {"p": 1, "q": 2},
+                                                                            "b": {"p": 1, "q": 3}}
+
+
+def test_an_alias_bomb_is_one_line_before_it_is_built_wherever_yaml_is_read(run4, tmp_path, capsys):
+    """In a config file, an override, a checkpoint's config.yaml and an export's metadata: refused by its expanded
+    size, which is counted on the composed nodes (shared by aliases) without building anything."""
+    bomb = alias_bomb()
+    config = tmp_path / "bomb.yaml"
+    config.write_text(f"name: {bomb}\n")
+    one_line_error(*run_cli(capsys, "train", config, "--dry-run")[::2], "'name[5]' (line 1) expands to more than 100000")
+    line = one_line_error(*run_cli(capsys, "train", "tiny", f"train.steps={bomb}", "--dry-run")[::2],
+                          "expands to more than 100000 values through YAML aliases")
+    assert len(line) < 400
+    (tmp_path / "self.yaml").write_text("name: &a [1, *a]\n")
+    one_line_error(*run_cli(capsys, "train", tmp_path / "self.yaml", "--dry-run")[::2], "refers to a value that "
+                                                                                        "contains it")
+    (tmp_path / "deep.yaml").write_text("name: " + "[" * 20000 + "]" * 20000 + "\n")
+    one_line_error(*run_cli(capsys, "train", tmp_path / "deep.yaml", "--dry-run")[::2], "nests too deeply")
+    # a checkpoint's config.yaml is a file a user may be handed too
+    run = copy_run(run4, tmp_path / "run")
+    (run / "checkpoints" / "step_00000004" / "config.yaml").write_text(f"name: {bomb}\n")
+    one_line_error(*run_cli(capsys, "sample", "--checkpoint", run / "checkpoints" / "step_00000004", "--prompt", "x",
+                            "--out", tmp_path / "s")[::2], "is damaged", "expands to more than 100000")
+    # and the config in an export's metadata
+    from safetensors.torch import load_file, save_file
+
+    assert run_cli(capsys, "export", "--checkpoint", run4, "--out", tmp_path / "m.safetensors")[0] == 0
+    save_file(load_file(str(tmp_path / "m.safetensors")), str(tmp_path / "evil.safetensors"),
+              metadata={"prx_config": f"name: {bomb}\n"})
+    one_line_error(*run_cli(capsys, "sample", "--checkpoint", tmp_path / "evil.safetensors", "--prompt", "x",
+                            "--out", tmp_path / "s")[::2], "has a prx_config this prx cannot read", "expands to more")
+
+
+def test_error_messages_quote_a_short_repr_of_a_value(tmp_path, capsys):
+    config = tmp_path / "long.yaml"
+    config.write_text("train:\n  steps: [" + ",".join(["1"] * 50000) + "]\n")
+    line = one_line_error(*run_cli(capsys, "train", config, "--dry-run")[::2], "train.steps must be an integer, got "
+                                                                               "[1, 1, 1, 1, 1, 1, ...]")
+    assert len(line) < 200
+    line = one_line_error(*run_cli(capsys, "train", "tiny", "eval.guidance=" + "x" * 100000, "--dry-run")[::2],
+                          "eval.guidance must be")
+    assert len(line) < 2100  # whatever a check quotes, the printed line is bounded
+    from prx.config.safe_yaml import short
+
+    nested: list = []
+    for _ in range(30):
+        nested = [nested] * 10  # 10**30 leaves, shared
+    assert len(short(nested)) <= 80 and len(short("y" * 10**7)) <= 80
+
+# ------------------------------------------------------------------------------ weights a user points at
+
+
+def transformer_dir(tmp_path: Path) -> tuple[Path, object]:
+    """A diffusers PRXTransformer2DModel directory of the tiny model (MiniLM-wide text tokens), as export writes it."""
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    from prx.diffusers_io import WEIGHTS_NAME, diffusers_config_of, to_diffusers_state_dict
+    from prx.model import build_model
+
+    model = build_model(replace(tiny_config().model, text_dim=384))
+    directory = tmp_path / "transformer"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(diffusers_config_of(model.config)))
+    save_file(to_diffusers_state_dict(model.state_dict()), str(directory / WEIGHTS_NAME))
+    return directory, model
+
+
+def test_truncated_or_foreign_init_from_weights_are_one_line_and_nothing_outside_the_directory_is_read(tmp_path,
+                                                                                                      capsys):
+    from prx.diffusers_io import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, load_init_weights
+
+    directory, model = transformer_dir(tmp_path)
+    assert "initialised from" in load_init_weights(model, directory)
+    weights = directory / WEIGHTS_NAME
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    one_line_error(*run_cli(capsys, "train", "tiny", f"model.init_from={directory}", "--out", tmp_path / "run")[::2],
+                   f"model.init_from: {weights} cannot be read as safetensors weights", "truncated")
+    # sharded: an index naming a file outside the directory, a pickle, or a file that is not safetensors
+    weights.unlink()
+    (tmp_path / "outside.safetensors").write_bytes(data)
+    index = directory / WEIGHTS_INDEX_NAME
+    for target, fragment in (("../outside.safetensors", "maps weights to '../outside.safetensors'"),
+                             (str(tmp_path / "outside.safetensors"), "no paths, nothing outside"),
+                             ("pytorch_model.bin", "maps weights to 'pytorch_model.bin'")):
+        index.write_text(json.dumps({"weight_map": {"img_in.0.weight": target}}))
+        with pytest.raises(CheckpointError, match=fragment):
+            load_init_weights(model, directory)
+    (directory / "shard.safetensors").write_bytes(b"PK\x03\x04 a zip file, not safetensors" * 10)
+    index.write_text(json.dumps({"weight_map": {"img_in.0.weight": "shard.safetensors"}}))
+    one_line_error(*run_cli(capsys, "train", "tiny", f"model.init_from={directory}", "--out", tmp_path / "run")[::2],
+                   "shard.safetensors cannot be read as safetensors weights")
+    index.write_text("[1, 2")
+    with pytest.raises(CheckpointError, match="is not a weights index"):
+        load_init_weights(model, directory)
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

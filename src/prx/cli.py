@@ -297,7 +297,10 @@ def main(argv: list[str] | None = None) -> int:
                 refuse_inside_checkpoint(getattr(args, option), "--" + option.replace("_", "-"))
         return getattr(importlib.import_module(module), function)(args)
     except PrxError as e:
-        sys.stderr.write(f"error: {e}\n")  # one write: under torchrun the ranks' lines do not interleave
+        message = " ".join(str(e).split("\n"))
+        if len(message) > 2000:  # a value quoted in full (a file's contents) would bury the line
+            message = message[:1000] + " … " + message[-500:]
+        sys.stderr.write(f"error: {message}\n")  # one write: under torchrun the ranks' lines do not interleave
         return 2
     except Exception as e:  # a write the disk refused, as an OSError or in a library's own error type
         refused = next((o for o in os_errors_behind(e) if o.errno in OUT_OF_ROOM), None)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from prx.checkpoint import checkpoint_config, checkpoint_meta, load_weights, open_checkpoint
 from prx.config import Config, config_from_saved
+from prx.config.safe_yaml import load_yaml
 from prx.config.sampling import SamplingConfig
 from prx.data.buckets import make_buckets, nearest_bucket
 from prx.device import check_memory, resolve_device
@@ -68,7 +69,7 @@ class Pipeline:
         if "prx_config" not in meta:
             raise PrxError(f"{path} was not written by `prx export` (no prx_config metadata)")
         try:
-            data = yaml.safe_load(meta["prx_config"])
+            data = load_yaml(meta["prx_config"], f"the prx_config of export '{path}'")
             config = config_from_saved(data if isinstance(data, dict) else {"": data})
         except (yaml.YAMLError, PrxError) as e:
             raise PrxError(f"export '{path}' has a prx_config this prx cannot read ({_brief(e)})") from None

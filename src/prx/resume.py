@@ -22,6 +22,7 @@ from prx.checkpoint import (
 from prx.config import SECTIONS, Config
 from prx.config.model import same_model
 from prx.config.rules import check
+from prx.config.safe_yaml import short
 from prx.distributed import all_agree, barrier
 from prx.errors import CheckpointDamaged, CheckpointError, ConfigError
 from prx.files import make_writable_dir
@@ -144,8 +145,8 @@ def resume_changes(saved: Config, new: Config, step: int) -> list[tuple[str, Any
         owner = getattr(new, section, None)
         fixed = getattr(owner, "FIXED_ON_RESUME", ())
         if field_name.split(".")[0].split("[")[0] in fixed:
-            raise ConfigError(f"{key} cannot change in a resumed run ({before!r} → {after!r}): the run's checkpoints "
-                              f"depend on it; set it back, or use --out for a new run")
+            raise ConfigError(f"{key} cannot change in a resumed run ({short(before)} → {short(after)}): the run's "
+                              f"checkpoints depend on it; set it back, or use --out for a new run")
     for section_name in SECTIONS:
         section = getattr(new, section_name)
         if hasattr(section, "check_resume"):
@@ -176,4 +177,4 @@ def resume_changes(saved: Config, new: Config, step: int) -> list[tuple[str, Any
 
 
 def describe_changes(changes: list[tuple[str, Any, Any]]) -> str:
-    return ", ".join(f"{key} {before!r} → {after!r}" for key, before, after in changes)
+    return ", ".join(f"{key} {short(before)} → {short(after)}" for key, before, after in changes)
