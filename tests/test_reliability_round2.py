@@ -522,5 +522,56 @@ def test_truncated_or_foreign_init_from_weights_are_one_line_and_nothing_outside
     with pytest.raises(CheckpointError, match="is not a weights index"):
         load_init_weights(model, directory)
 
+# ------------------------------------------------------------------------------ sampling within memory
+
+
+def test_sampling_sizes_steps_and_batches_are_checked_against_memory_before_allocating(run4, tmp_path, monkeypatch,
+                                                                                       capsys):
+    import prx.pipeline
+    from prx.pipeline import Pipeline
+
+    pipe = Pipeline.from_checkpoint(run4, device="cpu")
+    s = pipe.config.sampling.with_overrides(steps=1, guidance_scale=1.0)
+    room = pipe.memory_needed(2, 48, 48, s) + 1000  # two 48×48 images fit, three do not
+    monkeypatch.setattr(prx.pipeline, "available_memory", lambda device: (room, "available RAM"))
+    base = ["sample", "--checkpoint", run4, "--steps", 1, "--guidance-scale", 1, "--out", tmp_path / "s"]
+    line = one_line_error(*run_cli(capsys, *base, "--prompt", "x", "--width", 100000, "--height", 100000)[::2],
+                          "sampling one 100000×100000 image needs about", "more than the 0.0 GiB available RAM",
+                          "the largest square that fits is about")
+    side = int(line.split("--width ")[1].split()[0])
+    assert side % 16 == 0 and pipe.memory_needed(1, side, side, s) <= room < pipe.memory_needed(1, side + 16, side + 16,
+                                                                                                 s)
+    one_line_error(*run_cli(capsys, *base, "--prompt", "x", "--steps", 10**12)[::2], "--steps 1000000000000 needs",
+                   "for its schedule alone", "use at most")
+    prompts = ["--prompt", "a", "--prompt", "b", "--prompt", "c", "--prompt", "d"]
+    one_line_error(*run_cli(capsys, *base, *prompts, "--batch-size", 4, "--width", 48, "--height", 48)[::2],
+                   "sampling 4 images of 48×48 together needs", "--batch-size 2 fits")
+    code, out, err = run_cli(capsys, *base, *prompts, "--width", 48, "--height", 48)  # no --batch-size: what fits
+    assert code == 0 and "sampling 2 at a time" in err and len(list((tmp_path / "s").glob("*.png"))) == 4, err
+
+
+def test_a_long_sampling_shows_its_progress_step_by_step(run4, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "sample", "--checkpoint", run4, "--prompt", "x", "--steps", 60,
+                             "--guidance-scale", 1, "--out", tmp_path / "s")
+    assert code == 0 and "sample: 100%" in err and "60/60" in err, err
+
+
+def test_blank_prompt_lines_are_skipped_and_images_keep_their_line_s_number_and_noise(run4, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\na blue square\n   \na green triangle\n\n")
+    common = ["--checkpoint", run4, "--steps", 2, "--guidance-scale", 1]
+    code, out, err = run_cli(capsys, "sample", *common, "--prompts", prompts, "--out", tmp_path / "file")
+    assert code == 0 and "2 blank line(s)" in err and "(line 2, 4)" in err and "NNNN.png is line NNNN + 1" in err, err
+    assert sorted(p.name for p in (tmp_path / "file").iterdir()) == ["0000.png", "0002.png", "0004.png"]
+    # line 3's image is the third prompt's image of a file without blank lines: the same noise (seed + 2)
+    code, out, err = run_cli(capsys, "sample", *common, "--prompt", "a red circle", "--prompt", "x", "--prompt",
+                             "a blue square", "--out", tmp_path / "args")
+    assert code == 0, err
+    same = [np.asarray(Image.open(tmp_path / d / "0002.png")) for d in ("file", "args")]
+    assert np.array_equal(*same)
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for several)")
     p.add_argument("--prompts", metavar="FILE", help="a text file with one prompt per line")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--batch-size", type=int, default=32, metavar="B", help="images sampled together (default 32)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="images sampled together (default 32, fewer when they do not fit in memory)")
     p.add_argument("--width", type=int, default=None, metavar="W",
                    help="image width in pixels, a multiple of the patch size (with --height; default: the run's "
                         "last-stage resolution, square)")
