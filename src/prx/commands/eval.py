@@ -22,6 +22,9 @@ from prx.rundir import RunDir
 
 
 def run(args: argparse.Namespace) -> int:
+    if str(args.checkpoint).endswith(".safetensors"):
+        raise PrxError(f"--checkpoint {args.checkpoint}: prx eval takes a checkpoint or run directory (its results go "
+                       f"beside the run), not an exported weights file")
     if args.data:
         return run_real(args)
     if args.metrics:
