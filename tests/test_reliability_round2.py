@@ -394,6 +394,7 @@ def test_wandb_online_without_a_network_is_one_line_before_any_work(tmp_path, mo
     probes = []
     monkeypatch.setattr(prx.logger, "unreachable", lambda url, timeout=3.0: probes.append(url) or "no network (test)")
     monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))  # no settings file: online by default
     one_line_error(*run_cli(capsys, "train", "tiny", "logging.wandb=true", "--out", tmp_path / "run")[::2],
                    "W&B could not start", "no network (test)", "logging.wandb_mode=offline")
     assert len(probes) == 1 and not (tmp_path / "run").exists()
