@@ -14,6 +14,7 @@ import os
 import sys
 
 from prx.errors import PrxError, os_errors_behind
+from prx.files import refuse_inside_checkpoint
 from prx.metrics.cli_options import add_real_eval_options
 
 EXAMPLES_TRAIN = """examples:
@@ -80,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for several)")
     p.add_argument("--prompts", metavar="FILE", help="a text file with one prompt per line")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--batch-size", type=int, default=32, metavar="B", help="images sampled together (default 32)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="images sampled together (default 32, fewer when they do not fit in memory)")
     p.add_argument("--width", type=int, default=None, metavar="W",
                    help="image width in pixels, a multiple of the patch size (with --height; default: the run's "
                         "last-stage resolution, square)")
@@ -285,15 +287,26 @@ def out_of_room(error: OSError, out: str | None = None) -> str:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    overrides = "items" if hasattr(args, "items") else "overrides" if hasattr(args, "overrides") else None
+    if extra and overrides and all("=" in e and not e.startswith("-") for e in extra):
+        getattr(args, overrides).extend(extra)  # key=value after the options: `prx train tiny --out X key=value`
+    elif extra:
+        parser.parse_args(argv)  # argparse's own error for what it does not know
     if getattr(args, "command", None) is None:
         (getattr(args, "help_of", None) or parser).print_help()
         return 0
     module, function = args.command.split(":")
     try:
+        for option in ("out", "out_train", "out_heldout"):  # every command's outputs; only training writes a run
+            if getattr(args, option, None):
+                refuse_inside_checkpoint(getattr(args, option), "--" + option.replace("_", "-"))
         return getattr(importlib.import_module(module), function)(args)
     except PrxError as e:
-        sys.stderr.write(f"error: {e}\n")  # one write: under torchrun the ranks' lines do not interleave
+        message = " ".join(str(e).split("\n"))
+        if len(message) > 2000:  # a value quoted in full (a file's contents) would bury the line
+            message = message[:1000] + " … " + message[-500:]
+        sys.stderr.write(f"error: {message}\n")  # one write: under torchrun the ranks' lines do not interleave
         return 2
     except Exception as e:  # a write the disk refused, as an OSError or in a library's own error type
         refused = next((o for o in os_errors_behind(e) if o.errno in OUT_OF_ROOM), None)

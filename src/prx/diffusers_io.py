@@ -40,7 +40,9 @@ from prx.config.pretrained import (
     model_config_from_diffusers,
     read_transformer_config,
 )
+from prx.config.safe_yaml import short
 from prx.errors import CheckpointError, ConfigError, PrxError
+from prx.hub import brief
 
 DIFFUSERS_VERSION = "0.42.1"  # the first diffusers with PRXPixelPipeline, bottleneck_size and resolution_embeds
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -180,27 +182,36 @@ def diffusers_config_of(model: ModelConfig) -> dict:
 
 
 def read_transformer_weights(directory: Path) -> dict[str, Tensor]:
-    """A diffusers model directory's safetensors weights, one file or sharded with an index."""
+    """A diffusers model directory's safetensors weights, one file or sharded with an index. Only .safetensors files
+    inside ``directory`` are read (an index whose ``weight_map`` names anything else is refused); a file that is
+    truncated or not safetensors is one line naming it."""
     from safetensors.torch import load_file
 
     single, index = directory / WEIGHTS_NAME, directory / WEIGHTS_INDEX_NAME
-    try:
-        if single.is_file():
-            return load_file(str(single))
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            state: dict[str, Tensor] = {}
-            for name in files:
-                state.update(load_file(str(directory / name)))
-            return state
-    except (OSError, ValueError, KeyError) as e:  # a truncated or corrupt file, a bad index
-        raise CheckpointError(f"the weights in {directory} cannot be read ({' '.join(str(e).split())[:160]})") from None
-    raise CheckpointError(f"{directory} has no {WEIGHTS_NAME} (nor a sharded {WEIGHTS_INDEX_NAME}): save the "
-                          f"transformer with diffusers' save_pretrained (safetensors)")
-
-
-
-
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index} is not a weights index ({brief(e)}): it must hold a JSON \"weight_map\" "
+                                  f"of parameter → file") from None
+        for name in names:
+            if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+                raise CheckpointError(f"{index} maps weights to {short(name)}: only .safetensors files beside it are "
+                                      f"read (no paths, nothing outside {directory}); refused")
+        files = [directory / name for name in names]
+    else:
+        raise CheckpointError(f"{directory} has no {WEIGHTS_NAME} (nor a sharded {WEIGHTS_INDEX_NAME}): save the "
+                              f"transformer with diffusers' save_pretrained (safetensors)")
+    state: dict[str, Tensor] = {}
+    for file in files:
+        try:
+            state.update(load_file(str(file)))
+        except Exception as e:  # noqa: BLE001 - safetensors' own error (truncated, not safetensors), or an OSError
+            raise CheckpointError(f"model.init_from: {file} cannot be read as safetensors weights ({brief(e, 120)}): "
+                                  f"it is truncated or another kind of file; download it again") from None
+    return state
 
 
 def load_init_weights(model: torch.nn.Module, path: str | Path) -> str:

@@ -89,6 +89,16 @@ def all_agree(flag: bool, info: DistInfo) -> bool:
     return bool(t.item() > 0.5)
 
 
+def agree_and_mean(flag: bool, value: float, info: DistInfo) -> tuple[bool, float]:
+    """(``flag`` is true on every rank, the mean of ``value`` over the ranks), in one collective."""
+    if not info.enabled:
+        return flag, value
+    t = torch.tensor([0.0 if flag else 1.0, value if flag else 0.0], dtype=torch.float64,
+                     device=info.device if info.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return bool(t[0].item() < 0.5), float(t[1].item()) / info.world
+
+
 def min_across_ranks(value: int, info: DistInfo) -> int:
     if not info.enabled:
         return value

@@ -12,11 +12,9 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from prx.checkpoint import checkpoint_config, checkpoint_meta, find_checkpoint, load_weights
 from prx.config import Config
 from prx.config.pretrained import DIFFUSERS_NORM_EPS, PIPELINE_CLASS, TRANSFORMER_CLASS
 from prx.config.run import SHAPES_PROMPTS
-from prx.device import check_memory, resolve_device
 from prx.diffusers_io import (
     DIFFUSERS_VERSION,
     NUM_TRAIN_TIMESTEPS,
@@ -26,7 +24,7 @@ from prx.diffusers_io import (
 )
 from prx.errors import PrxError
 from prx.files import make_writable_dir
-from prx.model import build_model, param_count
+from prx.pipeline import load_checkpoint_model
 from prx.rundir import RunDir
 from prx.text import TextEncoder
 
@@ -298,18 +296,16 @@ def export_pipeline(checkpoint: str | Path, out: str | Path, weights: str = "ema
     """
     out = Path(out)
     _check_out(out)
-    ckpt = find_checkpoint(checkpoint)
-    config = checkpoint_config(ckpt)
-    transformer_config = diffusers_config_of(config.model)  # fails early on a model diffusers cannot hold
-    step = int(checkpoint_meta(ckpt)["step"])
-    model = build_model(config.model)
-    load_weights(ckpt, model, weights)  # full tensors, whatever world size wrote the checkpoint
+    # diffusers_config_of fails early on a model diffusers cannot hold
+    ckpt, config, step, model = load_checkpoint_model(checkpoint, weights, check=lambda c: diffusers_config_of(c.model))
+    transformer_config = diffusers_config_of(config.model)
     tensors = to_diffusers_state_dict(model.state_dict())
     encoder = TextEncoder.from_config(config.text, "cpu")
     text_classes = (type(encoder.model).__name__, type(encoder.tokenizer).__name__)
     notes = export_notes(config)
 
     make_writable_dir(out.parent if str(out.parent) else Path("."))
+    remove_stale_tmp(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -348,6 +344,30 @@ def export_pipeline(checkpoint: str | Path, out: str | Path, weights: str = "ema
     return {"out": out, "step": step, "params": params, "notes": notes, "config": config}
 
 
+def remove_stale_tmp(out: Path) -> list[Path]:
+    """Remove what a killed export to ``out`` left (``.NAME.tmp-PID`` beside it, whose process is gone)."""
+    removed = []
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, under another user
+        return True
+    return True
+
+
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
@@ -361,13 +381,9 @@ def export_safetensors(checkpoint: str | Path, out: str | Path, weights: str = "
                        f"directory)")
     if out.is_dir() or out.with_suffix(".yaml").is_dir():
         raise PrxError(f"--out {out} is a directory: give the path of a new .safetensors file")
-    ckpt = find_checkpoint(checkpoint)
-    step = checkpoint_meta(ckpt)["step"]  # a damaged checkpoint stops here, naming the file
-    config = checkpoint_config(ckpt)
-    check_memory(param_count(config.model), resolve_device("cpu"), "inference", f"the model of checkpoint '{ckpt}'")
-    model = build_model(config.model)
-    load_weights(ckpt, model, weights)  # full tensors, whatever world size wrote the checkpoint
+    ckpt, config, step, model = load_checkpoint_model(checkpoint, weights)
     make_writable_dir(out.parent if str(out.parent) else Path("."))
+    remove_stale_tmp(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),

@@ -31,20 +31,43 @@ from tqdm import tqdm
 from prx.config.run import LoggingConfig
 from prx.distributed import mean_across_ranks
 from prx.errors import PrxError
+from prx.hub import unreachable
 from prx.images import save_grid
 from prx.rundir import RunDir
 
 
 def require_wandb(cfg: LoggingConfig) -> None:
-    """With ``logging.wandb: true``, a one-line error unless wandb can be imported (call before any work)."""
+    """With ``logging.wandb: true``, a one-line error unless wandb can be imported and, online, its server answers
+    (call before any work: with no network ``wandb.init`` retries for minutes before it gives up)."""
     if not cfg.wandb:
         return
-
     try:
-        importlib.import_module("wandb")
+        wandb = importlib.import_module("wandb")
     except ImportError:
         raise PrxError("logging.wandb is true but wandb is not installed: pip install wandb (or pip install -e "
                        "'.[wandb]' in the prx checkout), or set logging.wandb=false") from None
+    mode, base = _wandb_server(wandb)
+    if (cfg.wandb_mode or mode) in ("online", "run"):
+        if (reason := unreachable(base)) is not None:
+            raise PrxError(f"W&B could not start: {base} cannot be reached ({reason}): check the network, or set "
+                           f"logging.wandb_mode=offline (then `wandb sync` later), or logging.wandb=false")
+
+
+def _wandb_server(wandb) -> tuple[str, str]:
+    """(mode, server URL) as ``wandb.init`` will take them: its settings file (``wandb login --host``), then the
+    environment (``WANDB_MODE``, ``WANDB_BASE_URL``)."""
+    try:
+        from wandb.sdk.wandb_settings import Settings
+
+        settings = Settings(quiet=True)
+        settings.settings_system = str(Path(os.environ.get("WANDB_CONFIG_DIR") or "~/.config/wandb").expanduser()
+                                       / "settings")
+        settings.update_from_system_settings()
+        settings.update_from_env_vars(dict(os.environ))
+        return str(settings.mode), str(settings.base_url)
+    except Exception:  # noqa: BLE001 - another wandb version: its defaults and the environment
+        base = os.environ.get("WANDB_BASE_URL") or getattr(wandb.Settings(), "base_url", None) or "https://api.wandb.ai"
+        return os.environ.get("WANDB_MODE") or "online", base
 
 
 def start_wandb(cfg: LoggingConfig, run: RunDir, step: int, run_config: dict | None):

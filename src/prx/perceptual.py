@@ -59,7 +59,7 @@ class PerceptualLoss:
         if c.lpips_weight > 0 and self.lpips is None:
             self.lpips = LPIPS(resolve_vgg_weights(c.lpips_vgg_weights), c.lpips_heads)
         if c.dino_weight > 0 and self.dino is None:
-            self.dino = VisionTeacher.load(c.dino_model, dtype)
+            self.dino = VisionTeacher.load(c.dino_model, dtype, "perceptual.dino_model")
         return self
 
     def to(self, device) -> "PerceptualLoss":

@@ -10,15 +10,16 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from prx.checkpoint import checkpoint_config, find_checkpoint, load_weights
+from prx.checkpoint import checkpoint_config, checkpoint_meta, load_weights, open_checkpoint
 from prx.config import Config, config_from_saved
+from prx.config.safe_yaml import load_yaml
 from prx.config.sampling import SamplingConfig
 from prx.data.buckets import make_buckets, nearest_bucket
-from prx.device import check_memory, resolve_device
+from prx.device import available_memory, check_memory, resolve_device
 from prx.errors import PrxError
 from prx.execution import plan_inference
 from prx.model import PRX, build_model, param_count, token_count
-from prx.sampling import check_request, guided_predictor, initial_noise, sample, to_uint8
+from prx.sampling import check_request, guided_predictor, initial_noise, sample, sampling_bytes, to_uint8
 from prx.text import TextEncoder
 from prx.tread import TREADRouter
 
@@ -31,6 +32,8 @@ class Pipeline:
         self.device = device or next(model.parameters()).device
         self.autocast = plan_inference(config, self.device).autocast
         self._empty = None
+        self.checkpoint: Path | None = None  # the checkpoint directory the weights came from, and its step
+        self.step: int | None = None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, weights: str = "ema", device: str = "auto",
@@ -42,17 +45,14 @@ class Pipeline:
             raise ValueError("weights must be 'ema' or 'model'")
         if str(path).endswith(".safetensors"):
             return cls.from_export(path, device, text_encoder, text_cache_size)
-        path = find_checkpoint(path)
-        config = checkpoint_config(path)
-        model = cls._build(config, device, f"checkpoint '{path}'")
-        load_weights(path, model, weights)
-        return cls._assemble(model, config, device, text_encoder, text_cache_size)
+        checkpoint, config, step, model = load_checkpoint_model(path, weights, device)
+        pipe = cls._assemble(model, config, device, text_encoder, text_cache_size)
+        pipe.checkpoint, pipe.step = checkpoint, step
+        return pipe
 
     @staticmethod
     def _build(config: Config, device: str, what: str) -> PRX:
-        """The model of a saved config, once it is known to fit in memory (a config can say anything)."""
-        check_memory(param_count(config.model), resolve_device(device), "inference", f"the model of {what}")
-        return build_model(config.model)
+        return build_saved_model(config, device, what)
 
     @classmethod
     def from_export(cls, path: str | Path, device: str = "auto", text_encoder: TextEncoder | None = None,
@@ -69,7 +69,7 @@ class Pipeline:
         if "prx_config" not in meta:
             raise PrxError(f"{path} was not written by `prx export` (no prx_config metadata)")
         try:
-            data = yaml.safe_load(meta["prx_config"])
+            data = load_yaml(meta["prx_config"], f"the prx_config of export '{path}'")
             config = config_from_saved(data if isinstance(data, dict) else {"": data})
         except (yaml.YAMLError, PrxError) as e:
             raise PrxError(f"export '{path}' has a prx_config this prx cannot read ({_brief(e)})") from None
@@ -137,12 +137,17 @@ class Pipeline:
     @torch.no_grad()
     def generate_batches(self, prompts: list[str], sampling: SamplingConfig | None = None, *, batch_size: int = 64,
                          width: int | None = None, height: int | None = None, resolution: int | None = None,
-                         **overrides):
+                         numbers: list[int] | None = None, progress=None, **overrides):
         """Yields (index of the first prompt, uint8 images (b, H, W, 3)) batch by batch: memory stays
-        that of one batch whatever the number of prompts. The same images as :meth:`generate`."""
+        that of one batch whatever the number of prompts. The same images as :meth:`generate`. ``numbers``: each
+        prompt's number, its image's seed offset (default 0, 1, ...: a prompts file's line numbers keep an image's
+        noise when other lines are blank); ``progress()`` is called after each sampling step. A batch, size or step
+        count that cannot fit in the device's memory is one line, before anything is allocated."""
         s = (sampling or self.config.sampling).with_overrides(**overrides)
-        check_request(len(prompts), s, batch_size)
+        numbers = list(range(len(prompts))) if numbers is None else numbers
+        check_request(max(numbers, default=0) + 1, s, batch_size)
         width, height = self.image_size(width, height, resolution)
+        self.check_fits(min(batch_size, len(prompts)), width, height, s)
         tokens = token_count(height, width, self.config.model.patch_size)
         router = None
         if s.guidance in ("self", "both"):
@@ -153,18 +158,83 @@ class Pipeline:
         shift = self.config.objective.shift if s.shift is None else s.shift
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            noise = initial_noise(len(chunk), height, width, s.seed + start, self.config.objective.noise_scale,
+            seeds = [s.seed + n for n in numbers[start : start + batch_size]]
+            noise = initial_noise(len(chunk), height, width, seeds, self.config.objective.noise_scale,
                                   self.config.objective.noise_offset)
             cond = self.text_encoder.encode(chunk).to(self.device)
             route = None
             if router is not None:  # a fixed route per image for the whole generation
-                seeds = [s.seed + 7_777_777 + i for i in range(start, start + len(chunk))]
-                route = router.fixed_route(tokens, self.config.model.num_layers, seeds, self.device)
+                route = router.fixed_route(tokens, self.config.model.num_layers, [n + 7_777_777 for n in seeds],
+                                           self.device)
             predict = guided_predictor(self.model, cond, self.empty_caption, s.guidance, s.guidance_scale,
                                        s.self_guidance_scale, tuple(s.guidance_interval), route, self.autocast)
             x = sample(predict, noise.to(self.device), s.steps, s.sampler, shift, self.config.objective.t_clamp,
-                       s.schedule)
+                       s.schedule, progress)
             yield start, to_uint8(x)
+
+    def memory_needed(self, batch: int, width: int, height: int, sampling: SamplingConfig) -> int:
+        """Bytes a batch of ``batch`` images of width × height needs besides the weights (:func:`sampling_bytes`)."""
+        passes = 2 if sampling.guidance in ("cfg", "both") and sampling.guidance_scale != 1 else 1
+        return sampling_bytes(self.config.model, batch, height, width, sampling.steps, passes,
+                              self.config.text.max_length)
+
+    def batch_that_fits(self, batch: int, width: int, height: int, sampling: SamplingConfig) -> int:
+        """The largest batch up to ``batch`` that fits in the memory available now (0: not even one image)."""
+        available, _ = available_memory(self.device)
+        while batch > 0 and self.memory_needed(batch, width, height, sampling) > available:
+            batch //= 2
+        return batch
+
+    def check_fits(self, batch: int, width: int, height: int, sampling: SamplingConfig) -> None:
+        """One line, before anything is allocated, when sampling cannot fit: the memory it needs, what is
+        available, and the largest step count, image size or batch that fits."""
+        available, where = available_memory(self.device)
+        need = self.memory_needed(batch, width, height, sampling)
+        if need <= available:
+            return
+        gib, have = 2**30, f"the {available / 2**30:,.1f} GiB {where}"
+        schedule = 16 * (sampling.steps + 1)
+        if schedule > available // 2:
+            raise PrxError(f"--steps {sampling.steps} needs {schedule / gib:,.1f} GiB for its schedule alone, more "
+                           f"than half of {have}: use at most {available // 32:,} steps (a few dozen suffice)")
+        if self.memory_needed(1, width, height, sampling) > available:
+            p, side = self.config.model.patch_size, self.config.model.patch_size
+            while self.memory_needed(1, side * 2, side * 2, sampling) <= available:
+                side *= 2
+            step = side
+            while step > p:  # the largest multiple of the patch size, between side and 2·side
+                step //= 2
+                if self.memory_needed(1, side + step, side + step, sampling) <= available:
+                    side += step
+            side = side // p * p
+            raise PrxError(f"sampling one {width}×{height} image needs about {need / batch / gib:,.1f} GiB, more than "
+                           f"{have}: the largest square that fits is about {side}×{side} (--width {side} --height "
+                           f"{side}; other aspect ratios of as many pixels fit too)")
+        raise PrxError(f"sampling {batch} images of {width}×{height} together needs about {need / gib:,.1f} GiB, more "
+                       f"than {have}: --batch-size {self.batch_that_fits(batch, width, height, sampling)} fits")
+
+
+def build_saved_model(config: Config, device: str, what: str) -> PRX:
+    """The model of a saved config, once it is known to fit in memory (a config can say anything)."""
+    check_memory(param_count(config.model), resolve_device(device), "inference", f"the model of {what}")
+    return build_model(config.model)
+
+
+def load_checkpoint_model(path: str | Path, weights: str = "ema", device: str = "cpu",
+                          check=None) -> tuple[Path, Config, int, PRX]:
+    """(checkpoint directory, its config, its step, its model with the EMA or raw weights) of a checkpoint, or of a
+    run's newest intact one (a damaged or pruned one gives way to the next, :func:`prx.checkpoint.open_checkpoint`).
+    ``check(config)`` runs before the model is built."""
+    def use(checkpoint: Path):
+        step = int(checkpoint_meta(checkpoint)["step"])  # a damaged checkpoint stops here, naming the file
+        config = checkpoint_config(checkpoint)
+        if check is not None:
+            check(config)
+        model = build_saved_model(config, device, f"checkpoint '{checkpoint}'")
+        load_weights(checkpoint, model, weights)  # full tensors, whatever world size wrote the checkpoint
+        return checkpoint, config, step, model
+
+    return open_checkpoint(path, use)
 
 
 def _brief(error: BaseException, limit: int = 160) -> str:

@@ -11,16 +11,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from prx.checkpoint import checkpoint_config, checkpoint_meta, has_checkpoint, newest_intact
+from prx.checkpoint import (
+    checkpoint_config,
+    checkpoint_meta,
+    has_checkpoint,
+    newest_intact,
+    restore_training_state,
+    set_aside_damaged,
+)
 from prx.config import SECTIONS, Config
-from prx.config.model import ModelConfig
+from prx.config.model import same_model
 from prx.config.rules import check
-from prx.errors import CheckpointError, ConfigError
+from prx.config.safe_yaml import short
+from prx.distributed import all_agree, barrier
+from prx.errors import CheckpointDamaged, CheckpointError, ConfigError
 from prx.files import make_writable_dir
 from prx.rundir import RunDir
 
-# model fields that say how a run started, not what its weights are: they may differ on resume
-HOW_IT_STARTED = dict(text_dim=None, init_from=None, patch_bias_std=0.0, norm_eps=1e-6)
 CHOSEN_BY_THE_RUN = ("logging.sample_prompts",)  # null: the run chooses (and records) them, so null keeps its choice
 
 
@@ -32,6 +39,7 @@ class ResumePoint:
     step: int
     saved: Config  # the config its checkpoint was written with
     meta: dict  # its meta.json: step, format, files, and planned_steps when a time budget chose the count
+    changes: tuple = ()  # the config keys that differ from its saved config: (key, saved value, new value)
 
     @property
     def norm_eps(self) -> float:
@@ -71,13 +79,38 @@ def checkpoint_to_resume(run: RunDir, resume: bool | None, config: Config, log=p
     changes = resume_changes(saved, compared, point.step)
     if changes and is_main:  # they take effect; the trainer's config.yaml records them
         log(f"resuming with a changed config (recorded in {run.config}): {describe_changes(changes)}")
-    return point
+    return replace(point, changes=tuple(changes))
 
 
-def same_model(saved: ModelConfig, new: ModelConfig) -> bool:
-    """Whether a config's model is the saved run's (a text width left unset takes the run's)."""
-    return replace(saved, **HOW_IT_STARTED) == replace(new, **HOW_IT_STARTED) and (
-        new.text_dim is None or saved.text_dim == new.text_dim)
+def restore_intact(trainer) -> None:
+    """Restore the trainer from ``trainer.resume_from``. A checkpoint whose tensors turn out not to fit the config it
+    was written with (found only now, as its files pass the checks) is damaged: it is moved aside like one found
+    before, and the run resumes from the newest intact checkpoint before it, saying so. The checkpoint is the one a
+    divergence falls back to; a resume with changed settings (a lower LR) gets a fresh allowance of bad steps."""
+    for _ in range(100):
+        error = None
+        try:
+            restore_training_state(trainer, trainer.resume_from.path)
+        except CheckpointDamaged as e:
+            error = e
+        if all_agree(error is None, trainer.dist):
+            trainer.health.resumed(trainer.step)
+            if trainer.resume_from.changes:
+                trainer.bad_steps = 0
+            return
+        bad = trainer.resume_from.path
+        error = error or CheckpointDamaged(f"checkpoint '{bad}' is damaged (found by another rank)")
+        try:  # only when there is one to fall back to, as newest_intact does
+            newest_intact(trainer.rundir.checkpoints, lambda *a: None, move_aside=False, skip={bad.name})
+        except CheckpointError:
+            raise CheckpointDamaged(f"{error}; no intact checkpoint precedes it: start a new run with --out, or "
+                                    f"restore the files") from None
+        if trainer.dist.is_main:
+            trainer.log(f"warning: {error}; it is kept as {set_aside_damaged(bad)}")
+        barrier(trainer.dist)
+        trainer.resume_from = checkpoint_to_resume(trainer.rundir, True, trainer.config, trainer.log,
+                                                   trainer.dist.is_main)
+    raise CheckpointDamaged(f"no intact checkpoint under '{trainer.rundir.checkpoints}'")
 
 
 def _flat(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
@@ -115,8 +148,8 @@ def resume_changes(saved: Config, new: Config, step: int) -> list[tuple[str, Any
         owner = getattr(new, section, None)
         fixed = getattr(owner, "FIXED_ON_RESUME", ())
         if field_name.split(".")[0].split("[")[0] in fixed:
-            raise ConfigError(f"{key} cannot change in a resumed run ({before!r} → {after!r}): the run's checkpoints "
-                              f"depend on it; set it back, or use --out for a new run")
+            raise ConfigError(f"{key} cannot change in a resumed run ({short(before)} → {short(after)}): the run's "
+                              f"checkpoints depend on it; set it back, or use --out for a new run")
     for section_name in SECTIONS:
         section = getattr(new, section_name)
         if hasattr(section, "check_resume"):
@@ -147,4 +180,4 @@ def resume_changes(saved: Config, new: Config, step: int) -> list[tuple[str, Any
 
 
 def describe_changes(changes: list[tuple[str, Any, Any]]) -> str:
-    return ", ".join(f"{key} {before!r} → {after!r}" for key, before, after in changes)
+    return ", ".join(f"{key} {short(before)} → {short(after)}" for key, before, after in changes)

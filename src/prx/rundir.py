@@ -93,9 +93,13 @@ class RunDir:
 
 
 def inside_checkpoint(path: str | Path) -> Path | None:
-    """The checkpoint directory ``path`` lies in (or is), if any: only the trainer writes there."""
-    path = Path(path).resolve()
+    """The checkpoint directory ``path`` lies in (or is), or the ``checkpoints/`` directory of a run it is or lies in
+    (one with a ``latest`` link or a complete checkpoint): only the trainer writes there."""
+    path = Path(path).expanduser().resolve()
     for candidate in (path, *path.parents):
-        if candidate.parent.name == CHECKPOINTS and candidate.name.startswith("step_"):
+        if candidate.parent.name == CHECKPOINTS and candidate.name.startswith(("step_", ".tmp_step_")):
+            return candidate
+        if candidate.name == CHECKPOINTS and ((candidate / LATEST).is_symlink() or any(
+                (p / "meta.json").is_file() for p in candidate.glob("step_*"))):
             return candidate
     return None

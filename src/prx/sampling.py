@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from prx.config.model import ModelConfig
 from prx.config.sampling import SamplingConfig
 from prx.errors import PrxError
 from prx.flow import image_noise, shift_time, velocity
@@ -47,6 +48,19 @@ def check_request(count: int, sampling: SamplingConfig, batch_size: int) -> None
                        f"seed + {count - 1}), got {seed}")
 
 
+def sampling_bytes(model: ModelConfig, batch: int, height: int, width: int, steps: int, passes: int,
+                   text_tokens: int) -> int:
+    """An upper estimate of the memory a sampling batch needs beyond the weights: per image its buffers (noise, x,
+    the predictions, the velocities), and one block's activations of each of the ``passes`` images the model sees at
+    once per image (2 with classifier-free guidance; the attention kernel holds no tokens × tokens matrix), with the
+    text's keys and values; and the schedule of ``steps`` times. float32 throughout."""
+    pixels = 3 * height * width
+    tokens = (height // model.patch_size) * (width // model.patch_size)
+    hidden, mlp = model.hidden_dim, int(model.hidden_dim * model.mlp_ratio)
+    per_pass = tokens * (8 * hidden + 3 * mlp) + 2 * pixels + 2 * text_tokens * hidden
+    return 4 * batch * (12 * pixels + passes * per_pass) + 16 * (steps + 1)
+
+
 def sampling_schedule(steps: int, shift: float, kind: str = "linspace") -> Tensor:
     """Times from 1 (noise) to 0 (clean): (steps + 1,).
 
@@ -67,12 +81,12 @@ def sampling_schedule(steps: int, shift: float, kind: str = "linspace") -> Tenso
     return torch.cat([torch.from_numpy(sigmas).float(), torch.zeros(1)])
 
 
-def initial_noise(num_images: int, height: int, width: int, seed: int, noise_scale: float = 1.0,
+def initial_noise(num_images: int, height: int, width: int, seed: int | list[int], noise_scale: float = 1.0,
                   noise_offset: float = 0.0) -> Tensor:
-    """Image i's starting noise depends only on (seed + i), never on the batch it is sampled in;
-    drawn like the training noise (``objective.noise_scale``, ``noise_offset``)."""
-    noise = [image_noise((3, height, width), torch.Generator().manual_seed(seed + i), noise_offset)
-             for i in range(num_images)]
+    """Image i's starting noise depends only on (seed + i) (or on ``seed[i]``, a seed per image), never on the batch
+    it is sampled in; drawn like the training noise (``objective.noise_scale``, ``noise_offset``)."""
+    seeds = seed if isinstance(seed, list) else [seed + i for i in range(num_images)]
+    noise = [image_noise((3, height, width), torch.Generator().manual_seed(s), noise_offset) for s in seeds]
     return torch.stack(noise) * noise_scale
 
 
@@ -135,9 +149,10 @@ def sample(
     shift: float = 1.0,
     t_clamp: float = 0.05,
     schedule: str = "linspace",
+    progress: Callable[[], None] | None = None,
 ) -> Tensor:
     """Integrate from noise (t = 1) to an image (t = 0) over ``sampling_schedule(steps, shift, schedule)``,
-    without gradients; returns x in about [-1, 1]."""
+    without gradients; returns x in about [-1, 1]. ``progress`` is called after each step."""
     if sampler not in ("euler", "heun"):
         raise ValueError(f"unknown sampler '{sampler}': use 'euler' or 'heun'")
     times = sampling_schedule(steps, shift, schedule).to(noise.device)
@@ -152,6 +167,8 @@ def sample(
                 x = x + (t_next - t) * 0.5 * (v + v_next)
             else:
                 x = x_euler
+            if progress is not None:
+                progress()
     return x
 
 

@@ -43,6 +43,6 @@ def teacher_shape(name: str) -> SimpleNamespace | None:
     try:  # a local directory or a hub id in the cache: its config.json
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(ident, local_files_only=True)
+        return AutoConfig.from_pretrained(ident, local_files_only=True, trust_remote_code=False)
     except Exception:
         return None

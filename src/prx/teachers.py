@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prx.errors import PrxError
+from prx import hub
 from prx.stand_ins import stand_in_path
 from prx.teacher_shapes import GATED, IMAGENET_MEAN, IMAGENET_STD, STAND_INS, TEACHER_IDS, TEACHER_SHAPES, teacher_shape  # noqa: F401
 
@@ -37,42 +36,21 @@ def resolve_teacher(name: str) -> str:
 
 
 def hf_cache_dir() -> str:
-    from huggingface_hub import constants
-
-    return str(constants.HF_HUB_CACHE)
+    return hub.cache_dir()
 
 
-def _missing_teacher_message(name: str, ident: str, detail: str) -> str:
-    if Path(ident).is_dir():
-        return (f"teacher '{name}' could not be loaded from the local directory {ident} ({detail}): it must hold the "
-                f"config.json and model.safetensors written by save_pretrained")
-    gated = (" (gated: accept its licence on huggingface.co and log in with `hf auth login` first)"
-             if ident in GATED else "")
-    return (
-        f"teacher '{name}' (hub id {ident}) is not available offline: looked for a local directory '{ident}' and in "
-        f"the Hugging Face cache {hf_cache_dir()} ({detail}). Download it once on a machine with network with "
-        f"`hf download {ident}`{gated} (set HF_HOME to share the cache), or pass a local directory that holds "
-        f"config.json and model.safetensors"
-    )
-
-
-def load_hf_vision_model(name: str, dtype: torch.dtype = torch.float32):
-    """A DINOv2 / DINOv2-with-registers / DINOv3 ViT from a short name, hub id or local directory."""
+def load_hf_vision_model(name: str, dtype: torch.dtype = torch.float32, option: str = "repa.teacher"):
+    """A DINOv2 / DINOv2-with-registers / DINOv3 ViT from a short name, hub id or local directory (:func:`prx.hub.load`:
+    the directory or the cache first, no code from its files, one line when it is missing)."""
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     ident = resolve_teacher(name)
-    try:
-        return AutoModel.from_pretrained(ident, dtype=dtype, local_files_only=True)
-    except (OSError, ValueError) as local_error:
-        if Path(ident).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise PrxError(_missing_teacher_message(name, ident, str(local_error).splitlines()[0][:120])) from None
-    try:  # not cached: one download attempt (a machine with network and, for gated models, a token)
-        return AutoModel.from_pretrained(ident, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise PrxError(_missing_teacher_message(name, ident, str(e).splitlines()[0][:120])) from None
+    return hub.load(lambda source, local: AutoModel.from_pretrained(source, dtype=dtype, local_files_only=local,
+                                                                    trust_remote_code=False),
+                    name, ident, "teacher", f"{option}=DIR", gated=ident in GATED)
 
 
 def aspect_grid(height: int, width: int, tokens: int) -> tuple[int, int]:
@@ -100,8 +78,8 @@ class VisionTeacher(nn.Module):
         self.train(False)
 
     @classmethod
-    def load(cls, name: str, dtype: torch.dtype = torch.float32) -> "VisionTeacher":
-        return cls(load_hf_vision_model(name, dtype))
+    def load(cls, name: str, dtype: torch.dtype = torch.float32, option: str = "repa.teacher") -> "VisionTeacher":
+        return cls(load_hf_vision_model(name, dtype, option))
 
     def train(self, mode: bool = True) -> "VisionTeacher":
         # Always eval: DINOv3 jitters its RoPE coordinates in training mode.

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from prx import hub
 from prx.config.data import TextConfig
 from prx.config.model import ModelConfig
 from prx.config.pretrained import pipeline_text_parts
@@ -49,7 +50,8 @@ def text_width(name: str) -> int | None:
     try:
         from transformers import AutoConfig
 
-        cfg = AutoConfig.from_pretrained(pipeline_text_parts(os.path.expanduser(name))[0], local_files_only=True)
+        cfg = AutoConfig.from_pretrained(pipeline_text_parts(os.path.expanduser(name))[0], local_files_only=True,
+                                         trust_remote_code=False)
     except Exception:
         return None
     if getattr(cfg, "model_type", "") == "t5gemma":
@@ -163,7 +165,7 @@ def _load_encoder(path: str, dtype, local_files_only: bool, num_layers: int | No
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    kw = {"local_files_only": local_files_only}
+    kw = {"local_files_only": local_files_only, "trust_remote_code": False}  # never code from the model's files
     path, tokenizer_path = pipeline_text_parts(path)  # a diffusers pipeline directory: text_encoder/, tokenizer/
     config = AutoConfig.from_pretrained(path, **kw)
     model_type = getattr(config, "model_type", "")
@@ -207,20 +209,10 @@ class TextEncoder:
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         path = resolve_encoder(name)
-        try:  # the local directory or Hugging Face cache first: no network needed once downloaded
-            self.tokenizer, self.model = _load_encoder(path, self.dtype, True, num_layers)
-        except (OSError, ValueError):
-            self.tokenizer = None
-        try:
-            if self.tokenizer is None:
-                self.tokenizer, self.model = _load_encoder(path, self.dtype, False, num_layers)
-        except (OSError, ValueError) as e:
-            where = "a local directory" if Path(path).exists() else "not a local directory"
-            raise PrxError(
-                f"text encoder '{name}' could not be loaded ({where}; {str(e).splitlines()[0][:160]}). "
-                f"Download it once with `hf download {name}` (it is then found offline in the Hugging Face cache), "
-                f"or set text.encoder to a local directory holding config.json, the weights and the tokenizer"
-            ) from None
+        # the local directory or Hugging Face cache first (no network once downloaded); no code from its files
+        self.tokenizer, self.model = hub.load(
+            lambda source, local: _load_encoder(source, self.dtype, local, num_layers), name, path, "text encoder",
+            "text.encoder=DIR")
         self.model.requires_grad_(False).eval().to(self.device)
         self.cache_size = cache_size
         self.cache_bytes = int(cache_gib * 2**30)

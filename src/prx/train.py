@@ -23,14 +23,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prx.checkpoint import CheckpointWriter, restore_training_state, training_state
+from prx.checkpoint import CheckpointWriter, training_state
 from prx.config import Config, StageConfig
 from prx.data.sources import build_source, sample_prompts
 from prx.device import keep_freed_memory, set_threads, to_device
 from prx.diffusers_io import load_init_weights
 from prx.distributed import all_agree, full_value, gradient_sync, init_distributed, parallelize, reshard
+from prx.divergence import Health, count_bad_step, ended_diverging
 from prx.ema import EMA
-from prx.errors import TrainingError
 from prx.execution import ExecutionPlan, block_shapes, plan_training
 from prx.flow import add_noise, flow_loss, sample_noise, sample_timesteps, step_seed
 from prx.lifecycle import RunClock, RunLock, StopSignals, out_of_memory_error, preflight
@@ -39,7 +39,7 @@ from prx.metrics.during_training import TrainingEval
 from prx.model import PRX, projected_text_rows, token_grid
 from prx.optim import MultiOptimizer, build_optimizer, lr_scale, param_groups_from_config
 from prx.pipeline import Pipeline
-from prx.resume import ResumePoint, checkpoint_to_resume
+from prx.resume import ResumePoint, checkpoint_to_resume, restore_intact
 from prx.rundir import RunDir
 from prx.seed_api import groups_after_sharding, recipe_tricks, resolve_components
 from prx.text import TextEncoder, text_model_config
@@ -77,6 +77,7 @@ class Trainer:
         self.lock: RunLock | None = None
         self.micro_batch_size = self.config.train.micro_batch_size  # `prx bench --largest-micro-batch` tries others
         self.step = self.bad_steps = 0
+        self.health = Health(self.config.train.divergence_factor)  # bad steps, confirmed checkpoints
         self.planned_steps: int | None = None  # the step count a time budget chose
 
     @property
@@ -97,7 +98,7 @@ class Trainer:
             self._build()
             self._parallelize()
             if self.resume_from is not None:
-                restore_training_state(self, self.resume_from.path)
+                restore_intact(self)  # (a checkpoint found damaged only now gives way to the one before it)
                 self.planned_steps = self.resume_from.planned_steps(self.config)
             if self.dist.is_main:
                 self.run_config.save(self.rundir.config)  # with the changes a resume took (they take effect now)
@@ -242,12 +243,12 @@ class Trainer:
         clip = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip > 0 else math.inf
         grad_norm = full_value(torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), clip))
         # The step's one sync: the losses and the (global) gradient norm. Every rank drops a step any rank found
-        # non-finite, before the optimizer sees its gradients.
+        # non-finite, or whose loss or gradient norm blew up (prx.divergence), before the optimizer sees its gradients.
         with self.timer("device read"):  # (prx bench times the host's wait here)
             grad_norm, *values = torch.stack([grad_norm.float(), *totals.values()]).tolist()
         losses = dict(zip(totals, values))
-        if not all_agree(all(map(math.isfinite, [grad_norm, *values])), self.dist):
-            return self._skip(losses, grad_norm)
+        if (reason := self.health.judge_step(step, stage_index, losses, grad_norm, self.dist)) is not None:
+            return self._skip(losses, grad_norm, reason)
 
         scale = lr_scale(step, self.total_steps, cfg.optimizer)
         self.optimizer.set_lr_scale(scale)
@@ -259,17 +260,10 @@ class Trainer:
         return StepResult(sum(values), losses, grad_norm, scale * cfg.optimizer.lr, image_size=tuple(images.shape[-2:]),
                           text_length=text.mask.shape[1], text_tokens=text_tokens / per_rank)
 
-    def _skip(self, losses: dict[str, float], grad_norm: float) -> StepResult:
-        """A non-finite loss or gradient: drop the update, count it, stop if it keeps happening."""
+    def _skip(self, losses: dict[str, float], grad_norm: float, reason: str) -> StepResult:
+        """A bad step: drop the update, count it, stop if it keeps happening (prx.divergence.count_bad_step)."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.bad_steps += 1
-        bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
-        which = ", ".join(f"{k}={v:.3g}" for k, v in bad.items()) or f"grad norm {grad_norm:.3g}"
-        if self.bad_steps > self.config.train.max_bad_steps:
-            raise TrainingError(f"{self.bad_steps} steps had a non-finite loss or gradient (last: {which}; limit "
-                                f"train.max_bad_steps={self.config.train.max_bad_steps}): lower optimizer.lr or raise "
-                                f"optimizer.warmup_steps, then resume from {self.rundir.latest}")
-        return StepResult(sum(losses.values()) if bad else grad_norm, {}, skipped=True)
+        return StepResult(count_bad_step(self, losses, grad_norm, reason), {}, skipped=True)
 
     # -- The loop ------------------------------------------------------------------------------------------------------
 
@@ -360,8 +354,13 @@ class Trainer:
         return self.signals.exit_code if self.stop_reason and self.stop_reason.startswith("stopped by") else 0
 
     def save(self, wait: bool = False) -> Path | None:
+        """Write a checkpoint of this step, unless the last step was bad (its weights just gave a bad loss)."""
+        if self.health.last_bad:
+            return None
         meta = {"planned_steps": self.planned_steps} if self.planned_steps else None  # a time budget's count, kept
+        self.checkpoints.protect = self.health.confirmed  # pruning keeps it
         path = self.checkpoints.save(self.step, training_state(self), self.run_config, meta, log=self.log)
+        self.health.saved(self.step)
         return self.checkpoints.wait() if wait and path is None else path
 
     def sample_grid(self) -> Path | None:
@@ -389,12 +388,13 @@ class Trainer:
     def _finish(self, reason: str) -> Path:
         self.checkpoints.wait()
         unchanged = self.resume_from is not None and self.step == self.resume_from.step
-        path = self.resume_from.path if unchanged else self.save(wait=True)
+        path = ended_diverging(self) if self.health.last_bad else (
+            self.resume_from.path if unchanged else self.save(wait=True))
         if self.bad_steps:
             self.log(f"warning: {self.bad_steps} steps were skipped for non-finite loss or gradients")
         if self.data.skipped:
             self.log(f"warning: {sum(self.data.skipped.values())} samples could not be loaded and were replaced "
                      f"({', '.join(f'{k}: {v}' for k, v in self.data.skipped.items())})")
         self.log(f"{reason} at step {self.step}/{self.total_steps}")
-        self.log(f"checkpoint: {self.rundir.latest} -> {path.name}")
+        self.log(f"checkpoint: {self.rundir.latest} -> {path.name}" if path else "checkpoint: none")
         return path

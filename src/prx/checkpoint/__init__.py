@@ -30,7 +30,7 @@ State, by key (:func:`training_state`)::
     optimizer.state.*                          Muon and Adam state tensors (torch's get_state_dict layout)
     ema.model.*                                the EMA copy of the denoiser: what sampling uses
     rng.torch                                  the CPU generator's state, as a uint8 tensor
-    state.json: trainer.step, trainer.bad_steps, ema.num_updates, data.* (the data source's exact position)
+    state.json: trainer.step, trainer.bad_steps, trainer.health, ema.num_updates, data.* (the data position)
 
 A damaged checkpoint (a truncated or altered file, unreadable ``meta.json`` / ``state.json`` /
 ``config.yaml``) is reported as damaged, naming the file; training then resumes from the newest
@@ -49,6 +49,8 @@ from prx.checkpoint.read import (
                                  has_checkpoint,
                                  load_checkpoint,
                                  newest_intact,
+                                 open_checkpoint,
+                                 set_aside_damaged,
                                  verify_checkpoint,
 )
 from prx.checkpoint.state import load_weights, restore_training_state, split_state, training_state
@@ -57,5 +59,5 @@ from prx.rundir import LATEST, step_dir_name, step_of
 
 __all__ = ["CONFIG", "DAMAGED_PREFIX", "FORMAT", "LATEST", "META", "STATE", "CheckpointWriter", "checkpoint_config",
            "checkpoint_meta", "find_checkpoint", "has_checkpoint", "load_checkpoint", "load_weights", "make_room",
-           "newest_intact", "restore_training_state", "split_state", "step_dir_name", "step_of", "training_state",
-           "verify_checkpoint", "write_failure"]
+           "newest_intact", "open_checkpoint", "restore_training_state", "set_aside_damaged", "split_state",
+           "step_dir_name", "step_of", "training_state", "verify_checkpoint", "write_failure"]

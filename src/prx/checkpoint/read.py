@@ -4,10 +4,13 @@ safetensors files, everything else from JSON and YAML."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import shutil
 import struct
+import sys
 import warnings
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from prx.checkpoint.legacy import legacy_reader, legacy_values, read_legacy_metadata
 from prx.config import Config, config_from_saved, read_yaml
+from prx.config.model import ModelConfig, same_model
 from prx.errors import CheckpointDamaged, CheckpointError, ConfigError, PrxError
 from prx.rundir import RunDir, step_of
 
@@ -68,29 +72,70 @@ def has_checkpoint(run_dir: str | Path) -> bool:
     return root.is_dir() and bool(_step_dirs(root))
 
 
-def newest_intact(root: Path, log=print, move_aside: bool = True) -> Path:
-    """The newest checkpoint under ``root`` that :func:`verify_checkpoint` accepts. Damaged newer ones
-    are reported (and, with ``move_aside``, renamed to ``.damaged_step_N`` so nothing reads them again)."""
+def newest_intact(root: Path, log=print, move_aside: bool = True, skip: set[str] | frozenset = frozenset(),
+                  verb: str = "resuming from") -> Path:
+    """The newest checkpoint under ``root`` that :func:`verify_checkpoint` accepts (not named in ``skip``). Damaged
+    newer ones are reported (and, with ``move_aside``, renamed to ``.damaged_step_N`` so nothing reads them again)."""
     damaged: list[tuple[Path, CheckpointDamaged]] = []
-    for path in reversed(_step_dirs(root)):
+    for path in reversed([p for p in _step_dirs(root) if p.name not in skip]):
         try:
             verify_checkpoint(path)
         except CheckpointDamaged as e:
             damaged.append((path, e))
             continue
         for bad, error in damaged:
-            aside = root / f"{DAMAGED_PREFIX}{bad.name}"
-            if move_aside:
-                shutil.rmtree(aside, ignore_errors=True)
-                try:
-                    os.rename(bad, aside)
-                except OSError:
-                    pass  # another rank moved it
-            log(f"warning: {error}; resuming from {path.name}, the newest intact checkpoint"
+            aside = set_aside_damaged(bad) if move_aside else None
+            log(f"warning: {error}; {verb} {path.name}, the newest intact checkpoint"
                 + (f" (the damaged one is kept as {aside})" if move_aside else ""))
         return path.resolve()
     raise CheckpointDamaged(f"no intact checkpoint under '{root}' ({damaged[0][1]}): start a new run with --out, or "
                             f"restore the files") if damaged else CheckpointError(f"no checkpoint under '{root}'")
+
+
+def set_aside_damaged(path: Path) -> Path:
+    """Rename a damaged checkpoint to ``.damaged_step_N`` beside it, so nothing reads it again."""
+    aside = path.parent / f"{DAMAGED_PREFIX}{path.name}"
+    shutil.rmtree(aside, ignore_errors=True)
+    try:
+        os.rename(path, aside)
+    except OSError:
+        pass  # another rank moved it
+    return aside
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def open_checkpoint(path: str | Path, use, log=_warn):
+    """``use(checkpoint directory)`` for the checkpoint ``path`` names. A checkpoint directory is used as it is (a
+    damaged one is an error naming its file). A run directory (or its ``checkpoints/``) gives its newest intact
+    checkpoint; one found damaged while it is read, or pruned meanwhile by the training that writes the run, gives
+    way to the next newest, saying so (``sample``, ``eval`` and ``export`` on a run that is training)."""
+    path = Path(path)
+    if path.exists() and not _is_complete(path):
+        root = next((r for r in (RunDir(path).checkpoints, path) if r.is_dir() and _step_dirs(r)), None)
+        skip: set[str] = set()
+        failure: BaseException | None = None
+        for _ in range(8) if root is not None else ():
+            try:
+                ckpt = newest_intact(root, log, move_aside=False, skip=skip, verb="using")
+            except CheckpointError:
+                if failure is not None:  # none left besides the one that failed: its error
+                    raise failure from None
+                raise
+            if failure is not None:
+                log(f"warning: {failure}; using {ckpt.name}")
+            try:
+                return use(ckpt)
+            except (CheckpointError, OSError) as e:
+                gone = not (ckpt / META).is_file()
+                if not (gone or isinstance(e, CheckpointDamaged)):
+                    raise
+                skip.add(ckpt.name)
+                failure = CheckpointError(f"{ckpt.name} was removed while it was read (pruned by the training that "
+                                          f"writes the run)") if gone else e
+    return use(find_checkpoint(path))
 
 
 def checkpoint_config(path: str | Path) -> Config:
@@ -124,8 +169,14 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _check_safetensors(path: Path, size: int) -> None:
-    """The file's JSON header parses and its tensors end exactly at the end of the file."""
+_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+
+
+def read_safetensors_header(path: Path, size: int) -> tuple[bytes, dict]:
+    """A tensor file's JSON header (its bytes and parsed), checked against the file: every tensor's byte range
+    holds exactly its dtype × shape, the ranges tile the data without gaps or overlaps, and the data ends at the end
+    of the file. Anything else is :class:`CheckpointDamaged`, naming the file and the tensor."""
     ckpt = path.parent
     with open(path, "rb") as f:
         head = f.read(8)
@@ -135,16 +186,33 @@ def _check_safetensors(path: Path, size: int) -> None:
         if n > min(size - 8, 256 * 2**20):
             raise CheckpointDamaged.at(ckpt, f"{path.name} has a corrupt header (claims {n} header bytes in a "
                                              f"{size}-byte file)")
-        try:
-            header = json.loads(f.read(n))
-            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-            raise CheckpointDamaged.at(ckpt, f"{path.name} has a corrupt header (not a safetensors JSON "
-                                             f"header)") from None
-    if 8 + n + max(ends, default=0) != size:
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+        ranges = sorted((int(v["data_offsets"][0]), int(v["data_offsets"][1]), k, v)
+                        for k, v in header.items() if k != "__metadata__")
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise CheckpointDamaged.at(ckpt, f"{path.name} has a corrupt header (not a safetensors JSON header)") from None
+    end = 0
+    for start, stop, name, info in ranges:
+        shape, itemsize = info.get("shape"), _ITEMSIZE.get(info.get("dtype"))
+        if itemsize is None or not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise CheckpointDamaged.at(ckpt, f"{path.name} has a corrupt header (tensor '{name}' has no valid dtype "
+                                             f"and shape)")
+        if start != end or stop - start != math.prod(shape) * itemsize:
+            raise CheckpointDamaged.at(ckpt, f"{path.name} has a corrupt header (tensor '{name}': shape {shape} "
+                                             f"{info.get('dtype')} does not match its bytes {start}..{stop})")
+        end = stop
+    if 8 + n + end != size:
         raise CheckpointDamaged.at(ckpt, f"{path.name} is truncated or has extra bytes ({size} bytes, its header "
-                                         f"describes "
-                             f"{8 + n + max(ends, default=0)})")
+                                         f"describes {8 + n + end})")
+    return raw, header
+
+
+def header_digest(raw: bytes) -> str:
+    """What meta.json records of each tensor file's header (``headers``): a header altered later, even one that
+    still describes its bytes, no longer matches."""
+    return hashlib.sha256(raw).hexdigest()
 
 
 def verify_checkpoint(path: Path) -> dict:
@@ -180,7 +248,11 @@ def _verify(path: Path) -> dict:
             if actual != size:
                 raise CheckpointDamaged.at(path, f"{name} is truncated or altered ({actual} bytes, written with "
                                                  f"{size})")
-            _check_safetensors(file, actual)
+            raw, _ = read_safetensors_header(file, actual)
+            recorded = (meta.get("headers") or {}).get(name)  # (not in checkpoints of older prx versions)
+            if recorded is not None and recorded != header_digest(raw):
+                raise CheckpointDamaged.at(path, f"{name} has a header that differs from the one it was written with "
+                                                 f"(tensor names, shapes or offsets altered)")
         extra = sorted(p.name for p in path.glob("*.safetensors") if p.name not in files)
         if extra:
             raise CheckpointDamaged.at(path, f"{extra[0]} was not written with it (an extra tensor file)")
@@ -225,9 +297,11 @@ def _tensor_leaves(state: dict) -> dict:
     return out
 
 
-def load_checkpoint(path: str | Path, state: dict) -> dict:
+def load_checkpoint(path: str | Path, state: dict, model_config: ModelConfig | None = None) -> dict:
     """Fill the tensors of ``state`` in place from a checkpoint (only the keys present in ``state`` are
-    read); returns the checkpoint's other values (state.json: step, counters, data position)."""
+    read); returns the checkpoint's other values (state.json: step, counters, data position). ``model_config``: the
+    model ``state`` belongs to; a tensor that does not fit it, in a checkpoint written with that very model, makes
+    the checkpoint damaged, not "of a different model config"."""
 
     path = find_checkpoint(path)
     meta = verify_checkpoint(path)
@@ -257,6 +331,11 @@ def load_checkpoint(path: str | Path, state: dict) -> dict:
             if marker in detail:
                 detail = detail[detail.rindex(marker):]  # the last one: DCP's message after its traceback
                 break
+        if not (path / META).is_file():
+            raise CheckpointDamaged.at(path, "its files were removed while they were read") from None
+        if model_config is not None and same_model(checkpoint_config(path).model, model_config):
+            raise CheckpointDamaged.at(path, f"its tensor files do not match the model config it was written with "
+                                             f"({detail[:160]})") from None
         raise CheckpointError(
             f"checkpoint '{path}' does not fit this model ({detail[:200]}): it was written with a different "
             f"model config; sample it with its own config or start a new run with --out"

@@ -5,7 +5,8 @@
     optimizer.state.*                          Muon and Adam state tensors (torch's get_state_dict layout)
     ema.model.*                                the EMA copy of the denoiser: what sampling uses
     rng.torch                                  the CPU generator's state, as a uint8 tensor
-    state.json: trainer.step, trainer.bad_steps, ema.num_updates, data.* (the data source's exact position)
+    state.json: trainer.step, trainer.bad_steps, trainer.health (the divergence watch's reference window),
+                ema.num_updates, data.* (the data source's exact position)
 
 The optimizers' hyperparameters are not saved: they come from the config, so a changed ``optimizer.lr`` takes
 effect on resume.
@@ -33,7 +34,7 @@ def training_state(trainer) -> dict:
         "model": model_state,
         "optimizer": {"state": optim_state["state"]},
         "ema": trainer.ema.state_dict(),
-        "trainer": {"step": trainer.step, "bad_steps": trainer.bad_steps},
+        "trainer": {"step": trainer.step, "bad_steps": trainer.bad_steps, "health": trainer.health.state_dict()},
         "data": trainer.data.state_dict(),
         "rng": {"torch": torch.get_rng_state()},
     }
@@ -44,7 +45,7 @@ def restore_training_state(trainer, path: Path) -> None:
     model_state, optim_state = get_state_dict(trainer.trainable, trainer.optimizer.optimizers)
     tensors = {"model": model_state, "optimizer": {"state": optim_state["state"]},
                "ema": {"model": trainer.ema.model.state_dict()}, "rng": {"torch": torch.get_rng_state()}}
-    values = load_checkpoint(path, tensors)
+    values = load_checkpoint(path, tensors, trainer.model_config)
     # the param groups (lr, base_lr, betas, ...) stay this run's: only the optimizers' state tensors are loaded
     optim = {"state": tensors["optimizer"]["state"], "param_groups": optim_state["param_groups"]}
     set_state_dict(trainer.trainable, trainer.optimizer.optimizers, model_state_dict=tensors["model"],
@@ -54,6 +55,8 @@ def restore_training_state(trainer, path: Path) -> None:
         trainer.ema.load_state_dict({"model": tensors["ema"]["model"], "num_updates": num_updates})
         trainer.step = int(values["trainer"]["step"])
         trainer.bad_steps = int(values["trainer"]["bad_steps"])
+        health = values["trainer"].get("health", {})  # (not in checkpoints of older prx versions)
+        trainer.health.load_state_dict(health if isinstance(health, dict) else {"window": None})
         data = values.get("data", {})
         if not isinstance(data, dict):
             raise TypeError("data")
@@ -74,7 +77,7 @@ def load_weights(path: str | Path, model: torch.nn.Module, weights: str = "ema")
     else:
         state = {"model": {f"denoiser.{k}": v for k, v in tensors.items()}}
     path = find_checkpoint(path)
-    load_checkpoint(path, state)
+    load_checkpoint(path, state, getattr(model, "config", None))
     return path
 
 

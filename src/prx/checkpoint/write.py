@@ -17,21 +17,25 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
-from prx.checkpoint.read import CONFIG, FORMAT, META, STATE, _step_dirs
+from prx.checkpoint.read import CONFIG, FORMAT, META, STATE, _step_dirs, header_digest, read_safetensors_header
 from prx.checkpoint.state import split_state
 from prx.config import Config
 from prx.distributed import DistInfo, all_agree, barrier
 from prx.errors import CheckpointNotWritten, os_errors_behind
-from prx.rundir import LATEST, RunDir, step_dir_name
+from prx.rundir import LATEST, RunDir, step_dir_name, step_of
 
 
-def _finalize(root: Path, tmp: Path, step: int, config: Config, keep: int, meta: dict) -> Path:
-    """Make a fully written checkpoint visible: metadata, rename into place, switch `latest`, prune."""
+def _finalize(root: Path, tmp: Path, step: int, config: Config, keep: int, meta: dict,
+              protect: int | None = None) -> Path:
+    """Make a fully written checkpoint visible: metadata, rename into place, switch `latest`, prune (never the
+    checkpoint of step ``protect``: a diverging run's newest confirmed one, prx.divergence)."""
     name = step_dir_name(step)
     final = root / name
     files = {p.name: p.stat().st_size for p in sorted(tmp.glob("*.safetensors"))}
+    headers = {name: header_digest(read_safetensors_header(tmp / name, size)[0]) for name, size in files.items()}
     config.save(tmp / CONFIG)
-    (tmp / META).write_text(json.dumps({"step": step, "time": time.time(), "format": FORMAT, "files": files, **meta}))
+    (tmp / META).write_text(json.dumps({"step": step, "time": time.time(), "format": FORMAT, "files": files,
+                                        "headers": headers, **meta}))
     if final.exists():  # the same step written again (e.g. after a resume): replace it
         trash = root / f".old_{name}"
         shutil.rmtree(trash, ignore_errors=True)
@@ -46,7 +50,8 @@ def _finalize(root: Path, tmp: Path, step: int, config: Config, keep: int, meta:
     os.symlink(name, link_tmp)
     os.replace(link_tmp, root / LATEST)
     for old in _step_dirs(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if step_of(old) != protect:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -65,11 +70,11 @@ def _free_bytes(path: Path) -> int | None:
         return None
 
 
-def make_room(root: Path, keep: int, log=print, free_bytes=_free_bytes) -> None:
+def make_room(root: Path, keep: int, log=print, free_bytes=_free_bytes, protect: int | None = None) -> None:
     """Before a save, where the disk has less room than the newest checkpoint takes: delete, oldest first, the
     checkpoints this save would prune once complete (``keep``: ``train.keep_checkpoints``), until it fits. The
-    newest is never among them, so a failed write still leaves it. A run then needs room for ``keep``
-    checkpoints at the peak instead of ``keep`` + 1."""
+    newest is never among them, so a failed write still leaves it, nor is the checkpoint of step ``protect``. A run
+    then needs room for ``keep`` checkpoints at the peak instead of ``keep`` + 1."""
     steps = _step_dirs(root)
     if not steps:
         return
@@ -77,6 +82,8 @@ def make_room(root: Path, keep: int, log=print, free_bytes=_free_bytes) -> None:
     for old in steps[:len(steps) - max(keep - 1, 1)]:
         if free is None or free >= need:
             return
+        if step_of(old) == protect:
+            continue
         shutil.rmtree(old, ignore_errors=True)
         log(f"checkpoint: {_size(free)} free in {root}, less than {steps[-1].name} takes ({_size(need)}): "
             f"removed {old.name} first, which this save would have removed (train.keep_checkpoints={keep})")
@@ -113,6 +120,7 @@ class CheckpointWriter:
         self.asynchronous = asynchronous
         self.pending = None  # (future, tmp, step, config, meta)
         self.last: Path | None = None
+        self.protect: int | None = None  # a checkpoint step pruning must keep (the trainer's newest confirmed one)
         self.group = None
         if not self.info.enabled:
             # one process: DCP warns on every save that there is no process group, also from the
@@ -134,7 +142,7 @@ class CheckpointWriter:
         if self.info.is_main:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
-                make_room(self.root, self.keep, log)
+                make_room(self.root, self.keep, log, protect=self.protect)
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir()
                 (tmp / STATE).write_text(json.dumps(values, indent=1))
@@ -161,7 +169,7 @@ class CheckpointWriter:
         failure = None
         if self.info.is_main:
             try:
-                _finalize(self.root, tmp, step, config, self.keep, meta)
+                _finalize(self.root, tmp, step, config, self.keep, meta, self.protect)
             except OSError as error:
                 failure = error
         if not all_agree(failure is None, self.info):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -25,11 +26,14 @@ def check_sampling_args(args: argparse.Namespace, count: int, batch_size: int = 
                   batch_size)
 
 
-def read_prompts(args: argparse.Namespace) -> list[str]:
+def read_prompts(args: argparse.Namespace) -> tuple[list[str], list[int]]:
+    """The prompts of ``--prompt`` (repeatable) or ``--prompts FILE``, with each one's number: its position, or in a
+    file its line (0-based). Blank lines of a file are skipped but keep their numbers, so image NNNN.png is always
+    line NNNN + 1 (and has that line's noise), and a note says which were skipped."""
     if not args.prompts:
         if not args.prompt:
             raise PrxError("no prompt given: use --prompt TEXT (repeatable) or --prompts FILE")
-        return args.prompt
+        return args.prompt, list(range(len(args.prompt)))
     path = Path(args.prompts)
     if not path.exists() or path.is_dir():
         raise PrxError(f"prompts file '{path}' does not exist: give a text file with one prompt per line")
@@ -41,7 +45,13 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     except UnicodeDecodeError as e:
         raise PrxError(f"prompts file '{path}' is not UTF-8 text (byte {e.start}: {e.reason}): give a text file "
                        f"with one prompt per line") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
+    lines = text.splitlines()
+    numbers = [i for i, line in enumerate(lines) if line.strip()]
+    if not numbers:
         raise PrxError(f"prompts file '{path}' has no prompts: write one prompt per line")
-    return prompts
+    blank = [i + 1 for i, line in enumerate(lines[: numbers[-1]]) if not line.strip()]
+    if blank:
+        shown = ", ".join(map(str, blank[:10])) + (", …" if len(blank) > 10 else "")
+        print(f"note: {len(blank)} blank line(s) of {path} skipped (line {shown}); images keep their line's number: "
+              f"NNNN.png is line NNNN + 1", file=sys.stderr)
+    return [lines[i].strip() for i in numbers], numbers

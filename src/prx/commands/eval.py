@@ -8,7 +8,6 @@ import json
 import time
 from pathlib import Path
 
-from prx.checkpoint import checkpoint_config, checkpoint_meta, find_checkpoint
 from prx.commands.common import check_sampling_args, sampling_from_args
 from prx.device import resolve_device
 from prx.distributed import init_distributed
@@ -23,16 +22,18 @@ from prx.rundir import RunDir
 
 
 def run(args: argparse.Namespace) -> int:
+    if str(args.checkpoint).endswith(".safetensors"):
+        raise PrxError(f"--checkpoint {args.checkpoint}: prx eval takes a checkpoint or run directory (its results go "
+                       f"beside the run), not an exported weights file")
     if args.data:
         return run_real(args)
     if args.metrics:
         raise PrxError("--metrics needs --data (held-out shards); without --data, prx eval judges the shapes world")
     check_sampling_args(args, 400_000)  # four prompt sets, seeds seed + 100000·k + i
-    ckpt = find_checkpoint(args.checkpoint)
-    step = checkpoint_meta(ckpt)["step"]
-    check_shapes_run(checkpoint_config(ckpt), args.checkpoint)
+    pipe = Pipeline.from_checkpoint(args.checkpoint, weights=args.weights, device=args.device)
+    ckpt, step = pipe.checkpoint, pipe.step
+    check_shapes_run(pipe.config, args.checkpoint)
     out = make_writable_dir(Path(args.out) if args.out else RunDir.of_checkpoint(ckpt).eval_dir(step))
-    pipe = Pipeline.from_checkpoint(ckpt, weights=args.weights, device=args.device)
     print(f"evaluating {ckpt} (step {step}, {args.weights} weights) …", flush=True)
     results = evaluate(pipe, out, sampling_from_args(args, pipe.config.sampling))
     results.update(checkpoint=str(ckpt), step=step, weights=args.weights)
@@ -66,10 +67,9 @@ def run_real(args: argparse.Namespace) -> int:
     check_sample_count(names, len(heldout))
     info = init_distributed(resolve_device(args.device))
     extractors = build_extractors(names, args.inception_weights, args.clip_model, args.dino_model, info.device)
-    ckpt = find_checkpoint(args.checkpoint)
-    step = checkpoint_meta(ckpt)["step"]
+    pipe = Pipeline.from_checkpoint(args.checkpoint, weights=args.weights, device=str(info.device))
+    ckpt, step = pipe.checkpoint, pipe.step
     out = make_writable_dir(Path(args.out) if args.out else RunDir.of_checkpoint(ckpt).real_eval_dir(step))
-    pipe = Pipeline.from_checkpoint(ckpt, weights=args.weights, device=str(info.device))
     main = info.rank == 0
     if main:
         print(f"evaluating {ckpt} (step {step}, {args.weights} weights) on {len(heldout)} held-out samples "

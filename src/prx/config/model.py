@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from prx.config.rules import at_least, check, positive, within
@@ -53,3 +53,13 @@ class ModelConfig:
         patch_dim = 3 * self.patch_size**2
         check(self.bottleneck_dim <= patch_dim, f"model.bottleneck_dim={self.bottleneck_dim} is larger than the patch "
               f"dimension 3·{self.patch_size}² = {patch_dim}: use a bottleneck ≤ {patch_dim}")
+
+
+# model fields that say how a run started, not what its weights are: they may differ on resume
+HOW_IT_STARTED = dict(text_dim=None, init_from=None, patch_bias_std=0.0, norm_eps=1e-6)
+
+
+def same_model(saved: ModelConfig, new: ModelConfig) -> bool:
+    """Whether a config's model has the saved run's weights (a text width left unset takes the run's)."""
+    return replace(saved, **HOW_IT_STARTED) == replace(new, **HOW_IT_STARTED) and (
+        new.text_dim is None or saved.text_dim == new.text_dim)

@@ -14,13 +14,14 @@ import yaml
 
 from prx.config.model import MODEL_PRESETS, ModelConfig
 from prx.config.rules import coerce, unknown_key
+from prx.config.safe_yaml import MAX_BYTES, clip, load_yaml, short
 from prx.errors import ConfigError
 
 
 def build_section(cls: type, data: dict[str, Any], prefix: str) -> Any:
     """A config dataclass from a plain dict, every key and type checked (presets applied to ``model``)."""
     if not isinstance(data, dict):
-        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping of keys to values, got {data!r}")
+        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping of keys to values, got {short(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in fields]
@@ -52,13 +53,13 @@ def build_section(cls: type, data: dict[str, Any], prefix: str) -> Any:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
-        raise ConfigError(f"override '{text}' is not of the form section.key=value (e.g. train.batch_size=32)")
+        raise ConfigError(f"override '{clip(text)}' is not of the form section.key=value (e.g. train.batch_size=32)")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}' has an empty key; write section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw, f"override '{clip(text)}'") if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -99,8 +100,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist: pass an existing YAML file, or one of "
                           f"{', '.join(builtin_configs())}")
+    if path.stat().st_size > MAX_BYTES:
+        raise ConfigError(f"config file '{path}' is {path.stat().st_size / 2**20:.0f} MiB: a config is a few KiB of "
+                          f"YAML; pass the right file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text(errors="replace"), f"config file '{path}'")
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

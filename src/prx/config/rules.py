@@ -19,6 +19,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from prx.config.safe_yaml import clip, short
 from prx.errors import ConfigError
 
 
@@ -68,7 +69,7 @@ def check_fields(section: Any, prefix: str) -> None:
         rule = f.metadata.get("rule")
         value = getattr(section, f.name)
         if rule is not None and value is not None and not rule.ok(value):
-            shown = f"'{value}'" if isinstance(value, str) else f"{value}"
+            shown = short(value)
             raise ConfigError(f"{prefix}.{f.name} {rule.text}, got {shown}{rule.hint}")
 
 
@@ -107,22 +108,22 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 return coerce(value, option, key)
             except ConfigError:
                 pass
-        raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{key} must be {_type_name(tp)}, got {short(value)}")
     if tp is type(None):
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
             return None
-        raise ConfigError(f"{key} must be null, got {value!r}")
+        raise ConfigError(f"{key} must be null, got {short(value)}")
     if origin is list:
         (inner,) = typing.get_args(tp)
         if isinstance(value, tuple):
             value = list(value)
         if not isinstance(value, list):
-            raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r} (write it as [a, b, ...])")
+            raise ConfigError(f"{key} must be {_type_name(tp)}, got {short(value)} (write it as [a, b, ...])")
         return [coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
+        raise ConfigError(f"{key} must be true or false, got {short(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -133,7 +134,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 return int(float(value)) if float(value).is_integer() else int(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
+        raise ConfigError(f"{key} must be an integer, got {short(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -142,7 +143,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key} must be a number, got {value!r}")
+        raise ConfigError(f"{key} must be a number, got {short(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
@@ -150,11 +151,12 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return "on" if value else "off"
         if isinstance(value, (int, float)):
             return str(value)
-        raise ConfigError(f"{key} must be a string, got {value!r}")
+        raise ConfigError(f"{key} must be a string, got {short(value)}")
     raise TypeError(f"unsupported annotation {tp} for {key}")
 
 
 def unknown_key(key: str, prefix: str, known: list[str]) -> ConfigError:
+    key = clip(key, 60) if isinstance(key, str) else short(key, 60)
     full = f"{prefix}{key}"
     close = difflib.get_close_matches(key, known, n=1)
     hint = f"did you mean '{prefix}{close[0]}'?" if close else f"known keys here: {', '.join(known)}"

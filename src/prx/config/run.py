@@ -82,7 +82,10 @@ class TrainConfig:
     # the steps this config needs to reach its published quality (0 = not stated): when the time budget buys
     # fewer on this machine, the line that fixes the count says so, with the budget that would buy them
     recommended_steps: int = at_least(0, 0)
-    max_bad_steps: int = at_least(20, 0)  # non-finite losses tolerated (skipped) before the run stops
+    max_bad_steps: int = at_least(20, 0)  # bad steps tolerated (skipped) before the run stops
+    # a step whose flow loss or gradient norm exceeds this many times the median of the last 50 good steps of its
+    # stage has blown up: it is bad, like a non-finite one (its update dropped, no checkpoint of it); 0 = off
+    divergence_factor: float = at_least(1000.0, 0)
 
     # a resumed run keeps its seed: the randomness of step n (data, noise, routes) derives from it.
     # The stages are checked by resume_changes: those that have started keep resolution and batch size.

@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prx.errors import PrxError
+from prx import hub
 from prx.metrics import CLIP_ID, DINOV2_ID
 from prx.metrics.inception import FEATURE_DIM, INPUT_SIZE, load_fid_inception, random_inception, resolve_weights
 from prx.metrics.tiny import tiny_extractor_path
-from prx.teachers import IMAGENET_MEAN, IMAGENET_STD, hf_cache_dir
+from prx.teachers import IMAGENET_MEAN, IMAGENET_STD
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -50,33 +50,16 @@ def resolve_extractor(name: str) -> str:
     return os.path.expanduser(name)
 
 
-def _missing_message(what: str, name: str, ident: str, option: str, detail: str) -> str:
-    if Path(ident).is_dir():
-        return (f"{what} '{name}' could not be loaded from the local directory {ident} ({detail}): it must hold the "
-                f"config.json and weights written by save_pretrained")
-    return (f"{what} '{name}' is not available offline: looked for a local directory '{ident}' and in the Hugging "
-            f"Face cache {hf_cache_dir()} ({detail}). Download it once with `hf download {ident}` (set HF_HOME to "
-            f"share the cache), or pass a local directory with {option} DIR")
-
-
 def load_pretrained(cls, name: str, what: str, option: str, **kwargs):
-    """``cls.from_pretrained`` from the local directory or the Hugging Face cache first, then one
-    download attempt (unless HF_HUB_OFFLINE=1); a failure is one PrxError line."""
+    """``cls.from_pretrained`` from the local directory or the Hugging Face cache first, then one download attempt
+    when the hub can be reached (:func:`prx.hub.load`: no code from the model's files); a failure is one line."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    ident = resolve_extractor(name)
-    try:
-        return cls.from_pretrained(ident, local_files_only=True, **kwargs)
-    except (OSError, ValueError) as local_error:
-        if Path(ident).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1":
-            detail = str(local_error).splitlines()[0][:120]
-            raise PrxError(_missing_message(what, name, ident, option, detail)) from None
-    try:
-        return cls.from_pretrained(ident, **kwargs)
-    except (OSError, ValueError) as e:
-        raise PrxError(_missing_message(what, name, ident, option, str(e).splitlines()[0][:120])) from None
+    return hub.load(lambda source, local: cls.from_pretrained(source, local_files_only=local, trust_remote_code=False,
+                                                              **kwargs),
+                    name, resolve_extractor(name), what, f"{option} DIR")
 
 
 class Extractor(nn.Module):
