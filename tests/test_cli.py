@@ -58,7 +58,8 @@ def test_sample_writes_pngs_in_prompt_order(trained_run, tmp_path, capsys):
     code, out, err = run_cli(capsys, "sample", "--checkpoint", str(trained_run), "--prompts", str(prompts),
                              "--out", str(tmp_path / "s"), "--steps", "2", "--sampler", "heun", "--seed", "1")
     assert code == 0, err
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["0000.png", "0001.png"]
+    # the blank line 2 is skipped and keeps its number: NNNN.png is the prompt of line NNNN + 1
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["0000.png", "0002.png"]
     code, out, err = run_cli(capsys, "sample", "--checkpoint", str(trained_run), "--prompt", "a green triangle",
                              "--out", str(tmp_path / "one"), "--guidance-scale", "1")
     assert code == 0 and (tmp_path / "one" / "0000.png").is_file()
