@@ -25,8 +25,8 @@ def write_plots(out: Path, arms: list[dict], numbers: dict) -> tuple[list[str], 
         matplotlib.use("Agg")  # files only: no display needed
         import matplotlib.pyplot as plt
     except ImportError:
-        return [], ("plots skipped: matplotlib is not installed (pip install 'prx-speedrun[plots]'); the tables are "
-                    "complete")
+        return [], ("plots skipped: matplotlib is not installed (pip install matplotlib, or pip install -e "
+                    "'.[plots]' in the prx checkout); the tables are complete")
     files = [plot_curve(plt, out, arms, x) for x in CURVES]
     files += [f for f in (plot_bars(plt, out, arms, numbers, metric) for metric in _bar_metrics(numbers)) if f]
     return [str(f) for f in files if f], None
