@@ -1,4 +1,5 @@
-"""The ``prx`` command line: train, sample, eval, export, bench, env and data (convert, split, embed, shapes, inspect).
+"""The ``prx`` command line: train, sample, eval, export, bench, ablate, env and data (convert, split, embed, shapes,
+inspect).
 
 This module is the parser table and nothing heavy: each command's code is a module of :mod:`prx.commands`, loaded
 only when it runs, so ``prx --help`` and a mistyped option answer at once. Errors a user can fix
@@ -13,6 +14,7 @@ import importlib
 import os
 import sys
 
+from prx.ablate.arms import DEFAULT_ARMS  # (names only: no torch)
 from prx.errors import PrxError, os_errors_behind
 from prx.files import refuse_inside_checkpoint
 from prx.metrics.cli_options import add_real_eval_options
@@ -148,6 +150,55 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: find the largest of these micro-batch sizes whose step fits in device memory "
                         "(one process, largest first, the first stage's resolution), e.g. 64,48,32,24,16")
     p.set_defaults(command="prx.commands.bench:run")
+
+    p = sub.add_parser("ablate", help="the recipe and its ablations at equal compute: one table and plots",
+                       description="Train the config (arm 'full') and one arm per trick turned off, for each seed, as "
+                                   "ordinary run directories OUT/arms/ARM-sS with the same data and noise per seed, at "
+                                   "equal steps, FLOPs (prx's count: routing and teachers included) or minutes; "
+                                   "measure each on held-out data (validation loss by noise level; on the shapes "
+                                   "world the judge; FID, FD-DINOv2, CMMD, CLIP score where their weights are here); "
+                                   "write OUT/results.md, .csv, .json and PNG plots. Re-running the command skips "
+                                   "finished arms and resumes an interrupted one. See docs/ablations.md.",
+                       epilog="examples:\n"
+                              "  prx ablate speedrun-tiny --out runs/abl --budget-flops 2P\n"
+                              "  prx ablate demo --out runs/abl-demo --arms full,no-ema,lr2x:optimizer.lr=2e-3 "
+                              "--budget-minutes 10\n"
+                              "  prx ablate tiny tread.route_ratio=0.5 --out runs/abl-tiny --arms full,no-tread,adamw "
+                              "--budget-steps 6\n"
+                              "  torchrun --nproc_per_node=8 -m prx.cli ablate speedrun --out runs/abl --budget-flops "
+                              "5e18 --parallel-arms\n"
+                              f"built-in arms: {', '.join(DEFAULT_ARMS)} (default: all)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", metavar="CONFIG", help="a YAML config or built-in name: the arm 'full'")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every arm, before the arm's own")
+    p.add_argument("--out", required=True, metavar="DIR", help="the ablation's directory (arms/, heldout/, results.*)")
+    p.add_argument("--arms", action="append", metavar="A,B,name:key=value,key=value",
+                   help="arms to run, comma-separated, repeatable: built-in names, or your own as "
+                        "name:key=value[,key=value] (default: every built-in arm; 'full' is always included)")
+    p.add_argument("--seeds", default="0,1", metavar="S,S", help="seeds, comma-separated (default 0,1)")
+    p.add_argument("--budget-steps", type=int, metavar="N", help="every arm trains N optimizer steps")
+    p.add_argument("--budget-flops", metavar="F", help="every arm trains F FLOPs (e.g. 2.5e15, 2.5P, 300T): cheaper "
+                                                      "steps buy more of them")
+    p.add_argument("--budget-minutes", type=float, metavar="M",
+                   help="every arm trains M minutes (single-stage configs)")
+    p.add_argument("--points", type=int, default=10, help="evaluations (and checkpoints) per arm: the curves' points "
+                                                          "(default 10)")
+    p.add_argument("--eval-samples", type=int, default=1000, metavar="N",
+                   help="held-out samples for the validation loss and the image metrics (default 1000)")
+    p.add_argument("--judge-prompts", type=int, default=0, metavar="N",
+                   help="shapes world: judge N prompts of each set (default 0: all 256 prompts)")
+    p.add_argument("--no-image-metrics", action="store_true",
+                   help="skip FID, FD-DINOv2, CMMD and CLIP score even where their weights are present")
+    p.add_argument("--heldout", metavar="DIR", help="held-out prx shards (default: the config's eval.data; the shapes "
+                                                    "world writes its own to OUT/heldout)")
+    p.add_argument("--parallel-arms", action="store_true",
+                   help="under torchrun: each rank trains its share of the arms alone, instead of all ranks each arm")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print each arm's steps (per stage), FLOPs and overrides under the budget, and exit")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the report of the arms finished so far and train nothing (also while the ablation "
+                        "runs)")
+    p.set_defaults(command="prx.commands.ablate:run")
 
     p = sub.add_parser("env", help="what this machine gives prx: torch, CUDA, GPUs, compiler, cached weights",
                        description="Print torch and CUDA versions, each GPU with its memory and bf16 support, the "
@@ -288,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)[1:]  # as typed, after the command's name (a report's)
     overrides = "items" if hasattr(args, "items") else "overrides" if hasattr(args, "overrides") else None
     if extra and overrides and all("=" in e and not e.startswith("-") for e in extra):
         getattr(args, overrides).extend(extra)  # key=value after the options: `prx train tiny --out X key=value`
