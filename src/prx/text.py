@@ -56,9 +56,19 @@ class TextConfig:
     # compiled model sees one text length. The demo's batches are 24 tokens long; the one batch of
     # short captions at step 504 was 16 and recompiled the blocks for ~19 s
     min_length: int = at_least(0, 0)
+    # where the tokenizer is when it is not beside the encoder (a diffusers pipeline's tokenizer/ directory)
+    tokenizer: str | None = None
+    # prompt cleaning before tokenising: none, or prx_pixel (diffusers' PRXPixelPipeline: ftfy.fix_text, HTML
+    # unescaped twice, surrounding spaces stripped), so a fine-tune of a released model reads the captions it will
+    # be prompted with
+    clean: str = one_of("none", "prx_pixel")
+    # run the encoder on every caption padded to max_length, as PRXPixelPipeline does (padding="max_length"): the
+    # real tokens' embeddings are then computed at inference's shapes; the padding is still dropped (masked)
+    pad_to_max_length: bool = False
 
     # a resumed run keeps these: the model's text projection learned this encoder's tokens
-    FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = ("encoder", "max_length", "num_layers")
+    FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = ("encoder", "max_length", "num_layers", "tokenizer", "clean",
+                                                  "pad_to_max_length")
 
     def check(self, run) -> None:
         check(self.min_length <= self.max_length, f"text.min_length ({self.min_length}) pads caption tokens up to "
@@ -195,7 +205,27 @@ def _truncate(config, num_layers: int, path: str) -> None:
     setattr(inner, attr, num_layers)
 
 
-def _load_encoder(path: str, dtype, local_files_only: bool, num_layers: int | None = None):
+def pipeline_component_class(path: str) -> str | None:
+    """The transformers class a diffusers pipeline's ``model_index.json`` names for the component directory
+    ``path`` (e.g. ``Qwen3VLTextModel`` for PRXPixelPipeline's text_encoder/), or None outside a pipeline."""
+    import json
+
+    directory = Path(path)
+    index = directory.parent / "model_index.json"
+    if not index.is_file():
+        return None
+    try:
+        entry = json.loads(index.read_text()).get(directory.name)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(entry, list) and len(entry) == 2 and entry[0] == "transformers" and isinstance(entry[1], str):
+        return entry[1]
+    return None
+
+
+def _load_encoder(path: str, dtype, local_files_only: bool, num_layers: int | None = None,
+                  tokenizer_path: str | None = None):
+    import transformers
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -204,7 +234,10 @@ def _load_encoder(path: str, dtype, local_files_only: bool, num_layers: int | No
     kw = {"local_files_only": local_files_only}
     config = AutoConfig.from_pretrained(path, **kw)
     model_type = getattr(config, "model_type", "")
-    if model_type in ("t5", "mt5", "umt5"):
+    named = pipeline_component_class(path)  # a pipeline's text_encoder/: the class diffusers itself loads
+    if named is not None and getattr(transformers, named, None) is not None and model_type != "t5gemma":
+        cls = getattr(transformers, named)
+    elif model_type in ("t5", "mt5", "umt5"):
         from transformers import T5EncoderModel as cls
     elif model_type == "t5gemma":  # released as encoder-decoder; keep the encoder only
         from transformers import T5GemmaEncoderModel as cls
@@ -218,7 +251,19 @@ def _load_encoder(path: str, dtype, local_files_only: bool, num_layers: int | No
         cls = AutoModel
     if num_layers is not None:
         _truncate(config, num_layers, path)
-    return AutoTokenizer.from_pretrained(path, **kw), cls.from_pretrained(path, config=config, dtype=dtype, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path, **kw)
+    return tokenizer, cls.from_pretrained(path, config=config, dtype=dtype, **kw)
+
+
+def clean_prx_pixel(text: str) -> str:
+    """PRXPixelPipeline's prompt cleaning (diffusers ``pipeline_prx_pixel._basic_clean``)."""
+    import html
+
+    try:
+        import ftfy
+    except ImportError:
+        raise PrxError("text.clean=prx_pixel needs ftfy (PRXPixelPipeline cleans prompts with it): pip install ftfy") from None
+    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
 
 
 def fit_text_dim(model_cfg, encoder: "TextEncoder", name: str) -> None:
@@ -235,23 +280,27 @@ class TextEncoder:
 
     def __init__(self, name: str = MINILM, max_length: int = 64, dtype="float32", device="cpu",
                  cache_size: int = 100_000, min_length: int = 0, num_layers: int | None = None, cache_gib: float = 2.0,
-                 cache_device: str = "auto"):
+                 cache_device: str = "auto", tokenizer: str | None = None, clean: str = "none",
+                 pad_to_max_length: bool = False):
         import torch
 
         self.name = name
+        self.clean = clean_prx_pixel if clean == "prx_pixel" else None
+        self.pad_to_max_length = pad_to_max_length
         self.max_length = max_length
         self.min_length = min_length
         self.num_layers = num_layers
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         path = resolve_encoder(name)
+        tokenizer_path = os.path.expanduser(tokenizer) if tokenizer else None
         try:  # the local directory or Hugging Face cache first: no network needed once downloaded
-            self.tokenizer, self.model = _load_encoder(path, self.dtype, True, num_layers)
+            self.tokenizer, self.model = _load_encoder(path, self.dtype, True, num_layers, tokenizer_path)
         except (OSError, ValueError):
             self.tokenizer = None
         try:
             if self.tokenizer is None:
-                self.tokenizer, self.model = _load_encoder(path, self.dtype, False, num_layers)
+                self.tokenizer, self.model = _load_encoder(path, self.dtype, False, num_layers, tokenizer_path)
         except (OSError, ValueError) as e:
             where = "a local directory" if Path(path).exists() else "not a local directory"
             raise PrxError(
@@ -271,26 +320,36 @@ class TextEncoder:
     @classmethod
     def from_config(cls, cfg: TextConfig, device) -> "TextEncoder":
         return cls(cfg.encoder, cfg.max_length, cfg.dtype, device, cfg.cache_size, cfg.min_length, cfg.num_layers,
-                   cfg.cache_gib, cfg.cache_device)
+                   cfg.cache_gib, cfg.cache_device, cfg.tokenizer, cfg.clean, cfg.pad_to_max_length)
 
     def _encode_uncached(self, captions: list[str], on_device: bool = False) -> list[Tensor]:
         """Each caption's real tokens, (n_i, D) float32: on the host, or with ``on_device`` where the encoder ran."""
         import torch
 
+        if self.clean is not None:
+            captions = [self.clean(c) for c in captions]
         # On GPUs the batch pads to a multiple of 8 tokens: cuDNN's attention builds a plan per sequence length
         # (7.8 ms of CPU per layer on an H200), so lengths must come from a small set to be reused. (The tokenizer
         # refuses to pad to a multiple of 8 when text.max_length is not one.)
-        tokens = self.tokenizer(
-            captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
-            pad_to_multiple_of=8 if self.device.type == "cuda" and self.max_length % 8 == 0 else None,
-        )
-        lengths = tokens["attention_mask"].sum(1).tolist()  # read on the host, before the copy
+        if self.pad_to_max_length:  # PRXPixelPipeline's tokenisation: every prompt padded to prompt_max_tokens
+            padding, multiple = "max_length", None
+        else:
+            padding, multiple = True, (8 if self.device.type == "cuda" and self.max_length % 8 == 0 else None)
+        tokens = self.tokenizer(captions, padding=padding, truncation=True, max_length=self.max_length,
+                                return_tensors="pt", pad_to_multiple_of=multiple)
+        real = tokens["attention_mask"].bool()  # read on the host, before the copy
+        lengths = real.sum(1)
+        right_padded = bool((real == (torch.arange(real.shape[1]) < lengths[:, None])).all())
         tokens = tokens.to(self.device)
         with torch.no_grad():
             hidden = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
         self.encoded_count += len(captions)
         hidden = hidden.float() if on_device else hidden.float().cpu()  # one copy off the device, not one per caption
-        return [hidden[i, : max(int(n), 1)].clone() for i, n in enumerate(lengths)]
+        # each caption's real tokens (a slice where the padding is on the right: no device sync; else by the mask).
+        # A caption with no token at all (Qwen's tokenizer gives none for "") keeps none: the pipeline masks all of it
+        if right_padded:
+            return [hidden[i, :n].clone() for i, n in enumerate(lengths.tolist())]
+        return [hidden[i][real[i].to(hidden.device)].clone() for i in range(len(captions))]
 
     @contextlib.contextmanager
     def cache_scope(self):
@@ -330,7 +389,7 @@ class TextEncoder:
         else:
             encodings = self._encode_uncached(captions, on_device=on_gpu)
         longest = max(e.shape[0] for e in encodings)
-        length = max(min(-(-longest // 8) * 8, max(self.max_length, longest)), self.min_length)
+        length = max(min(-(-longest // 8) * 8, max(self.max_length, longest)), self.min_length, 1)
         return padded_batch(encodings, length, self.device if on_gpu else torch.device("cpu"))
 
 
