@@ -71,6 +71,7 @@ def test_settings_come_from_the_pipeline(pipeline_dir):
     assert (released.noise_scale, released.default_sample_size, released.prompt_max_tokens) == (1.5, 512, MAX_TOKENS)
     assert released.resolution_embeds and released.text_encoder_class == "Qwen3VLTextModel"
     assert released.model_fields["text_dim"] == 32 and released.model_fields["hidden_dim"] == 64
+    assert released.model_config().bottleneck_dim == 32 and released.model_config().resolution_embeds
     overrides = released.config_overrides()
     assert overrides["objective.noise_scale"] == 1.5 and overrides["text.max_length"] == MAX_TOKENS
     assert overrides["text.clean"] == "prx_pixel" and overrides["text.pad_to_max_length"] is True
