@@ -20,7 +20,8 @@ import torch
 
 from prx.config import load_config
 from prx.lora import LoRAConfig
-from prx.memory import GiB, count_params, measured_step_peak, plan_memory, text_encoder_spec
+from prx.memory import GiB, plan_memory, text_encoder_spec
+from prx.memory_trace import count_params, measured_step_peak
 from prx.released import prxpixel_7b_model_config, qwen3_vl_2b_text_config
 
 MiB = 2**20

@@ -6,12 +6,21 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from prx.diffusers_io import diffusers_config_of, to_diffusers_state_dict
 from prx.errors import CheckpointError, ConfigError
-from prx.lora import (DEFAULT_TARGETS, LoRAConfig, add_lora, adapted_modules, load_lora_state_dict, lora_parameters,
-                      lora_state_dict, merge_lora, save_diffusers_adapter)
+from prx.lora import (
+    DEFAULT_TARGETS,
+    LoRAConfig,
+    adapted_modules,
+    add_lora,
+    load_lora_state_dict,
+    lora_parameters,
+    lora_state_dict,
+    merge_lora,
+    save_diffusers_adapter,
+)
 from prx.model import build_model
 
 

@@ -5,11 +5,12 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from prx.errors import ConfigError
 from prx.lora import LoRAConfig
-from prx.memory import GiB, TextEncoderSpec, count_params, measured_step_peak, plan_memory, trace_step
+from prx.memory import GiB, TextEncoderSpec, plan_memory
+from prx.memory_trace import count_params, measured_step_peak, trace_step
 
 
 def small(layers: int = 2, hidden: int = 128, text_dim: int = 32):
@@ -17,6 +18,7 @@ def small(layers: int = 2, hidden: int = 128, text_dim: int = 32):
                    bottleneck_dim=64, text_dim=text_dim)
 
 
+@pytest.mark.slow  # real steps under the profiler
 @pytest.mark.parametrize("settings", [
     dict(),  # fp32, every weight trained
     dict(lora=LoRAConfig(rank=4), autocast=torch.bfloat16, checkpointing=True, micro_batches=2),

@@ -85,7 +85,8 @@ class ReleasedPipeline:
 
     def describe(self) -> str:
         m = self.model_fields
-        return (f"{PIPELINE_CLASS} at {self.root}: transformer {m.get('num_layers')} blocks, hidden {m.get('hidden_dim')}, "
+        return (f"{PIPELINE_CLASS} at {self.root}: transformer {m.get('num_layers')} blocks, "
+                f"hidden {m.get('hidden_dim')}, "
                 f"patch {m.get('patch_size')}, bottleneck {m.get('bottleneck_dim')}, text width {m.get('text_dim')}; "
                 f"text encoder {self.text_encoder_class} ({self.prompt_max_tokens} tokens); noise_scale "
                 f"{self.noise_scale:g}; default {self.default_sample_size} px")

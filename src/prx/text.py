@@ -262,7 +262,8 @@ def clean_prx_pixel(text: str) -> str:
     try:
         import ftfy
     except ImportError:
-        raise PrxError("text.clean=prx_pixel needs ftfy (PRXPixelPipeline cleans prompts with it): pip install ftfy") from None
+        raise PrxError("text.clean=prx_pixel needs ftfy (PRXPixelPipeline cleans prompts with it): "
+                       "pip install ftfy") from None
     return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
 
 
