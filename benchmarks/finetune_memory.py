@@ -74,16 +74,16 @@ def tables_7b(lora_batch: int = 16, full_batch: int = 64) -> None:
                                text_encoder=text)
             c = plan.choice
             plain = f"{plan.without_checkpointing / GiB:.1f}" if plan.without_checkpointing else "—"
-            print(f"| {resolution} | {gib} GB | {'yes' if plan.fits else 'NO'} | {c.micro_batch} | "
+            print(f"| {resolution} | {gib} GiB | {'yes' if plan.fits else 'NO'} | {c.micro_batch} | "
                   f"{'on' if c.checkpointing else 'off'} | {'GPU' if c.text == 'gpu' else 'precomputed'} | "
                   f"{plan.peak / GiB:.1f} | {plain} |", flush=True)
             if resolution == 1024 and gib == 24:
                 shown = plan
-    print("\n### 1024 px on a 24 GB GPU, in full\n")
+    print("\n### 1024 px on a 24 GiB GPU, in full\n")
     print(shown.describe())
     for gpus, gib in ((8, 80), (1, 80)):
         for resolution in (1024, 512) if gpus == 8 else (1024,):
-            print(f"\n### Full fine-tune, {resolution} px, batch {full_batch}, {gpus} × {gib} GB\n")
+            print(f"\n### Full fine-tune, {resolution} px, batch {full_batch}, {gpus} × {gib} GiB\n")
             plan = plan_memory(model, resolution=resolution, batch_size=full_batch, gpu_memory=gib, gpus=gpus,
                                text_encoder=text)
             print(plan.describe(), flush=True)

@@ -78,13 +78,15 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--lrs", default="1e-3,3e-3,1e-2,3e-2", help="learning rates swept for both optimizers")
     args = ap.parse_args()
     torch.set_num_threads(2)
     print(f"LoRA rank {args.rank} on a {args.layers}-block, {args.hidden}-wide PRX; {args.steps} steps, batch 4, "
           f"{args.seeds} seeds; loss after / loss at step 1 (mean of the last 20 steps)")
     print("| optimizer | lr | relative loss (per seed) | mean |")
     print("|---|---|---|---|")
-    for optimizer, lrs in (("adamw", (1e-3, 3e-3, 1e-2)), ("muon", (1e-3, 3e-3, 1e-2))):
+    lrs = [float(x) for x in args.lrs.split(",")]
+    for optimizer in ("adamw", "muon"):
         for lr in lrs:
             finals = [run(optimizer, lr, seed, args.steps, args.rank, args.hidden, args.layers)
                       for seed in range(args.seeds)]
