@@ -39,7 +39,7 @@ def test_traced_peak_is_the_cpu_allocators_peak(settings):
 def test_deep_models_extrapolate_exactly_from_four_and_five_blocks(settings):
     """The peak moves (the forward's activations, the backward's gradients): each part of the step extrapolates."""
     shape = dict(height=32, width=48, micro_batch=2, text_tokens=8, **settings)
-    extrapolated, exact = trace_step(small(layers=8), **shape), trace_step(small(layers=8), exact=True, **shape)
+    extrapolated, exact = trace_step(small(layers=7), **shape), trace_step(small(layers=7), exact=True, **shape)
     assert (extrapolated.params, extrapolated.peak, extrapolated.grads_at_peak, extrapolated.grads) == (
         exact.params, exact.peak, exact.grads_at_peak, exact.grads)
 
