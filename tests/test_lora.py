@@ -19,6 +19,7 @@ from prx.lora import (
     lora_parameters,
     lora_state_dict,
     merge_lora,
+    read_adapter_config,
     save_diffusers_adapter,
 )
 from prx.model import build_model
@@ -108,7 +109,8 @@ def test_diffusers_adapter_applied_with_peft_gives_prx_output(tmp_path):
     perturb_adapters(model)
     ours = output(model, args)
     out = save_diffusers_adapter(model, cfg, tmp_path / "adapter", base_model="my/base-pipeline")
-    written = json.loads((out / "adapter_config.json").read_text())
+    written = read_adapter_config(out)
+    assert written == json.loads((out / "adapter_config.json").read_text())
     assert written["peft_type"] == "LORA" and written["r"] == 4 and written["lora_alpha"] == 6
     assert "blocks.0.gate_proj" in written["target_modules"] and "blocks.0.attention.to_out.0" in written["target_modules"]
     assert written["base_model_name_or_path"] == "my/base-pipeline"

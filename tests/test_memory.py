@@ -9,7 +9,7 @@ from conftest import tiny_config
 
 from prx.errors import ConfigError
 from prx.lora import LoRAConfig
-from prx.memory import GiB, TextEncoderSpec, plan_memory
+from prx.memory import GiB, TextEncoderSpec, lpips_vgg_teacher, plan_memory
 from prx.memory_trace import count_params, measured_step_peak, trace_step
 
 
@@ -77,6 +77,10 @@ def test_choices_follow_the_budget():
     plan = plan_memory(model, gpu_memory=budget, text_encoder=big, **common)
     assert plan.fits and plan.choice.text == "precomputed"
     assert "precomputed text embeddings" in plan.describe()
+    # a perceptual loss's VGG: its weights stay, the prediction's activations are kept for the backward
+    lpips = lpips_vgg_teacher(128, 128)
+    with_lpips = plan_memory(model, gpu_memory=64, micro_batch=1, checkpointing=False, teachers=(lpips,), **common)
+    assert with_lpips.peak - one.peak == lpips.weights + lpips.saved  # the forward+backward phase is the peak
 
 
 def test_sharding_divides_the_states_and_what_does_not_fit_says_what_would():
