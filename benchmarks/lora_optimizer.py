@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--lrs", default="1e-3,3e-3,1e-2,3e-2", help="learning rates swept for both optimizers")
+    ap.add_argument("--optimizers", default="adamw,muon")
     args = ap.parse_args()
     torch.set_num_threads(2)
     print(f"LoRA rank {args.rank} on a {args.layers}-block, {args.hidden}-wide PRX; {args.steps} steps, batch 4, "
@@ -86,7 +87,7 @@ def main() -> None:
     print("| optimizer | lr | relative loss (per seed) | mean |")
     print("|---|---|---|---|")
     lrs = [float(x) for x in args.lrs.split(",")]
-    for optimizer in ("adamw", "muon"):
+    for optimizer in args.optimizers.split(","):
         for lr in lrs:
             finals = [run(optimizer, lr, seed, args.steps, args.rank, args.hidden, args.layers)
                       for seed in range(args.seeds)]
