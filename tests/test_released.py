@@ -1,5 +1,6 @@
-"""A released PRX pixel pipeline as the start of a fine-tune: prx reads its settings and encodes prompts exactly as
-diffusers' PRXPixelPipeline does, on a tiny random Qwen3-VL text backbone (no download)."""
+"""A released PRX pixel pipeline as the start of a fine-tune (``model.init_from``): the config takes its settings and
+prx encodes prompts exactly as diffusers' PRXPixelPipeline does, on a tiny random Qwen3-VL text backbone (no
+download), end to end through ``prx train finetune``."""
 
 import json
 from pathlib import Path
@@ -7,8 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from prx.errors import PrxError
-from prx.released import read_pipeline
+from prx.cli import main
+from prx.config import load_config
+from prx.text import TextEncoder
+from test_diffusers import one_line_error
+from test_small_data import photo_shard
 
 PROMPTS = [
     "a red circle in the top left",
@@ -66,32 +70,34 @@ def pipeline_dir(request, tmp_path_factory):
     return save_tiny_pipeline(tmp_path_factory.mktemp(f"prxpixel-{request.param}"), request.param)
 
 
+def finetune_config(pipeline_dir, *overrides):
+    return load_config("finetune", [f"model.init_from={pipeline_dir}", *overrides])
+
+
 def test_settings_come_from_the_pipeline(pipeline_dir):
-    released = read_pipeline(pipeline_dir)
-    assert (released.noise_scale, released.default_sample_size, released.prompt_max_tokens) == (1.5, 512, MAX_TOKENS)
-    assert released.resolution_embeds and released.text_encoder_class == "Qwen3VLTextModel"
-    assert released.model_fields["text_dim"] == 32 and released.model_fields["hidden_dim"] == 64
-    assert released.model_config().bottleneck_dim == 32 and released.model_config().resolution_embeds
-    overrides = released.config_overrides()
-    assert overrides["objective.noise_scale"] == 1.5 and overrides["text.max_length"] == MAX_TOKENS
-    assert overrides["text.clean"] == "prx_pixel" and overrides["text.pad_to_max_length"] is True
-    assert overrides["sampling.shift"] == 3.0 and overrides["model.init_from"] == str(pipeline_dir)
-    # every key is one prx's config takes, with the shape of the released transformer
-    from prx.config import load_config
-
-    config = load_config("tiny", [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in overrides.items()])
-    assert (config.model.hidden_dim, config.model.resolution_embeds, config.text.tokenizer) == (
-        64, True, str(released.tokenizer_dir))
+    config = finetune_config(pipeline_dir)
+    m, t = config.model, config.text
+    assert (m.hidden_dim, m.num_layers, m.patch_size, m.bottleneck_dim, m.resolution_embeds) == (64, 2, 16, 32, True)
+    assert (t.encoder, t.max_length, t.clean, t.pad_to_max_length) == (str(pipeline_dir), MAX_TOKENS, "prx_pixel", True)
+    assert (config.objective.noise_scale, config.data.resolution, config.objective.shift) == (1.5, 512, 3.0)
+    # a key the config sets stays
+    mine = finetune_config(pipeline_dir, "text.clean=none", "text.pad_to_max_length=false")
+    assert (mine.text.clean, mine.text.pad_to_max_length) == ("none", False)
 
 
-def test_text_embeddings_equal_the_pipelines(pipeline_dir):
-    """prx's TextEncoder, loaded from the pipeline's text_encoder/ + tokenizer/, gives PRXPixelPipeline.encode_prompt's
-    embeddings for every token the mask lets through, and the same mask counts; so the transformer's output is the same."""
+def pipeline_embeddings(pipeline_dir):
     from diffusers import PRXPixelPipeline
 
     pipe = PRXPixelPipeline.from_pretrained(pipeline_dir)
-    theirs, their_mask, _, _ = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
-    ours = read_pipeline(pipeline_dir).text_encoder().encode(PROMPTS, cache=False)
+    embeds, mask, _, _ = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
+    return pipe, embeds, mask
+
+
+def assert_same_embeddings(encoder: TextEncoder, pipeline_dir):
+    """prx's encoding gives PRXPixelPipeline.encode_prompt's embeddings for every token the mask lets through, and the
+    same mask counts; so the transformer's output is the same."""
+    pipe, theirs, their_mask = pipeline_embeddings(pipeline_dir)
+    ours = encoder.encode(PROMPTS, cache=False)
     assert ours.mask.sum(1).tolist() == their_mask.sum(1).tolist()
     assert their_mask[3].sum() == 0 and their_mask[4].sum() == MAX_TOKENS  # "" has no token; the long one is cut
     for i in range(len(PROMPTS)):
@@ -101,25 +107,69 @@ def test_text_embeddings_equal_the_pipelines(pipeline_dir):
         a = pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=theirs, attention_mask=their_mask).sample
         b = pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=ours.embeds, attention_mask=ours.mask).sample
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    # and without the pipeline's cleaning the HTML-escaped prompt tokenises differently: the settings matter
-    plain = read_pipeline(pipeline_dir).text_encoder(clean="none")
-    assert plain.encode([PROMPTS[1]], cache=False).mask.sum() != ours.mask[1].sum()
 
 
-def test_what_is_not_a_prx_pixel_pipeline_is_one_line_error(tmp_path, pipeline_dir):
+def test_text_embeddings_equal_the_pipelines(pipeline_dir):
+    config = finetune_config(pipeline_dir)
+    assert_same_embeddings(TextEncoder.from_config(config.text, "cpu"), pipeline_dir)
+    # without the pipeline's cleaning the HTML-escaped prompt tokenises differently: the settings matter
+    plain = TextEncoder.from_config(finetune_config(pipeline_dir, "text.clean=none").text, "cpu")
+    ours = TextEncoder.from_config(config.text, "cpu")
+    assert plain.encode([PROMPTS[1]], cache=False).mask.sum() != ours.encode([PROMPTS[1]], cache=False).mask.sum()
+
+
+@pytest.mark.slow  # two training steps at 64 px of the tiny model, its Qwen3-VL encoder on every caption
+def test_prx_train_finetune_of_a_released_pipeline_trains_with_its_text_encoding(pipeline_dir, tmp_path, capsys):
+    """The whole path: `prx train finetune model.init_from=DIR` trains, and the run encodes captions as the pipeline
+    encodes prompts (the encoder the run's own config.yaml describes)."""
+    shards = photo_shard(tmp_path / "photos" / "photos.parquet", 8)
+    run = tmp_path / "run"
+    assert main(["train", "finetune", f"model.init_from={pipeline_dir}", f"data.shards=[{shards}]", "data.resolution=64",
+                 "data.num_workers=0", "train.steps=2", "logging.sample_every=0", "logging.progress_bar=false",
+                 "--out", str(run)]) == 0
+    assert "initialised from diffusers checkpoint" in capsys.readouterr().out
+    saved = load_config(run / "config.yaml")
+    assert (saved.text.clean, saved.text.pad_to_max_length, saved.objective.noise_scale) == ("prx_pixel", True, 1.5)
+    assert_same_embeddings(TextEncoder.from_config(saved.text, "cpu"), pipeline_dir)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss/total"] for row in metrics if "loss/total" in row]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_a_hub_id_in_the_local_cache_is_found_offline(pipeline_dir, tmp_path, monkeypatch):
+    """model.init_from=ORG/NAME: the snapshot in the Hugging Face cache, as `hf download` leaves it."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--prxpixel-tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(pipeline_dir, snapshot)
+    (cache / "models--someone--prxpixel-tiny" / "refs").mkdir()
+    (cache / "models--someone--prxpixel-tiny" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    config = finetune_config("someone/prxpixel-tiny")
+    assert config.model.init_from == "someone/prxpixel-tiny" and config.text.encoder == str(snapshot)
+    assert (config.model.hidden_dim, config.text.clean, config.text.max_length) == (64, "prx_pixel", MAX_TOKENS)
+
+
+def test_what_is_not_a_prx_pixel_pipeline_is_one_line_error(tmp_path, pipeline_dir, capsys):
     def refused(path, fragment):
-        with pytest.raises(PrxError) as e:
-            read_pipeline(path)
-        assert fragment in str(e.value) and "\n" not in str(e.value), str(e.value)
+        one_line_error(capsys, fragment, "train", "finetune", f"model.init_from={path}", "--out", tmp_path / "run")
 
     refused(tmp_path / "nowhere", "does not exist")
-    refused(tmp_path, "no model_index.json")
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "PRXPipeline"}))
-    refused(tmp_path, "latent-space PRX")
+    refused(tmp_path, "is not a diffusers checkpoint")
+    (tmp_path / "file.safetensors").write_bytes(b"x")
+    refused(tmp_path / "file.safetensors", "is a file")
     refused("nobody/no-such-model", "hf download nobody/no-such-model")
-    index = json.loads((pipeline_dir / "model_index.json").read_text())
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "transformer").symlink_to(pipeline_dir / "transformer")
-    (broken / "model_index.json").write_text(json.dumps(index))
-    refused(broken, "no text_encoder/ component")
+    latent = tmp_path / "latent"
+    (latent / "transformer").mkdir(parents=True)
+    (latent / "model_index.json").write_text(json.dumps({"_class_name": "PRXPipeline"}))
+    (latent / "transformer" / "config.json").write_text(json.dumps({"_class_name": "PRXTransformer2DModel",
+                                                                    "in_channels": 16}))
+    refused(latent, "latent-space PRX")
+    other = tmp_path / "other"
+    (other / "unet").mkdir(parents=True)
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    (other / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    refused(other, "not a PRXTransformer2DModel")
