@@ -108,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "safetensors file with its config in the metadata (and beside it as YAML), for "
                                    "sampling anywhere: `prx sample --checkpoint FILE.safetensors`. --format diffusers: "
                                    "a directory that diffusers' PRXPixelPipeline.from_pretrained loads without prx "
-                                   "(transformer, scheduler, text encoder, tokenizer, model card). Works for "
-                                   "checkpoints of any world size.")
+                                   "(transformer, scheduler, text encoder, tokenizer, model card); a LoRA run's "
+                                   "adapters are merged into its base, or written alone with --adapter-only. Works "
+                                   "for checkpoints of any world size.")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint or run directory")
     p.add_argument("--format", choices=["prx", "diffusers"], default="prx",
                    help="prx: one .safetensors file (default); diffusers: a PRXPixelPipeline directory")
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the .safetensors file (--format prx) or the new directory (--format diffusers; an existing "
                         "non-empty one is refused)")
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
+    p.add_argument("--adapter-only", action="store_true",
+                   help="a LoRA run (lora.enabled): write its adapters alone in peft's format for diffusers "
+                        "(adapter_model.safetensors + adapter_config.json, megabytes) instead of the merged pipeline")
     p.set_defaults(command="prx.commands.export:run")
 
     p = sub.add_parser("bench", help="throughput, step-time breakdown, peak memory and MFU of a config",

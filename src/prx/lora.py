@@ -18,6 +18,7 @@ on ``mlp_in``, ΔW = s·B·A, is exactly a LoRA on each half with the same A and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -26,7 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from prx.config.model import DEFAULT_LORA_TARGETS, LoRAConfig
+from prx.config.pretrained import find_transformer_dir
 from prx.config.rules import check_fields
+from prx.diffusers_io import diffusers_name, load_init_weights
 from prx.errors import CheckpointError, ConfigError
 
 ADAPTER_NAME = "default"  # peft's adapter name; prx trains one adapter at a time
@@ -163,14 +166,71 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 # --------------------------------------------------------------------------------------------
+# A LoRA run: its base, its adapters, its checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def base_fingerprint(init_from: str | Path) -> str:
+    """A short fingerprint of the base weights ``model.init_from`` names: each safetensors file's name, size and the
+    SHA-256 of its first MiB (the header, which lists every tensor, and the start of the data). A LoRA checkpoint
+    records it, so adapters are never applied to another base unnoticed; reading it costs milliseconds at 7B."""
+    digest = hashlib.sha256()
+    files = sorted(find_transformer_dir(init_from).glob("*.safetensors"))
+    for file in files:
+        with open(file, "rb") as f:
+            digest.update(f"{file.name}:{file.stat().st_size}:".encode() + f.read(2**20))
+    return digest.hexdigest()[:16]
+
+
+def check_base(saved: dict | None, init_from: str | Path, where: str | Path) -> None:
+    """A LoRA checkpoint's adapters go on the base they were trained on: a one-line error otherwise."""
+    if not saved:
+        return  # (a checkpoint without the record: nothing to compare)
+    now = base_fingerprint(init_from)
+    if saved.get("fingerprint") != now:
+        raise CheckpointError(f"the adapters of '{where}' were trained on the base model.init_from="
+                              f"'{saved.get('init_from')}' (fingerprint {saved.get('fingerprint')}), but "
+                              f"'{init_from}' holds other weights (fingerprint {now}): give that base")
+
+
+def adapt(model: nn.Module, cfg: LoRAConfig, init_from: str | Path) -> dict:
+    """A LoRA run's model: the base weights loaded from ``init_from`` (a new run and a resumed one alike: a LoRA
+    checkpoint holds the adapters only), adapters added, the base frozen. Returns the base's record for the
+    checkpoints (``model.init_from`` and its fingerprint)."""
+    load_init_weights(model, init_from)
+    add_lora(model, cfg)
+    return {"init_from": str(init_from), "fingerprint": base_fingerprint(init_from)}
+
+
+def describe_lora(model: nn.Module, cfg: LoRAConfig, init_from: str | Path) -> str:
+    """The run's LoRA line: what is adapted, how many parameters train, on which base."""
+    trained = sum(p.numel() for p in lora_parameters(model))
+    total = sum(p.numel() for p in model.parameters())
+    return (f"LoRA: rank {cfg.rank} (alpha {cfg.alpha:g}) on {len(adapted_modules(model))} projections, "
+            f"{trained / 1e6:.2f}M trainable parameters ({100 * trained / total:.2f}% of {total / 1e6:.1f}M), "
+            f"{cfg.optimizer} on the adapters; base {init_from} (frozen)")
+
+
+def freeze_base_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the frozen base weights to ``dtype`` (bf16 where the run computes in bf16: never updated, they need no
+    fp32 master copy); the adapters keep theirs."""
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(dtype)
+
+
+def adapter_template(model: nn.Module) -> dict[str, Tensor]:
+    """The entries of an adapted model's state dict a LoRA checkpoint holds (its adapters), for loading them."""
+    return {k: v for k, v in model.state_dict().items() if is_adapter_parameter(k)}
+
+
+# --------------------------------------------------------------------------------------------
 # diffusers' PRXTransformer2DModel, in peft's format
 # --------------------------------------------------------------------------------------------
 
 
 def diffusers_modules(prx_module: str) -> list[str]:
     """The diffusers PRXTransformer2DModel module(s) of a prx Linear (mlp_in: gate_proj and up_proj)."""
-    from prx.diffusers_io import diffusers_name
-
     return [n.strip().removesuffix(".weight") for n in diffusers_name(f"{prx_module}.weight").split(" + ")]
 
 
