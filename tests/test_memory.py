@@ -1,6 +1,7 @@
 """The memory planner: its traced part equals the CPU allocator's count of a real step, deep models extrapolate
 exactly from shallow traces, and its choices follow the budget."""
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -102,3 +103,68 @@ def test_bad_plans_are_one_line_errors():
     with pytest.raises(ConfigError, match="text_dim"):
         plan_memory(replace(small(), text_dim=None), resolution=64, batch_size=8, gpu_memory=24)
     assert GiB == 2**30
+
+
+# -------------------------------------------------------------------------------------------
+# prx plan, and the first lines of prx train on a GPU
+# -------------------------------------------------------------------------------------------
+
+
+def test_prx_plan_of_a_small_config_fits_and_says_so(capsys):
+    from prx.cli import main
+
+    assert main(["plan", "tiny", "--gpu-memory", "24GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "fits in 24 GiB" in out and "choice: micro-batch 4" in out, out
+    assert main(["plan", "tiny", "--gpu-memory", "24GiB", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["fits"] and data["choice"]["micro_batch"] == 4 and data["peak"] > 0
+
+
+def test_prx_plan_says_what_cannot_fit_and_the_smallest_change(capsys):
+    from prx.cli import main
+
+    # a full fine-tune of a 1.6B-parameter model in 2 GiB: nothing fits, the plan names a change
+    code = main(["plan", "tiny", "model.hidden_dim=2048", "model.num_layers=32", "model.num_heads=16",
+                 "--gpu-memory", "2GiB"])
+    out = capsys.readouterr().out
+    assert code == 1 and "does not fit" in out and "smallest change that fits:" in out, out
+
+
+@pytest.mark.parametrize("size,bytes_", [("24GiB", 24 * 2**30), ("80GB", 80 * 10**9), ("24", 24 * 2**30),
+                                         ("0.5 TiB", 2**39)])
+def test_gpu_memory_sizes(size, bytes_):
+    from prx.commands.plan import parse_size
+
+    assert parse_size(size) == bytes_
+
+
+def test_bad_plan_arguments_are_one_line(capsys):
+    from test_diffusers import one_line_error
+
+    one_line_error(capsys, "--gpu-memory 'lots' is not a size", "plan", "tiny", "--gpu-memory", "lots")
+    one_line_error(capsys, "--gpus 0", "plan", "tiny", "--gpu-memory", "24GiB", "--gpus", "0")
+
+
+def test_train_start_lines_warn_where_the_configured_run_would_not_fit():
+    from prx.config import load_config
+    from prx.memory_plan import train_start_lines
+
+    config = load_config("tiny")
+    (line,) = train_start_lines(config, 24 * 2**30, 1, "none")
+    assert line.startswith("memory plan: about") and "micro-batch 4" in line
+    big = load_config("tiny", ["model.hidden_dim=1024", "model.num_layers=8", "model.num_heads=8",
+                               "data.resolution=512", "train.batch_size=64", "model.patch_size=16"])
+    lines = train_start_lines(big, 6 * 2**30, 1, "none")
+    assert lines[0].startswith("warning: memory plan: micro-batch 64") and "expect out of memory" in lines[0], lines
+    assert "train.micro_batch_size=" in lines[1] and "activation_checkpointing" in lines[1], lines
+
+
+@pytest.mark.slow
+def test_prx_plan_of_the_released_7b_lora_at_1024_fits_24_gib(capsys):
+    from prx.cli import main
+
+    assert main(["plan", "finetune", "--model", "prxpixel-7b", "lora.enabled=true", "data.resolution=1024",
+                 "--gpu-memory", "24GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "PRX 7.03B" in out and "LoRA rank 16" in out and "fits in 24 GiB" in out, out

@@ -36,6 +36,7 @@ from prx.flow import add_noise, flow_loss, sample_noise, sample_timesteps, step_
 from prx.lifecycle import RunClock, RunLock, StopSignals, out_of_memory_error, preflight
 from prx.logger import RunLogger
 from prx.lora import adapt, check_base, describe_lora, freeze_base_dtype
+from prx.memory_plan import gpu_memory_of, train_start_lines
 from prx.metrics.during_training import TrainingEval
 from prx.model import PRX, projected_text_rows, token_grid
 from prx.optim import MultiOptimizer, build_optimizer, lr_scale, param_groups_from_config
@@ -335,6 +336,9 @@ class Trainer:
         if self.lora_base is not None:
             self.log(describe_lora(self.model, cfg.lora, self.lora_base["init_from"]))
         self.log(self.plan.describe())
+        if self.device.type == "cuda" and self._given["model"] is None:  # the planner's prediction for this GPU
+            for line in train_start_lines(cfg, gpu_memory_of(self.device), self.dist.world, self.plan.parallel):
+                self.log(line)
         self.logger = RunLogger(self.logging, self.rundir, self.step, self.total_steps, self.dist.is_main, self.log,
                                 run_config=cfg.to_dict())
         if self.evaluator is not None:
