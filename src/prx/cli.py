@@ -77,6 +77,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the resolved plan (stages, batches, losses, parameters per optimizer, FLOPs) and exit")
     p.set_defaults(command="prx.commands.train:run")
 
+    p = sub.add_parser("plan", help="predict a config's peak GPU memory per rank and choose the settings that fit",
+                       description="Plan a training step's peak memory per rank on the meta device (no GPU, no "
+                                   "weights: a 7B model plans on a laptop): weights, gradients, optimizer states, "
+                                   "activations with and without activation checkpointing, the EMA, the text "
+                                   "encoder, the teachers, CUDA-graph pools. Chooses the micro-batch, activation "
+                                   "checkpointing, text encoder on the GPU or precomputed embeddings, FSDP2 and CPU "
+                                   "offload that fit, or says what cannot fit and the smallest change that would.",
+                       epilog="examples:\n  prx plan finetune --model prxpixel-7b lora.enabled=true --gpu-memory 24GiB"
+                              "\n  prx plan finetune model.init_from=DIR lora.enabled=true data.resolution=1024 "
+                              "--gpu-memory 80GiB\n  prx plan speedrun --gpu-memory 141GiB --gpus 32",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]",
+                   help="a YAML config (path or built-in name) then dotted overrides (default: speedrun)")
+    p.add_argument("--gpu-memory", required=True, metavar="SIZE",
+                   help="memory of each GPU: 24GiB, 80GB, or a number of GiB")
+    p.add_argument("--gpus", type=int, default=1, metavar="N", help="GPUs (ranks) the run trains on (default 1)")
+    p.add_argument("--model", choices=["prxpixel-7b"], default=None,
+                   help="plan the released PRXPixel's shape (7B, Qwen3-VL-2B text encoder) instead of the config's "
+                        "model: nothing is downloaded")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(command="prx.commands.plan:run")
+
     p = sub.add_parser("sample", help="generate images from prompts with a checkpoint",
                        description="Generate one PNG per prompt: DIR/0000.png, DIR/0001.png, … in prompt order.")
     _sampling_options(p)
@@ -110,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "safetensors file with its config in the metadata (and beside it as YAML), for "
                                    "sampling anywhere: `prx sample --checkpoint FILE.safetensors`. --format diffusers: "
                                    "a directory that diffusers' PRXPixelPipeline.from_pretrained loads without prx "
-                                   "(transformer, scheduler, text encoder, tokenizer, model card). Works for "
-                                   "checkpoints of any world size.")
+                                   "(transformer, scheduler, text encoder, tokenizer, model card); a LoRA run's "
+                                   "adapters are merged into its base, or written alone with --adapter-only. Works "
+                                   "for checkpoints of any world size.")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint or run directory")
     p.add_argument("--format", choices=["prx", "diffusers"], default="prx",
                    help="prx: one .safetensors file (default); diffusers: a PRXPixelPipeline directory")
@@ -119,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the .safetensors file (--format prx) or the new directory (--format diffusers; an existing "
                         "non-empty one is refused)")
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
+    p.add_argument("--adapter-only", action="store_true",
+                   help="a LoRA run (lora.enabled): write its adapters alone in peft's format for diffusers "
+                        "(adapter_model.safetensors + adapter_config.json, megabytes) instead of the merged pipeline")
     p.set_defaults(command="prx.commands.export:run")
 
     p = sub.add_parser("bench", help="throughput, step-time breakdown, peak memory and MFU of a config",

@@ -196,7 +196,9 @@ def available_memory(device: torch.device) -> tuple[int, str]:
 
 
 # bytes per parameter: fp32 weights; training adds gradients, two Adam moments (Muon keeps one) and the EMA copy
-BYTES_PER_PARAM = {"inference": 4, "training": 4 + 4 + 8 + 4}
+# weights, gradients, two Adam moments, the EMA copy; a LoRA fine-tune holds the frozen weights alone (its EMA
+# copy shares them; the adapters are ~1%)
+BYTES_PER_PARAM = {"inference": 4, "training": 4 + 4 + 8 + 4, "LoRA fine-tuning": 4}
 
 
 def check_memory(params: int, device: torch.device, use: str, what: str, shards: int = 1) -> None:

@@ -46,6 +46,7 @@ class ExecutionPlan:
     newton_schulz: str  # bf16 | fp32: the dtype of Muon's orthogonalisation
     activation_checkpointing: bool
     recompile_limit: int  # graphs each compiled function may make before dynamo runs it eagerly
+    frozen_base: str = "none"  # none | bf16 | fp32: a LoRA run's frozen base weights (bf16 where it computes in bf16)
     notes: tuple[str, ...] = ()  # settings asked for that this machine cannot take, and why
 
     @property
@@ -75,6 +76,8 @@ class ExecutionPlan:
                  f"CUDA graphs {'+'.join(graphs) or 'off'}", f"Newton–Schulz in {self.newton_schulz}"]
         if self.activation_checkpointing:
             parts.append("activation checkpointing")
+        if self.frozen_base != "none":
+            parts.append(f"LoRA on a frozen {self.frozen_base} base")
         return "execution: " + ", ".join(parts) + "".join(f"\n  note: {n}" for n in self.notes)
 
 
@@ -105,11 +108,12 @@ def steady_shapes(cfg: Config, world: int) -> bool:
     return one_micro_batch and cfg.text.min_length >= cfg.text.max_length
 
 
-def resolve_parallel(mode: str, world: int) -> str:
-    """``train.parallel``: auto = FSDP2 when torchrun started several processes; one process has nothing to split."""
+def resolve_parallel(mode: str, world: int, lora: bool = False) -> str:
+    """``train.parallel``: auto = FSDP2 when torchrun started several processes (DDP for LoRA: the adapters are
+    small and the frozen base is shared with the EMA copy); one process has nothing to split."""
     if world <= 1:
         return "none"
-    return "fsdp" if mode == "auto" else mode
+    return ("ddp" if lora else "fsdp") if mode == "auto" else mode
 
 
 def autocast_dtype(precision: str, device: torch.device, training: bool = True) -> torch.dtype | None:
@@ -162,7 +166,7 @@ def plan_training(cfg: Config, device: torch.device, world: int, shapes: set[Blo
     """The execution of a training run of ``cfg`` on ``device`` with ``world`` processes whose blocks see ``shapes``."""
     t: TrainConfig = cfg.train
     notes = []
-    parallel = resolve_parallel(t.parallel, world)
+    parallel = resolve_parallel(t.parallel, world, cfg.lora.enabled)
     autocast = autocast_dtype(t.precision, device)
     gpu = device.type == "cuda"
     compile_blocks = _compiles(t.compile, device, "train.compile", auto=gpu)
@@ -193,7 +197,15 @@ def plan_training(cfg: Config, device: torch.device, world: int, shapes: set[Blo
         teacher_graphs=teacher_graphs, compile_optimizer=compile_optimizer,
         newton_schulz="bf16" if fast_matmul_dtype(device.type) == torch.bfloat16 else "fp32",
         activation_checkpointing=t.activation_checkpointing, recompile_limit=recompile_limit(shapes, muon_kinds),
-        notes=tuple(notes))
+        frozen_base=frozen_base(cfg, autocast, gpu), notes=tuple(notes))
+
+
+def frozen_base(cfg: Config, autocast: torch.dtype | None, gpu: bool) -> str:
+    """A LoRA run's frozen weights: ``lora.base_dtype`` on a GPU that computes in bf16 (never updated, they need no
+    fp32 master copy: half the memory), else fp32 (a CPU samples in fp32)."""
+    if not cfg.lora.enabled:
+        return "none"
+    return "bf16" if gpu and autocast == torch.bfloat16 and cfg.lora.base_dtype == "bfloat16" else "fp32"
 
 
 def plan_inference(cfg: Config, device: torch.device) -> ExecutionPlan:

@@ -24,6 +24,7 @@ from prx.diffusers_io import (
 )
 from prx.errors import PrxError
 from prx.files import make_writable_dir
+from prx.lora import lora_parameters, save_diffusers_adapter
 from prx.pipeline import load_checkpoint_model
 from prx.rundir import RunDir
 from prx.text import TextEncoder
@@ -342,6 +343,40 @@ def export_pipeline(checkpoint: str | Path, out: str | Path, weights: str = "ema
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"out": out, "step": step, "params": params, "notes": notes, "config": config}
+
+
+def adapter_snippet(base: str, adapter: str) -> str:
+    """Three lines that apply an exported adapter to a pipeline the user already has (peft on its transformer)."""
+    return (f'pipe = PRXPixelPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16)\n'
+            f'pipe.transformer = PeftModel.from_pretrained(pipe.transformer, "{adapter}")\n'
+            f'pipe.transformer = pipe.transformer.merge_and_unload()  # optional: plain weights, full speed')
+
+
+def export_adapter(checkpoint: str | Path, out: str | Path, weights: str = "ema") -> dict:
+    """A LoRA run's adapters alone, in peft's format for diffusers' PRXTransformer2DModel (``adapter_model.safetensors``
+    and ``adapter_config.json``, which names the base pipeline), atomically. Returns out, step, params, base."""
+    out = Path(out)
+    _check_out(out)
+    ckpt, config, step, model = load_checkpoint_model(checkpoint, weights, merge=False)
+    if not config.lora.enabled:
+        raise PrxError(f"'{ckpt}' holds a full model, not LoRA adapters: export it without --adapter-only")
+    make_writable_dir(out.parent if str(out.parent) else Path("."))
+    remove_stale_tmp(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_diffusers_adapter(model, config.lora, tmp, base_model=config.model.init_from)
+        (tmp / "README.md").write_text(
+            f"# LoRA adapter (prx, step {step}, {weights} weights)\n\nRank {config.lora.rank}, alpha "
+            f"{config.lora.alpha:g}, on `{config.model.init_from}`. Apply it with peft:\n\n```python\nimport torch\n"
+            f"from diffusers import PRXPixelPipeline\nfrom peft import PeftModel\n\n"
+            f"{adapter_snippet(str(config.model.init_from), str(out))}\n```\n")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    params = sum(p.numel() for p in lora_parameters(model))
+    return {"out": out, "step": step, "params": params, "base": str(config.model.init_from)}
 
 
 def remove_stale_tmp(out: Path) -> list[Path]:

@@ -76,12 +76,13 @@ def custom_code(directory: Path) -> str | None:
     return None
 
 
-def cached_snapshot(repo_id: str) -> Path | None:
-    """The cache's snapshot directory of a hub id (where its config.json lies), or None when not cached."""
+def cached_snapshot(repo_id: str, filename: str = "config.json") -> Path | None:
+    """The cache's snapshot directory of a hub id (where its ``filename`` lies: a model's config.json, a pipeline's
+    model_index.json), or None when not cached."""
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        found = try_to_load_from_cache(repo_id, "config.json")
+        found = try_to_load_from_cache(repo_id, filename)
     except Exception:  # noqa: BLE001 - not a valid repo id, an unreadable cache: not cached
         return None
     return Path(found).parent if isinstance(found, str) else None

@@ -254,10 +254,11 @@ def preflight(cfg: Config, model_given: bool = False) -> torch.device:
     device = resolve_device(cfg.train.device)
     if not model_given:
         m = cfg.model
-        sharded = resolve_parallel(cfg.train.parallel, world) == "fsdp"
+        sharded = resolve_parallel(cfg.train.parallel, world, cfg.lora.enabled) == "fsdp"
         what = (f"the model (model.hidden_dim={m.hidden_dim}, model.num_layers={m.num_layers}, "
                 f"model.patch_size={m.patch_size})")
-        check_memory(param_count(m), device, "training", what, shards=world if sharded else 1)
+        use = "LoRA fine-tuning" if cfg.lora.enabled else "training"
+        check_memory(param_count(m), device, use, what, shards=world if sharded else 1)
     return device
 
 

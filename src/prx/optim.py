@@ -131,12 +131,13 @@ def build_optimizer(param_groups: Iterable[dict[str, Any]], extra_adam_params: l
     return MultiOptimizer(optimizers)
 
 
-def param_groups_from_config(model, cfg: OptimizerConfig) -> list[dict[str, Any]]:
-    """The recipe's split (Muon for model.muon_params, Adam for the rest) or one AdamW group."""
+def param_groups_from_config(model, cfg: OptimizerConfig, adamw_only: bool = False) -> list[dict[str, Any]]:
+    """The recipe's split (Muon for model.muon_params, Adam for the rest) or one AdamW group (``optimizer.name:
+    adamw``, or ``adamw_only``: a LoRA run's adapters), of the parameters that train."""
     adam = {"optimizer": "adam", "lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps,
             "weight_decay": cfg.weight_decay}
-    if cfg.name == "adamw":
-        return [{**adam, "params": list(model.parameters())}]
+    if cfg.name == "adamw" or adamw_only:
+        return [{**adam, "params": [p for p in model.parameters() if p.requires_grad]}]
     return [
         {"params": model.muon_params, "optimizer": "muon", "lr": cfg.muon_lr or cfg.lr, "momentum": cfg.muon_momentum,
          "nesterov": cfg.muon_nesterov, "ns_steps": cfg.muon_ns_steps, "rms_scale": cfg.muon_rms_scale,

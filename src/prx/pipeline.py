@@ -18,6 +18,7 @@ from prx.data.buckets import make_buckets, nearest_bucket
 from prx.device import available_memory, check_memory, resolve_device
 from prx.errors import PrxError
 from prx.execution import plan_inference
+from prx.lora import adapt, check_base, merge_lora
 from prx.model import PRX, build_model, param_count, token_count
 from prx.sampling import check_request, guided_predictor, initial_noise, sample, sampling_bytes, to_uint8
 from prx.text import TextEncoder
@@ -221,17 +222,24 @@ def build_saved_model(config: Config, device: str, what: str) -> PRX:
 
 
 def load_checkpoint_model(path: str | Path, weights: str = "ema", device: str = "cpu",
-                          check=None) -> tuple[Path, Config, int, PRX]:
+                          check=None, merge: bool = True) -> tuple[Path, Config, int, PRX]:
     """(checkpoint directory, its config, its step, its model with the EMA or raw weights) of a checkpoint, or of a
     run's newest intact one (a damaged or pruned one gives way to the next, :func:`prx.checkpoint.open_checkpoint`).
-    ``check(config)`` runs before the model is built."""
+    ``check(config)`` runs before the model is built. A LoRA run's model is its base with the adapters merged in
+    (plain weights: the config returned says ``lora.enabled: false``), or with ``merge=False`` the adapted model."""
     def use(checkpoint: Path):
         step = int(checkpoint_meta(checkpoint)["step"])  # a damaged checkpoint stops here, naming the file
         config = checkpoint_config(checkpoint)
         if check is not None:
             check(config)
         model = build_saved_model(config, device, f"checkpoint '{checkpoint}'")
+        if config.lora.enabled:  # a LoRA checkpoint holds adapters: on their base, merged (plain weights to sample)
+            check_base(checkpoint_meta(checkpoint).get("lora_base"), config.model.init_from, checkpoint)
+            adapt(model, config.lora, config.model.init_from)
         load_weights(checkpoint, model, weights)  # full tensors, whatever world size wrote the checkpoint
+        if config.lora.enabled and merge:
+            merge_lora(model)
+            config = replace(config, lora=replace(config.lora, enabled=False))
         return checkpoint, config, step, model
 
     return open_checkpoint(path, use)

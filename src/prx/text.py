@@ -12,6 +12,7 @@ they teach the model nothing.
 from __future__ import annotations
 
 import contextlib
+import html
 import os
 import string
 from collections import OrderedDict
@@ -159,7 +160,27 @@ def _truncate(config, num_layers: int, path: str) -> None:
     setattr(inner, attr, num_layers)
 
 
-def _load_encoder(path: str, dtype, local_files_only: bool, num_layers: int | None = None):
+def pipeline_component_class(path: str) -> str | None:
+    """The transformers class a diffusers pipeline's ``model_index.json`` names for the component directory
+    ``path`` (e.g. ``Qwen3VLTextModel`` for PRXPixelPipeline's text_encoder/), or None outside a pipeline."""
+    import json
+
+    directory = Path(path)
+    index = directory.parent / "model_index.json"
+    if not index.is_file():
+        return None
+    try:
+        entry = json.loads(index.read_text()).get(directory.name)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(entry, list) and len(entry) == 2 and entry[0] == "transformers" and isinstance(entry[1], str):
+        return entry[1]
+    return None
+
+
+def _load_encoder(path: str, dtype, local_files_only: bool, num_layers: int | None = None,
+                  tokenizer_override: str | None = None):
+    import transformers
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -169,7 +190,10 @@ def _load_encoder(path: str, dtype, local_files_only: bool, num_layers: int | No
     path, tokenizer_path = pipeline_text_parts(path)  # a diffusers pipeline directory: text_encoder/, tokenizer/
     config = AutoConfig.from_pretrained(path, **kw)
     model_type = getattr(config, "model_type", "")
-    if model_type in ("t5", "mt5", "umt5"):
+    named = pipeline_component_class(path)  # a pipeline's text_encoder/: the class diffusers itself loads
+    if named is not None and getattr(transformers, named, None) is not None and model_type != "t5gemma":
+        cls = getattr(transformers, named)
+    elif model_type in ("t5", "mt5", "umt5"):
         from transformers import T5EncoderModel as cls
     elif model_type == "t5gemma":  # released as encoder-decoder; keep the encoder only
         from transformers import T5GemmaEncoderModel as cls
@@ -183,8 +207,18 @@ def _load_encoder(path: str, dtype, local_files_only: bool, num_layers: int | No
         cls = AutoModel
     if num_layers is not None:
         _truncate(config, num_layers, path)
-    return AutoTokenizer.from_pretrained(tokenizer_path, **kw), cls.from_pretrained(path, config=config, dtype=dtype,
-                                                                                    **kw)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_override or tokenizer_path, **kw)
+    return tokenizer, cls.from_pretrained(path, config=config, dtype=dtype, **kw)
+
+
+def clean_prx_pixel(text: str) -> str:
+    """PRXPixelPipeline's prompt cleaning (diffusers ``pipeline_prx_pixel._basic_clean``)."""
+    try:
+        import ftfy
+    except ImportError:
+        raise PrxError("text.clean=prx_pixel needs ftfy (PRXPixelPipeline cleans prompts with it): "
+                       "pip install ftfy") from None
+    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
 
 
 def text_model_config(model_cfg: ModelConfig, encoder: "TextEncoder", name: str) -> ModelConfig:
@@ -201,18 +235,22 @@ class TextEncoder:
 
     def __init__(self, name: str = MINILM, max_length: int = 64, dtype="float32", device="cpu",
                  cache_size: int = 100_000, min_length: int = 0, num_layers: int | None = None, cache_gib: float = 2.0,
-                 cache_device: str = "auto"):
+                 cache_device: str = "auto", tokenizer: str | None = None, clean: str = "none",
+                 pad_to_max_length: bool = False):
         self.name = name
+        self.clean = clean_prx_pixel if clean == "prx_pixel" else None
+        self.pad_to_max_length = pad_to_max_length
         self.max_length = max_length
         self.min_length = min_length
         self.num_layers = num_layers
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         path = resolve_encoder(name)
+        tokenizer_path = os.path.expanduser(tokenizer) if tokenizer else None
         # the local directory or Hugging Face cache first (no network once downloaded); no code from its files
         self.tokenizer, self.model = hub.load(
-            lambda source, local: _load_encoder(source, self.dtype, local, num_layers), name, path, "text encoder",
-            "text.encoder=DIR")
+            lambda source, local: _load_encoder(source, self.dtype, local, num_layers, tokenizer_path), name, path,
+            "text encoder", "text.encoder=DIR")
         self.model.requires_grad_(False).eval().to(self.device)
         self.cache_size = cache_size
         self.cache_bytes = int(cache_gib * 2**30)
@@ -225,25 +263,35 @@ class TextEncoder:
     @classmethod
     def from_config(cls, cfg: TextConfig, device) -> "TextEncoder":
         return cls(cfg.encoder, cfg.max_length, cfg.dtype, device, cfg.cache_size, cfg.min_length, cfg.num_layers,
-                   cfg.cache_gib, cfg.cache_device)
+                   cfg.cache_gib, cfg.cache_device, cfg.tokenizer, cfg.clean, cfg.pad_to_max_length)
 
     def _encode_uncached(self, captions: list[str], on_device: bool = False) -> list[Tensor]:
         """Each caption's real tokens, (n_i, D) float32: on the host, or with ``on_device`` where the encoder ran."""
+        if self.clean is not None:
+            captions = [self.clean(c) for c in captions]
         # On GPUs the batch pads to a multiple of 8 tokens: cuDNN's attention builds a plan per sequence length
         # (7.8 ms of CPU per layer on an H200), so lengths must come from a small set to be reused. (The tokenizer
         # refuses to pad to a multiple of 8 when text.max_length is not one.)
-        tokens = self.tokenizer(
-            captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
-            pad_to_multiple_of=8 if self.device.type == "cuda" and self.max_length % 8 == 0 else None,
-        )
-        lengths = tokens["attention_mask"].sum(1).tolist()  # read on the host, before the copy
+        if self.pad_to_max_length:  # PRXPixelPipeline's tokenisation: every prompt padded to prompt_max_tokens
+            padding, multiple = "max_length", None
+        else:
+            padding, multiple = True, (8 if self.device.type == "cuda" and self.max_length % 8 == 0 else None)
+        tokens = self.tokenizer(captions, padding=padding, truncation=True, max_length=self.max_length,
+                                return_tensors="pt", pad_to_multiple_of=multiple)
+        real = tokens["attention_mask"].bool()  # read on the host, before the copy
+        lengths = real.sum(1)
+        right_padded = bool((real == (torch.arange(real.shape[1]) < lengths[:, None])).all())
         tokens = tokens.to(self.device)
         with torch.no_grad():
             out = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
             hidden = out.last_hidden_state
         self.encoded_count += len(captions)
         hidden = hidden.float() if on_device else hidden.float().cpu()  # one copy off the device, not one per caption
-        return [hidden[i, : max(int(n), 1)].clone() for i, n in enumerate(lengths)]
+        # each caption's real tokens (a slice where the padding is on the right: no device sync; else by the mask).
+        # A caption with no token at all (Qwen's tokenizer gives none for "") keeps none: the pipeline masks all of it
+        if right_padded:
+            return [hidden[i, :n].clone() for i, n in enumerate(lengths.tolist())]
+        return [hidden[i][real[i].to(hidden.device)].clone() for i in range(len(captions))]
 
     @contextlib.contextmanager
     def cache_scope(self):
@@ -281,7 +329,7 @@ class TextEncoder:
         else:
             encodings = self._encode_uncached(captions, on_device=on_gpu)
         longest = max(e.shape[0] for e in encodings)
-        length = max(min(-(-longest // 8) * 8, max(self.max_length, longest)), self.min_length)
+        length = max(min(-(-longest // 8) * 8, max(self.max_length, longest)), self.min_length, 1)
         return padded_batch(encodings, length, self.device if on_gpu else torch.device("cpu"))
 
 

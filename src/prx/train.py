@@ -35,6 +35,8 @@ from prx.execution import ExecutionPlan, block_shapes, plan_training
 from prx.flow import add_noise, flow_loss, sample_noise, sample_timesteps, step_seed
 from prx.lifecycle import RunClock, RunLock, StopSignals, out_of_memory_error, preflight
 from prx.logger import RunLogger
+from prx.lora import adapt, check_base, describe_lora, freeze_base_dtype
+from prx.memory_plan import gpu_memory_of, train_start_lines
 from prx.metrics.during_training import TrainingEval
 from prx.model import PRX, projected_text_rows, token_grid
 from prx.optim import MultiOptimizer, build_optimizer, lr_scale, param_groups_from_config
@@ -131,7 +133,12 @@ class Trainer:
         if self.resume_from is not None:  # the saved weights' own LayerNorm eps (1e-5 before the option)
             self.model_config = replace(self.model_config, norm_eps=self.resume_from.norm_eps)
         self.model = (given["model"] or PRX(self.model_config)).to(self.device)
-        if cfg.model.init_from and self.resume_from is None:  # fine-tuning: a new run starts from diffusers weights
+        self.lora_base: dict | None = None  # a LoRA run's frozen base: model.init_from and its fingerprint
+        if cfg.lora.enabled:  # the base is read on resume too: a LoRA checkpoint holds the adapters only
+            if self.resume_from is not None:
+                check_base(self.resume_from.meta.get("lora_base"), cfg.model.init_from, self.resume_from.path)
+            self.lora_base = adapt(self.model, cfg.lora, cfg.model.init_from)
+        elif cfg.model.init_from and self.resume_from is None:  # fine-tuning: a new run starts from diffusers weights
             message = load_init_weights(self.model, cfg.model.init_from)
             if self.dist.is_main:
                 self.log(message)
@@ -141,9 +148,11 @@ class Trainer:
         shapes = block_shapes(cfg, self.data.sizes, self.dist.world, self.router.num_kept if self.router else None)
         muon_kinds = len({(tuple(p.shape), p.dtype) for p in self.model.muon_params})
         self.plan: ExecutionPlan = plan_training(cfg, self.device, self.dist.world, shapes, muon_kinds)
+        if self.plan.frozen_base == "bf16":
+            freeze_base_dtype(self.model, torch.bfloat16)
         self.repa, self.perceptual = recipe_tricks(cfg, given, self.model_config, self.plan.autocast or torch.float32,
                                                    self.device)
-        self.ema = EMA.from_config(self.model, cfg.ema)  # a copy, before sharding
+        self.ema = EMA.from_config(self.model, cfg.ema)  # a copy, before sharding (a LoRA run's: of the adapters)
 
     def _parallelize(self) -> None:
         """The execution plan applied (compile, CUDA graphs, FSDP2/DDP), then the optimizer over what it updates."""
@@ -163,7 +172,7 @@ class Trainer:
         self.wrapped = [self.forward_model] + ([projector] if projector is not None else [])  # what syncs gradients
         self.optimizer: MultiOptimizer = build_optimizer(
             groups_after_sharding(self._given["param_groups"], self.model, names) or param_groups_from_config(
-                self.model, cfg.optimizer),
+                self.model, cfg.optimizer, adamw_only=cfg.lora.enabled and cfg.lora.optimizer == "adamw"),
             list(self.trainable["repa_projector"].parameters()) if self.repa is not None else [],
             compile_muon=self.plan.compile_optimizer, ns_dtype=self.plan.newton_schulz_dtype)
         self.checkpoints = CheckpointWriter(self.rundir, self.dist, cfg.train.keep_checkpoints,
@@ -324,7 +333,12 @@ class Trainer:
         where = f"resuming {self.resume_from.path} at step {self.step}" if self.resume_from else "new run"
         self.log(f"prx: {cfg.name} | {where} | {n_params / 1e6:.2f}M params | {self.total_steps} steps | "
                  f"run dir {self.run_dir} | PID {os.getpid()}")
+        if self.lora_base is not None:
+            self.log(describe_lora(self.model, cfg.lora, self.lora_base["init_from"]))
         self.log(self.plan.describe())
+        if self.device.type == "cuda" and self._given["model"] is None:  # the planner's prediction for this GPU
+            for line in train_start_lines(cfg, gpu_memory_of(self.device), self.dist.world, self.plan.parallel):
+                self.log(line)
         self.logger = RunLogger(self.logging, self.rundir, self.step, self.total_steps, self.dist.is_main, self.log,
                                 run_config=cfg.to_dict())
         if self.evaluator is not None:
@@ -357,7 +371,9 @@ class Trainer:
         """Write a checkpoint of this step, unless the last step was bad (its weights just gave a bad loss)."""
         if self.health.last_bad:
             return None
-        meta = {"planned_steps": self.planned_steps} if self.planned_steps else None  # a time budget's count, kept
+        meta = {"planned_steps": self.planned_steps} if self.planned_steps else {}  # a time budget's count, kept
+        if self.lora_base is not None:
+            meta["lora_base"] = self.lora_base  # what the adapters go on
         self.checkpoints.protect = self.health.confirmed  # pruning keeps it
         path = self.checkpoints.save(self.step, training_state(self), self.run_config, meta, log=self.log)
         self.health.saved(self.step)

@@ -4,6 +4,10 @@
     model.denoiser.*, model.repa_projector.*   the trained modules (the projector only with REPA)
     optimizer.state.*                          Muon and Adam state tensors (torch's get_state_dict layout)
     ema.model.*                                the EMA copy of the denoiser: what sampling uses
+
+A LoRA run (``lora.enabled``) saves what trains only: the adapters (``...lora_A.default.weight``), their EMA and
+optimizer state, megabytes; its meta.json names the frozen base (``lora_base``: ``model.init_from`` and a
+fingerprint of its weights), which every reader loads first.
     rng.torch                                  the CPU generator's state, as a uint8 tensor
     state.json: trainer.step, trainer.bad_steps, trainer.health (the divergence watch's reference window),
                 ema.num_updates, data.* (the data source's exact position)
@@ -18,10 +22,14 @@ import json
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from prx.checkpoint.read import STATE, find_checkpoint, load_checkpoint
 from prx.errors import CheckpointDamaged
+
+# the frozen parameters (a LoRA run's base) are neither saved nor loaded: they come from model.init_from
+TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True)
+TRAINED_ONLY_LOAD = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def training_state(trainer) -> dict:
@@ -29,7 +37,7 @@ def training_state(trainer) -> dict:
     values that are not tensors go to state.json). The optimizers' hyperparameters are not part of
     it: they come from the run's config (a changed ``optimizer.lr`` takes effect on resume)."""
 
-    model_state, optim_state = get_state_dict(trainer.trainable, trainer.optimizer.optimizers)
+    model_state, optim_state = get_state_dict(trainer.trainable, trainer.optimizer.optimizers, options=TRAINED_ONLY)
     return {
         "model": model_state,
         "optimizer": {"state": optim_state["state"]},
@@ -42,14 +50,14 @@ def training_state(trainer) -> dict:
 
 def restore_training_state(trainer, path: Path) -> None:
 
-    model_state, optim_state = get_state_dict(trainer.trainable, trainer.optimizer.optimizers)
+    model_state, optim_state = get_state_dict(trainer.trainable, trainer.optimizer.optimizers, options=TRAINED_ONLY)
     tensors = {"model": model_state, "optimizer": {"state": optim_state["state"]},
-               "ema": {"model": trainer.ema.model.state_dict()}, "rng": {"torch": torch.get_rng_state()}}
+               "ema": {"model": trainer.ema.state_dict()["model"]}, "rng": {"torch": torch.get_rng_state()}}
     values = load_checkpoint(path, tensors, trainer.model_config)
     # the param groups (lr, base_lr, betas, ...) stay this run's: only the optimizers' state tensors are loaded
     optim = {"state": tensors["optimizer"]["state"], "param_groups": optim_state["param_groups"]}
     set_state_dict(trainer.trainable, trainer.optimizer.optimizers, model_state_dict=tensors["model"],
-                   optim_state_dict=optim)
+                   optim_state_dict=optim, options=TRAINED_ONLY_LOAD)  # (every trained tensor was read above)
     try:
         num_updates = int(values["ema"]["num_updates"])
         trainer.ema.load_state_dict({"model": tensors["ema"]["model"], "num_updates": num_updates})
@@ -68,10 +76,13 @@ def restore_training_state(trainer, path: Path) -> None:
 
 def load_weights(path: str | Path, model: torch.nn.Module, weights: str = "ema") -> Path:
     """Fill a (full, unsharded) denoiser with a checkpoint's EMA or raw weights, whatever world size
-    wrote it; returns the checkpoint directory. For sampling, export and evaluation: tensors only."""
+    wrote it; returns the checkpoint directory. For sampling, export and evaluation: tensors only. An adapted model
+    (a LoRA run's, its base already loaded: :func:`prx.lora.adapt`) takes the adapters only."""
     if weights not in ("ema", "model"):
         raise ValueError("weights must be 'ema' or 'model'")
     tensors = model.state_dict()
+    if any(".lora_A." in k for k in tensors):
+        tensors = {k: v for k, v in tensors.items() if ".lora_A." in k or ".lora_B." in k}
     if weights == "ema":
         state = {"ema": {"model": tensors}}
     else:

@@ -1,7 +1,7 @@
 """The run's typed configuration: :class:`Config` composes the sections, and :func:`load_config` reads one.
 
 Every section is a dataclass that YAML mirrors one to one, with its rules declared beside its fields
-(:mod:`prx.config.rules`) and its cross-field checks in its ``check(run)``: ``model:`` (:mod:`.model`),
+(:mod:`prx.config.rules`) and its cross-field checks in its ``check(run)``: ``model:`` and ``lora:`` (:mod:`.model`),
 ``data:`` and ``text:`` (:mod:`.data`), the recipe's ``objective:``, ``tread:``, ``repa:``, ``perceptual:``,
 ``optimizer:`` and ``ema:`` (:mod:`.recipe`), ``train:`` and ``logging:`` (:mod:`.run`), ``sampling:`` and
 ``eval:`` (:mod:`.sampling`). Each component imports its own section from there; nothing in this package
@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from prx.config.data import CaptionWeight, DataConfig, ShapesConfig, TextConfig
-from prx.config.model import MODEL_PRESETS, ModelConfig
+from prx.config.model import MODEL_PRESETS, LoRAConfig, ModelConfig
 from prx.config.parse import (
     apply_override,
     build_section,
@@ -43,14 +43,15 @@ from prx.errors import ConfigError
 __all__ = ["Config", "load_config", "config_from_dict", "validate", "SECTIONS", "MODEL_PRESETS", "ModelConfig",
            "DataConfig", "ShapesConfig", "CaptionWeight", "TextConfig", "ObjectiveConfig", "TreadConfig", "REPAConfig",
            "PerceptualConfig", "OptimizerConfig", "EMAConfig", "StageConfig", "StageTricks", "TrainConfig",
-           "LoggingConfig", "SamplingConfig", "EvalConfig", "ConfigError", "apply_override", "build_section",
-           "builtin_configs", "parse_override", "read_yaml", "resolve_config_path", "config_from_saved",
-           "migrate_saved_config"]
+           "LoggingConfig", "SamplingConfig", "EvalConfig", "LoRAConfig", "ConfigError", "apply_override",
+           "build_section", "builtin_configs", "parse_override", "read_yaml", "resolve_config_path",
+           "config_from_saved", "migrate_saved_config"]
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     data: DataConfig = field(default_factory=DataConfig)
     text: TextConfig = field(default_factory=TextConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -156,7 +157,7 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | N
     return config_from_dict(fill_from_pretrained(data))
 
 
-SECTIONS = ("model", "data", "text", "objective", "tread", "repa", "perceptual", "optimizer", "ema", "sampling",
+SECTIONS = ("model", "lora", "data", "text", "objective", "tread", "repa", "perceptual", "optimizer", "ema", "sampling",
             "train", "logging", "eval")
 
 

@@ -113,8 +113,18 @@ class TextConfig:
     # model then sees one text length instead of recompiling for a batch of shorter captions
     min_length: int = at_least(0, 0)
 
+    # where the tokenizer is when it is neither beside the encoder nor a pipeline's tokenizer/ (None: found there)
+    tokenizer: str | None = None
+    # prompt cleaning before tokenising: none, or prx_pixel (diffusers' PRXPixelPipeline: ftfy.fix_text, HTML
+    # unescaped twice, surrounding spaces stripped), so a fine-tune of a released model reads what it will be prompted
+    clean: str = one_of("none", "prx_pixel")
+    # run the encoder on every caption padded to max_length, as PRXPixelPipeline does (padding="max_length"): the
+    # real tokens' embeddings are then computed at inference's shapes; the padding is still dropped (masked)
+    pad_to_max_length: bool = False
+
     # a resumed run keeps these: the model's text projection learned this encoder's tokens
-    FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = ("encoder", "max_length", "num_layers")
+    FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = ("encoder", "max_length", "num_layers", "tokenizer", "clean",
+                                                  "pad_to_max_length")
 
     def check(self, run) -> None:
         check(self.min_length <= self.max_length, f"text.min_length ({self.min_length}) pads caption tokens up to "

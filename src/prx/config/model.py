@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
-from prx.config.rules import at_least, check, positive, within
+from prx.config.rules import at_least, check, one_of, positive, within
+from prx.errors import ConfigError
 
 # Named model sizes. `seed` is the speedrun seed config; `prx-small` the reference code's
 # PRX-small; `demo`/`tiny` run on a laptop CPU.
@@ -63,3 +64,46 @@ def same_model(saved: ModelConfig, new: ModelConfig) -> bool:
     """Whether a config's model has the saved run's weights (a text width left unset takes the run's)."""
     return replace(saved, **HOW_IT_STARTED) == replace(new, **HOW_IT_STARTED) and (
         new.text_dim is None or saved.text_dim == new.text_dim)
+
+
+DEFAULT_LORA_TARGETS = ("img_qkv", "txt_kv", "attn_out", "mlp_in", "mlp_out")  # attention and MLP of every block
+
+
+@dataclass
+class LoRAConfig:
+    """``lora:`` low-rank adapters on the transformer's projections; the base weights stay frozen."""
+
+    enabled: bool = False
+    rank: int = positive(16, ": the adapters' rank, e.g. 16 (to train every weight, leave lora.enabled false)")
+    alpha: float = positive(16.0)  # the update is scaled by alpha / rank
+    dropout: float = within(0.0, 0, 1, open_high=True)  # on the adapters' input, training only
+    # prx module names: a projection of every block (img_qkv, txt_kv, attn_out, mlp_in, mlp_out), or a regular
+    # expression for whole names (e.g. "blocks\.(1[6-9]|2[0-3])\.mlp_.*", "final_layer.proj"); Linear layers only
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    # the frozen base weights' dtype where the trainer computes in bf16 (they are never updated, so they need no
+    # fp32 master copy); the adapters stay fp32
+    base_dtype: str = one_of("bfloat16", "float32")
+    # the adapters' optimizer: AdamW (it beat Muon on adapter matrices at each one's best learning rate,
+    # docs/finetune.md), or the run's optimizer.name
+    optimizer: str = one_of("adamw", "optimizer.name")
+
+    FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = ("rank", "alpha", "targets", "optimizer")
+
+    def check_resume(self, saved: "LoRAConfig") -> None:
+        if saved.enabled and not self.enabled:
+            raise ConfigError("this run trains LoRA adapters (its checkpoints hold them alone): resume it with "
+                              "lora.enabled=true, or `prx export` its merged model and start a new run from that")
+        if self.enabled and not saved.enabled:
+            raise ConfigError("lora.enabled=true cannot resume a run trained without adapters: `prx export RUN "
+                              "--format diffusers --out DIR`, then a new run with model.init_from=DIR "
+                              "lora.enabled=true")
+
+    def check(self, run=None) -> None:
+        check(len(self.targets) > 0, "lora.targets is empty: name the projections to adapt, e.g. [img_qkv, mlp_in]")
+        if run is None or not self.enabled:
+            return
+        check(bool(run.model.init_from), "lora.enabled adapts a trained model: set model.init_from to a "
+              "PRXPixelPipeline directory (or its hub id), e.g. `prx train finetune model.init_from=DIR "
+              "lora.enabled=true`")
+        check(run.train.parallel != "fsdp", "lora.enabled with train.parallel=fsdp: adapters train with DDP (the "
+              "frozen base is replicated; `prx plan CONFIG` says whether it fits), so set train.parallel=auto or ddp")

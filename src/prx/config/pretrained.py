@@ -5,15 +5,18 @@ that sets ``model.init_from`` is a fine-tune: the keys it does not set come from
 (not the from-scratch recipe's defaults), then each field the pipeline decides fills the keys still unset, one
 function per field in :data:`PIPELINE_FIELDS` (a key the config sets stays; the model's shape must agree):
 
-    transformer/config.json          → model.* shape (patch, widths, depth, heads, ...)
-    text_encoder/ + tokenizer/       → text.encoder (the pipeline directory itself, see :func:`pipeline_text_parts`)
+    transformer/config.json          → model.* shape (patch, widths, depth, heads, resolution_embeds, ...)
+    text_encoder/ + tokenizer/       → text.encoder (the pipeline directory itself, see :func:`pipeline_text_parts`;
+                                       the text encoder's class is the one model_index.json names, prx.text)
     model_index.json prompt_max_tokens → text.max_length
+    PRXPixelPipeline.encode_prompt   → text.clean: prx_pixel, text.pad_to_max_length: true
     model_index.json noise_scale     → objective.noise_scale
     model_index.json default_sample_size → data.resolution
     scheduler/ shift                 → objective.shift (and so sampling.shift, when unset)
     the depth                        → repa.block (the recipe's block 8 of 24: a third of the depth)
 
-:mod:`prx.diffusers_io` loads the weights."""
+``model.init_from`` is a directory, or a hub id whose snapshot is in the local Hugging Face cache (``hf download
+ID`` once; nothing is downloaded during a run). :mod:`prx.diffusers_io` loads the weights."""
 
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from prx.config.model import ModelConfig
 from prx.config.parse import BUILTIN_CONFIG_DIR, read_yaml
 from prx.config.rules import coerce
 from prx.errors import ConfigError, PrxError
+from prx.hub import cached_snapshot
 
 TRANSFORMER_CLASS = "PRXTransformer2DModel"
 PIPELINE_CLASS = "PRXPixelPipeline"
@@ -87,13 +91,35 @@ def model_config_from_diffusers(config: dict, where: str | Path = "the checkpoin
     }
 
 
+def _is_hub_id(text: str) -> bool:
+    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and all(text.split("/"))
+
+
+def locate(path: str | Path) -> Path:
+    """The local directory ``model.init_from`` names: the path itself, or a hub id's snapshot in the local Hugging
+    Face cache (a one-line error saying how to download it otherwise)."""
+    local = Path(os.path.expanduser(str(path)))
+    if local.exists() or not _is_hub_id(str(path)):
+        return local
+    snapshot = cached_snapshot(str(path), "model_index.json") or cached_snapshot(str(path), "config.json")
+    if snapshot is None:
+        raise PrxError(f"model.init_from '{path}' is neither a local directory nor a pipeline in the Hugging Face "
+                       f"cache: download it once with `hf download {path}` (then it is found offline), or give its "
+                       f"directory")
+    return snapshot
+
+
 def find_transformer_dir(path: str | Path) -> Path:
-    """The PRXTransformer2DModel directory of ``path``: itself (a transformer/ directory) or path/transformer."""
-    path = Path(os.path.expanduser(str(path)))
+    """The PRXTransformer2DModel directory of ``path`` (a directory or a cached hub id): itself (a transformer/
+    directory) or path/transformer."""
+    path = locate(path)
     if not path.exists():
         raise PrxError(f"model.init_from '{path}' does not exist: give a diffusers PRX pixel pipeline directory "
                        f"or its transformer/ directory (resuming a run? `prx train RUN/config.yaml "
                        f"model.init_from=null`: a resume never reads it)")
+    if not path.is_dir():
+        raise PrxError(f"model.init_from '{path}' is a file: give a diffusers PRX pixel pipeline directory "
+                       f"(model_index.json, transformer/, text_encoder/, tokenizer/) or its hub id")
     for candidate in (path, path / "transformer"):
         config_file = candidate / "config.json"
         if config_file.is_file():
@@ -205,9 +231,27 @@ def fill_text(data: dict, pipe: PretrainedPipeline) -> None:
     """The pipeline's text encoder (its ``text_encoder/`` and ``tokenizer/``, loaded as ``text.encoder: DIR``, whole:
     an export saves it already cut to the run's ``text.num_layers``) and its prompt length."""
     root = pipe.root
-    if root is not None and pipeline_text_parts(root)[0] != str(root):
+    if _encodes_prompts(pipe):  # (a hub id's pipeline: its snapshot directory in the cache)
         _fill(data, "text.encoder", pipe.path if Path(pipe.path) == root else str(root))
     _fill(data, "text.max_length", pipe.value("prompt_max_tokens"))
+
+
+def _encodes_prompts(pipe: PretrainedPipeline) -> bool:
+    """Whether the pipeline has a text encoder of its own, which PRXPixelPipeline.encode_prompt runs."""
+    return pipe.root is not None and pipeline_text_parts(pipe.root)[0] != str(pipe.root)
+
+
+def fill_text_clean(data: dict, pipe: PretrainedPipeline) -> None:
+    """PRXPixelPipeline cleans every prompt before tokenising it (``ftfy.fix_text``, HTML unescaped twice, surrounding
+    spaces stripped): training reads captions as inference will read prompts."""
+    _fill(data, "text.clean", "prx_pixel" if _encodes_prompts(pipe) else None)
+
+
+def fill_text_padding(data: dict, pipe: PretrainedPipeline) -> None:
+    """PRXPixelPipeline pads every prompt to ``prompt_max_tokens`` before its text encoder: the real tokens'
+    embeddings are then computed at inference's shapes (a causal encoder such as Qwen3-VL's, left-padded, sees other
+    positions otherwise)."""
+    _fill(data, "text.pad_to_max_length", True if _encodes_prompts(pipe) else None)
 
 
 def fill_noise_scale(data: dict, pipe: PretrainedPipeline) -> None:
@@ -232,7 +276,8 @@ def fill_repa_block(data: dict, pipe: PretrainedPipeline) -> None:
 
 # what a pipeline decides, one function per field, in order: each fills the config keys still unset
 PIPELINE_FIELDS: tuple[Callable[[dict, PretrainedPipeline], None], ...] = (
-    fill_model, fill_text, fill_noise_scale, fill_resolution, fill_shift, fill_repa_block)
+    fill_model, fill_text, fill_text_clean, fill_text_padding, fill_noise_scale, fill_resolution, fill_shift,
+    fill_repa_block)
 
 
 def _merged(base: dict, over: dict) -> dict:
