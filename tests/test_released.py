@@ -173,3 +173,17 @@ def test_what_is_not_a_prx_pixel_pipeline_is_one_line_error(tmp_path, pipeline_d
     (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     (other / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
     refused(other, "not a PRXTransformer2DModel")
+
+
+def test_prx_plan_of_a_pipeline_counts_its_own_text_encoder(pipeline_dir, capsys):
+    """`prx plan finetune model.init_from=DIR lora.enabled=true`: the pipeline's shape, its Qwen3-VL text encoder
+    counted from its config, the adapters."""
+    from prx.memory import text_encoder_spec
+    from transformers import AutoConfig
+
+    assert main(["plan", "finetune", f"model.init_from={pipeline_dir}", "lora.enabled=true", "lora.rank=4",
+                 "data.resolution=64", "--gpu-memory", "8GiB"]) == 0
+    out = capsys.readouterr().out
+    encoder = text_encoder_spec(AutoConfig.from_pretrained(pipeline_dir / "text_encoder"))
+    assert "2 blocks, hidden 64" in out and "LoRA rank 4" in out and "fits in 8 GiB" in out, out
+    assert f"| text encoder ({pipeline_dir}) | {encoder.weights / 2**30:.2f} |" in out, out

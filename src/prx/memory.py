@@ -25,7 +25,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from prx.config.model import LoRAConfig
 from prx.errors import ConfigError
+from prx.lpips import VGG16_LAYOUT
 from prx.memory_trace import ParamCounts, StepTrace, count_params, trace_step
 
 GiB = 1024**3
@@ -96,8 +98,6 @@ def vit_teacher(name: str, shape, image_tokens: int, gradients: bool = False, dt
 def lpips_vgg_teacher(height: int, width: int, dtype_bytes: int = 2) -> TeacherSpec:
     """LPIPS-VGG16 on one image pair of height × width (after its resize): the prediction's conv activations are
     kept for the backward, the target's are not."""
-    from prx.lpips import VGG16_LAYOUT
-
     saved, peak, channels, h, w = 0, 0, 3, height, width
     for v in VGG16_LAYOUT:
         if v == "M":
@@ -453,8 +453,6 @@ def _reasons(s: Setup, c: Choice, plan: Plan) -> list[str]:
 
 def _changes(s: Setup, counts: ParamCounts) -> list[str]:
     """What would fit, smallest change first: more GPUs (sharded), LoRA, a lower resolution, more memory."""
-    from prx.lora import LoRAConfig
-
     out = []
     if s.lora is None:
         for gpus in (2, 4, 8, 16, 32, 64):

@@ -17,10 +17,12 @@ import contextlib
 import functools
 import weakref
 from dataclasses import dataclass, replace
-from unittest import mock
 
 import torch
 from torch import nn
+
+from prx.lora import add_lora
+from prx.model import build_model
 
 # --------------------------------------------------------------------------------------------
 # Counting live tensors on fake tensors
@@ -138,16 +140,12 @@ def _trace(model_cfg, lora, height, width, micro_batch, text_tokens, micro_batch
            weights) -> StepTrace:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    import prx.model
-    from prx.lora import add_lora
-
-    # prx packs the real caption tokens on CPUs only (prx.model.packs_text); a plan is for the GPU's padded layout
-    gpu_layout = mock.patch.object(prx.model, "packs_text", lambda device: False)
     with torch.device("meta"):  # built and adapted on the meta device, then given fake CPU tensors of its shapes
-        model = prx.model.build_model(model_cfg)
+        model = build_model(model_cfg)
         if lora is not None:
             add_lora(model, lora, base_dtype=getattr(torch, lora.base_dtype) if autocast is not None else None)
-    with FakeTensorMode(), gpu_layout, torch.random.fork_rng(devices=[]):
+    model.pack_text = False  # prx packs the real caption tokens on CPUs only; a plan is for the GPU's padded layout
+    with FakeTensorMode(), torch.random.fork_rng(devices=[]):
         _to_fake(model, autocast if weights == "compute" and autocast is not None else None)
         model.activation_checkpointing = checkpointing
         trained = [p for p in model.parameters() if p.requires_grad]
@@ -230,11 +228,8 @@ def count_params(model_cfg, lora=None) -> ParamCounts:
 
 
 def _count_params(model_cfg, lora) -> ParamCounts:
-    import prx.model
-    from prx.lora import add_lora
-
     with torch.device("meta"):
-        model = prx.model.build_model(model_cfg)
+        model = build_model(model_cfg)
         if lora is not None:
             add_lora(model, lora)
     named = dict(model.named_parameters())
@@ -293,12 +288,9 @@ def measured_step_peak(model_cfg, *, lora=None, height: int, width: int, micro_b
     model's own bytes (its weights, and adapters, built before): what :func:`trace_step` predicts. With
     ``optimizer_steps``, that many AdamW steps of ``micro_batches`` each (multi-tensor, as on a GPU; gradients set to
     None between steps): what :func:`plan_memory` predicts for one device without EMA, less its estimated parts."""
-    import prx.model
-    from prx.lora import add_lora
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = prx.model.build_model(model_cfg)
+        model = build_model(model_cfg)
         if lora is not None:
             add_lora(model, lora, base_dtype=getattr(torch, lora.base_dtype) if autocast is not None else None)
     model.activation_checkpointing = checkpointing

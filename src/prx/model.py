@@ -288,6 +288,7 @@ class PRX(nn.Module):
                                     for _ in range(config.num_layers))
         self.final_layer = FinalLayer(dim, patch_dim, eps)
         self.activation_checkpointing = False  # recompute block activations in backward (set by the trainer)
+        self.pack_text: bool | None = None  # None: where packs_text (a CPU); the memory planner traces a GPU's False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -379,7 +380,7 @@ class PRX(nn.Module):
         vec = F.silu(vec)
         # The text is read by every block, never written. Where packs_text, only its real tokens are projected
         # (here and by each block's K/V), and each block puts its K/V back in the padded layout.
-        if packs_text(x.device):
+        if packs_text(x.device) if self.pack_text is None else self.pack_text:
             real = text_mask.bool().flatten()
             kept = packed_text_rows(int(real.sum()), real.numel())
             text_rows = torch.argsort(~real, stable=True)[:kept]  # the real tokens first
