@@ -178,8 +178,9 @@ def test_what_is_not_a_prx_pixel_pipeline_is_one_line_error(tmp_path, pipeline_d
 def test_prx_plan_of_a_pipeline_counts_its_own_text_encoder(pipeline_dir, capsys):
     """`prx plan finetune model.init_from=DIR lora.enabled=true`: the pipeline's shape, its Qwen3-VL text encoder
     counted from its config, the adapters."""
-    from prx.memory import text_encoder_spec
     from transformers import AutoConfig
+
+    from prx.memory import text_encoder_spec
 
     assert main(["plan", "finetune", f"model.init_from={pipeline_dir}", "lora.enabled=true", "lora.rank=4",
                  "data.resolution=64", "--gpu-memory", "8GiB"]) == 0
