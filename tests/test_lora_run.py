@@ -5,6 +5,7 @@ the merged model; what it cannot take is one line."""
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,18 @@ def test_what_a_lora_run_cannot_take_is_one_line(base, tmp_path, capsys):
     (tmp_path / "not-a-pipeline").mkdir()
     one_line_error(capsys, "not-a-pipeline", "train", *lora_args(base, 2, f"model.init_from={tmp_path}/not-a-pipeline"),
                    "--out", tmp_path / "e")
+
+
+def test_lora_flops_count_no_gradient_of_the_frozen_base_and_the_adapters_passes():
+    from prx.flops import step_flops
+    from prx.lora import adapter_params
+
+    full = tiny_config("model.text_dim=24", "optimizer.name=adamw")
+    lora = replace(full, lora=replace(full.lora, enabled=True, rank=4))  # (the FLOPs need no base to read)
+    stage = full.stages[0]
+    a, b = step_flops(full, stage), step_flops(lora, stage)
+    assert b["denoiser"] == a["denoiser"] * 2 / 3  # forward and input gradients; no weight gradients of the base
+    image, text = adapter_params(full.model, 4, tuple(lora.lora.targets))
+    n = (stage.resolution // full.model.patch_size) ** 2
+    assert b["LoRA adapters"] == 3 * 2 * (image * n + text * full.text.max_length) * stage.batch_size
+    assert image > 0 and text > 0

@@ -20,6 +20,7 @@ from prx.device import resolve_device
 from prx.distributed import world_size_from_env
 from prx.execution import block_shapes, plan_training
 from prx.flops import fmt_flops, newton_schulz_flops, routing, step_flops
+from prx.lora import adapter_params
 from prx.model import build_model
 from prx.teacher_shapes import teacher_shape
 from prx.text import text_width
@@ -70,7 +71,13 @@ def describe_plan(cfg: Config) -> str:
         f"{(muon + adam) / 1e6:.1f}M params), text '{cfg.text.encoder}' ({text_dim}-wide, {text_up_to}{text_tokens} "
         f"tokens)",
     ]
-    if cfg.optimizer.name == "muon":
+    if cfg.lora.enabled:
+        image, text = adapter_params(model_cfg, cfg.lora.rank, tuple(cfg.lora.targets))
+        lines.append(f"optimizer groups: LoRA adapters {(image + text) / 1e6:.2f}M params (rank {cfg.lora.rank}, "
+                     f"{'AdamW' if cfg.lora.optimizer == 'adamw' else cfg.optimizer.name}, lr {cfg.optimizer.lr:g})"
+                     f"{f' + Adam REPA projector {projector / 1e6:.1f}M' if projector else ''}; the base "
+                     f"{(muon + adam) / 1e6:.1f}M params frozen (model.init_from)")
+    elif cfg.optimizer.name == "muon":
         ns = newton_schulz_flops([tuple(p.shape) for p in model.muon_params], cfg.optimizer.muon_ns_steps)
         lines.append(f"optimizer groups: Muon {muon / 1e6:.1f}M params (2D block matrices, lr "
                      f"{cfg.optimizer.muon_lr or cfg.optimizer.lr:g}); Adam {(adam + projector) / 1e6:.1f}M params "

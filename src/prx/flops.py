@@ -14,6 +14,7 @@ import torch
 from prx.config import Config
 from prx.config.model import ModelConfig
 from prx.config.rules import block_index
+from prx.lora import adapter_params, add_lora
 from prx.lpips import LPIPS_CHANNELS, VGG16_LAYOUT
 from prx.model import build_model, token_count
 from prx.teacher_shapes import teacher_shape
@@ -151,8 +152,13 @@ def step_flops(cfg: Config, stage, model_cfg=None, batch: int | None = None,
     n = token_count(height, width, model_cfg.patch_size)
     on = cfg.tricks(stage)
     route, kept = routing(cfg, stage, model_cfg.num_layers, n)
-    parts = {"denoiser": 3 * denoiser_forward_flops(model_cfg, height, width, text_tokens, 1, route, kept,
-                                                    projected_text_tokens) * batch}
+    # forward + backward = 3 forwards; a LoRA run's frozen weights get no gradient: forward + input gradients = 2
+    passes = 2 if cfg.lora.enabled else 3
+    parts = {"denoiser": passes * denoiser_forward_flops(model_cfg, height, width, text_tokens, 1, route, kept,
+                                                         projected_text_tokens) * batch}
+    if cfg.lora.enabled:
+        image, text = adapter_params(model_cfg, cfg.lora.rank, tuple(cfg.lora.targets))
+        parts["LoRA adapters"] = 3 * 2 * (image * n + text * text_tokens) * batch
     p = cfg.perceptual
     if on.repa and (teacher := teacher_shape(cfg.repa.teacher)) is not None:
         inside = route is not None and route[0] <= block_index(cfg.repa.block - 1, model_cfg.num_layers) <= route[1]
@@ -166,8 +172,11 @@ def step_flops(cfg: Config, stage, model_cfg=None, batch: int | None = None,
     if on.dino and (teacher := teacher_shape(p.dino_model)) is not None:
         grid = aspect_grid(height, width, (p.dino_resolution // teacher.patch_size) ** 2)
         parts["DINO perceptual"] = 3 * vit_forward_flops(teacher, grid[0] * grid[1]) * batch
-    if cfg.optimizer.name == "muon":
+    if cfg.optimizer.name == "muon" and not (cfg.lora.enabled and cfg.lora.optimizer == "adamw"):
         with torch.device("meta"):
-            shapes = [tuple(q.shape) for q in build_model(model_cfg).muon_params]
+            model = build_model(model_cfg)
+            if cfg.lora.enabled:  # Muon on the adapter matrices
+                add_lora(model, cfg.lora)
+            shapes = [tuple(q.shape) for q in model.muon_params]
         parts["Muon Newton–Schulz"] = newton_schulz_flops(shapes, cfg.optimizer.muon_ns_steps)
     return parts

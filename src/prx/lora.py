@@ -31,6 +31,7 @@ from prx.config.pretrained import find_transformer_dir
 from prx.config.rules import check_fields
 from prx.diffusers_io import diffusers_name, load_init_weights
 from prx.errors import CheckpointError, ConfigError
+from prx.model import build_model
 
 ADAPTER_NAME = "default"  # peft's adapter name; prx trains one adapter at a time
 DEFAULT_TARGETS = DEFAULT_LORA_TARGETS
@@ -209,6 +210,32 @@ def describe_lora(model: nn.Module, cfg: LoRAConfig, init_from: str | Path) -> s
     return (f"LoRA: rank {cfg.rank} (alpha {cfg.alpha:g}) on {len(adapted_modules(model))} projections, "
             f"{trained / 1e6:.2f}M trainable parameters ({100 * trained / total:.2f}% of {total / 1e6:.1f}M), "
             f"{cfg.optimizer} on the adapters; base {init_from} (frozen)")
+
+
+def adapter_params(model_cfg, rank: int, targets: tuple[str, ...]) -> tuple[int, int]:
+    """(image-side, text-side) adapter parameters of a model config, counted on the meta device: each is one
+    multiply-add per token that passes its projection (``txt_kv`` sees the text tokens, the rest the image tokens)."""
+    key = repr((model_cfg, rank, targets))
+    if key not in _ADAPTER_PARAMS:  # (prx bench counts every step's FLOPs)
+        _ADAPTER_PARAMS[key] = _count_adapter_params(model_cfg, rank, targets)
+    return _ADAPTER_PARAMS[key]
+
+
+_ADAPTER_PARAMS: dict[str, tuple[int, int]] = {}
+
+
+def _count_adapter_params(model_cfg, rank: int, targets: tuple[str, ...]) -> tuple[int, int]:
+    with torch.device("meta"):
+        model = build_model(model_cfg)
+        add_lora(model, LoRAConfig(enabled=True, rank=rank, targets=list(targets)))
+    image = text = 0
+    for name, p in model.named_parameters():
+        if is_adapter_parameter(name):
+            if ".txt_kv." in name:
+                text += p.numel()
+            else:
+                image += p.numel()
+    return image, text
 
 
 def freeze_base_dtype(model: nn.Module, dtype: torch.dtype) -> None:
