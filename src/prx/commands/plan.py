@@ -9,6 +9,7 @@ import re
 from dataclasses import asdict
 
 from prx.config import apply_override, config_from_dict, load_config, read_yaml, resolve_config_path
+from prx.config.parse import split_config_args
 from prx.config.pretrained import REQUIRED, finetune_defaults
 from prx.errors import PrxError
 
@@ -25,18 +26,6 @@ def parse_size(text: str) -> int:
     if number <= 0:
         raise PrxError(f"--gpu-memory '{text}' must be positive")
     return int(number * scale)
-
-
-def split_items(items: list[str]) -> tuple[str | None, list[str]]:
-    config, overrides = None, []
-    for item in items:
-        if "=" in item:
-            overrides.append(item)
-        elif config is None and not overrides:
-            config = item
-        else:
-            raise PrxError(f"unexpected argument '{item}': give one CONFIG, then key=value overrides")
-    return config, overrides
 
 
 def released_config(name: str | None, overrides: list[str]):
@@ -57,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     gpu_memory = parse_size(args.gpu_memory)
     if args.gpus < 1:
         raise PrxError(f"--gpus {args.gpus}: give at least 1")
-    name, overrides = split_items(args.items)
+    name, overrides = split_config_args(args.items)
     config = released_config(name, overrides) if args.model else load_config(name or "speedrun", overrides)
     from prx.memory_plan import plan_run  # torch and transformers load here, after the config is known to be good
 

@@ -6,19 +6,11 @@ import argparse
 from pathlib import Path
 
 from prx.config import load_config
-from prx.errors import PrxError
+from prx.config.parse import split_config_args
 
 
 def run(args: argparse.Namespace) -> int:
-    config_arg, overrides = None, []
-    for item in args.items:
-        if "=" in item:
-            overrides.append(item)
-        elif config_arg is None and not overrides:
-            config_arg = item
-        else:
-            raise PrxError(f"unexpected argument '{item}': give one CONFIG, then key=value overrides")
-    config = load_config(config_arg, overrides)
+    config = load_config(*split_config_args(args.items))
     # torch loads here, after the config is known to be good: a bad one answers at once
     if args.dry_run:
         from prx.dry_run import describe_run

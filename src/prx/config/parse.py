@@ -68,6 +68,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 _INDEXED = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\[(\d+)\]$")
 
 
+def split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """A command line's ``[CONFIG] [key=value ...]``: the config (None: the command's default) and the overrides."""
+    config, overrides = None, []
+    for item in items:
+        if "=" in item:
+            overrides.append(item)
+        elif config is None and not overrides:
+            config = item
+        else:
+            raise ConfigError(f"unexpected argument '{item}': give one CONFIG, then key=value overrides")
+    return config, overrides
+
+
 def apply_override(data: dict[str, Any], text: str) -> None:
     """Set ``section.key=value`` (or ``train.stages[1].steps=value``) in a plain config dict."""
     path, value = parse_override(text)
