@@ -188,3 +188,19 @@ def test_lora_flops_count_no_gradient_of_the_frozen_base_and_the_adapters_passes
     n = (stage.resolution // full.model.patch_size) ** 2
     assert b["LoRA adapters"] == 3 * 2 * (image * n + text * full.text.max_length) * stage.batch_size
     assert image > 0 and text > 0
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_adapters_as_one(base, tmp_path):
+    """torchrun with 2 gloo ranks: train.parallel auto is DDP for LoRA (the frozen base replicated, shared with the
+    EMA copy), and the loss curve is the one process's."""
+    from test_distributed import COMMON, TORCHRUN, run, trajectory
+
+    args = [*lora_args(base, 4), *COMMON]
+    run([sys.executable, "-m", "prx.cli", "train", *args, "--out", str(tmp_path / "one")])
+    result = run([*TORCHRUN, "-m", "prx.cli", "train", *args, "--out", str(tmp_path / "two")])
+    assert "× 2 (ddp)" in result.stdout and "LoRA on a frozen fp32 base" in result.stdout, result.stdout
+    one, two = trajectory(tmp_path / "one"), trajectory(tmp_path / "two")
+    assert one.keys() == two.keys() == {1, 2, 3, 4}
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4), step
