@@ -4,16 +4,16 @@
     model.denoiser.*, model.repa_projector.*   the trained modules (the projector only with REPA)
     optimizer.state.*                          Muon and Adam state tensors (torch's get_state_dict layout)
     ema.model.*                                the EMA copy of the denoiser: what sampling uses
-
-A LoRA run (``lora.enabled``) saves what trains only: the adapters (``...lora_A.default.weight``), their EMA and
-optimizer state, megabytes; its meta.json names the frozen base (``lora_base``: ``model.init_from`` and a
-fingerprint of its weights), which every reader loads first.
     rng.torch                                  the CPU generator's state, as a uint8 tensor
     state.json: trainer.step, trainer.bad_steps, trainer.health (the divergence watch's reference window),
                 ema.num_updates, data.* (the data source's exact position)
 
 The optimizers' hyperparameters are not saved: they come from the config, so a changed ``optimizer.lr`` takes
 effect on resume.
+
+A LoRA run (``lora.enabled``) saves what trains only: the adapters (``...lora_A.default.weight``), their EMA and
+optimizer state, megabytes; its meta.json names the frozen base (``lora_base``: ``model.init_from`` and a
+fingerprint of its weights), which every reader loads first.
 """
 
 from __future__ import annotations
@@ -76,13 +76,14 @@ def restore_training_state(trainer, path: Path) -> None:
 
 def load_weights(path: str | Path, model: torch.nn.Module, weights: str = "ema") -> Path:
     """Fill a (full, unsharded) denoiser with a checkpoint's EMA or raw weights, whatever world size
-    wrote it; returns the checkpoint directory. For sampling, export and evaluation: tensors only. An adapted model
-    (a LoRA run's, its base already loaded: :func:`prx.lora.adapt`) takes the adapters only."""
+    wrote it; returns the checkpoint directory. For sampling, export and evaluation: tensors only. A model with
+    frozen parameters (a LoRA run's, its base already loaded: :func:`prx.lora.adapt`) takes the trained ones only."""
     if weights not in ("ema", "model"):
         raise ValueError("weights must be 'ema' or 'model'")
     tensors = model.state_dict()
-    if any(".lora_A." in k for k in tensors):
-        tensors = {k: v for k, v in tensors.items() if ".lora_A." in k or ".lora_B." in k}
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    if trained and len(trained) < len(list(model.parameters())):  # as saved: the frozen part comes from elsewhere
+        tensors = {k: v for k, v in tensors.items() if k in trained}
     if weights == "ema":
         state = {"ema": {"model": tensors}}
     else:
