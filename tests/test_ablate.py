@@ -238,6 +238,12 @@ def test_ablate_writes_the_report_and_a_second_call_trains_nothing(tmp_path, mon
     assert time.monotonic() - started < 30, "the second call should take seconds: configs, the report, the plots"
     assert snapshot(out) == before  # no new step, checkpoint, log line or evaluation
     assert capsys.readouterr().out.count("finished before: skipped") == 3
+    # an arm recorded by an older prx, whose config had no lora: section, is the same arm (it ran with the default)
+    record = out / "arms" / "full-s0" / "ablate.json"
+    state = json.loads(record.read_text())
+    assert any(k.startswith("lora.") for k in state["config"])
+    state["config"] = {k: v for k, v in state["config"].items() if not k.startswith("lora.")}
+    record.write_text(json.dumps({**state, "fingerprint": "from-an-older-prx"}))
     (out / "results.md").unlink()
     assert ablate(out, "--report-only") == 0
     rows = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("|")]

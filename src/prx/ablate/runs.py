@@ -102,8 +102,13 @@ def read_state(run: ArmRun) -> dict | None:
     state = json.loads(path.read_text())
     if state["fingerprint"] != run.fingerprint:
         old = state.get("config", {})
-        changed = [f"{k}: {old.get(k)!r} → {v!r}" for k, v in run.requested.items() if old.get(k) != v]
-        what = "; ".join(changed[:4]) or "other keys"
+        defaults = flat(Config().to_dict())  # a key a later prx added: the arm ran with its default
+        changed = [f"{k}: {old.get(k)!r} → {v!r}" for k, v in run.requested.items()
+                   if (old[k] if k in old else defaults.get(k, v)) != v]
+        changed += [f"{k}: {old[k]!r} → (none)" for k in old if k not in run.requested]
+        if not changed:
+            return state
+        what = "; ".join(changed[:4])
         raise PrxError(f"arm {run.key} in {run.run_dir} was run with another config ({what}): use another --out, "
                        f"or repeat the command that started it")
     return state
