@@ -121,6 +121,7 @@ def test_prx_plan_of_a_small_config_fits_and_says_so(capsys):
     assert data["fits"] and data["choice"]["micro_batch"] == 4 and data["peak"] > 0
 
 
+@pytest.mark.slow  # about ten traced steps: the search, then the changes that would fit
 def test_prx_plan_says_what_cannot_fit_and_the_smallest_change(capsys):
     from prx.cli import main
 
@@ -146,6 +147,7 @@ def test_bad_plan_arguments_are_one_line(capsys):
     one_line_error(capsys, "--gpus 0", "plan", "tiny", "--gpu-memory", "24GiB", "--gpus", "0")
 
 
+@pytest.mark.slow  # about ten traced steps: the search, then the changes that would fit
 def test_train_start_lines_warn_where_the_configured_run_would_not_fit():
     from prx.config import load_config
     from prx.memory_plan import train_start_lines
