@@ -80,6 +80,23 @@ def test_two_processes_match_one(single_process_runs, tmp_path, parallel):
 
 
 @pytest.mark.slow
+def test_fsdp_with_cpu_offload_matches_one_process(single_process_runs, tmp_path):
+    """train.cpu_offload: FSDP2's shards, gradients and optimizer states in host memory (CPUOffloadPolicy) train the
+    same model; and it is refused where there are no shards to offload."""
+    out = tmp_path / "offload"
+    result = run([*TORCHRUN, "-m", "prx.cli", "train", "tiny", "train.steps=8", "train.checkpoint_every=4", *COMMON,
+                  "train.parallel=fsdp", "train.cpu_offload=true", "--out", str(out)])
+    assert "CPU offload" in result.stdout, result.stdout
+    one, two = trajectory(single_process_runs / "tiny"), trajectory(out)
+    assert one.keys() == two.keys() == set(range(1, 9))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5), step
+    refused = subprocess.run([PRX, "train", "tiny", "train.cpu_offload=true", "--out", str(tmp_path / "one")],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "train.cpu_offload=true offloads FSDP2's shards" in refused.stderr
+
+
+@pytest.mark.slow
 def test_full_recipe_under_fsdp_matches_one_process(single_process_runs, tmp_path):
     # with the demo's EMA (decay 0: a copy of the sharded weights, made when read); it does not change training
     run([*TORCHRUN, "-m", "prx.cli", "train", "speedrun-tiny", *RECIPE, *COMMON, "train.parallel=fsdp",

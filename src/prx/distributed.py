@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from prx.execution import ExecutionPlan, apply_recompile_limit
@@ -141,7 +141,7 @@ def parallelize(model: nn.Module, ema_model: nn.Module, projector: nn.Module | N
     if plan.parallel == "fsdp":
         for module in (model, ema_model, projector):
             if module is not None:
-                _fully_shard(module, info, plan.autocast)
+                _fully_shard(module, info, plan.autocast, plan.cpu_offload)
     if plan.parallel == "ddp":
         return _ddp(model, info), _ddp(projector, info) if projector is not None else None
     return model, projector
@@ -159,14 +159,16 @@ def gradient_sync(modules: list[nn.Module], mode: str, last_micro_batch: bool) -
     return stack
 
 
-def _fully_shard(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | None) -> None:
+def _fully_shard(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | None, cpu_offload: bool = False) -> None:
     """FSDP2: each block its own unit (if the module has blocks), then the root. Parameters stay
-    fp32 (the master weights); compute runs in ``param_dtype`` and gradients are reduced in fp32."""
+    fp32 (the master weights); compute runs in ``param_dtype`` and gradients are reduced in fp32. ``cpu_offload``:
+    the shards, their gradients and the optimizer's states live in host memory, copied in for each unit's compute."""
     mesh = init_device_mesh(info.device.type, (info.world,))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy(pin_memory=info.device.type == "cuda") if cpu_offload else OffloadPolicy()
     for block in getattr(model, "blocks", []):
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy, offload_policy=offload)
+    fully_shard(model, mesh=mesh, mp_policy=policy, offload_policy=offload)
 
 
 def _ddp(model: nn.Module, info: DistInfo) -> nn.Module:

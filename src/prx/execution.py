@@ -47,6 +47,7 @@ class ExecutionPlan:
     activation_checkpointing: bool
     recompile_limit: int  # graphs each compiled function may make before dynamo runs it eagerly
     frozen_base: str = "none"  # none | bf16 | fp32: a LoRA run's frozen base weights (bf16 where it computes in bf16)
+    cpu_offload: bool = False  # FSDP2's shards, gradients and optimizer states in host memory
     notes: tuple[str, ...] = ()  # settings asked for that this machine cannot take, and why
 
     @property
@@ -76,6 +77,8 @@ class ExecutionPlan:
                  f"CUDA graphs {'+'.join(graphs) or 'off'}", f"Newton–Schulz in {self.newton_schulz}"]
         if self.activation_checkpointing:
             parts.append("activation checkpointing")
+        if self.cpu_offload:
+            parts.append("CPU offload")
         if self.frozen_base != "none":
             parts.append(f"LoRA on a frozen {self.frozen_base} base")
         return "execution: " + ", ".join(parts) + "".join(f"\n  note: {n}" for n in self.notes)
@@ -176,6 +179,9 @@ def plan_training(cfg: Config, device: torch.device, world: int, shapes: set[Blo
         t.cuda_graphs == "on" or (parallel == "none" and steady_shapes(cfg, world) and static))
     if t.cuda_graphs == "on" and not graphs:
         notes.append("train.cuda_graphs=on needs compiled blocks on a GPU: training without CUDA graphs")
+    if t.cpu_offload and parallel != "fsdp":
+        raise ConfigError("train.cpu_offload=true offloads FSDP2's shards: run under torchrun with 2 or more "
+                          "processes and train.parallel=auto or fsdp (or set train.cpu_offload=false)")
     if graphs and parallel == "fsdp":
         raise ConfigError("train.cuda_graphs=on does not work with FSDP (it communicates inside the blocks): "
                           "use train.parallel=ddp or train.cuda_graphs=auto")
@@ -197,7 +203,7 @@ def plan_training(cfg: Config, device: torch.device, world: int, shapes: set[Blo
         teacher_graphs=teacher_graphs, compile_optimizer=compile_optimizer,
         newton_schulz="bf16" if fast_matmul_dtype(device.type) == torch.bfloat16 else "fp32",
         activation_checkpointing=t.activation_checkpointing, recompile_limit=recompile_limit(shapes, muon_kinds),
-        frozen_base=frozen_base(cfg, autocast, gpu), notes=tuple(notes))
+        frozen_base=frozen_base(cfg, autocast, gpu), cpu_offload=t.cpu_offload, notes=tuple(notes))
 
 
 def frozen_base(cfg: Config, autocast: torch.dtype | None, gpu: bool) -> str:

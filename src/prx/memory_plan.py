@@ -85,18 +85,22 @@ def plan_run(cfg: Config, gpu_memory: float, gpus: int = 1, released: str | None
         notes.append(why)
     lora = cfg.lora if cfg.lora.enabled else None
     optimizer = "adamw" if cfg.optimizer.name == "adamw" or (lora and cfg.lora.optimizer == "adamw") else "muon"
+    # prx offloads FSDP2's shards (train.cpu_offload), so on several GPUs only
+    offload = True if cfg.train.cpu_offload else (False if gpus == 1 else None)
     fixed = settings or {"micro_batch": cfg.train.micro_batch_size or None,
-                         "checkpointing": True if cfg.train.activation_checkpointing else None}
+                         "checkpointing": True if cfg.train.activation_checkpointing else None, "cpu_offload": offload}
     plan = plan_memory(model, resolution=stage.resolution, batch_size=stage.batch_size, gpu_memory=gpu_memory,
                        gpus=gpus, lora=lora, optimizer=optimizer,
                        precision="fp32" if cfg.train.precision == "fp32" else "bf16", ema=cfg.ema.decay > 0,
                        text_encoder=text, text_tokens=cfg.text.max_length, text_cache_gib=cfg.text.cache_gib,
                        teachers=tuple(teacher_specs(cfg, stage.resolution, stage.resolution)),
                        cuda_graphs=cfg.train.cuda_graphs == "on", **fixed)
-    if settings is None and any(v is not None for v in fixed.values()):
-        notes.append("planned with the config's " + ", ".join(
-            f"train.{k}" for k, v in (("micro_batch_size", fixed["micro_batch"]),
-                                      ("activation_checkpointing", fixed["checkpointing"])) if v is not None))
+    given = [f"train.{k}" for k, v in (("micro_batch_size", fixed["micro_batch"]), ("activation_checkpointing",
+             fixed["checkpointing"]), ("cpu_offload", cfg.train.cpu_offload or None)) if v is not None]
+    if settings is None and given:
+        notes.append("planned with the config's " + ", ".join(given))
+    if settings is None and gpus == 1 and not plan.fits:
+        notes.append("no CPU offload on one GPU: prx offloads FSDP2's shards (train.cpu_offload, 2 or more GPUs)")
     return RunPlan(plan, notes)
 
 
@@ -111,7 +115,8 @@ def train_start_lines(cfg: Config, gpu_memory: int, gpus: int, parallel: str) ->
     stage = max(cfg.stages, key=lambda s: s.resolution * s.resolution * s.batch_size)
     micro = cfg.train.micro_batch_size or stage.batch_size // gpus
     own = plan_run(cfg, gpu_memory, gpus, settings={
-        "micro_batch": micro, "checkpointing": cfg.train.activation_checkpointing, "text": "gpu", "cpu_offload": False,
+        "micro_batch": micro, "checkpointing": cfg.train.activation_checkpointing, "text": "gpu",
+        "cpu_offload": cfg.train.cpu_offload,
         "sharding": {"none": "none", "ddp": "ddp", "fsdp": "fsdp2"}[parallel]}).plan
     gib = 2**30
     where = f"micro-batch {micro}, activation checkpointing {'on' if cfg.train.activation_checkpointing else 'off'}"
@@ -126,7 +131,8 @@ def train_start_lines(cfg: Config, gpu_memory: int, gpus: int, parallel: str) ->
         lines.append(f"  the planner's choice fits ({best.peak / gib:.1f} GiB): train.micro_batch_size="
                      f"{c.micro_batch} train.activation_checkpointing={str(c.checkpointing).lower()}"
                      + (" with precomputed text embeddings (prx data embed)" if c.text == "precomputed" else "")
-                     + (", FSDP2" if c.sharding == "fsdp2" else "") + (", CPU offload" if c.cpu_offload else ""))
+                     + (", FSDP2" if c.sharding == "fsdp2" else "") + (" train.cpu_offload=true" if c.cpu_offload
+                                                                          else ""))
     elif best.changes:
         lines.append(f"  smallest change that fits: {best.changes[0]}")
     return lines

@@ -69,6 +69,9 @@ class TrainConfig:
     # CPU for ≤ 64 image tokens when compiled or in bf16, where the fused kernel's backward is slow; sdpa elsewhere
     attention: str = one_of("auto", "sdpa", "math")
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    # FSDP2 keeps the sharded weights, gradients and optimizer states in host memory (CPUOffloadPolicy): a model
+    # the GPUs cannot hold (`prx plan` says when), at slower steps; FSDP2 only (torchrun, 2 or more processes)
+    cpu_offload: bool = False
     async_checkpoint: bool = True  # write checkpoints in the background (visible once complete)
     timeout_minutes: float = positive(10.0)  # a collective that waits longer (a dead rank) fails the job
     num_threads: int = at_least(0, 0)  # CPU threads for torch; 0 = torch's default
