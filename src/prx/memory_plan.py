@@ -14,12 +14,12 @@ import torch
 from prx.config import Config
 from prx.config.pretrained import pipeline_text_parts
 from prx.memory import Plan, TextEncoderSpec, lpips_vgg_teacher, plan_memory, text_encoder_spec, vit_teacher
+from prx.model import token_count
 from prx.released import prxpixel_7b_model_config, qwen3_vl_2b_text_config
 from prx.teacher_shapes import teacher_shape
 from prx.text import resolve_encoder, text_width
 
 RELEASED_SHAPES = {"prxpixel-7b": "the released PRXPixel (Photoroom/prxpixel-t2i): 7B transformer, Qwen3-VL-2B text"}
-TEACHER_INPUT = 224  # REPA's and the perceptual DINO's input side, pixels (their resize)
 
 
 @dataclass
@@ -56,16 +56,18 @@ def text_spec(cfg: Config, released: str | None) -> tuple[TextEncoderSpec | None
 
 
 def teacher_specs(cfg: Config, height: int, width: int) -> list:
-    """The frozen networks the config's tricks run each step (at their largest stage)."""
-    tokens = lambda patch: (TEACHER_INPUT // patch) ** 2  # noqa: E731 - the teachers' own input
+    """The frozen networks the config's tricks run each step (at their largest stage), on the tokens prx's FLOP count
+    gives them: REPA's teacher on the denoiser's token grid, the DINO loss at ``perceptual.dino_resolution``."""
     specs = []
     if cfg.repa.weight > 0 and (shape := teacher_shape(cfg.repa.teacher)) is not None:
-        specs.append(vit_teacher(f"REPA {cfg.repa.teacher}", shape, tokens(shape.patch_size)))
+        tokens = token_count(height, width, cfg.model.patch_size)
+        specs.append(vit_teacher(f"REPA {cfg.repa.teacher}", shape, tokens))
     if cfg.perceptual.dino_weight > 0 and (shape := teacher_shape(cfg.perceptual.dino_model)) is not None:
-        specs.append(vit_teacher(f"DINO loss {cfg.perceptual.dino_model}", shape, tokens(shape.patch_size),
-                                 gradients=True))
-    if cfg.perceptual.lpips_weight > 0:
-        specs.append(lpips_vgg_teacher(height, width))
+        tokens = (cfg.perceptual.dino_resolution // shape.patch_size) ** 2
+        specs.append(vit_teacher(f"DINO loss {cfg.perceptual.dino_model}", shape, tokens, gradients=True))
+    if cfg.perceptual.lpips_weight > 0:  # on the images resized by perceptual.lpips_resize
+        r = cfg.perceptual.lpips_resize
+        specs.append(lpips_vgg_teacher(int(round(height * r)), int(round(width * r))))
     return specs
 
 
