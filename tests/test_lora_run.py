@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from conftest import tiny_config
 from prx.checkpoint import checkpoint_meta
@@ -170,6 +171,15 @@ def test_what_a_lora_run_cannot_take_is_one_line(base, tmp_path, capsys):
                    "--out", tmp_path / "run")
     one_line_error(capsys, "lora.rank cannot change in a resumed run", "train", *lora_args(base, 4, "lora.rank=8"),
                    "--out", tmp_path / "run")
+    # the same shape, other weights: the adapters are not put on it
+    other = tmp_path / "other-base"
+    shutil.copytree(pipe, other)
+    weights = other / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    state = {k: v + 0.01 if i == 0 else v for i, (k, v) in enumerate(state.items())}
+    save_file(state, weights)
+    one_line_error(capsys, "were trained on the base model.init_from=", "train",
+                   *lora_args(base, 4, f"model.init_from={other}", f"text.encoder={pipe}"), "--out", tmp_path / "run")
     (tmp_path / "not-a-pipeline").mkdir()
     one_line_error(capsys, "not-a-pipeline", "train", *lora_args(base, 2, f"model.init_from={tmp_path}/not-a-pipeline"),
                    "--out", tmp_path / "e")

@@ -183,24 +183,20 @@ def base_fingerprint(init_from: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_base(saved: dict | None, init_from: str | Path, where: str | Path) -> None:
-    """A LoRA checkpoint's adapters go on the base they were trained on: a one-line error otherwise."""
-    if not saved:
-        return  # (a checkpoint without the record: nothing to compare)
+def adapt(model: nn.Module, cfg: LoRAConfig, init_from: str | Path, saved: dict | None = None,
+          where: str | Path | None = None) -> dict:
+    """A LoRA run's model: the base weights loaded from ``init_from`` (a new run and a resumed one alike: a LoRA
+    checkpoint holds the adapters only), adapters added, the base frozen. Returns the base's record for the
+    checkpoints (``model.init_from`` and its fingerprint). ``saved``: the record of the checkpoint ``where`` whose
+    adapters go on this base; another base is a one-line error, before any weight is read."""
     now = base_fingerprint(init_from)
-    if saved.get("fingerprint") != now:
+    if saved and saved.get("fingerprint") != now:
         raise CheckpointError(f"the adapters of '{where}' were trained on the base model.init_from="
                               f"'{saved.get('init_from')}' (fingerprint {saved.get('fingerprint')}), but "
                               f"'{init_from}' holds other weights (fingerprint {now}): give that base")
-
-
-def adapt(model: nn.Module, cfg: LoRAConfig, init_from: str | Path) -> dict:
-    """A LoRA run's model: the base weights loaded from ``init_from`` (a new run and a resumed one alike: a LoRA
-    checkpoint holds the adapters only), adapters added, the base frozen. Returns the base's record for the
-    checkpoints (``model.init_from`` and its fingerprint)."""
     load_init_weights(model, init_from)
     add_lora(model, cfg)
-    return {"init_from": str(init_from), "fingerprint": base_fingerprint(init_from)}
+    return {"init_from": str(init_from), "fingerprint": now}
 
 
 def describe_lora(model: nn.Module, cfg: LoRAConfig, init_from: str | Path) -> str:
@@ -244,11 +240,6 @@ def freeze_base_dtype(model: nn.Module, dtype: torch.dtype) -> None:
     for p in model.parameters():
         if not p.requires_grad and p.is_floating_point():
             p.data = p.data.to(dtype)
-
-
-def adapter_template(model: nn.Module) -> dict[str, Tensor]:
-    """The entries of an adapted model's state dict a LoRA checkpoint holds (its adapters), for loading them."""
-    return {k: v for k, v in model.state_dict().items() if is_adapter_parameter(k)}
 
 
 # --------------------------------------------------------------------------------------------

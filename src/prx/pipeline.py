@@ -18,7 +18,7 @@ from prx.data.buckets import make_buckets, nearest_bucket
 from prx.device import available_memory, check_memory, resolve_device
 from prx.errors import PrxError
 from prx.execution import plan_inference
-from prx.lora import adapt, check_base, merge_lora
+from prx.lora import adapt, merge_lora
 from prx.model import PRX, build_model, param_count, token_count
 from prx.sampling import check_request, guided_predictor, initial_noise, sample, sampling_bytes, to_uint8
 from prx.text import TextEncoder
@@ -234,8 +234,7 @@ def load_checkpoint_model(path: str | Path, weights: str = "ema", device: str = 
             check(config)
         model = build_saved_model(config, device, f"checkpoint '{checkpoint}'")
         if config.lora.enabled:  # a LoRA checkpoint holds adapters: on their base, merged (plain weights to sample)
-            check_base(checkpoint_meta(checkpoint).get("lora_base"), config.model.init_from, checkpoint)
-            adapt(model, config.lora, config.model.init_from)
+            adapt(model, config.lora, config.model.init_from, checkpoint_meta(checkpoint).get("lora_base"), checkpoint)
         load_weights(checkpoint, model, weights)  # full tensors, whatever world size wrote the checkpoint
         if config.lora.enabled and merge:
             merge_lora(model)

@@ -35,7 +35,7 @@ from prx.execution import ExecutionPlan, block_shapes, plan_training
 from prx.flow import add_noise, flow_loss, sample_noise, sample_timesteps, step_seed
 from prx.lifecycle import RunClock, RunLock, StopSignals, out_of_memory_error, preflight
 from prx.logger import RunLogger
-from prx.lora import adapt, check_base, describe_lora, freeze_base_dtype
+from prx.lora import adapt, describe_lora, freeze_base_dtype
 from prx.memory_plan import gpu_memory_of, train_start_lines
 from prx.metrics.during_training import TrainingEval
 from prx.model import PRX, projected_text_rows, token_grid
@@ -135,9 +135,9 @@ class Trainer:
         self.model = (given["model"] or PRX(self.model_config)).to(self.device)
         self.lora_base: dict | None = None  # a LoRA run's frozen base: model.init_from and its fingerprint
         if cfg.lora.enabled:  # the base is read on resume too: a LoRA checkpoint holds the adapters only
-            if self.resume_from is not None:
-                check_base(self.resume_from.meta.get("lora_base"), cfg.model.init_from, self.resume_from.path)
-            self.lora_base = adapt(self.model, cfg.lora, cfg.model.init_from)
+            resume = self.resume_from
+            self.lora_base = adapt(self.model, cfg.lora, cfg.model.init_from, resume and resume.meta.get("lora_base"),
+                                   resume and resume.path)
         elif cfg.model.init_from and self.resume_from is None:  # fine-tuning: a new run starts from diffusers weights
             message = load_init_weights(self.model, cfg.model.init_from)
             if self.dist.is_main:
@@ -336,7 +336,7 @@ class Trainer:
         if self.lora_base is not None:
             self.log(describe_lora(self.model, cfg.lora, self.lora_base["init_from"]))
         self.log(self.plan.describe())
-        if self.device.type == "cuda" and self._given["model"] is None:  # the planner's prediction for this GPU
+        if self.device.type == "cuda" and self.dist.is_main and self._given["model"] is None:  # the plan, this GPU
             for line in train_start_lines(cfg, gpu_memory_of(self.device), self.dist.world, self.plan.parallel):
                 self.log(line)
         self.logger = RunLogger(self.logging, self.rundir, self.step, self.total_steps, self.dist.is_main, self.log,
