@@ -156,6 +156,7 @@ def write_base_run(run: Path, lora_run: Path, weights: dict) -> None:
     config.save(run / "config.yaml")
 
 
+@pytest.mark.slow  # a run to resume, then nine commands
 def test_what_a_lora_run_cannot_take_is_one_line(base, tmp_path, capsys):
     pipe, shards = base
     one_line_error(capsys, "lora.enabled adapts a trained model: set model.init_from", "train", "tiny",
