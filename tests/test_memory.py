@@ -35,6 +35,7 @@ def test_traced_peak_is_the_cpu_allocators_peak(settings):
     assert abs(predicted - measured) <= 0.15 * measured
 
 
+@pytest.mark.slow  # three traced depths each
 @pytest.mark.parametrize("settings", [dict(checkpointing=True, lora=LoRAConfig(rank=4)), dict(micro_batches=2)],
                          ids=["lora-checkpointing", "full-accumulating"])
 def test_deep_models_extrapolate_exactly_from_four_and_five_blocks(settings):

@@ -175,6 +175,7 @@ def test_what_is_not_a_prx_pixel_pipeline_is_one_line_error(tmp_path, pipeline_d
     refused(other, "not a PRXTransformer2DModel")
 
 
+@pytest.mark.slow  # a traced step for each padding side's pipeline
 def test_prx_plan_of_a_pipeline_counts_its_own_text_encoder(pipeline_dir, capsys):
     """`prx plan finetune model.init_from=DIR lora.enabled=true`: the pipeline's shape, its Qwen3-VL text encoder
     counted from its config, the adapters."""
