@@ -122,17 +122,6 @@ def test_prx_plan_of_a_small_config_fits_and_says_so(capsys):
     assert data["fits"] and data["choice"]["micro_batch"] == 4 and data["peak"] > 0
 
 
-@pytest.mark.slow  # about ten traced steps: the search, then the changes that would fit
-def test_prx_plan_says_what_cannot_fit_and_the_smallest_change(capsys):
-    from prx.cli import main
-
-    # a full fine-tune of a 1.6B-parameter model in 2 GiB: nothing fits, the plan names a change
-    code = main(["plan", "tiny", "model.hidden_dim=2048", "model.num_layers=32", "model.num_heads=16",
-                 "--gpu-memory", "2GiB"])
-    out = capsys.readouterr().out
-    assert code == 1 and "does not fit" in out and "smallest change that fits:" in out, out
-
-
 @pytest.mark.parametrize("size,bytes_", [("24GiB", 24 * 2**30), ("80GB", 80 * 10**9), ("24", 24 * 2**30),
                                          ("0.5 TiB", 2**39)])
 def test_gpu_memory_sizes(size, bytes_):
@@ -149,18 +138,24 @@ def test_bad_plan_arguments_are_one_line(capsys):
 
 
 @pytest.mark.slow  # about ten traced steps: the search, then the changes that would fit
-def test_train_start_lines_warn_where_the_configured_run_would_not_fit():
+def test_what_does_not_fit_is_said_at_train_start_and_by_prx_plan_with_the_change_that_would(capsys):
+    from prx.cli import main
     from prx.config import load_config
     from prx.memory_plan import train_start_lines
 
     config = load_config("tiny")
     (line,) = train_start_lines(config, 24 * 2**30, 1, "none")
     assert line.startswith("memory plan: about") and "micro-batch 4" in line
-    big = load_config("tiny", ["model.hidden_dim=1024", "model.num_layers=8", "model.num_heads=8",
-                               "data.resolution=512", "train.batch_size=64", "model.patch_size=16"])
-    lines = train_start_lines(big, 6 * 2**30, 1, "none")
+    shape = ["model.hidden_dim=1024", "model.num_layers=8", "model.num_heads=8", "data.resolution=512",
+             "train.batch_size=64", "model.patch_size=16"]
+    # the run as configured (micro-batch 64) does not fit 6 GiB; the planner's choice does
+    lines = train_start_lines(load_config("tiny", shape), 6 * 2**30, 1, "none")
     assert lines[0].startswith("warning: memory plan: micro-batch 64") and "expect out of memory" in lines[0], lines
     assert "train.micro_batch_size=" in lines[1] and "activation_checkpointing" in lines[1], lines
+    # nothing fits half a GiB (the CUDA context alone is more): prx plan exits 1 and names the smallest change
+    code = main(["plan", "tiny", *shape, "--gpu-memory", "0.5GiB"])
+    out = capsys.readouterr().out
+    assert code == 1 and "does not fit" in out and "smallest change that fits:" in out, out
 
 
 @pytest.mark.slow
