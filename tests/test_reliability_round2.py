@@ -18,22 +18,9 @@ from prx.cli import main
 from prx.divergence import Health
 from prx.errors import CheckpointDamaged, CheckpointError
 from prx.train import Trainer
+from test_reliability import one_line_error, run_cli
 
 QUIET = ["logging.log_every=1", "train.num_threads=1"]
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(code, err, *fragments):
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
